@@ -1,0 +1,108 @@
+"""The ``cots`` command as a user runs it: the installed console script, in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+COTS = str(Path(sys.executable).with_name("cots"))
+
+
+def cots(*args: str | Path | int, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [COTS, *map(str, args)], capture_output=True, text=True, timeout=300, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cots {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_top_level_help_lists_commands_without_importing_them() -> None:
+    code = (
+        "import sys\n"
+        "from cots.cli import cli\n"
+        "try:\n"
+        "    cli(['--help'], prog_name='cots')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('torch', 'model.data.synth', 'onnxruntime') if m in sys.modules]\n"
+        "print('LOADED', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "data" in out.stdout
+    assert "demo" in out.stdout
+    assert "LOADED []" in out.stdout
+
+
+def test_synth_help_explains_every_option() -> None:
+    from model.data.cli import synth
+
+    text = cots("data", "synth", "--help").stdout
+    options = [p for p in synth.params if isinstance(p, click.Option)]
+    assert len(options) >= 15
+    for option in options:
+        assert option.help, f"{option.opts} has no help text"
+        assert option.opts[0] in text
+    assert "images.csv" in text
+    assert "dataset.json" in text
+
+
+def test_synth_writes_a_corpus_and_refuses_to_clobber_it(tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    result = cots("data", "synth", "--out", out, "--n-images", 40, "--n-videos", 4, "--quiet")
+    assert "wrote 40 images" in result.stdout
+    assert "held-out colour-shape pairs" in result.stdout
+    assert (out / "images.csv").is_file()
+    assert (out / "dataset.json").is_file()
+    again = cots("data", "synth", "--out", out, "--n-images", 40, "--quiet", check=False)
+    assert again.returncode == 1
+    assert "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--video-size", "63"], "even"),
+        (["--n-images", "many"], "'many' is not a valid integer"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.5"], "train split"),
+        (["--workers", "0"], "at least 1"),
+    ],
+)
+def test_synth_bad_options_fail_with_a_reason(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = cots("data", "synth", "--out", tmp_path / "c", *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_inspect_and_convert_report_skips(tmp_path: Path) -> None:
+    out = tmp_path / "corpus"
+    cots("data", "synth", "--out", out, "--n-images", 30, "--n-videos", 0, "--quiet")
+    # Break one image: the run must go on and say what it skipped and why.
+    broken = sorted((out / "images").rglob("*.png"))[3]
+    broken.write_bytes(b"not a png")
+    report = cots("data", "inspect", out / "images.csv").stdout
+    assert "29 items" in report
+    assert "skipped 1" in report
+    assert "corrupt image" in report
+    assert broken.name in report
+
+    shards = tmp_path / "wds"
+    cots("data", "convert", out / "images.csv", "--to", "webdataset", "--out", shards)
+    assert "29 items" in cots("data", "inspect", shards).stdout
+
+
+def test_demo_synthesises_then_reuses(tmp_path: Path) -> None:
+    args = ("demo", "--workdir", tmp_path, "--n-images", 60, "--n-videos", 4, "--quiet")
+    first = cots(*args).stdout
+    assert "rendering 60 images" in first
+    assert (tmp_path / "sample.png").is_file()
+    second = cots(*args).stdout
+    assert "reusing" in second
