@@ -7,11 +7,14 @@ export, indexing and serving join it as they land.
 
 from __future__ import annotations
 
+import textwrap
 from itertools import islice
 from pathlib import Path
 
 import click
 from PIL import Image, ImageDraw
+
+_CAPTION_LINES = 4
 
 
 def _synthesise(corpus: Path, config_options: dict[str, int], quiet: bool) -> dict:
@@ -32,18 +35,16 @@ def _contact_sheet(samples: list, path: Path, tile: int = 128) -> None:
     """A grid of sample images with their first caption underneath, for a quick look."""
     cols = 4
     rows = (len(samples) + cols - 1) // cols
-    caption_h = 40
+    caption_h = 12 * _CAPTION_LINES
     sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, sample in enumerate(samples):
         x, y = (i % cols) * tile, (i // cols) * (tile + caption_h)
         image = sample.image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
         sheet.paste(image, (x, y))
-        words, lines = sample.captions[0].split(), [""]
-        for word in words:
-            if len(lines[-1]) + len(word) > 24 and len(lines) < 3:
-                lines.append("")
-            lines[-1] = (lines[-1] + " " + word).strip()
+        lines = textwrap.wrap(sample.captions[0], width=24)
+        if len(lines) > _CAPTION_LINES:
+            lines = [*lines[: _CAPTION_LINES - 1], lines[_CAPTION_LINES - 1][:21] + "..."]
         draw.multiline_text((x + 2, y + tile + 1), "\n".join(lines), fill=(0, 0, 0), spacing=1)
     sheet.save(path)
 
