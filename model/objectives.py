@@ -1,0 +1,191 @@
+"""The training objectives: COTS (instance + task level, with the noise filter) and CLIP.
+
+One training step, top to bottom (B pairs, D embedding dim, Q queue size):
+  online towers  -> image i [B, D], text t [B, D]                 (normalised, with grad)
+  momentum EMA   -> momentum towers <- m * momentum + (1 - m) * online
+  momentum keys  -> i_m [B, D], t_m [B, D]                        (normalised, no grad)
+  filter         -> keep [B]: pairs whose i_m . t_m is not unusually low
+  instance level -> InfoNCE of i against [t_m ; text queue] and of t against [i_m ; image queue],
+                    positives = same image id, over the kept rows
+  task level     -> symmetric KL between the rows of those two [B, B + Q] distributions: both are
+                    over the same aligned columns (pair j of the batch, then queue slot j)
+  enqueue        -> kept (i_m, t_m, id) of every rank, at the shared pointer
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ObjectiveConfig
+from model.distributed import DistInfo, all_gather_cat
+from model.factory import Towers
+from model.losses import (
+    clip_loss,
+    masked_logits,
+    multi_positive_targets,
+    soft_cross_entropy,
+    symmetric_kl,
+)
+from model.momentum import FeatureQueues, ema_update
+from model.noise_filter import AdaptiveMomentumFilter
+
+
+@dataclass
+class Features:
+    image: torch.Tensor  # [B, D] projected global image feature (not normalised)
+    image_tokens: torch.Tensor  # [B, P, W_v] patch tokens
+    text: torch.Tensor  # [B, D]
+    text_tokens: torch.Tensor  # [B, L, W_t]
+    temperature: torch.Tensor  # scalar
+
+
+class OnlineModel(nn.Module):
+    """The trained parameters: both towers and the temperature (what DDP wraps)."""
+
+    def __init__(self, towers: Towers, config: ObjectiveConfig) -> None:
+        super().__init__()
+        self.towers = towers
+        self.temperature = nn.Parameter(torch.tensor(config.temperature))
+        self.min_temperature, self.max_temperature = config.min_temperature, config.max_temperature
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Features:
+        with torch.no_grad():
+            self.temperature.clamp_(self.min_temperature, self.max_temperature)
+        image, image_tokens = self.towers.image_features(images)
+        text, text_tokens = self.towers.text_features(tokens)
+        return Features(image, image_tokens, text, text_tokens, self.temperature)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return (values * keep).sum() / keep.sum().clamp(min=1)
+
+
+class ClipObjective(nn.Module):
+    """The baseline: plain in-batch InfoNCE, no momentum, no queue, no filter."""
+
+    def __init__(self, online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> None:
+        super().__init__()
+
+    def forward(
+        self, features: Features, groups: torch.Tensor, online: OnlineModel, **_: torch.Tensor
+    ) -> LossOutput:
+        image = F.normalize(features.image.float(), dim=-1)
+        text = F.normalize(features.text.float(), dim=-1)
+        i2t, t2i = clip_loss(image, text, groups, features.temperature)
+        loss = (i2t.mean() + t2i.mean()) / 2
+        return LossOutput(
+            loss,
+            {
+                "loss": float(loss.detach()),
+                "loss_i2t": float(i2t.mean().detach()),
+                "loss_t2i": float(t2i.mean().detach()),
+                "temperature": float(features.temperature.detach()),
+            },
+        )
+
+
+class CotsObjective(nn.Module):
+    """Momentum contrastive learning with aligned queues, KL alignment and the noise filter."""
+
+    def __init__(self, online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> None:
+        super().__init__()
+        self.config = config
+        self.dist = dist
+        self.momentum_towers = copy.deepcopy(online.towers).requires_grad_(False)
+        self.queues = FeatureQueues(config.queue_size, online.towers.embed_dim)
+        f = config.filter
+        self.filter = AdaptiveMomentumFilter(f.alpha, f.ema, f.warmup_steps, enabled=f.enabled)
+
+    @torch.no_grad()
+    def momentum_keys(
+        self, online: OnlineModel, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ema_update(online.towers, self.momentum_towers, self.config.momentum)
+        self.momentum_towers.eval()
+        image_m = F.normalize(self.momentum_towers.image_features(images)[0].float(), dim=-1)
+        text_m = F.normalize(self.momentum_towers.text_features(tokens)[0].float(), dim=-1)
+        return image_m, text_m
+
+    def forward(
+        self,
+        features: Features,
+        groups: torch.Tensor,
+        online: OnlineModel,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        noisy: torch.Tensor | None = None,
+    ) -> LossOutput:
+        image = F.normalize(features.image.float(), dim=-1)
+        text = F.normalize(features.text.float(), dim=-1)
+        image_m, text_m = self.momentum_keys(online, images, tokens)
+
+        # Filter on the momentum similarity of each pair; statistics over all ranks' pairs so
+        # every rank keeps the same threshold.
+        pair_sim = (image_m * text_m).sum(dim=-1)
+        self.filter.update(all_gather_cat(pair_sim, self.dist))
+        keep = self.filter.keep_mask(pair_sim).float()
+
+        queue_valid = self.queues.valid_mask()
+        batch_valid = torch.ones(len(groups), dtype=torch.bool, device=groups.device)
+        key_valid = torch.cat([batch_valid, queue_valid])
+        key_groups = torch.cat([groups, self.queues.groups])
+        text_keys = torch.cat([text_m, self.queues.text.clone().detach()])
+        image_keys = torch.cat([image_m, self.queues.image.clone().detach()])
+
+        # [B, B + Q]: column j is the same pair for both directions.
+        logits_i2t = masked_logits(image, text_keys, features.temperature, key_valid)
+        logits_t2i = masked_logits(text, image_keys, features.temperature, key_valid)
+        targets = multi_positive_targets(groups, key_groups, key_valid)
+        loss_i2t = _masked_mean(soft_cross_entropy(logits_i2t, targets), keep)
+        loss_t2i = _masked_mean(soft_cross_entropy(logits_t2i, targets), keep)
+        loss_kl = _masked_mean(symmetric_kl(logits_i2t, logits_t2i), keep)
+        loss = (loss_i2t + loss_t2i) / 2 + self.config.kl_weight * loss_kl
+
+        kept = keep.bool()
+        self.queues.enqueue(
+            self._gather_kept(image_m, kept),
+            self._gather_kept(text_m, kept),
+            self._gather_kept(groups, kept),
+        )
+        parts = {
+            "loss": float(loss.detach()),
+            "loss_i2t": float(loss_i2t.detach()),
+            "loss_t2i": float(loss_t2i.detach()),
+            "loss_kl": float(loss_kl.detach()),
+            "temperature": float(features.temperature.detach()),
+            "filtered_frac": 1.0 - float(keep.mean()),
+            "filter_threshold": float(self.filter.threshold),
+            "momentum_pair_sim": float(pair_sim.mean()),
+            "queue_filled": int(self.queues.filled),
+        }
+        if noisy is not None and bool(noisy.any()):
+            dropped = ~kept
+            parts["filter_recall"] = float((dropped & noisy).sum() / noisy.sum())
+            if bool(dropped.any()):
+                parts["filter_precision"] = float((dropped & noisy).sum() / dropped.sum())
+        return LossOutput(loss, parts)
+
+    def _gather_kept(self, values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Kept rows of every rank. Ranks keep different counts, so gather padded rows and
+        the mask, then select."""
+        if not self.dist.enabled:
+            return values[kept]
+        all_values = all_gather_cat(values, self.dist)
+        all_kept = all_gather_cat(kept, self.dist)
+        return all_values[all_kept]
+
+
+def build_objective(online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> nn.Module:
+    objectives: dict[str, type[nn.Module]] = {"cots": CotsObjective, "clip": ClipObjective}
+    return objectives[config.kind](online, config, dist)
