@@ -1,0 +1,162 @@
+"""``cots train`` and ``cots eval``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+_CONFIG_HELP = """Settings are a JSON file (--config) plus overrides (--set key.sub=value,
+JSON values), then the shortcut options, last wins. Sections: model, pretrained, objective
+(kind cots|clip, momentum, queue_size, temperature, kl_weight,
+filter.{enabled,alpha,ema,warmup_steps}), data
+(train CSV, splits, column names, noise_fraction, workers), preprocess, and the optimiser and
+loop settings (epochs, max_steps, batch_size, accum_steps, lr, weight_decay, warmup_steps,
+precision fp32|bf16, device, threads, log_every, checkpoint_every)."""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_CONFIG_HELP)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON training config (see model/configs/train-*.json).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one setting, e.g. --set objective.kind=clip (repeatable).",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Training CSV (filepath,caption[,image_id,split]); shortcut for data.train.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: checkpoint.pt, metrics.jsonl, results.json.",
+)
+@click.option("--model", "model_name", help="open_clip model config, e.g. cots-tiny or ViT-B-32.")
+@click.option("--pretrained", help="open_clip pretrained tag or local checkpoint file.")
+@click.option("--objective", type=click.Choice(["cots", "clip"]), help="Training objective.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs over the train split.")
+@click.option(
+    "--max-steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps."
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Continue from OUTPUT/checkpoint.pt when it exists.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    data: Path | None,
+    output: Path | None,
+    model_name: str | None,
+    pretrained: str | None,
+    objective: str | None,
+    epochs: int | None,
+    max_steps: int | None,
+    resume: bool,
+    quiet: bool,
+) -> None:
+    """Train the two-tower model (COTS or the CLIP baseline) on an image-caption corpus.
+
+    Runs in one process, or under torchrun for DDP (e.g. `torchrun --nproc_per_node 2 -m
+    cots.cli train ...`). Evaluates on the val split each epoch and on the test and heldout
+    splits at the end; checkpoints hold everything needed to resume exactly.
+    """
+    from model.config import load_train_config
+    from model.errors import ModelError
+    from model.train import train as run
+
+    shortcuts = {
+        "data.train": data,
+        "output": output,
+        "model": model_name,
+        "pretrained": pretrained,
+        "objective.kind": objective,
+        "epochs": epochs,
+        "max_steps": max_steps,
+    }
+    extra = [
+        f"{k}={json.dumps(str(v) if isinstance(v, Path) else v)}"
+        for k, v in shortcuts.items()
+        if v is not None
+    ]
+    try:
+        config = load_train_config(config_path, [*overrides, *extra])
+        result = run(config, resume=resume, progress=not quiet)
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"finished at step {result.step}; results in {result.output}")
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="checkpoint.pt written by cots train.",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV to evaluate on (default: the training config's data.train).",
+)
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    default=("test", "heldout"),
+    show_default=True,
+    help="Split(s) to evaluate (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_json: bool) -> None:
+    """Recall@1/5/10 (text->image and image->text), mean recall and median rank.
+
+    Several captions per image are handled as in the Karpathy protocol: a caption is right when
+    its image ranks high; an image is right when any of its captions does.
+    """
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.config import TrainConfig
+    from model.errors import ModelError
+    from model.evaluate import evaluate as run_eval
+    from model.evaluate import format_metrics
+    from model.factory import create_towers
+    from model.objectives import OnlineModel
+    from model.training_data import load_split
+
+    try:
+        state = load_checkpoint(checkpoint)
+        config = TrainConfig.model_validate(state["train_config"])
+        if data is not None:
+            config.data.train = data
+        online = OnlineModel(create_towers(config.model), config.objective)
+        online.load_state_dict(state["model"])
+        results = {}
+        for split in splits:
+            captioned = load_split(config.data, split, int(state["context_length"]))
+            results[split] = run_eval(
+                online.towers, captioned, config.preprocess, torch.device("cpu")
+            )
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for split, metrics in results.items():
+            click.echo(
+                format_metrics(split, metrics)
+                + f"  t2i_medr {metrics['t2i_medr']:.0f}  i2t_medr {metrics['i2t_medr']:.0f}"
+            )

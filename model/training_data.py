@@ -1,0 +1,160 @@
+"""Image-caption pairs for training and evaluation, read through ``model.data`` readers.
+
+Every epoch visits each image once with one of its captions. The order and caption choice
+come from a generator seeded by (seed, epoch), so a run resumed at step s sees exactly the
+batches an uninterrupted run would have seen from step s on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from model.config import DataConfig, PreprocessConfig
+from model.data.readers import BadItemError, CsvImageReader, load_image
+from model.data.records import CorpusError, ImageRecord
+from model.errors import ModelError
+from model.preprocess import image_transform
+from model.tokenizer import tokenize
+
+logger = logging.getLogger("cots.train")
+
+
+@dataclass
+class CaptionedImages:
+    """The usable images of one split, their tokenised captions and integer group ids."""
+
+    records: list[ImageRecord]
+    captions: list[list[str]]
+    tokens: list[torch.Tensor]  # per image: [n_captions, L]
+    groups: torch.Tensor  # [N] long; equal ids = same image id
+    noisy: torch.Tensor  # [N] bool; True where captions were deliberately swapped
+
+
+def load_split(
+    data: DataConfig,
+    split: str | None,
+    context_length: int,
+    *,
+    noise_fraction: float = 0.0,
+    seed: int = 0,
+) -> CaptionedImages:
+    """Read a split, decoding every image once so corrupt files are reported up front."""
+    try:
+        reader = CsvImageReader(
+            data.train,
+            img_key=data.img_key,
+            caption_key=data.caption_key,
+            group_key=data.group_key,
+            split_key=data.split_key,
+            separator=data.separator,
+            split=split,
+        )
+        samples = list(reader.samples())
+    except CorpusError as error:
+        raise ModelError(str(error)) from None
+    logger.info("%s", reader.report.summary())
+    if not samples:
+        raise ModelError(f"no usable images in {data.train} for split {split!r}")
+    records = [s.record for s in samples]
+    captions = [list(s.captions) for s in samples]
+    group_index: dict[str, int] = {}
+    groups = torch.tensor([group_index.setdefault(r.group_id, len(group_index)) for r in records])
+    noisy = torch.zeros(len(records), dtype=torch.bool)
+    if noise_fraction > 0:
+        captions, noisy = _swap_captions(captions, noise_fraction, seed)
+    flat = [c for caps in captions for c in caps]
+    all_tokens = tokenize(flat, context_length)
+    tokens, start = [], 0
+    for caps in captions:
+        tokens.append(all_tokens[start : start + len(caps)])
+        start += len(caps)
+    return CaptionedImages(records, captions, tokens, groups, noisy)
+
+
+def _swap_captions(
+    captions: list[list[str]], fraction: float, seed: int
+) -> tuple[list[list[str]], torch.Tensor]:
+    """Give a random ``fraction`` of images the captions of another image (a cyclic shift
+    within the chosen set, so no image keeps its own)."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    n = len(captions)
+    chosen = torch.randperm(n, generator=generator)[: round(n * fraction)].tolist()
+    swapped = list(captions)
+    for i, index in enumerate(chosen):
+        swapped[index] = captions[chosen[(i + 1) % len(chosen)]]
+    noisy = torch.zeros(n, dtype=torch.bool)
+    noisy[chosen] = True
+    return swapped, noisy
+
+
+class PairDataset(Dataset):
+    """Indexable by (image index, caption index) -> (image tensor, tokens, group, noisy)."""
+
+    def __init__(self, split: CaptionedImages, preprocess: PreprocessConfig) -> None:
+        self.split = split
+        self.transform = image_transform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.split.records)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, caption = key
+        try:
+            image = self.transform(load_image(self.split.records[index]))
+        except BadItemError as error:  # changed on disk since the start-up scan
+            logger.warning("skipped %s (%s)", self.split.records[index].uri, error)
+            return None
+        return (
+            image,
+            self.split.tokens[index][caption],
+            self.split.groups[index],
+            self.split.noisy[index],
+        )
+
+
+def collate(items: list) -> tuple[torch.Tensor, ...]:
+    items = [item for item in items if item is not None]
+    images, tokens, groups, noisy = zip(*items, strict=True)
+    return torch.stack(images), torch.stack(tokens), torch.stack(groups), torch.stack(noisy)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (image, caption) keys for one rank: a seeded permutation per epoch, cut into
+    equal shards per rank and into full batches (the remainder is dropped)."""
+
+    def __init__(
+        self,
+        n_captions: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.n_captions = n_captions
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        if len(self) == 0:
+            raise ModelError(
+                f"{len(n_captions)} images cannot fill one batch of {batch_size} per process "
+                f"on {world_size} process(es); lower batch_size"
+            )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return len(self.n_captions) // self.world_size // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.n_captions), generator=generator)
+        picks = torch.rand(len(self.n_captions), generator=generator)
+        shard = order[self.rank :: self.world_size][: len(self) * self.batch_size].tolist()
+        for b in range(self.start_batch, len(self)):
+            chunk = shard[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(i, int(picks[i] * self.n_captions[i])) for i in chunk]
