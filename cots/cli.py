@@ -6,42 +6,29 @@ Subcommands live in the package that owns them and are imported only when they r
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Final
 
 import click
 
 from cots import __version__
+from cots.lazy import LazyGroup
 
-# name -> ("module:attribute", one-line help). The help is kept here so listing the commands
-# does not import them.
+# name -> ("module:attribute", one-line help)
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "data": ("model.data.cli:data", "Synthesise, convert and inspect corpora."),
     "demo": ("cots.demo:demo", "Run the end-to-end demo on the embedded synthetic corpus."),
+    "train": ("model.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
+    "eval": ("model.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
+    "bench": ("cots.bench:bench", "Benchmarks: training cost, and more as they land."),
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return None
-        module_name, attribute = COMMANDS[cmd_name][0].split(":")
-        command = getattr(importlib.import_module(module_name), attribute)
-        if not isinstance(command, click.Command):
-            raise TypeError(f"{module_name}:{attribute} is not a click command")
-        return command
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="cots")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:

@@ -1,0 +1,22 @@
+"""``cots bench``: speed and memory goals, measured and recorded (not asserted in tests)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import click
+
+from cots.lazy import LazyGroup
+
+BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
+    "train": ("model.bench:train_bench", "Training samples/s and peak memory, CLIP vs COTS."),
+}
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=BENCHMARKS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+def bench() -> None:
+    """Benchmarks. Each prints a markdown table and can write JSON results."""
