@@ -99,10 +99,31 @@ def test_inspect_and_convert_report_skips(tmp_path: Path) -> None:
     assert "29 items" in cots("data", "inspect", shards).stdout
 
 
-def test_demo_synthesises_then_reuses(tmp_path: Path) -> None:
-    args = ("demo", "--workdir", tmp_path, "--n-images", 60, "--n-videos", 4, "--quiet")
+def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
+    args = (
+        "demo",
+        "--workdir",
+        tmp_path,
+        "--n-images",
+        80,
+        "--n-videos",
+        4,
+        "--quiet",
+        "--model",
+        "cots-micro",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+    )
     first = cots(*args).stdout
-    assert "rendering 60 images" in first
+    assert "rendering 80 images" in first
+    assert "[2/3] train: cots-micro" in first
+    assert "test: t2i_R@1" in first
+    assert "heldout: t2i_R@1" in first
     assert (tmp_path / "sample.png").is_file()
+    assert (tmp_path / "runs" / "cots-micro" / "checkpoint.pt").is_file()
     second = cots(*args).stdout
-    assert "reusing" in second
+    assert "[1/3] corpus: reusing" in second
+    assert "[2/3] train: reusing" in second
+    assert "heldout: t2i_R@1" in second

@@ -277,3 +277,13 @@ def test_cli_train_and_eval(corpus: Path, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "epochs" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_gradient_accumulation_counts_optimiser_steps(corpus: Path, tmp_path: Path) -> None:
+    config = micro(corpus, tmp_path / "accum", batch_size=8, accum_steps=2, epochs=1)
+    result = train(config, progress=False)
+    # 160 images / 8 per micro-batch = 20 micro-batches = 10 optimiser steps
+    assert result.step == 10
+    state = load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
+    assert int(state["objective"]["queues.filled"]) == 64  # queue of 64 saw 160 keys
+    assert state["scheduler"]["last_epoch"] == 10
