@@ -94,7 +94,13 @@ def _measure(
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_name", default="cots-tiny", show_default=True, help="Model config.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=128,
+    show_default=True,
+    help="Pairs per step.",
+)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),

@@ -156,15 +156,29 @@ def _run_parallel(
                 yield result
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> int:
-    count = 0
+def _write_index(
+    path: Path,
+    columns: tuple[str, ...],
+    id_prefix: str,
+    splits: list[str],
+    results: Iterable[tuple[str, list[str]]],
+) -> dict[str, Any]:
+    """Write the CSV index (one row per caption, in item order) and describe it."""
+    n_captions = 0
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(columns)
-        for row in rows:
-            writer.writerow(row)
-            count += 1
-    return count
+        for i, (relpath, captions) in enumerate(results):
+            for caption in captions:
+                writer.writerow((relpath, caption, f"{id_prefix}{i:07d}", splits[i]))
+                n_captions += 1
+    return {
+        "csv": path.name,
+        "columns": dict(zip(("filepath", "caption", "group", "split"), columns, strict=True)),
+        "count": len(splits),
+        "captions": n_captions,
+        "splits": dict(sorted(Counter(splits).items())),
+    }
 
 
 def _make_folders(root: Path, folder: str, n: int) -> None:
@@ -189,20 +203,8 @@ def _generate_images(
     tasks = [_ImageTask(root, i, split, config, allowed, heldout) for i, split in enumerate(splits)]
     _make_folders(root, "images", config.n_images)
     results = _run_parallel(_make_image, tasks, workers, "images", "img", progress)
-    rows = (
-        (relpath, caption, f"img{i:07d}", splits[i])
-        for i, (relpath, captions) in enumerate(results)
-        for caption in captions
-    )
-    n_captions = _write_csv(root / IMAGES_CSV, IMAGE_COLUMNS, rows)
-    return {
-        "csv": IMAGES_CSV,
-        "columns": dict(zip(("filepath", "caption", "group", "split"), IMAGE_COLUMNS, strict=True)),
-        "count": config.n_images,
-        "captions": n_captions,
-        "splits": dict(sorted(Counter(splits).items())),
-        "size": config.image_size,
-    }
+    described = _write_index(root / IMAGES_CSV, IMAGE_COLUMNS, "img", splits, results)
+    return {**described, "size": config.image_size}
 
 
 def _generate_videos(
@@ -217,18 +219,9 @@ def _generate_videos(
     tasks = [_VideoTask(root, i, split, config) for i, split in enumerate(splits)]
     _make_folders(root, "videos", config.n_videos)
     results = _run_parallel(_make_video, tasks, workers, "videos", "video", progress)
-    rows = (
-        (relpath, caption, f"vid{i:07d}", splits[i])
-        for i, (relpath, captions) in enumerate(results)
-        for caption in captions
-    )
-    n_captions = _write_csv(root / VIDEOS_CSV, VIDEO_COLUMNS, rows)
+    described = _write_index(root / VIDEOS_CSV, VIDEO_COLUMNS, "vid", splits, results)
     return {
-        "csv": VIDEOS_CSV,
-        "columns": dict(zip(("filepath", "caption", "group", "split"), VIDEO_COLUMNS, strict=True)),
-        "count": config.n_videos,
-        "captions": n_captions,
-        "splits": dict(sorted(Counter(splits).items())),
+        **described,
         "size": config.video_size,
         "frames": config.video_frames,
         "fps": config.video_fps,
