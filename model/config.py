@@ -48,6 +48,11 @@ class ObjectiveConfig(_Strict):
     min_temperature: float = Field(0.01, gt=0.0)
     max_temperature: float = Field(0.5, gt=0.0)
     kl_weight: float = Field(1.0, ge=0.0, description="weight of the task-level KL alignment")
+    batch_keys: Literal["momentum", "online"] = Field(
+        "momentum",
+        description="in-batch keys from the momentum towers (ALBEF/MoCo) or from the online "
+        "towers, with gradient (as in CLIP); queue keys always come from the momentum towers",
+    )
     filter: FilterConfig = FilterConfig()
 
     @model_validator(mode="after")

@@ -6,9 +6,10 @@ One training step, top to bottom (B pairs, D embedding dim, Q queue size):
   momentum keys  -> i_m [B, D], t_m [B, D]                        (normalised, no grad)
   filter         -> keep [B]: pairs whose i_m . t_m is not unusually low
   instance level -> InfoNCE of i against [t_m ; text queue] and of t against [i_m ; image queue],
-                    positives = same image id, over the kept rows
-  task level     -> symmetric KL between the rows of those two [B, B + Q] distributions: both are
-                    over the same aligned columns (pair j of the batch, then queue slot j)
+                    positives = same image id, over the kept rows (batch_keys="online" uses the
+                    online t, i as in-batch keys instead, with gradient, as CLIP does)
+  task level     -> symmetric KL between the rows of the two [B, Q] distributions over the
+                    queues: both are over the same aligned columns (queue slot j is one pair)
   enqueue        -> kept (i_m, t_m, id) of every rank, at the shared pointer
 """
 
@@ -140,8 +141,11 @@ class CotsObjective(nn.Module):
         batch_valid = torch.ones(len(groups), dtype=torch.bool, device=groups.device)
         key_valid = torch.cat([batch_valid, queue_valid])
         key_groups = torch.cat([groups, self.queues.groups])
-        text_keys = torch.cat([text_m, self.queues.text.clone().detach()])
-        image_keys = torch.cat([image_m, self.queues.image.clone().detach()])
+        text_batch, image_batch = (
+            (text, image) if self.config.batch_keys == "online" else (text_m, image_m)
+        )
+        text_keys = torch.cat([text_batch, self.queues.text.clone().detach()])
+        image_keys = torch.cat([image_batch, self.queues.image.clone().detach()])
 
         # [B, B + Q]: column j is the same pair for both directions.
         logits_i2t = masked_logits(image, text_keys, features.temperature, key_valid)
@@ -149,7 +153,13 @@ class CotsObjective(nn.Module):
         targets = multi_positive_targets(groups, key_groups, key_valid)
         loss_i2t = _masked_mean(soft_cross_entropy(logits_i2t, targets), keep)
         loss_t2i = _masked_mean(soft_cross_entropy(logits_t2i, targets), keep)
-        loss_kl = _masked_mean(symmetric_kl(logits_i2t, logits_t2i), keep)
+        # Task level over the queue columns only: aligned slot by slot, and free of the in-batch
+        # positive that would dominate both distributions.
+        batch = len(groups)
+        if bool(queue_valid.any()):
+            loss_kl = _masked_mean(symmetric_kl(logits_i2t[:, batch:], logits_t2i[:, batch:]), keep)
+        else:
+            loss_kl = logits_i2t.new_zeros(())
         loss = (loss_i2t + loss_t2i) / 2 + self.config.kl_weight * loss_kl
 
         kept = keep.bool()

@@ -184,3 +184,55 @@ def test_retrieval_metrics_by_hand() -> None:
     )
     assert collapsed["t2i_R@1"] == 0.0
     assert collapsed["i2t_R@1"] == 0.0
+
+
+def _objective_and_baseline(batch_keys: str, momentum: float):
+    from model.config import ObjectiveConfig
+    from model.distributed import DistInfo
+    from model.factory import create_towers
+    from model.objectives import ClipObjective, CotsObjective, OnlineModel
+
+    torch.manual_seed(0)
+    config = ObjectiveConfig(
+        kind="cots", queue_size=0, kl_weight=0.0, momentum=momentum, batch_keys=batch_keys
+    )
+    online = OnlineModel(create_towers("cots-micro"), config)
+    images = torch.randn(4, 3, 32, 32)
+    tokens = torch.randint(1, 49000, (4, 48))
+    tokens[:, 10] = 49407
+    groups = torch.arange(4)
+    cots = CotsObjective(online, config, DistInfo())
+    clip = ClipObjective(online, config, DistInfo())
+    return online, images, tokens, groups, cots, clip
+
+
+def _loss_and_grads(objective, online, images, tokens, groups):
+    online.zero_grad()
+    out = objective(online(images, tokens), groups, online=online, images=images, tokens=tokens)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in online.named_parameters()}
+
+
+def test_cots_with_online_batch_keys_and_no_queue_is_exactly_clip() -> None:
+    online, images, tokens, groups, cots, clip = _objective_and_baseline("online", 0.99)
+    loss_cots, grads_cots = _loss_and_grads(cots, online, images, tokens, groups)
+    loss_clip, grads_clip = _loss_and_grads(clip, online, images, tokens, groups)
+    assert torch.allclose(loss_cots, loss_clip, atol=1e-6)
+    for name, grad in grads_clip.items():
+        # the two compute t2i as a transpose vs a second matmul: equal up to float round-off
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((grads_cots[name] - grad).abs().max()) <= 1e-5 * scale, name
+
+
+def test_momentum_keys_give_clips_loss_value_but_gradient_only_through_queries() -> None:
+    # momentum 0: the momentum towers are an exact copy, so the keys equal the online features
+    online, images, tokens, groups, cots, clip = _objective_and_baseline("momentum", 0.0)
+    loss_cots, grads_cots = _loss_and_grads(cots, online, images, tokens, groups)
+    loss_clip, grads_clip = _loss_and_grads(clip, online, images, tokens, groups)
+    assert torch.allclose(loss_cots, loss_clip, atol=1e-5)
+    # keys carry no gradient, so each tower learns only as a query and the gradients differ
+    differing = [
+        n for n in grads_clip if not torch.allclose(grads_cots[n], grads_clip[n], atol=1e-6)
+    ]
+    assert any(n.startswith("towers.visual") for n in differing)
+    assert any(n.startswith("towers.text") for n in differing)
