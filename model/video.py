@@ -1,0 +1,67 @@
+"""The video tower: frames through the image tower, then a small temporal model, pooled.
+
+``temporal`` adds learned temporal position embeddings and runs a transformer over the frame
+features, so the order of frames matters; ``mean`` averages frame features, which cannot tell
+a video from its reverse. The synthetic videos' captions depend on order, which separates them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.factory import Towers
+
+
+class TemporalPooling(nn.Module):
+    """Frame features [B, T, D] -> one video feature [B, D]."""
+
+    def __init__(
+        self,
+        dim: int,
+        max_frames: int,
+        kind: Literal["temporal", "mean"] = "temporal",
+        layers: int = 2,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.max_frames = max_frames
+        if kind == "temporal":
+            self.position = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(dim)
+            self.proj = nn.Linear(dim, dim)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        if frames.shape[1] > self.max_frames:
+            raise ValueError(f"{frames.shape[1]} frames, at most {self.max_frames} supported")
+        if self.kind == "mean":
+            return frames.mean(dim=1)
+        x = frames + self.position[: frames.shape[1]]
+        x = self.norm(self.encoder(x))
+        # residual to the mean so training starts from mean pooling and learns order on top
+        return frames.mean(dim=1) + self.proj(x.mean(dim=1))
+
+
+class VideoTower(nn.Module):
+    """Videos [B, T, 3, S, S] -> L2-normalisable video features [B, D] via the image tower."""
+
+    def __init__(self, towers: Towers, pooling: TemporalPooling) -> None:
+        super().__init__()
+        self.towers = towers
+        self.pooling = pooling
+
+    def video_features(self, videos: torch.Tensor) -> torch.Tensor:
+        b, t = videos.shape[:2]
+        frame_features, _ = self.towers.image_features(videos.flatten(0, 1))  # [B*T, D]
+        return self.pooling(frame_features.view(b, t, -1))
+
+    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.video_features(videos), dim=-1)
