@@ -20,6 +20,10 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "demo": ("cots.demo:demo", "Run the end-to-end demo on the embedded synthetic corpus."),
     "train": ("model.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
     "eval": ("model.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
+    "train-tokenizer": (
+        "model.tokenizer_train:train_tokenizer",
+        "Train the VQ visual tokenizer for masked vision modeling.",
+    ),
     "bench": ("cots.bench:bench", "Benchmarks: training cost, and more as they land."),
 }
 

@@ -104,3 +104,43 @@ def test_video_tower_runs_frames_through_the_image_tower() -> None:
     mean_tower = VideoTower(towers, TemporalPooling(64, max_frames=8, kind="mean")).eval()
     expected = towers.encode_image(videos[:, 0])
     assert torch.allclose(mean_tower.encode_video(still), expected, atol=1e-5)
+
+
+def test_visual_tokenizer_learns_and_round_trips(tmp_path) -> None:
+    from model.visual_tokenizer import (
+        TokenizerConfig,
+        VisualTokenizer,
+        codebook_stats,
+        load_tokenizer,
+        save_tokenizer,
+    )
+
+    torch.manual_seed(0)
+    config = TokenizerConfig(image_size=32, patch_size=8, codebook_size=32, code_dim=16, hidden=32)
+    tokenizer = VisualTokenizer(config)
+    # images of a few flat colours in quadrants: learnable in a few dozen steps
+    colours = torch.rand(8, 3, 1, 1) * 2 - 1
+    images = torch.zeros(64, 3, 32, 32)
+    for i in range(64):
+        for q, (r, c) in enumerate([(0, 0), (0, 16), (16, 0), (16, 16)]):
+            images[i, :, r : r + 16, c : c + 16] = colours[(i + q * 3) % 8]
+    optimiser = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        _, loss, _ = tokenizer(images)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    tokenizer.eval()
+    ids = tokenizer.encode(images[:4])
+    assert ids.shape == (4, 16)
+    assert ids.dtype == torch.long
+    assert tokenizer.decode(ids).shape == (4, 3, 32, 32)
+    stats = codebook_stats(tokenizer.encode(images), config.codebook_size)
+    assert stats["usage"] > 0.1
+    assert stats["perplexity"] > 2
+    path = tmp_path / "tokenizer.pt"
+    save_tokenizer(tokenizer, path, {"mse": losses[-1]})
+    assert torch.equal(load_tokenizer(path).encode(images[:4]), ids)
