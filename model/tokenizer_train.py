@@ -10,10 +10,11 @@ import click
 import torch
 
 from model.config import DataConfig, PreprocessConfig
-from model.data.readers import CsvImageReader, load_image
+from model.data.readers import load_image
 from model.data.records import CorpusError
 from model.errors import ModelError
 from model.preprocess import to_tensor_batch
+from model.training_data import csv_reader
 from model.visual_tokenizer import (
     TokenizerConfig,
     VisualTokenizer,
@@ -25,16 +26,7 @@ from model.visual_tokenizer import (
 
 def _images(data: DataConfig, split: str | None, size: int) -> torch.Tensor:
     try:
-        reader = CsvImageReader(
-            data.train,
-            img_key=data.img_key,
-            caption_key=data.caption_key,
-            group_key=data.group_key,
-            split_key=data.split_key,
-            separator=data.separator,
-            split=split,
-        )
-        records = [r for r in reader.records()]
+        records = list(csv_reader(data, split).records())
     except CorpusError as error:
         raise ModelError(str(error)) from None
     if not records:

@@ -35,6 +35,19 @@ class CaptionedImages:
     noisy: torch.Tensor  # [N] bool; True where captions were deliberately swapped
 
 
+def csv_reader(data: DataConfig, split: str | None) -> CsvImageReader:
+    """The corpus reader the data config describes, for one split."""
+    return CsvImageReader(
+        data.train,
+        img_key=data.img_key,
+        caption_key=data.caption_key,
+        group_key=data.group_key,
+        split_key=data.split_key,
+        separator=data.separator,
+        split=split,
+    )
+
+
 def load_split(
     data: DataConfig,
     split: str | None,
@@ -45,15 +58,7 @@ def load_split(
 ) -> CaptionedImages:
     """Read a split, decoding every image once so corrupt files are reported up front."""
     try:
-        reader = CsvImageReader(
-            data.train,
-            img_key=data.img_key,
-            caption_key=data.caption_key,
-            group_key=data.group_key,
-            split_key=data.split_key,
-            separator=data.separator,
-            split=split,
-        )
+        reader = csv_reader(data, split)
         samples = list(reader.samples())
     except CorpusError as error:
         raise ModelError(str(error)) from None
