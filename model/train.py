@@ -121,14 +121,62 @@ def train(
         cleanup(dist)
 
 
-def _train(
-    config: TrainConfig,
-    dist: DistInfo,
-    device: torch.device,
-    resume: bool,
-    stop_after_steps: int | None,
-    progress: bool,
-) -> RunResult:
+@dataclass
+class _Run:
+    """What one training run holds: built once by :func:`_build_run`, then stepped."""
+
+    config: TrainConfig
+    dist: DistInfo
+    device: torch.device
+    context_length: int
+    val_split: CaptionedImages | None
+    sampler: EpochBatches
+    loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    online: OnlineModel
+    objective: torch.nn.Module
+    model: torch.nn.Module  # the online model, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    log: MetricsLog
+    result: RunResult
+    step: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.config.output) / CHECKPOINT
+
+    def save(self) -> None:
+        if not self.dist.is_master:
+            return
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "model_name": self.config.model,
+                "model_config": model_config(self.config.model),
+                "train_config": self.config.model_dump(mode="json"),
+                "preprocess": self.config.preprocess.model_dump(mode="json"),
+                "context_length": self.context_length,
+                "model": self.online.state_dict(),
+                "objective": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "rng": torch.get_rng_state(),
+                "evals": self.result.evals,
+            },
+        )
+
+    def evaluate(self, name: str, split: CaptionedImages) -> None:
+        metrics = evaluate(self.online.towers, split, self.config.preprocess, self.device)
+        self.result.evals[name] = metrics
+        self.log.write({"step": self.step, "eval": name, **metrics})
+        tqdm.write(f"step {self.step} " + format_metrics(name, metrics))
+
+
+def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume: bool) -> _Run:
+    """Data, model, objective, optimiser and schedule; restored from the checkpoint if asked."""
     torch.manual_seed(config.seed + dist.rank)
     output = Path(config.output)
     if dist.is_master:
@@ -136,19 +184,11 @@ def _train(
     context_length = int(model_config(config.model)["text_cfg"].get("context_length", 77))
     config = resolve_image_size(config)
 
-    # Data
+    data = config.data
     train_split = load_split(
-        config.data,
-        config.data.train_split,
-        context_length,
-        noise_fraction=config.data.noise_fraction,
-        seed=config.seed,
+        data, data.train_split, context_length, noise_fraction=data.noise_fraction, seed=config.seed
     )
-    val_split = (
-        load_split(config.data, config.data.val_split, context_length)
-        if config.data.val_split
-        else None
-    )
+    val_split = load_split(data, data.val_split, context_length) if data.val_split else None
     sampler = EpochBatches(
         [len(t) for t in train_split.tokens],
         config.batch_size,
@@ -160,21 +200,18 @@ def _train(
         PairDataset(train_split, config.preprocess),
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=config.data.workers,
+        num_workers=data.workers,
     )
-    micro_per_epoch = len(sampler)
-    steps_per_epoch = max(1, micro_per_epoch // config.accum_steps)
+    steps_per_epoch = max(1, len(sampler) // config.accum_steps)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    # Model, objective, optimiser, schedule
-    towers = create_towers(config.model, config.pretrained)
-    online = OnlineModel(towers, config.objective).to(device)
+    online = OnlineModel(create_towers(config.model, config.pretrained), config.objective)
+    online = online.to(device)
     objective = build_objective(online, config.objective, dist).to(device)
     model: torch.nn.Module = online
     if dist.enabled:
-        model = DistributedDataParallel(
-            online, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(online, device_ids=device_ids)
     optimizer = torch.optim.AdamW(param_groups(online, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.warmup_steps, total_steps)
@@ -187,109 +224,116 @@ def _train(
         logger.info("resumed from %s at step %d", checkpoint_path, step)
     elif dist.is_master:
         (output / METRICS).unlink(missing_ok=True)
-    log = MetricsLog(output / METRICS, dist.is_master)
-    result = RunResult(step=step, output=output)
+    return _Run(
+        config=config,
+        dist=dist,
+        device=device,
+        context_length=context_length,
+        val_split=val_split,
+        sampler=sampler,
+        loader=loader,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        online=online,
+        objective=objective,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        log=MetricsLog(output / METRICS, dist.is_master),
+        result=RunResult(step=step, output=output),
+        step=step,
+    )
 
-    def state() -> dict[str, Any]:
-        return {
-            "model_name": config.model,
-            "model_config": model_config(config.model),
-            "train_config": config.model_dump(mode="json"),
-            "preprocess": config.preprocess.model_dump(mode="json"),
-            "context_length": context_length,
-            "model": online.state_dict(),
-            "objective": objective.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "rng": torch.get_rng_state(),
-            "evals": result.evals,
-        }
 
+class _Throughput:
+    """Samples per second between two log lines."""
+
+    def __init__(self) -> None:
+        self.since, self.samples = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.since, 1e-9)
+        self.since, self.samples = now, 0
+        return rate
+
+
+def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) -> None:
+    """From the current step to the end of its epoch (or ``stop_at``): forward, objective,
+    backward with accumulation, optimiser step, log, checkpoint."""
+    config, device = run.config, run.device
+    epoch, offset = divmod(run.step, run.steps_per_epoch)
+    run.sampler.set_epoch(epoch, start_batch=offset * config.accum_steps)
+    run.model.train()
+    use_bf16 = config.precision == "bf16" and device.type == "cuda"
+    micro = 0
+    for batch in run.loader:
+        images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            features = run.model(images, tokens)
+            out = run.objective(
+                features, groups, online=run.online, images=images, tokens=tokens, noisy=noisy
+            )
+        (out.loss / config.accum_steps).backward()
+        micro += 1
+        throughput.add(len(groups) * run.dist.world_size)
+        if micro % config.accum_steps:
+            continue
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        run.result.losses.append(out.parts["loss"])
+        bar.update()
+        if run.step % config.log_every == 0 or run.step == run.total_steps:
+            lr = run.scheduler.get_last_lr()[0]
+            record = {"step": run.step, "epoch": epoch, "lr": lr, **out.parts}
+            run.log.write({**record, "samples_per_s": throughput.take()})
+            bar.set_postfix(loss=f"{out.parts['loss']:.3f}")
+        if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:
+            run.save()
+        if run.step >= stop_at or micro // config.accum_steps >= run.steps_per_epoch:
+            return
+
+
+def _train(
+    config: TrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    resume: bool,
+    stop_after_steps: int | None,
+    progress: bool,
+) -> RunResult:
+    run = _build_run(config, dist, device, resume)
+    stop_at = min(run.total_steps, stop_after_steps or run.total_steps)
     bar = tqdm(
-        total=total_steps,
-        initial=step,
+        total=run.total_steps,
+        initial=run.step,
         desc="train",
         unit="step",
         disable=not (progress and dist.is_master),
     )
-    last_time, samples_since = time.perf_counter(), 0
-    use_bf16 = config.precision == "bf16" and device.type == "cuda"
-    while step < total_steps and (stop_after_steps is None or step < stop_after_steps):
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start_batch=offset * config.accum_steps)
-        model.train()
-        micro = 0
-        for images, tokens, groups, noisy in loader:
-            images, tokens, groups, noisy = (
-                t.to(device, non_blocking=True) for t in (images, tokens, groups, noisy)
-            )
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                features = model(images, tokens)
-                out = objective(
-                    features, groups, online=online, images=images, tokens=tokens, noisy=noisy
-                )
-            (out.loss / config.accum_steps).backward()
-            micro += 1
-            samples_since += len(groups) * dist.world_size
-            if micro % config.accum_steps:
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            result.losses.append(out.parts["loss"])
-            bar.update()
-            if step % config.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    **out.parts,
-                    "samples_per_s": samples_since / (now - last_time),
-                }
-                last_time, samples_since = now, 0
-                log.write(record)
-                bar.set_postfix(loss=f"{out.parts['loss']:.3f}")
-            if dist.is_master and (step % config.checkpoint_every == 0 or step == total_steps):
-                save_checkpoint(checkpoint_path, state())
-            if step >= total_steps or (stop_after_steps is not None and step >= stop_after_steps):
-                break
-            if micro // config.accum_steps >= steps_per_epoch:
-                break
-        epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-        if epoch_done and val_split is not None and config.eval_every_epoch and dist.is_master:
-            _evaluate_into(result, "val", val_split, online, config, device, log, step)
-            save_checkpoint(checkpoint_path, state())
+    throughput = _Throughput()
+    while run.step < stop_at:
+        _train_epoch(run, bar, throughput, stop_at)
+        epoch_done = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
+        if epoch_done and run.val_split is not None and run.config.eval_every_epoch:
+            if dist.is_master:
+                run.evaluate("val", run.val_split)
+            run.save()
     bar.close()
 
-    if step >= total_steps and dist.is_master:
-        for name in config.data.eval_splits:
-            split = load_split(config.data, name, context_length)
-            _evaluate_into(result, name, split, online, config, device, log, step)
-        save_checkpoint(checkpoint_path, state())
-        (output / "results.json").write_text(
-            json.dumps({"step": step, "evals": result.evals}, indent=2)
-        )
-    result.step = step
-    return result
-
-
-def _evaluate_into(
-    result: RunResult,
-    name: str,
-    split: CaptionedImages,
-    online: OnlineModel,
-    config: TrainConfig,
-    device: torch.device,
-    log: MetricsLog,
-    step: int,
-) -> None:
-    metrics = evaluate(online.towers, split, config.preprocess, device)
-    result.evals[name] = metrics
-    log.write({"step": step, "eval": name, **metrics})
-    tqdm.write(f"step {step} " + format_metrics(name, metrics))
+    if run.step >= run.total_steps and dist.is_master:
+        for name in run.config.data.eval_splits:
+            run.evaluate(name, load_split(run.config.data, name, run.context_length))
+        run.save()
+        results = {"step": run.step, "evals": run.result.evals}
+        (run.result.output / "results.json").write_text(json.dumps(results, indent=2))
+    run.result.step = run.step
+    return run.result
 
 
 def _restore(
