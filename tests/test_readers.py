@@ -33,10 +33,9 @@ from model.data.readers import (
     read_video,
 )
 from model.data.records import CorpusError, ImageRecord, ImageSample
+from model.data.synth import SynthConfig, generate_corpus
 from model.data.writers import write_csv, write_folder, write_karpathy, write_webdataset
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_SYNTH = (ROOT / "model" / "data" / "synth" / "__init__.py").is_file()
 
 CAPTIONS = (
     "a red square",
@@ -655,14 +654,11 @@ def test_read_video_without_frame_count(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.data.synth import SynthConfig, generate_corpus
-
     out = tmp_path_factory.mktemp("synth") / "corpus"
     generate_corpus(out, SynthConfig(seed=0, n_images=40, n_videos=6), workers=1)
     return out
 
 
-@pytest.mark.skipif(not HAS_SYNTH, reason="model.data.synth is not written yet")
 def test_synthetic_images_convert_to_every_format(synth_corpus: Path, tmp_path: Path) -> None:
     reader = CsvImageReader(synth_corpus / "images.csv")
     original = list(reader.samples())
@@ -675,7 +671,6 @@ def test_synthetic_images_convert_to_every_format(synth_corpus: Path, tmp_path: 
         assert type(open_image_corpus(written)) is reader_class
 
 
-@pytest.mark.skipif(not HAS_SYNTH, reason="model.data.synth is not written yet")
 def test_synthetic_videos_read(synth_corpus: Path) -> None:
     reader = VideoCsvReader(synth_corpus / "videos.csv", num_frames=4)
     samples = list(reader.samples())
