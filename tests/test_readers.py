@@ -36,7 +36,6 @@ from model.data.records import CorpusError, ImageRecord, ImageSample
 from model.data.synth import SynthConfig, generate_corpus
 from model.data.writers import write_csv, write_folder, write_karpathy, write_webdataset
 
-
 CAPTIONS = (
     "a red square",
     'a "quoted" caption, with commas',
