@@ -119,11 +119,13 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
     first = cots(*args).stdout
     assert "rendering 80 images" in first
     assert "[2/3] train: cots-micro" in first
-    assert "test: t2i_R@1" in first
-    assert "heldout: t2i_R@1" in first
+    # the summary block, not the evaluation lines training prints as it goes
+    summary = first.split("[3/3] results")[1]
+    assert "  test: t2i_R@1" in summary
+    assert "  heldout: t2i_R@1" in summary
     assert (tmp_path / "sample.png").is_file()
     assert (tmp_path / "runs" / "cots-micro" / "checkpoint.pt").is_file()
     second = cots(*args).stdout
     assert "[1/3] corpus: reusing" in second
     assert "[2/3] train: reusing" in second
-    assert "heldout: t2i_R@1" in second
+    assert "  heldout: t2i_R@1" in second.split("[3/3] results")[1]
