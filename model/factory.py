@@ -15,7 +15,10 @@ import open_clip
 import torch
 from torch import nn
 
+from model.config import TrainConfig
+from model.cookie import SharedHead, text_valid_mask
 from model.errors import ModelError
+from model.video import TemporalPooling
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 logger = logging.getLogger("cots.model")
@@ -44,6 +47,10 @@ def model_config(name: str) -> dict[str, Any]:
     return config
 
 
+CLIP_VOCAB = 49408  # open_clip's BPE: ids 0..49407, 49406/49407 = start/end of text
+MASK_TOKEN_ID = CLIP_VOCAB  # one row past the BPE vocabulary, never produced by the tokenizer
+
+
 class Towers(nn.Module):
     """An image tower and a text tower with no cross-attention, projecting into one space.
 
@@ -51,30 +58,114 @@ class Towers(nn.Module):
     and the token features (patch tokens [B, P, W_v]; text token states [B, L, W_t]) that the
     token-level objectives use. ``encode_image``/``encode_text`` return one L2-normalised
     tensor each, which is what retrieval and the ONNX export need.
+
+    Options: ``head`` (COOKIE's weight-sharing head, added to both global features) and
+    ``temporal`` (pooling of frame features): with it, 5-D input [B, T, 3, S, S] is a batch of
+    videos whose frames go through the image tower.
     """
 
-    def __init__(self, visual: nn.Module, text: nn.Module, embed_dim: int) -> None:
+    def __init__(
+        self,
+        visual: nn.Module,
+        text: nn.Module,
+        embed_dim: int,
+        head: SharedHead | None = None,
+        temporal: TemporalPooling | None = None,
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
         self.embed_dim = embed_dim
+        self.head = head
+        self.temporal = temporal
         # Towers report tokens alongside the pooled feature.
         self.visual.output_tokens = True  # type: ignore[assignment]
         self.text.output_tokens = True  # type: ignore[assignment]
 
+    @property
+    def image_width(self) -> int:
+        transformer: Any = self.visual.transformer
+        return int(transformer.width)
+
+    @property
+    def text_width(self) -> int:
+        transformer: Any = self.text.transformer
+        return int(transformer.width)
+
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, S, S] -> (global [B, D], patch tokens [B, P, W_v]); videos
+        [B, T, 3, S, S] -> (global [B, D], frame features [B, T, D])."""
+        if images.ndim == 5:
+            return self._video_features(images)
         pooled, tokens = self.visual(images)
+        if self.head is not None:
+            pooled = pooled + self.head(tokens, "image")
         return pooled, tokens
+
+    def _video_features(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.temporal is None:
+            raise ModelError("these towers have no temporal pooling: they cannot embed videos")
+        b, t = videos.shape[:2]
+        frames, _ = self.image_features(videos.flatten(0, 1))
+        frames = frames.view(b, t, -1)
+        return self.temporal(frames), frames
 
     def text_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, states = self.text(tokens)
+        if self.head is not None:
+            pooled = pooled + self.head(states, "text", text_valid_mask(tokens))
         return pooled, states
 
+    def masked_patch_tokens(
+        self, images: torch.Tensor, patch_mask: torch.Tensor, mask_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """Patch tokens [B, P, W_v] of images whose masked patches (``patch_mask`` [B, P]) are
+        replaced by ``mask_embedding`` [W_v] right after the patch embedding."""
+        conv = getattr(self.visual, "conv1", None)
+        if not isinstance(conv, nn.Conv2d):
+            raise ModelError("masked vision modeling needs a ViT image tower (patch conv1)")
+
+        def replace(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            flat = output.flatten(2).transpose(1, 2)  # [B, P, W]
+            flat = torch.where(patch_mask[..., None], mask_embedding.to(flat.dtype), flat)
+            return flat.transpose(1, 2).reshape(output.shape)
+
+        handle = conv.register_forward_hook(replace)
+        try:
+            _, tokens = self.visual(images)
+        finally:
+            handle.remove()
+        return tokens
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        grid = getattr(self.visual, "grid_size", None)
+        if grid is None:
+            raise ModelError("the image tower has no patch grid (not a ViT)")
+        return int(grid[0]), int(grid[1])
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised [B, D] of images [B, 3, S, S] or videos [B, T, 3, S, S]."""
         return nn.functional.normalize(self.image_features(images)[0], dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.text_features(tokens)[0], dim=-1)
+
+
+def ensure_mask_token(towers: Towers) -> int:
+    """The [MASK] id; grows the token embedding by one row when the vocabulary has no spare
+    id (pretrained open_clip models). Our configs ship the spare row already."""
+    embedding = towers.text.token_embedding
+    if not isinstance(embedding, nn.Embedding):
+        raise ModelError("masked language modeling needs an open_clip text tower")
+    if embedding.num_embeddings <= MASK_TOKEN_ID:
+        grown = nn.Embedding(MASK_TOKEN_ID + 1, embedding.embedding_dim)
+        with torch.no_grad():
+            grown.weight[: embedding.num_embeddings] = embedding.weight
+            grown.weight[embedding.num_embeddings :].normal_(std=0.02)
+        towers.text.token_embedding = grown
+        towers.text.vocab_size = MASK_TOKEN_ID + 1  # type: ignore[assignment]
+    return MASK_TOKEN_ID
 
 
 def create_towers(name: str, pretrained: str | None = None) -> Towers:
@@ -106,3 +197,28 @@ def create_towers(name: str, pretrained: str | None = None) -> Towers:
             ) from error
         raise
     return Towers(clip.visual, clip.text, embed_dim=int(config["embed_dim"]))
+
+
+def build_towers(config: TrainConfig, *, pretrained: bool = True) -> Towers:
+    """The towers a training config describes: base model, COOKIE head, video pooling and the
+    [MASK] row. Export and evaluation rebuild a checkpoint's towers with this."""
+    towers = create_towers(config.model, config.pretrained if pretrained else None)
+    if config.cookie.enabled:
+        c = config.cookie
+        towers.head = SharedHead(
+            towers.image_width,
+            towers.text_width,
+            c.width or towers.text_width,
+            towers.embed_dim,
+            layers=c.layers,
+            heads=c.heads,
+            dropout=c.dropout,
+        )
+    if config.data.modality == "video":
+        v = config.video
+        towers.temporal = TemporalPooling(
+            towers.embed_dim, v.decode_frames, v.pooling, layers=v.layers, heads=v.heads
+        )
+    if config.objective.masked.mlm_weight > 0:
+        ensure_mask_token(towers)
+    return towers

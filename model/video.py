@@ -1,4 +1,7 @@
-"""The video tower: frames through the image tower, then a small temporal model, pooled.
+"""Temporal pooling of the video tower: frame features -> one video feature.
+
+The frames go through the image tower (``Towers`` takes 5-D input when it has a
+``temporal`` module); this module turns their features into one.
 
 ``temporal`` adds learned temporal position embeddings and runs a transformer over the frame
 features, so the order of frames matters; ``mean`` averages frame features, which cannot tell
@@ -10,10 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from model.factory import Towers
 
 
 class TemporalPooling(nn.Module):
@@ -48,20 +48,3 @@ class TemporalPooling(nn.Module):
         x = self.norm(self.encoder(x))
         # residual to the mean so training starts from mean pooling and learns order on top
         return frames.mean(dim=1) + self.proj(x.mean(dim=1))
-
-
-class VideoTower(nn.Module):
-    """Videos [B, T, 3, S, S] -> L2-normalisable video features [B, D] via the image tower."""
-
-    def __init__(self, towers: Towers, pooling: TemporalPooling) -> None:
-        super().__init__()
-        self.towers = towers
-        self.pooling = pooling
-
-    def video_features(self, videos: torch.Tensor) -> torch.Tensor:
-        b, t = videos.shape[:2]
-        frame_features, _ = self.towers.image_features(videos.flatten(0, 1))  # [B*T, D]
-        return self.pooling(frame_features.view(b, t, -1))
-
-    def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.video_features(videos), dim=-1)
