@@ -121,42 +121,33 @@ def train(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_json: bool) -> None:
-    """Recall@1/5/10 (text->image and image->text), mean recall and median rank.
+    """Recall@1/5/10 (text->image and image->text, or text->video and video->text for a video
+    run), mean recall and median rank; image runs add image->image and text->text.
 
     Several captions per image are handled as in the Karpathy protocol: a caption is right when
     its image ranks high; an image is right when any of its captions does.
     """
     import torch
 
-    from model.checkpoint import load_checkpoint
-    from model.config import TrainConfig
     from model.errors import ModelError
-    from model.evaluate import evaluate as run_eval
+    from model.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
     from model.evaluate import format_metrics
-    from model.factory import create_towers
-    from model.objectives import OnlineModel
-    from model.training_data import load_split
 
     try:
-        state = load_checkpoint(checkpoint)
-        config = TrainConfig.model_validate(state["train_config"])
+        towers, config, state = towers_from_checkpoint(checkpoint)
         if data is not None:
             config.data.train = data
-        online = OnlineModel(create_towers(config.model), config.objective)
-        online.load_state_dict(state["model"])
         results = {}
         for split in splits:
-            captioned = load_split(config.data, split, int(state["context_length"]))
-            results[split] = run_eval(
-                online.towers, captioned, config.preprocess, torch.device("cpu")
-            )
+            loaded = load_named_split(config, split, int(state["context_length"]))
+            results[split] = evaluate_loaded(towers, config, loaded, torch.device("cpu"))
     except ModelError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         for split, metrics in results.items():
-            click.echo(
-                format_metrics(split, metrics)
-                + f"  t2i_medr {metrics['t2i_medr']:.0f}  i2t_medr {metrics['i2t_medr']:.0f}"
+            medians = "  ".join(
+                f"{key} {value:.0f}" for key, value in metrics.items() if key.endswith("_medr")
             )
+            click.echo(f"{format_metrics(split, metrics)}  {medians}")

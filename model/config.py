@@ -40,6 +40,31 @@ class FilterConfig(_Strict):
     warmup_steps: int = Field(100, ge=0, description="steps before the filter acts")
 
 
+class MaskedModelingConfig(_Strict):
+    """Masked language and vision modeling (token level); a weight of 0 turns a part off."""
+
+    mlm_weight: float = Field(0.0, ge=0.0, description="weight of masked language modeling")
+    mvm_weight: float = Field(0.0, ge=0.0, description="weight of masked vision modeling")
+    text_mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="BERT masking probability")
+    patch_mask_ratio: float = Field(0.4, gt=0.0, lt=1.0, description="block-masked patch share")
+    tokenizer: Path | None = Field(
+        None, description="visual tokenizer file (cots train-tokenizer); needed for MVM"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlm_weight > 0 or self.mvm_weight > 0
+
+
+class IntraModalConfig(_Strict):
+    """COOKIE's intra-modal contrastive losses: two views of an image, two dropout passes of
+    a text (the shared head's dropout makes them differ)."""
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the two intra-modal losses")
+    max_shift: int = Field(4, ge=0, description="pixels the second image view is shifted by")
+    brightness: float = Field(0.1, ge=0.0, description="brightness jitter of the second view")
+
+
 class ObjectiveConfig(_Strict):
     kind: Literal["cots", "clip"] = "cots"
     # 0.95, not ALBEF's 0.995: over a few hundred CPU steps from scratch a slower EMA leaves the
@@ -58,15 +83,40 @@ class ObjectiveConfig(_Strict):
         "towers, with gradient (as in CLIP); queue keys always come from the momentum towers",
     )
     filter: FilterConfig = FilterConfig()
+    masked: MaskedModelingConfig = MaskedModelingConfig()
+    intra: IntraModalConfig = IntraModalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveConfig:
         if not self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError("temperature must lie within [min_temperature, max_temperature]")
+        if self.masked.mvm_weight > 0 and self.masked.tokenizer is None:
+            raise ValueError("masked.mvm_weight > 0 needs masked.tokenizer (cots train-tokenizer)")
         return self
 
 
+class CookieConfig(_Strict):
+    """COOKIE's weight-sharing head: the same transformer blocks over both towers' tokens."""
+
+    enabled: bool = False
+    width: int | None = Field(None, ge=8, description="default: the text tower's width")
+    layers: int = Field(1, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class VideoConfig(_Strict):
+    """The video tower: frames through the image tower, then temporal pooling."""
+
+    frames: int = Field(4, ge=1, description="frames sampled per video")
+    decode_frames: int = Field(16, ge=1, description="frames decoded per video at load time")
+    pooling: Literal["temporal", "mean"] = "temporal"
+    layers: int = Field(2, ge=1, description="temporal transformer layers")
+    heads: int = Field(4, ge=1)
+
+
 class DataConfig(_Strict):
+    modality: Literal["image", "video"] = "image"
     train: Path = Path("data/synthetic/images.csv")
     train_split: str | None = "train"
     val_split: str | None = "val"
@@ -88,6 +138,11 @@ class TrainConfig(_Strict):
     objective: ObjectiveConfig = ObjectiveConfig()
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    cookie: CookieConfig = CookieConfig()
+    video: VideoConfig = VideoConfig()
+    init_from: Path | None = Field(
+        None, description="a COTS checkpoint whose towers start this run (e.g. video from image)"
+    )
     output: Path = Path("runs/cots-tiny")
     seed: int = 0
     epochs: int = Field(6, ge=1)
@@ -103,6 +158,19 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every_epoch: bool = True
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.data.modality == "video" and self.objective.masked.mvm_weight > 0:
+            raise ValueError("masked vision modeling is for images; set mvm_weight 0 for video")
+        if self.objective.intra.weight > 0 and not self.cookie.enabled:
+            raise ValueError(
+                "objective.intra needs cookie.enabled: without the head's dropout the two text "
+                "passes are identical"
+            )
+        if self.video.frames > self.video.decode_frames:
+            raise ValueError("video.frames must not exceed video.decode_frames")
+        return self
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

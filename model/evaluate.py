@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from model.aux_inputs import augment_view
 from model.config import PreprocessConfig
 from model.data.readers import load_image
 from model.factory import Towers
@@ -18,6 +19,7 @@ from model.preprocess import to_tensor_batch
 from model.training_data import CaptionedImages
 
 KS = (1, 5, 10)
+EVAL_VIEW_SHIFT, EVAL_VIEW_BRIGHTNESS = 4, 0.1  # the training default second view
 
 
 def _first_relevant_ranks(
@@ -26,19 +28,55 @@ def _first_relevant_ranks(
     query_groups: torch.Tensor,
     key_groups: torch.Tensor,
     chunk: int = 1024,
+    exclude_self: bool = False,
 ) -> torch.Tensor:
     """0-based rank [Nq] of the best-scored relevant key per query.
 
     Ties count against the query (every irrelevant key scoring at least as high ranks first),
-    so a collapsed model with equal scores everywhere gets no credit.
+    so a collapsed model with equal scores everywhere gets no credit. With ``exclude_self``
+    (queries and keys are the same items), query i never retrieves key i.
     """
     ranks = []
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ keys.t()  # [c, Nk]
         relevant = query_groups[start : start + chunk, None] == key_groups[None, :]
+        if exclude_self:
+            rows = torch.arange(len(scores))
+            scores[rows, rows + start] = float("-inf")
+            relevant[rows, rows + start] = False
         best = scores.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
         ranks.append(((scores >= best) & ~relevant).sum(dim=1))
     return torch.cat(ranks)
+
+
+def _recalls(name: str, ranks: torch.Tensor) -> dict[str, float]:
+    metrics = {f"{name}_R@{k}": 100.0 * float((ranks < k).float().mean()) for k in KS}
+    metrics[f"{name}_medr"] = float((ranks + 1).float().median())
+    return metrics
+
+
+def intra_modal_metrics(
+    image_emb: torch.Tensor,
+    image_view_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_groups: torch.Tensor,
+    text_groups: torch.Tensor,
+) -> dict[str, float]:
+    """Image->image and text->text retrieval, relevant = same group (image id).
+
+    t2t: each caption queries all other captions; captions whose image has no other caption
+    are not queries. i2i: each image is one image per id in our corpora, so the queries are a
+    second view of each image (shifted and re-lit as in training) against the clean images.
+    """
+    i2i = _first_relevant_ranks(image_view_emb, image_emb, image_groups, image_groups)
+    metrics = _recalls("i2i", i2i)
+    has_pair = (text_groups[:, None] == text_groups[None, :]).sum(dim=1) > 1
+    if bool(has_pair.any()):
+        t2t = _first_relevant_ranks(
+            text_emb, text_emb, text_groups, text_groups, exclude_self=True
+        )[has_pair]
+        metrics.update(_recalls("t2t", t2t))
+    return metrics
 
 
 def retrieval_metrics(
@@ -50,11 +88,7 @@ def retrieval_metrics(
     """Metrics from L2-normalised embeddings; every text's group must have an image."""
     t2i = _first_relevant_ranks(text_emb, image_emb, text_groups, image_groups)
     i2t = _first_relevant_ranks(image_emb, text_emb, image_groups, text_groups)
-    metrics: dict[str, float] = {}
-    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
-        for k in KS:
-            metrics[f"{name}_R@{k}"] = 100.0 * float((ranks < k).float().mean())
-        metrics[f"{name}_medr"] = float((ranks + 1).float().median())
+    metrics = {**_recalls("t2i", t2i), **_recalls("i2t", i2t)}
     recalls = [metrics[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in KS]
     metrics["mean_recall"] = sum(recalls) / len(recalls)
     return metrics
@@ -67,15 +101,23 @@ def embed_split(
     preprocess: PreprocessConfig,
     device: torch.device,
     batch_size: int = 256,
+    views: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image_emb [N, D], text_emb [M, D], image_groups [N], text_groups [M])."""
+    """(image_emb [N, D], text_emb [M, D], image_groups [N], text_groups [M]).
+
+    With ``views`` (a list), the embeddings of a fixed second view of each image are appended.
+    """
     was_training = towers.training
     towers.eval()
     image_emb = []
+    generator = torch.Generator().manual_seed(0)
     for start in range(0, len(split.records), batch_size):
         records = split.records[start : start + batch_size]
         images = to_tensor_batch([load_image(r) for r in records], preprocess).to(device)
         image_emb.append(towers.encode_image(images).float().cpu())
+        if views is not None:
+            second = augment_view(images, EVAL_VIEW_SHIFT, EVAL_VIEW_BRIGHTNESS, generator)
+            views.append(towers.encode_image(second).float().cpu())
     tokens = torch.cat(split.tokens)
     text_groups = torch.cat(
         [g.repeat(len(t)) for g, t in zip(split.groups, split.tokens, strict=True)]
@@ -89,19 +131,29 @@ def embed_split(
 
 
 def evaluate(
-    towers: Towers, split: CaptionedImages, preprocess: PreprocessConfig, device: torch.device
+    towers: Towers,
+    split: CaptionedImages,
+    preprocess: PreprocessConfig,
+    device: torch.device,
+    intra: bool = True,
 ) -> dict[str, float]:
-    return retrieval_metrics(*embed_split(towers, split, preprocess, device))
+    """Cross-modal metrics, plus image->image and text->text ones with ``intra``."""
+    views: list[torch.Tensor] | None = [] if intra else None
+    image_emb, text_emb, image_groups, text_groups = embed_split(
+        towers, split, preprocess, device, views=views
+    )
+    metrics = retrieval_metrics(image_emb, text_emb, image_groups, text_groups)
+    if views:
+        metrics.update(
+            intra_modal_metrics(image_emb, torch.cat(views), text_emb, image_groups, text_groups)
+        )
+    return metrics
 
 
 def format_metrics(name: str, metrics: dict[str, float], keys: Sequence[str] | None = None) -> str:
-    keys = keys or [
-        "t2i_R@1",
-        "t2i_R@5",
-        "t2i_R@10",
-        "i2t_R@1",
-        "i2t_R@5",
-        "i2t_R@10",
-        "mean_recall",
-    ]
+    """One line: R@1/5/10 both ways (t2i/i2t or t2v/v2t), mean recall, i2i/t2t R@1 if present."""
+    if keys is None:
+        directions = ("t2v", "v2t") if "t2v_R@1" in metrics else ("t2i", "i2t")
+        keys = [f"{d}_R@{k}" for d in directions for k in KS] + ["mean_recall"]
+        keys += [k for k in ("i2i_R@1", "t2t_R@1") if k in metrics]
     return f"{name}: " + "  ".join(f"{k} {metrics[k]:.1f}" for k in keys)

@@ -6,6 +6,7 @@ Both take an explicit ``torch.Generator`` so a resumed run masks exactly as the 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 
@@ -44,11 +45,18 @@ def mask_text_tokens(
     action = torch.rand(tokens.shape, generator=generator)
     masked = tokens.clone()
     masked[chosen & (action < 0.8)] = mask_token_id
-    ordinary = [i for i in range(vocab_size) if i not in special_ids and i != mask_token_id]
+    ordinary = _ordinary_ids(vocab_size, (*special_ids, mask_token_id))
     to_random = chosen & (action >= 0.8) & (action < 0.9)
     picks = torch.randint(len(ordinary), (int(to_random.sum()),), generator=generator)
-    masked[to_random] = torch.tensor(ordinary)[picks]
+    masked[to_random] = ordinary[picks]
     return masked, labels
+
+
+@cache
+def _ordinary_ids(vocab_size: int, excluded: tuple[int, ...]) -> torch.Tensor:
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[[i for i in excluded if i < vocab_size]] = False
+    return keep.nonzero().squeeze(1)
 
 
 def block_mask(

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.aux_inputs import AuxInputs
 from model.config import ObjectiveConfig
 from model.distributed import DistInfo, all_gather_cat
+from model.errors import ModelError
 from model.factory import Towers
 from model.losses import (
     clip_loss,
@@ -32,34 +34,89 @@ from model.losses import (
     soft_cross_entropy,
     symmetric_kl,
 )
+from model.masking import IGNORE_INDEX
 from model.momentum import FeatureQueues, ema_update
 from model.noise_filter import AdaptiveMomentumFilter
+from model.token_heads import MlmHead, MvmHead
+from model.visual_tokenizer import VisualTokenizer
 
 
 @dataclass
 class Features:
-    image: torch.Tensor  # [B, D] projected global image feature (not normalised)
-    image_tokens: torch.Tensor  # [B, P, W_v] patch tokens
+    image: torch.Tensor  # [B, D] projected global image (or video) feature, not normalised
+    image_tokens: torch.Tensor  # [B, P, W_v] patch tokens ([B, T, D] frame features for video)
     text: torch.Tensor  # [B, D]
     text_tokens: torch.Tensor  # [B, L, W_t]
     temperature: torch.Tensor  # scalar
+    # auxiliary outputs, present when the matching AuxInputs were given
+    mlm_logits: torch.Tensor | None = None  # [N masked tokens, V]
+    mvm_logits: torch.Tensor | None = None  # [N masked patches, K]
+    image_view2: torch.Tensor | None = None  # [B, D] second view of the images
+    text_view2: torch.Tensor | None = None  # [B, D] second dropout pass of the texts
 
 
 class OnlineModel(nn.Module):
-    """The trained parameters: both towers and the temperature (what DDP wraps)."""
+    """The trained parameters: the towers, the temperature and the masked-modeling heads (what
+    DDP wraps, so every pass that needs gradients runs inside ``forward``)."""
 
-    def __init__(self, towers: Towers, config: ObjectiveConfig) -> None:
+    def __init__(
+        self, towers: Towers, config: ObjectiveConfig, codebook_size: int | None = None
+    ) -> None:
         super().__init__()
         self.towers = towers
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
         self.min_temperature, self.max_temperature = config.min_temperature, config.max_temperature
+        masked = config.masked
+        self.mlm = (
+            MlmHead(
+                towers.text_width,
+                towers.embed_dim,
+                int(towers.text.token_embedding.num_embeddings),  # type: ignore[union-attr,arg-type]
+            )
+            if masked.mlm_weight > 0
+            else None
+        )
+        if masked.mvm_weight > 0 and codebook_size is None:
+            raise ModelError("masked vision modeling needs the visual tokenizer's codebook size")
+        self.mvm = (
+            MvmHead(towers.image_width, towers.embed_dim, codebook_size)
+            if masked.mvm_weight > 0 and codebook_size
+            else None
+        )
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> Features:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, aux: AuxInputs | None = None
+    ) -> Features:
         with torch.no_grad():
             self.temperature.clamp_(self.min_temperature, self.max_temperature)
         image, image_tokens = self.towers.image_features(images)
         text, text_tokens = self.towers.text_features(tokens)
-        return Features(image, image_tokens, text, text_tokens, self.temperature)
+        features = Features(image, image_tokens, text, text_tokens, self.temperature)
+        if aux is not None:
+            self._auxiliary(features, images, tokens, aux)
+        return features
+
+    def _auxiliary(
+        self, features: Features, images: torch.Tensor, tokens: torch.Tensor, aux: AuxInputs
+    ) -> None:
+        if self.mlm is not None and aux.masked_tokens is not None and aux.mlm_labels is not None:
+            _, states = self.towers.text(aux.masked_tokens)
+            chosen = aux.mlm_labels != IGNORE_INDEX
+            rows = chosen.nonzero()[:, 0]
+            features.mlm_logits = self.mlm(
+                states[chosen],
+                features.image[rows],
+                self.towers.text.token_embedding.weight,  # type: ignore[union-attr]
+            )
+        if self.mvm is not None and aux.patch_mask is not None:
+            patch_states = self.towers.masked_patch_tokens(
+                images, aux.patch_mask, self.mvm.mask_embedding
+            )
+            rows = aux.patch_mask.nonzero()[:, 0]
+            features.mvm_logits = self.mvm(patch_states[aux.patch_mask], features.text[rows])
+        if aux.second_view is not None:
+            features.image_view2 = self.towers.image_features(aux.second_view)[0]
+            features.text_view2 = self.towers.text_features(tokens)[0]
 
 
 @dataclass
@@ -72,19 +129,111 @@ def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (values * keep).sum() / keep.sum().clamp(min=1)
 
 
-class ClipObjective(nn.Module):
-    """The baseline: plain in-batch InfoNCE, no momentum, no queue, no filter."""
+class AuxiliaryLosses(nn.Module):
+    """The token-level (MLM, MVM) and COOKIE intra-modal losses, added to either objective.
 
-    def __init__(self, online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> None:
+    Pairs the noise filter dropped (``keep`` 0) are left out of MLM and MVM too: a wrong
+    caption would teach the heads to predict words from an unrelated image. The intra-modal
+    losses see one modality at a time, so a mismatched pair does not hurt them.
+    """
+
+    def __init__(self, config: ObjectiveConfig, tokenizer: VisualTokenizer | None) -> None:
         super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer.requires_grad_(False).eval() if tokenizer else None
+
+    def train(self, mode: bool = True) -> AuxiliaryLosses:
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()  # frozen: its codebook must not move
+        return self
 
     def forward(
-        self, features: Features, groups: torch.Tensor, online: OnlineModel, **_: torch.Tensor
+        self,
+        features: Features,
+        aux: AuxInputs | None,
+        images: torch.Tensor,
+        groups: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        total = features.image.new_zeros(())
+        parts: dict[str, float] = {}
+        if aux is None:
+            return total, parts
+        masked = self.config.masked
+        if features.mlm_logits is not None and aux.mlm_labels is not None:
+            chosen = aux.mlm_labels != IGNORE_INDEX
+            loss, accuracy = _token_loss(
+                features.mlm_logits, aux.mlm_labels[chosen], keep[chosen.nonzero()[:, 0]]
+            )
+            total = total + masked.mlm_weight * loss
+            parts.update(loss_mlm=float(loss.detach()), mlm_accuracy=accuracy)
+        if features.mvm_logits is not None and aux.patch_mask is not None:
+            if self.tokenizer is None:
+                raise ModelError("masked vision modeling needs the visual tokenizer")
+            with torch.no_grad():
+                targets = self.tokenizer.encode(images)[aux.patch_mask]
+            loss, accuracy = _token_loss(
+                features.mvm_logits, targets, keep[aux.patch_mask.nonzero()[:, 0]]
+            )
+            total = total + masked.mvm_weight * loss
+            parts.update(loss_mvm=float(loss.detach()), mvm_accuracy=accuracy)
+        if features.image_view2 is not None and features.text_view2 is not None:
+            temperature = features.temperature
+            loss_ii = _intra_loss(features.image, features.image_view2, groups, temperature)
+            loss_tt = _intra_loss(features.text, features.text_view2, groups, temperature)
+            total = total + self.config.intra.weight * (loss_ii + loss_tt) / 2
+            parts.update(loss_i2i=float(loss_ii.detach()), loss_t2t=float(loss_tt.detach()))
+        return total, parts
+
+
+def _token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over the kept rows' predictions, and their accuracy."""
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    correct = (logits.argmax(dim=-1) == targets).float()
+    return _masked_mean(losses, keep), float(_masked_mean(correct, keep).detach())
+
+
+def _intra_loss(
+    view1: torch.Tensor, view2: torch.Tensor, groups: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
+    a, b = F.normalize(view1.float(), dim=-1), F.normalize(view2.float(), dim=-1)
+    one_way, other_way = clip_loss(a, b, groups, temperature)
+    return (one_way.mean() + other_way.mean()) / 2
+
+
+class ClipObjective(nn.Module):
+    """The baseline: plain in-batch InfoNCE, no momentum, no queue, no filter (auxiliary
+    losses still apply when configured, e.g. for COOKIE on top of the baseline)."""
+
+    def __init__(
+        self,
+        online: OnlineModel,
+        config: ObjectiveConfig,
+        dist: DistInfo,
+        tokenizer: VisualTokenizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.auxiliary = AuxiliaryLosses(config, tokenizer)
+
+    def forward(
+        self,
+        features: Features,
+        groups: torch.Tensor,
+        online: OnlineModel,
+        images: torch.Tensor,
+        aux: AuxInputs | None = None,
+        **_: torch.Tensor | None,
     ) -> LossOutput:
         image = F.normalize(features.image.float(), dim=-1)
         text = F.normalize(features.text.float(), dim=-1)
         i2t, t2i = clip_loss(image, text, groups, features.temperature)
-        loss = (i2t.mean() + t2i.mean()) / 2
+        contrastive = (i2t.mean() + t2i.mean()) / 2
+        keep = torch.ones(len(groups), device=groups.device)
+        extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
+        loss = contrastive + extra
         return LossOutput(
             loss,
             {
@@ -92,6 +241,7 @@ class ClipObjective(nn.Module):
                 "loss_i2t": float(i2t.mean().detach()),
                 "loss_t2i": float(t2i.mean().detach()),
                 "temperature": float(features.temperature.detach()),
+                **extra_parts,
             },
         )
 
@@ -99,9 +249,16 @@ class ClipObjective(nn.Module):
 class CotsObjective(nn.Module):
     """Momentum contrastive learning with aligned queues, KL alignment and the noise filter."""
 
-    def __init__(self, online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> None:
+    def __init__(
+        self,
+        online: OnlineModel,
+        config: ObjectiveConfig,
+        dist: DistInfo,
+        tokenizer: VisualTokenizer | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.auxiliary = AuxiliaryLosses(config, tokenizer)
         self.dist = dist
         self.momentum_towers = copy.deepcopy(online.towers).requires_grad_(False)
         self.queues = FeatureQueues(config.queue_size, online.towers.embed_dim)
@@ -126,6 +283,7 @@ class CotsObjective(nn.Module):
         images: torch.Tensor,
         tokens: torch.Tensor,
         noisy: torch.Tensor | None = None,
+        aux: AuxInputs | None = None,
     ) -> LossOutput:
         image = F.normalize(features.image.float(), dim=-1)
         text = F.normalize(features.text.float(), dim=-1)
@@ -160,7 +318,8 @@ class CotsObjective(nn.Module):
             loss_kl = _masked_mean(symmetric_kl(logits_i2t[:, batch:], logits_t2i[:, batch:]), keep)
         else:
             loss_kl = logits_i2t.new_zeros(())
-        loss = (loss_i2t + loss_t2i) / 2 + self.config.kl_weight * loss_kl
+        extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
+        loss = (loss_i2t + loss_t2i) / 2 + self.config.kl_weight * loss_kl + extra
 
         kept = keep.bool()
         self.queues.enqueue(
@@ -178,6 +337,7 @@ class CotsObjective(nn.Module):
             "filter_threshold": float(self.filter.threshold),
             "momentum_pair_sim": float(pair_sim.mean()),
             "queue_filled": int(self.queues.filled),
+            **extra_parts,
         }
         if noisy is not None and bool(noisy.any()):
             dropped = ~kept
@@ -196,6 +356,11 @@ class CotsObjective(nn.Module):
         return all_values[all_kept]
 
 
-def build_objective(online: OnlineModel, config: ObjectiveConfig, dist: DistInfo) -> nn.Module:
+def build_objective(
+    online: OnlineModel,
+    config: ObjectiveConfig,
+    dist: DistInfo,
+    tokenizer: VisualTokenizer | None = None,
+) -> nn.Module:
     objectives: dict[str, type[nn.Module]] = {"cots": CotsObjective, "clip": ClipObjective}
-    return objectives[config.kind](online, config, dist)
+    return objectives[config.kind](online, config, dist, tokenizer)

@@ -16,17 +16,21 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from model.aux_inputs import make_aux_inputs
 from model.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from model.config import TrainConfig
 from model.distributed import DistInfo, cleanup, init_distributed
 from model.errors import ModelError
-from model.evaluate import evaluate, format_metrics
-from model.factory import create_towers, model_config
+from model.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
+from model.evaluate import format_metrics
+from model.factory import Towers, build_towers, model_config
 from model.objectives import OnlineModel, build_objective
-from model.training_data import CaptionedImages, EpochBatches, PairDataset, collate, load_split
+from model.training_data import EpochBatches, PairDataset, collate, load_split
+from model.video_data import VideoPairDataset, load_video_split
+from model.visual_tokenizer import VisualTokenizer, load_tokenizer
 
 logger = logging.getLogger("cots.train")
 CHECKPOINT = "checkpoint.pt"
@@ -129,7 +133,7 @@ class _Run:
     dist: DistInfo
     device: torch.device
     context_length: int
-    val_split: CaptionedImages | None
+    val_split: Split | None
     sampler: EpochBatches
     loader: DataLoader
     steps_per_epoch: int
@@ -142,6 +146,10 @@ class _Run:
     log: MetricsLog
     result: RunResult
     step: int = 0
+
+    @property
+    def patch_grid(self) -> tuple[int, int] | None:
+        return self.online.towers.patch_grid if self.config.objective.masked.mvm_weight else None
 
     @property
     def checkpoint_path(self) -> Path:
@@ -168,8 +176,8 @@ class _Run:
             },
         )
 
-    def evaluate(self, name: str, split: CaptionedImages) -> None:
-        metrics = evaluate(self.online.towers, split, self.config.preprocess, self.device)
+    def evaluate(self, name: str, split: Split) -> None:
+        metrics = evaluate_loaded(self.online.towers, self.config, split, self.device)
         self.result.evals[name] = metrics
         self.log.write({"step": self.step, "eval": name, **metrics})
         tqdm.write(f"step {self.step} " + format_metrics(name, metrics))
@@ -185,10 +193,8 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     config = resolve_image_size(config)
 
     data = config.data
-    train_split = load_split(
-        data, data.train_split, context_length, noise_fraction=data.noise_fraction, seed=config.seed
-    )
-    val_split = load_split(data, data.val_split, context_length) if data.val_split else None
+    train_split, dataset = _training_pairs(config, context_length)
+    val_split = load_named_split(config, data.val_split, context_length) if data.val_split else None
     sampler = EpochBatches(
         [len(t) for t in train_split.tokens],
         config.batch_size,
@@ -197,17 +203,18 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
         dist.world_size,
     )
     loader = DataLoader(
-        PairDataset(train_split, config.preprocess),
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=data.workers,
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.workers
     )
     steps_per_epoch = max(1, len(sampler) // config.accum_steps)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    online = OnlineModel(create_towers(config.model, config.pretrained), config.objective)
-    online = online.to(device)
-    objective = build_objective(online, config.objective, dist).to(device)
+    towers = build_towers(config)
+    if config.init_from is not None:
+        _init_towers(towers, Path(config.init_from))
+    tokenizer = _visual_tokenizer(config, towers)
+    codebook_size = tokenizer.config.codebook_size if tokenizer else None
+    online = OnlineModel(towers, config.objective, codebook_size).to(device)
+    objective = build_objective(online, config.objective, dist, tokenizer).to(device)
     model: torch.nn.Module = online
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -245,6 +252,58 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     )
 
 
+def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Dataset]:
+    data = config.data
+    noise, seed = data.noise_fraction, config.seed
+    if data.modality == "video":
+        videos = load_video_split(
+            data,
+            data.train_split,
+            context_length,
+            config.preprocess,
+            decode_frames=config.video.decode_frames,
+            noise_fraction=noise,
+            seed=seed,
+        )
+        return videos, VideoPairDataset(videos, config.preprocess, config.video.frames)
+    images = load_split(data, data.train_split, context_length, noise_fraction=noise, seed=seed)
+    return images, PairDataset(images, config.preprocess)
+
+
+def _init_towers(towers: torch.nn.Module, path: Path) -> None:
+    """Start from another run's towers; parts that run did not have (a temporal model, a
+    COOKIE head) keep their fresh initialisation."""
+    try:
+        state = towers_state(load_checkpoint(path)["model"])
+    except ModelError as error:
+        raise ModelError(f"init_from: {error}") from None
+    try:
+        missing, unexpected = towers.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise ModelError(f"init_from {path}: towers do not match: {error}") from None
+    if unexpected:
+        raise ModelError(f"init_from {path}: parameters this model lacks: {unexpected[:5]}")
+    logger.info("towers from %s (%d parameters kept fresh: %s)", path, len(missing), missing[:5])
+
+
+def _visual_tokenizer(config: TrainConfig, towers: Towers) -> VisualTokenizer | None:
+    masked = config.objective.masked
+    if masked.mvm_weight <= 0 or masked.tokenizer is None:
+        return None
+    tokenizer = load_tokenizer(Path(masked.tokenizer))
+    if tokenizer.grid != towers.patch_grid:
+        raise ModelError(
+            f"visual tokenizer {masked.tokenizer} has a {tokenizer.grid} patch grid, the image "
+            f"tower {towers.patch_grid}: train it with the model's image and patch size"
+        )
+    return tokenizer
+
+
+def _aux_generator(config: TrainConfig, step: int, micro: int) -> torch.Generator:
+    """Seeded by (seed, step, micro-batch): resumed runs mask and augment identically."""
+    return torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 64 + micro)
+
+
 class _Throughput:
     """Samples per second between two log lines."""
 
@@ -272,10 +331,18 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
     micro = 0
     for batch in run.loader:
         images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch)
+        generator = _aux_generator(config, run.step, micro % config.accum_steps)
+        aux = make_aux_inputs(config.objective, images, tokens, run.patch_grid, generator)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            features = run.model(images, tokens)
+            features = run.model(images, tokens, aux)
             out = run.objective(
-                features, groups, online=run.online, images=images, tokens=tokens, noisy=noisy
+                features,
+                groups,
+                online=run.online,
+                images=images,
+                tokens=tokens,
+                noisy=noisy,
+                aux=aux,
             )
         (out.loss / config.accum_steps).backward()
         micro += 1
@@ -328,7 +395,7 @@ def _train(
 
     if run.step >= run.total_steps and dist.is_master:
         for name in run.config.data.eval_splits:
-            run.evaluate(name, load_split(run.config.data, name, run.context_length))
+            run.evaluate(name, load_named_split(run.config, name, run.context_length))
         run.save()
         results = {"step": run.step, "evals": run.result.evals}
         (run.result.output / "results.json").write_text(json.dumps(results, indent=2))
