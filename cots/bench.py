@@ -10,6 +10,7 @@ from cots.lazy import LazyGroup
 
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "train": ("model.bench:train_bench", "Training samples/s and peak memory, CLIP vs COTS."),
+    "quality": ("model.bench_quality:quality_bench", "The ablation table: train and evaluate."),
 }
 
 

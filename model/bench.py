@@ -1,4 +1,8 @@
-"""``cots bench train``: the cost of COTS's momentum machinery as a measured ratio.
+"""``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
+
+Variants: the CLIP baseline, COTS (momentum towers, queues, KL), COTS with masked language
+modeling and with masked vision-language modeling (token level), CLIP with COOKIE's shared
+head and intra-modal losses, and video training with either objective.
 
 Each objective runs in its own process, so peak memory is that objective's alone. Inputs are
 random tensors of the model's shapes, so the numbers measure the model and objective, not
@@ -17,49 +21,100 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 WORKER = "model.bench"
 
 
+# Each variant: training-config overrides on top of the model and the objective kind.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "clip": {"objective": {"kind": "clip"}},
+    "cots": {"objective": {"kind": "cots"}},
+    "cots+mlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0}}},
+    "cots+mvlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mvm_weight": 1.0}}},
+    "clip+cookie": {
+        "objective": {"kind": "clip", "intra": {"weight": 0.5}},
+        "cookie": {"enabled": True},
+    },
+    "video-clip": {"objective": {"kind": "clip"}, "data": {"modality": "video"}},
+    "video-cots": {"objective": {"kind": "cots"}, "data": {"modality": "video"}},
+}
+VIDEO_FRAMES = 4
+
+
 def _measure(
     model_name: str,
-    objective_kind: str,
+    variant: str,
     batch_size: int,
     steps: int,
     warmup: int,
     threads: int | None,
     queue_size: int,
 ) -> dict[str, Any]:
-    """Runs in a fresh process: build, warm up, time ``steps`` optimiser steps."""
+    """Runs in a fresh process: build, warm up, time ``steps`` optimiser steps.
+
+    Video variants take ``batch_size / 4`` clips of 4 frames, so every variant pushes the
+    same number of images through the image tower; their samples are clips.
+    """
+    import tempfile
+
     import torch
 
-    from model.config import ObjectiveConfig
+    from model.aux_inputs import make_aux_inputs
+    from model.config import TrainConfig
     from model.distributed import DistInfo
-    from model.factory import create_towers, model_config
+    from model.factory import build_towers, model_config
     from model.objectives import OnlineModel, build_objective
+    from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    config = model_config(model_name)
-    image_size = config["vision_cfg"]["image_size"]
-    context = config["text_cfg"].get("context_length", 77)
-    objective_config = ObjectiveConfig(kind=objective_kind, queue_size=queue_size)  # type: ignore[arg-type]
-    online = OnlineModel(create_towers(model_name), objective_config).to(device)
-    objective = build_objective(online, objective_config, DistInfo()).to(device)
+    model = model_config(model_name)
+    image_size = model["vision_cfg"]["image_size"]
+    context = model["text_cfg"].get("context_length", 77)
+    overrides = json.loads(json.dumps(VARIANTS[variant]))
+    overrides["objective"]["queue_size"] = queue_size
+    tokenizer = None
+    if overrides["objective"].get("masked", {}).get("mvm_weight"):
+        # an untrained tokenizer costs the same as a trained one
+        tokenizer = VisualTokenizer(
+            TokenizerConfig(image_size=image_size, patch_size=model["vision_cfg"]["patch_size"])
+        )
+        path = Path(tempfile.mkdtemp()) / "tokenizer.pt"
+        save_tokenizer(tokenizer, path, {})
+        overrides["objective"]["masked"]["tokenizer"] = str(path)
+    config = TrainConfig.model_validate({"model": model_name, **overrides})
+    online = OnlineModel(
+        build_towers(config),
+        config.objective,
+        tokenizer.config.codebook_size if tokenizer else None,
+    ).to(device)
+    objective = build_objective(online, config.objective, DistInfo(), tokenizer).to(device)
     optimizer = torch.optim.AdamW(online.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
-    tokens = torch.randint(1, 49000, (batch_size, context), generator=generator)
+    video = config.data.modality == "video"
+    samples = batch_size // VIDEO_FRAMES if video else batch_size
+    shape = (samples, VIDEO_FRAMES) if video else (samples,)
+    images = torch.randn(*shape, 3, image_size, image_size, generator=generator).to(device)
+    tokens = torch.randint(1, 49000, (samples, context), generator=generator)
+    tokens[:, 0] = 49406
     tokens[:, -1] = 49407  # end-of-text, which the text tower pools on
     tokens = tokens.to(device)
-    groups = torch.arange(batch_size, device=device)
+    groups = torch.arange(samples, device=device)
+    grid = online.towers.patch_grid if tokenizer is not None else None
 
     def step(offset: int) -> None:
-        features = online(images, tokens)
+        aux = make_aux_inputs(config.objective, images, tokens, grid, generator)
+        features = online(images, tokens, aux)
         out = objective(
-            features, groups + offset * batch_size, online=online, images=images, tokens=tokens
+            features,
+            groups + offset * samples,
+            online=online,
+            images=images,
+            tokens=tokens,
+            aux=aux,
         )
         out.loss.backward()
         optimizer.step()
@@ -78,12 +133,13 @@ def _measure(
     elapsed = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "objective": objective_kind,
+        "objective": variant,
         "model": model_name,
         "device": str(device),
-        "batch_size": batch_size,
+        "batch_size": samples,
+        "images_per_step": samples * VIDEO_FRAMES if video else samples,
         "steps": steps,
-        "samples_per_s": batch_size * steps / elapsed,
+        "samples_per_s": samples * steps / elapsed,
         "step_ms": 1000 * elapsed / steps,
         "peak_rss_mb": peak_rss,
         "model_rss_mb": peak_rss - rss_before,
@@ -125,9 +181,10 @@ def _measure(
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option(
     "--objectives",
-    default="clip,cots",
+    default=",".join(VARIANTS),
     show_default=True,
-    help="Comma-separated objectives to compare; the first is the reference.",
+    help=f"Comma-separated variants to compare ({', '.join(VARIANTS)}); the first is the "
+    "reference. Video variants use batch-size/4 clips of 4 frames.",
 )
 @click.option(
     "--json-out",
@@ -149,10 +206,16 @@ def train_bench(
     Prints a markdown table with the ratio of each objective's samples/s to the first one's.
     """
     rows = []
-    for kind in [k.strip() for k in objectives.split(",") if k.strip()]:
+    kinds = [k.strip() for k in objectives.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in VARIANTS]
+    if unknown or not kinds:
+        raise click.BadParameter(
+            f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}", param_hint="--objectives"
+        )
+    for kind in tqdm(kinds, desc="variants", unit="variant"):
         args = {
             "model_name": model_name,
-            "objective_kind": kind,
+            "variant": kind,
             "batch_size": batch_size,
             "steps": steps,
             "warmup": warmup,
@@ -172,14 +235,15 @@ def train_bench(
         f"{rows[0]['device']}, {rows[0]['threads']} threads, {cpu}"
     )
     click.echo(
-        "| objective | samples/s | step ms | ratio vs first | peak RSS MB "
-        "| model+step RSS MB | peak GPU MB |"
+        "| variant | pairs/step | images/step | samples/s | step ms | ratio vs first "
+        "| peak RSS MB | model+step RSS MB | peak GPU MB |"
     )
-    click.echo("|---|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         gpu = f"{row['peak_gpu_mb']:.0f}" if row["peak_gpu_mb"] is not None else "-"
         click.echo(
-            f"| {row['objective']} | {row['samples_per_s']:.1f} | {row['step_ms']:.0f} | "
+            f"| {row['objective']} | {row['batch_size']} | {row['images_per_step']} | "
+            f"{row['samples_per_s']:.1f} | {row['step_ms']:.0f} | "
             f"{row['samples_per_s'] / reference:.2f} | {row['peak_rss_mb']:.0f} | "
             f"{row['model_rss_mb']:.0f} | {gpu} |"
         )

@@ -1,0 +1,401 @@
+"""``cots bench quality``: the ablation table, trained and evaluated by one command.
+
+Every row trains the same model for the same number of steps on the same synthetic corpus,
+then evaluates the test and held-out splits (never used for choices). Finished runs are kept
+under ``--work`` and reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+DIRECTIONS = {"image": ("t2i", "i2t"), "video": ("t2v", "v2t")}
+KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: config overrides on top of the shared base."""
+
+    name: str
+    overrides: dict[str, Any]
+    main: bool = False  # main rows run with every seed, the others with the first only
+    modality: str = "image"
+    init_from: str | None = None  # the row (first seed) whose towers start this one
+    needs_tokenizer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_MVLM = {"mlm_weight": 1.0, "mvm_weight": 1.0}
+_QUEUES = {"kind": "cots", "kl_weight": 0.0}
+_FILTER = {"enabled": True}
+_NOISY = {"noise_fraction": 0.3}
+
+ROWS: tuple[Row, ...] = (
+    Row("CLIP baseline", {"objective": {"kind": "clip"}}, main=True),
+    Row("+ momentum queues", {"objective": _QUEUES}, main=True),
+    Row("+ KL alignment", {"objective": {"kind": "cots"}}, main=True),
+    Row("+ masked VL modeling", {"objective": {"masked": _MVLM}}, main=True, needs_tokenizer=True),
+    Row(
+        "full COTS (+ noise filter)",
+        {"objective": {"masked": _MVLM, "filter": _FILTER}},
+        main=True,
+        needs_tokenizer=True,
+    ),
+    Row("noisy 30 %: CLIP baseline", {"objective": {"kind": "clip"}, "data": _NOISY}),
+    Row(
+        "noisy 30 %: COTS, no filter",
+        {"objective": {"masked": _MVLM}, "data": _NOISY},
+        needs_tokenizer=True,
+    ),
+    Row(
+        "noisy 30 %: full COTS (+ noise filter)",
+        {"objective": {"masked": _MVLM, "filter": _FILTER}, "data": _NOISY},
+        needs_tokenizer=True,
+    ),
+    Row(
+        "COOKIE (CLIP + shared head + intra-modal)",
+        {"objective": {"kind": "clip", "intra": {"weight": 0.5}}, "cookie": {"enabled": True}},
+    ),
+    Row(
+        "video: temporal transformer",
+        {"video": {"pooling": "temporal"}},
+        modality="video",
+        init_from="CLIP baseline",
+    ),
+    Row(
+        "video: mean pooling",
+        {"video": {"pooling": "mean"}},
+        modality="video",
+        init_from="CLIP baseline",
+    ),
+)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+@dataclass
+class Plan:
+    corpus: Path
+    work: Path
+    model: str
+    steps: int
+    batch_size: int
+    video_batch_size: int
+    seeds: tuple[int, ...]
+    threads: int | None
+
+    def run_dir(self, row: Row, seed: int) -> Path:
+        return self.work / f"{_slug(row.name)}-seed{seed}"
+
+    def config(self, row: Row, seed: int, tokenizer: Path | None) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "model": self.model,
+            "seed": seed,
+            "max_steps": self.steps,
+            "batch_size": self.batch_size,
+            "output": str(self.run_dir(row, seed)),
+            "eval_every_epoch": False,
+            "checkpoint_every": 20,
+            "threads": self.threads,
+            "data": {"train": str(self.corpus / "images.csv")},
+            "objective": {"kind": "cots"},
+        }
+        if row.modality == "video":
+            base["batch_size"] = self.video_batch_size
+            base["data"] = {
+                "modality": "video",
+                "train": str(self.corpus / "videos.csv"),
+                "group_key": "video_id",
+                "eval_splits": ["test"],  # the synthetic corpus holds no held-out videos
+            }
+        config = _merge(base, row.overrides)
+        if config["objective"].get("filter", {}).get("enabled"):
+            # the filter waits for the model to learn something; scale that to short runs
+            config["objective"]["filter"]["warmup_steps"] = max(1, self.steps // 3)
+        if row.needs_tokenizer:
+            config = _merge(config, {"objective": {"masked": {"tokenizer": str(tokenizer)}}})
+        if row.init_from is not None:
+            source = next(r for r in ROWS if r.name == row.init_from)
+            config["init_from"] = str(self.run_dir(source, self.seeds[0]) / "checkpoint.pt")
+        return config
+
+
+def _ensure_corpus(corpus: Path) -> None:
+    from model.data.synth import SynthConfig, generate_corpus
+
+    if (corpus / "images.csv").is_file() and (corpus / "videos.csv").is_file():
+        return
+    click.echo(f"synthesising the default corpus into {corpus}")
+    generate_corpus(corpus, SynthConfig(), progress=True)
+
+
+def _ensure_tokenizer(plan: Plan) -> tuple[Path, dict[str, Any]]:
+    import torch
+
+    from model.config import DataConfig
+    from model.factory import model_config
+    from model.tokenizer_train import fit_tokenizer
+    from model.visual_tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer
+
+    path = plan.work / "visual-tokenizer.pt"
+    metrics_path = path.with_suffix(".json")
+    if path.is_file() and metrics_path.is_file():
+        load_tokenizer(path)  # fails clearly if the file is damaged
+        return path, json.loads(metrics_path.read_text())
+    vision = model_config(plan.model)["vision_cfg"]
+    config = TokenizerConfig(image_size=vision["image_size"], patch_size=vision["patch_size"])
+    click.echo(f"training the visual tokenizer into {path}")
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    tokenizer, metrics = fit_tokenizer(DataConfig(train=plan.corpus / "images.csv"), config)
+    save_tokenizer(tokenizer, path, metrics)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    return path, metrics
+
+
+def _run(plan: Plan, row: Row, seed: int, tokenizer: Path | None) -> dict[str, Any]:
+    from model.config import TrainConfig
+    from model.train import train
+
+    out = plan.run_dir(row, seed)
+    result_path = out / "bench.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    config = TrainConfig.model_validate(plan.config(row, seed, tokenizer))
+    click.echo(f"== {row.name} (seed {seed}) -> {out}")
+    started = time.perf_counter()
+    result = train(config, resume=True)
+    record = {
+        "row": row.name,
+        "seed": seed,
+        "modality": row.modality,
+        "steps": result.step,
+        "wall_s": time.perf_counter() - started,
+        "evals": result.evals,
+    }
+    result_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _cell(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ±{(max(values) - min(values)) / 2:.1f}"
+
+
+def _split_table(records: dict[str, list[dict[str, Any]]], split: str, modality: str) -> list[str]:
+    a, b = DIRECTIONS[modality]
+    header = [f"{d} R@{k}" for d in (a,) for k in KS] + [f"{a} mR"]
+    header += [f"{d} R@{k}" for d in (b,) for k in KS] + [f"{b} mR", "mean recall", "seeds"]
+    lines = [
+        "| row | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+    ]
+    for name, runs in records.items():
+        evals = [r["evals"][split] for r in runs if split in r["evals"]]
+        if not evals or runs[0]["modality"] != modality:
+            continue
+        cells = []
+        for direction in (a, b):
+            cells += [_cell([e[f"{direction}_R@{k}"] for e in evals]) for k in KS]
+            cells.append(
+                _cell([statistics.fmean(e[f"{direction}_R@{k}"] for k in KS) for e in evals])
+            )
+        cells += [_cell([e["mean_recall"] for e in evals]), str(len(evals))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _intra_table(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = [
+        "| row | i2i R@1 | i2i R@5 | t2t R@1 | t2t R@5 | t2t R@10 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in records.items():
+        evals = [r["evals"]["test"] for r in runs if "i2i_R@1" in r["evals"].get("test", {})]
+        if not evals:
+            continue
+        keys = ("i2i_R@1", "i2i_R@5", "t2t_R@1", "t2t_R@5", "t2t_R@10")
+        lines.append(f"| {name} | " + " | ".join(_cell([e[k] for e in evals]) for k in keys) + " |")
+    return lines
+
+
+def _hardware() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu})"
+    return f"{device}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def render(
+    plan: Plan,
+    records: dict[str, list[dict[str, Any]]],
+    tokenizer_metrics: dict[str, Any] | None,
+    command: str,
+    wall_s: float,
+) -> str:
+    run_walls = [r["wall_s"] for runs in records.values() for r in runs]
+    lines = [
+        "# Ablation: `cots bench quality`",
+        "",
+        f"- command: `{command}`",
+        f"- model {plan.model}, {plan.steps} optimiser steps per run, batch {plan.batch_size} "
+        f"(video rows: batch {plan.video_batch_size} clips of 4 frames), seeds "
+        f"{', '.join(map(str, plan.seeds))} for the main rows, {plan.seeds[0]} for the others",
+        f"- corpus: the default synthetic corpus (`cots data synth`, seed 0) at {plan.corpus}",
+        f"- hardware: {_hardware()}",
+        f"- wall time: {sum(run_walls) / 60:.1f} min of training and evaluation over "
+        f"{len(run_walls)} runs ({wall_s / 60:.1f} min for this invocation, finished runs reused)",
+        "- cells: mean over seeds, ± half the range between them; mR = mean of R@1/5/10 of that "
+        "direction; mean recall = mean over both directions",
+    ]
+    if tokenizer_metrics:
+        lines.append(
+            "- visual tokenizer (val split): "
+            + ", ".join(
+                f"{k} {v:.3g}" for k, v in tokenizer_metrics.items() if isinstance(v, int | float)
+            )
+        )
+    for split, title in (("test", "Test split"), ("heldout", "Held-out colour-shape pairs")):
+        lines += ["", f"## {title} (text↔image)", "", *_split_table(records, split, "image")]
+    lines += [
+        "",
+        "## Intra-modal retrieval, test split (i2i: shifted view → clean image; t2t: caption → "
+        "other captions of its image)",
+        "",
+        *_intra_table(records),
+    ]
+    lines += ["", "## Video, test split (text↔video)", "", *_split_table(records, "test", "video")]
+    return "\n".join(lines) + "\n"
+
+
+def _command_line() -> str:
+    """This invocation as a command line, options at their defaults left out."""
+    context = click.get_current_context()
+    parts = ["cots bench quality"]
+    for param in context.command.params:
+        value = context.params.get(param.name or "")
+        if isinstance(param, click.Option) and value != param.default and value is not None:
+            parts.append(f"{param.opts[-1]} {value}")
+    return " ".join(parts)
+
+
+@click.command("quality", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--corpus",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("data/synthetic"),
+    show_default=True,
+    help="Synthetic corpus folder; generated with the defaults when missing.",
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/bench-quality"),
+    show_default=True,
+    help="Run folders; finished runs found here are reused.",
+)
+@click.option("--model", default="cots-tiny", show_default=True, help="Model config.")
+@click.option(
+    "--steps", type=click.IntRange(min=1), default=150, show_default=True, help="Steps per run."
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--video-batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option(
+    "--seeds", default="0,1", show_default=True, help="Comma-separated seeds for the main rows."
+)
+@click.option(
+    "--rows",
+    default="all",
+    show_default=True,
+    help="'all' or comma-separated row numbers (1-based, in table order) to run.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("docs/bench/quality.md"),
+    show_default=True,
+    help="Markdown results file (a .json with every raw metric is written beside it).",
+)
+def quality_bench(
+    corpus: Path,
+    work: Path,
+    model: str,
+    steps: int,
+    batch_size: int,
+    video_batch_size: int,
+    seeds: str,
+    rows: str,
+    threads: int | None,
+    out: Path,
+) -> None:
+    """Train and evaluate every ablation row at equal steps and write the table.
+
+    Rows: CLIP baseline; + momentum queues; + KL alignment; + masked vision-language modeling;
+    full COTS (+ noise filter); the 30 %-noisy corpus with CLIP, COTS without and with the
+    filter; COOKIE; and the video pair (temporal transformer vs mean pooling), which starts
+    from the CLIP baseline's towers.
+    """
+    from model.errors import ModelError
+
+    started = time.perf_counter()
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        message = f"not a list of integers: {seeds!r}"
+        raise click.BadParameter(message, param_hint="--seeds") from None
+    if not seed_list:
+        raise click.BadParameter("give at least one seed", param_hint="--seeds")
+    chosen = list(ROWS)
+    if rows != "all":
+        try:
+            chosen = [ROWS[int(i) - 1] for i in rows.split(",")]
+        except (ValueError, IndexError):
+            message = f"rows are 1..{len(ROWS)}: {rows!r}"
+            raise click.BadParameter(message, param_hint="--rows") from None
+    plan = Plan(corpus, work, model, steps, batch_size, video_batch_size, seed_list, threads)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        _ensure_corpus(corpus)
+        tokenizer, tokenizer_metrics = (
+            _ensure_tokenizer(plan) if any(r.needs_tokenizer for r in chosen) else (None, None)
+        )
+        records: dict[str, list[dict[str, Any]]] = {}
+        for row in chosen:
+            if row.init_from is not None:
+                source = next(r for r in ROWS if r.name == row.init_from)
+                _run(plan, source, seed_list[0], tokenizer)
+            for seed in seed_list if row.main else seed_list[:1]:
+                records.setdefault(row.name, []).append(_run(plan, row, seed, tokenizer))
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+    text = render(plan, records, tokenizer_metrics, _command_line(), time.perf_counter() - started)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    click.echo(text)

@@ -1,0 +1,85 @@
+"""``cots bench quality`` and ``cots bench train`` end to end, at toy sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cots.cli import cli as main
+from model.bench_quality import ROWS
+from model.data.synth import SynthConfig, generate_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench-corpus") / "corpus"
+    generate_corpus(
+        out, SynthConfig(seed=4, n_images=120, n_videos=40, image_size=32, video_size=32), workers=2
+    )
+    return out
+
+
+def row_number(name: str) -> int:
+    return next(i for i, row in enumerate(ROWS, start=1) if row.name == name)
+
+
+def test_quality_bench_writes_the_table_and_reuses_finished_runs(
+    corpus: Path, tmp_path: Path
+) -> None:
+    rows = ["CLIP baseline", "+ masked VL modeling", "COOKIE (CLIP + shared head + intra-modal)"]
+    rows.append("video: temporal transformer")
+    out = tmp_path / "quality.md"
+    args = [
+        "bench", "quality", "--corpus", str(corpus), "--work", str(tmp_path / "work"),
+        "--model", "cots-micro", "--steps", "3", "--batch-size", "16",
+        "--video-batch-size", "8", "--seeds", "0,1", "--threads", "1", "--out", str(out),
+        "--rows", ",".join(str(row_number(r)) for r in rows),
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for name in rows:
+        assert f"| {name} |" in text
+    assert "t2v R@1" in text
+    assert "i2i R@1" in text
+    assert "reconstruction_mse" in text
+    records = json.loads(out.with_suffix(".json").read_text())
+    assert [r["seed"] for r in records["CLIP baseline"]] == [0, 1]  # a main row: every seed
+    assert [r["seed"] for r in records["COOKIE (CLIP + shared head + intra-modal)"]] == [0]
+    assert "t2v_R@1" in records["video: temporal transformer"][0]["evals"]["test"]
+    assert (tmp_path / "work" / "visual-tokenizer.pt").is_file()
+
+    again = CliRunner().invoke(main, args)  # everything is reused: no training output
+    assert again.exit_code == 0, again.output
+    assert "==" not in again.output.split("# Ablation")[0]
+
+
+def test_quality_bench_rejects_bad_rows_and_seeds(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", "quality", "--rows", "99"])
+    assert result.exit_code != 0
+    assert "rows are 1.." in result.output
+    result = CliRunner().invoke(main, ["bench", "quality", "--seeds", "a"])
+    assert result.exit_code != 0
+    assert "not a list of integers" in result.output
+
+
+def test_train_bench_measures_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    args = [
+        "bench", "train", "--model", "cots-micro", "--batch-size", "8", "--steps", "1",
+        "--warmup", "0", "--threads", "1", "--json-out", str(out),
+        "--objectives", "clip,cots+mvlm,clip+cookie,video-clip",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [r["objective"] for r in rows] == ["clip", "cots+mvlm", "clip+cookie", "video-clip"]
+    assert rows[3]["batch_size"] == 2
+    assert rows[3]["images_per_step"] == 8
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    bad = CliRunner().invoke(main, ["bench", "train", "--objectives", "nope"])
+    assert bad.exit_code != 0
+    assert "unknown variant" in bad.output
