@@ -51,6 +51,11 @@ ROWS: tuple[Row, ...] = (
         main=True,
         needs_tokenizer=True,
     ),
+    Row(
+        "CLIP + masked VL modeling",
+        {"objective": {"kind": "clip", "masked": _MVLM}},
+        needs_tokenizer=True,
+    ),
     Row("noisy 30 %: CLIP baseline", {"objective": {"kind": "clip"}, "data": _NOISY}),
     Row(
         "noisy 30 %: COTS, no filter",
@@ -357,9 +362,9 @@ def quality_bench(
     """Train and evaluate every ablation row at equal steps and write the table.
 
     Rows: CLIP baseline; + momentum queues; + KL alignment; + masked vision-language modeling;
-    full COTS (+ noise filter); the 30 %-noisy corpus with CLIP, COTS without and with the
-    filter; COOKIE; and the video pair (temporal transformer vs mean pooling), which starts
-    from the CLIP baseline's towers.
+    full COTS (+ noise filter); masked modeling on the CLIP baseline; the 30 %-noisy corpus
+    with CLIP, COTS without and with the filter; COOKIE; and the video pair (temporal
+    transformer vs mean pooling), which starts from the CLIP baseline's towers.
     """
     from model.errors import ModelError
 

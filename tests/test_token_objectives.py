@@ -109,10 +109,11 @@ def test_video_training_loss_goes_down(pooling: str) -> None:
     overrides = {
         "data": {"modality": "video"},
         "video": {"pooling": pooling},
-        "objective": {"kind": "cots", "queue_size": 32},
+        # no queue: a filling queue adds negatives, which raises the loss as it goes
+        "objective": {"kind": "cots", "queue_size": 0},
     }
     start, end = first_last(train_fixed_batch(overrides, 20, frames=4), "loss")
-    assert end < 0.8 * start
+    assert end < 0.7 * start
 
 
 def test_filtered_pairs_do_not_reach_the_token_losses() -> None:
@@ -135,13 +136,14 @@ def test_filtered_pairs_do_not_reach_the_token_losses() -> None:
 
 def test_mask_token_is_a_spare_row_and_grows_pretrained_vocabularies() -> None:
     towers = create_towers("cots-micro")
-    rows = towers.text.token_embedding.num_embeddings
+    text: Any = towers.text
+    rows = text.token_embedding.num_embeddings
     assert ensure_mask_token(towers) == MASK_TOKEN_ID < rows  # our configs ship the row
-    towers.text.token_embedding = torch.nn.Embedding(MASK_TOKEN_ID, 64)  # as open_clip's
-    before = towers.text.token_embedding.weight.detach().clone()
+    text.token_embedding = torch.nn.Embedding(MASK_TOKEN_ID, 64)  # as open_clip's
+    before = text.token_embedding.weight.detach().clone()
     ensure_mask_token(towers)
-    assert towers.text.token_embedding.num_embeddings == MASK_TOKEN_ID + 1
-    assert torch.equal(towers.text.token_embedding.weight[:MASK_TOKEN_ID], before)
+    assert text.token_embedding.num_embeddings == MASK_TOKEN_ID + 1
+    assert torch.equal(text.token_embedding.weight[:MASK_TOKEN_ID], before)
 
 
 def test_masked_patches_use_the_mask_embedding_and_only_they_change_at_the_input() -> None:
