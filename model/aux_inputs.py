@@ -24,6 +24,7 @@ class AuxInputs:
     mlm_labels: torch.Tensor | None = None  # [B, L] original ids where masked, else ignored
     patch_mask: torch.Tensor | None = None  # [B, P] True = patch masked
     second_view: torch.Tensor | None = None  # [B, 3, S, S] augmented copy of the images
+    time_order: bool = False  # also embed each clip played backwards
 
 
 def augment_view(
@@ -77,5 +78,6 @@ def make_aux_inputs(
         aux.second_view = augment_view(
             images, config.intra.max_shift, config.intra.brightness, generator
         )
+    aux.time_order = config.time_order_weight > 0 and images.ndim == 5
     empty = all(v is None for v in (aux.masked_tokens, aux.patch_mask, aux.second_view))
-    return None if empty else aux
+    return None if empty and not aux.time_order else aux

@@ -85,6 +85,12 @@ class ObjectiveConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     masked: MaskedModelingConfig = MaskedModelingConfig()
     intra: IntraModalConfig = IntraModalConfig()
+    time_order_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="video only: each caption must score its clip above the same clip played "
+        "backwards (a hard negative that in-batch negatives almost never supply)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveConfig:

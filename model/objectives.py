@@ -53,6 +53,7 @@ class Features:
     mvm_logits: torch.Tensor | None = None  # [N masked patches, K]
     image_view2: torch.Tensor | None = None  # [B, D] second view of the images
     text_view2: torch.Tensor | None = None  # [B, D] second dropout pass of the texts
+    video_reversed: torch.Tensor | None = None  # [B, D] each clip played backwards
 
 
 class OnlineModel(nn.Module):
@@ -103,9 +104,12 @@ class OnlineModel(nn.Module):
             _, states = self.towers.text(aux.masked_tokens)
             chosen = aux.mlm_labels != IGNORE_INDEX
             rows = chosen.nonzero()[:, 0]
+            # The heads see the normalised global feature, the one retrieval uses: fed the raw
+            # projection, they grew a component shared by all items, and after normalisation
+            # every embedding looked alike (the contrastive loss collapsed in 50 steps).
             features.mlm_logits = self.mlm(
                 states[chosen],
-                features.image[rows],
+                F.normalize(features.image, dim=-1)[rows],
                 self.towers.text.token_embedding.weight,  # type: ignore[union-attr]
             )
         if self.mvm is not None and aux.patch_mask is not None:
@@ -113,7 +117,11 @@ class OnlineModel(nn.Module):
                 images, aux.patch_mask, self.mvm.mask_embedding
             )
             rows = aux.patch_mask.nonzero()[:, 0]
-            features.mvm_logits = self.mvm(patch_states[aux.patch_mask], features.text[rows])
+            text_global = F.normalize(features.text, dim=-1)[rows]
+            features.mvm_logits = self.mvm(patch_states[aux.patch_mask], text_global)
+        if aux.time_order and self.towers.temporal is not None:
+            # frame features do not depend on order: only the pooling sees the reversal
+            features.video_reversed = self.towers.temporal(features.image_tokens.flip(1))
         if aux.second_view is not None:
             features.image_view2 = self.towers.image_features(aux.second_view)[0]
             features.text_view2 = self.towers.text_features(tokens)[0]
@@ -178,6 +186,10 @@ class AuxiliaryLosses(nn.Module):
             )
             total = total + masked.mvm_weight * loss
             parts.update(loss_mvm=float(loss.detach()), mvm_accuracy=accuracy)
+        if features.video_reversed is not None:
+            loss, accuracy = _time_order_loss(features, keep)
+            total = total + self.config.time_order_weight * loss
+            parts.update(loss_time_order=float(loss.detach()), time_order_accuracy=accuracy)
         if features.image_view2 is not None and features.text_view2 is not None:
             temperature = features.temperature
             loss_ii = _intra_loss(features.image, features.image_view2, groups, temperature)
@@ -194,6 +206,19 @@ def _token_loss(
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     correct = (logits.argmax(dim=-1) == targets).float()
     return _masked_mean(losses, keep), float(_masked_mean(correct, keep).detach())
+
+
+def _time_order_loss(features: Features, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Two-way choice per caption between its clip and the reversed clip."""
+    assert features.video_reversed is not None
+    text = F.normalize(features.text.float(), dim=-1)
+    forward = (text * F.normalize(features.image.float(), dim=-1)).sum(-1)
+    backward = (text * F.normalize(features.video_reversed.float(), dim=-1)).sum(-1)
+    logits = torch.stack([forward, backward], dim=1) / features.temperature
+    losses = F.cross_entropy(
+        logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="none"
+    )
+    return _masked_mean(losses, keep), float(_masked_mean((forward > backward).float(), keep))
 
 
 def _intra_loss(
