@@ -217,7 +217,7 @@ def build_towers(config: TrainConfig, *, pretrained: bool = True) -> Towers:
     if config.data.modality == "video":
         v = config.video
         towers.temporal = TemporalPooling(
-            towers.embed_dim, v.decode_frames, v.pooling, layers=v.layers, heads=v.heads
+            towers.embed_dim, v.frames, v.pooling, layers=v.layers, heads=v.heads
         )
     if config.objective.masked.mlm_weight > 0:
         ensure_mask_token(towers)

@@ -17,38 +17,44 @@ from torch import nn
 
 
 class TemporalPooling(nn.Module):
-    """Frame features [B, T, D] -> one video feature [B, D]."""
+    """Frame features [B, T, D] -> one video feature [B, D].
+
+    The temporal variant reads a fixed number of frames (``frames``, the count the video tower
+    samples): position embeddings tell the transformer which frame is which, and its outputs
+    are concatenated in time order before the projection. Concatenation makes the output depend
+    on order from the first step; a mean over the outputs would only see order through
+    attention, a second-order effect the time-order loss could barely move in 120 steps.
+    The result is added to the frame mean, so training starts from mean pooling.
+    """
 
     def __init__(
         self,
         dim: int,
-        max_frames: int,
+        frames: int,
         kind: Literal["temporal", "mean"] = "temporal",
         layers: int = 2,
         heads: int = 4,
     ) -> None:
         super().__init__()
         self.kind = kind
-        self.max_frames = max_frames
+        self.frames = frames
         if kind == "temporal":
-            # Frames are layer-normed before the positions are added, and the positions start at
-            # a comparable scale: at 0.02 next to raw frame features the order signal was too
-            # faint for the time-order loss to find in a hundred steps.
             self.norm_in = nn.LayerNorm(dim)
-            self.position = nn.Parameter(torch.randn(max_frames, dim) * 0.5)
+            self.position = nn.Parameter(torch.randn(frames, dim) * 0.02)
             layer = nn.TransformerEncoderLayer(
                 dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
             )
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(dim)
-            self.proj = nn.Linear(dim, dim)
+            self.proj = nn.Linear(frames * dim, dim)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.shape[1] > self.max_frames:
-            raise ValueError(f"{frames.shape[1]} frames, at most {self.max_frames} supported")
         if self.kind == "mean":
             return frames.mean(dim=1)
-        x = self.norm_in(frames) + self.position[: frames.shape[1]]
+        if frames.shape[1] != self.frames:
+            raise ValueError(
+                f"{frames.shape[1]} frames given; this temporal model reads exactly {self.frames}"
+            )
+        x = self.norm_in(frames) + self.position
         x = self.norm(self.encoder(x))
-        # residual to the mean so training starts from mean pooling and learns order on top
-        return frames.mean(dim=1) + self.proj(x.mean(dim=1))
+        return frames.mean(dim=1) + self.proj(x.flatten(1))

@@ -87,8 +87,8 @@ def test_temporal_pooling_is_order_sensitive_and_mean_pooling_is_not() -> None:
     torch.manual_seed(0)
     frames = torch.randn(2, 8, 32)
     reversed_frames = frames.flip(1)
-    temporal = TemporalPooling(32, max_frames=16, kind="temporal").eval()
-    mean = TemporalPooling(32, max_frames=16, kind="mean")
+    temporal = TemporalPooling(32, frames=8, kind="temporal").eval()
+    mean = TemporalPooling(32, frames=8, kind="mean")
     assert not torch.allclose(temporal(frames), temporal(reversed_frames), atol=1e-4)
     assert torch.allclose(mean(frames), mean(reversed_frames), atol=1e-6)
 
@@ -97,14 +97,14 @@ def test_towers_embed_videos_through_the_image_tower() -> None:
     towers = create_towers("cots-micro").eval()
     videos = torch.randn(2, 4, 3, 32, 32)
     expected = towers.encode_image(videos[:, 0])
-    towers.temporal = TemporalPooling(64, max_frames=8)
+    towers.temporal = TemporalPooling(64, frames=4)
     features = towers.encode_image(videos)
     assert features.shape == (2, 64)
     assert torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
     still = videos[:, :1].expand(-1, 4, -1, -1, -1)  # four copies of the first frame
-    towers.temporal = TemporalPooling(64, max_frames=8, kind="mean")
+    towers.temporal = TemporalPooling(64, frames=4, kind="mean")
     assert torch.allclose(towers.encode_image(still), expected, atol=1e-5)
-    temporal = TemporalPooling(64, max_frames=8).eval()
+    temporal = TemporalPooling(64, frames=4).eval()
     towers.temporal = temporal
     assert not torch.allclose(
         towers.encode_image(videos), towers.encode_image(videos.flip(1)), atol=1e-4
