@@ -38,6 +38,9 @@ class FilterConfig(_Strict):
     alpha: float = Field(1.0, ge=0.0, description="threshold = mean - alpha * std")
     ema: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the threshold")
     warmup_steps: int = Field(100, ge=0, description="steps before the filter acts")
+    max_drop: float = Field(
+        0.5, ge=0.0, le=1.0, description="never drop more than this fraction of a batch"
+    )
 
 
 class MaskedModelingConfig(_Strict):

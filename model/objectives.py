@@ -288,7 +288,9 @@ class CotsObjective(nn.Module):
         self.momentum_towers = copy.deepcopy(online.towers).requires_grad_(False)
         self.queues = FeatureQueues(config.queue_size, online.towers.embed_dim)
         f = config.filter
-        self.filter = AdaptiveMomentumFilter(f.alpha, f.ema, f.warmup_steps, enabled=f.enabled)
+        self.filter = AdaptiveMomentumFilter(
+            f.alpha, f.ema, f.warmup_steps, enabled=f.enabled, max_drop=f.max_drop
+        )
 
     @torch.no_grad()
     def momentum_keys(

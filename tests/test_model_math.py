@@ -140,6 +140,14 @@ def test_filter_threshold_tracks_mean_minus_alpha_std_after_warmup() -> None:
     assert torch.allclose(f.threshold, expected)
     assert f.active
     assert f.keep_mask(torch.tensor([0.0, 0.9])).tolist() == [False, True]
+    # a threshold above every pair (similarities fell faster than it followed) still keeps the
+    # best half of the batch
+    assert f.keep_mask(torch.tensor([-0.5, -0.4, -0.1, -0.3])).tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
     disabled = AdaptiveMomentumFilter(alpha=1.0, ema=0.5, warmup_steps=0, enabled=False)
     disabled.update(first)
     disabled.update(first)
