@@ -8,7 +8,7 @@ batches an uninterrupted run would have seen from step s on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, CsvImageReader, load_image
-from model.data.records import CorpusError, ImageRecord
+from model.data.records import CorpusError, ImageRecord, VideoRecord
 from model.errors import ModelError
 from model.preprocess import image_transform
 from model.tokenizer import tokenize
@@ -66,7 +66,22 @@ def load_split(
     if not samples:
         raise ModelError(f"no usable images in {data.train} for split {split!r}")
     records = [s.record for s in samples]
-    captions = [list(s.captions) for s in samples]
+    captions, tokens, groups, noisy = caption_tensors(
+        records, context_length, noise_fraction=noise_fraction, seed=seed
+    )
+    return CaptionedImages(records, captions, tokens, groups, noisy)
+
+
+def caption_tensors(
+    records: Sequence[ImageRecord | VideoRecord],
+    context_length: int,
+    *,
+    noise_fraction: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[list[str]], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(captions, tokens per item [n_captions, L], group ids [N], noisy [N]) of the records,
+    with ``noise_fraction`` of the items given another item's captions."""
+    captions = [list(r.captions) for r in records]
     group_index: dict[str, int] = {}
     groups = torch.tensor([group_index.setdefault(r.group_id, len(group_index)) for r in records])
     noisy = torch.zeros(len(records), dtype=torch.bool)
@@ -78,7 +93,7 @@ def load_split(
     for caps in captions:
         tokens.append(all_tokens[start : start + len(caps)])
         start += len(caps)
-    return CaptionedImages(records, captions, tokens, groups, noisy)
+    return captions, tokens, groups, noisy
 
 
 def _swap_captions(

@@ -25,8 +25,7 @@ from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
 from model.evaluate import retrieval_metrics
 from model.preprocess import _INTERPOLATION
-from model.tokenizer import tokenize
-from model.training_data import _swap_captions
+from model.training_data import caption_tensors
 
 logger = logging.getLogger("cots.train")
 
@@ -119,18 +118,9 @@ def load_video_split(
         )
     if len(records) < len(listed):
         frames = frames[: len(records)].clone()  # a view would pin the skipped rows' memory
-    captions = [list(r.captions) for r in records]
-    group_index: dict[str, int] = {}
-    groups = torch.tensor([group_index.setdefault(r.group_id, len(group_index)) for r in records])
-    noisy = torch.zeros(len(records), dtype=torch.bool)
-    if noise_fraction > 0:
-        captions, noisy = _swap_captions(captions, noise_fraction, seed)
-    flat = [c for caps in captions for c in caps]
-    all_tokens = tokenize(flat, context_length)
-    tokens, start = [], 0
-    for caps in captions:
-        tokens.append(all_tokens[start : start + len(caps)])
-        start += len(caps)
+    captions, tokens, groups, noisy = caption_tensors(
+        records, context_length, noise_fraction=noise_fraction, seed=seed
+    )
     return CaptionedVideos(records, captions, tokens, groups, noisy, frames)
 
 
