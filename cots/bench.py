@@ -9,7 +9,7 @@ import click
 from cots.lazy import LazyGroup
 
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
-    "train": ("model.bench:train_bench", "Training samples/s and peak memory, CLIP vs COTS."),
+    "train": ("model.bench:train_bench", "Training samples/s and memory per objective variant."),
     "quality": ("model.bench_quality:quality_bench", "The ablation table: train and evaluate."),
 }
 
