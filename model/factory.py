@@ -111,10 +111,18 @@ class Towers(nn.Module):
         return self.temporal(frames), frames
 
     def text_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [B, L] -> (global [B, D], token states [B, L, W_t])."""
         pooled, states = self.text(tokens)
-        if self.head is not None:
-            pooled = pooled + self.head(states, "text", text_valid_mask(tokens))
-        return pooled, states
+        return self.add_text_head(pooled, states, tokens), states
+
+    def add_text_head(
+        self, pooled: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """The text tower's own global feature plus the COOKIE head's, when there is a head.
+        Each call is one dropout pass of the head over the same tower output."""
+        if self.head is None:
+            return pooled
+        return pooled + self.head(states, "text", text_valid_mask(tokens))
 
     def masked_patch_tokens(
         self, images: torch.Tensor, patch_mask: torch.Tensor, mask_embedding: torch.Tensor

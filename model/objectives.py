@@ -91,14 +91,20 @@ class OnlineModel(nn.Module):
         with torch.no_grad():
             self.temperature.clamp_(self.min_temperature, self.max_temperature)
         image, image_tokens = self.towers.image_features(images)
-        text, text_tokens = self.towers.text_features(tokens)
+        text_pooled, text_tokens = self.towers.text(tokens)
+        text = self.towers.add_text_head(text_pooled, text_tokens, tokens)
         features = Features(image, image_tokens, text, text_tokens, self.temperature)
         if aux is not None:
-            self._auxiliary(features, images, tokens, aux)
+            self._auxiliary(features, images, tokens, text_pooled, aux)
         return features
 
     def _auxiliary(
-        self, features: Features, images: torch.Tensor, tokens: torch.Tensor, aux: AuxInputs
+        self,
+        features: Features,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        text_pooled: torch.Tensor,
+        aux: AuxInputs,
     ) -> None:
         if self.mlm is not None and aux.masked_tokens is not None and aux.mlm_labels is not None:
             _, states = self.towers.text(aux.masked_tokens)
@@ -124,7 +130,11 @@ class OnlineModel(nn.Module):
             features.video_reversed = self.towers.temporal(features.image_tokens.flip(1))
         if aux.second_view is not None:
             features.image_view2 = self.towers.image_features(aux.second_view)[0]
-            features.text_view2 = self.towers.text_features(tokens)[0]
+            # The tower itself has no dropout: a second dropout pass is a second pass of the
+            # head over the same tower output, not a second run of the tower.
+            features.text_view2 = self.towers.add_text_head(
+                text_pooled, features.text_tokens, tokens
+            )
 
 
 @dataclass
