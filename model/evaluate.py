@@ -8,18 +8,23 @@ the same group id (image id), so duplicate images of one group count as one targ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from model.aux_inputs import augment_view
-from model.config import PreprocessConfig
+from model.config import IntraModalConfig, PreprocessConfig
 from model.data.readers import load_image
 from model.factory import Towers
 from model.preprocess import to_tensor_batch
 from model.training_data import CaptionedImages
 
 KS = (1, 5, 10)
-EVAL_VIEW_SHIFT, EVAL_VIEW_BRIGHTNESS = 4, 0.1  # the training default second view
+EVAL_VIEW = IntraModalConfig()  # i2i queries: the training default second view
+
+
+class CaptionEncoder(Protocol):
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 def _first_relevant_ranks(
@@ -84,12 +89,15 @@ def retrieval_metrics(
     text_emb: torch.Tensor,
     image_groups: torch.Tensor,
     text_groups: torch.Tensor,
+    directions: tuple[str, str] = ("t2i", "i2t"),
 ) -> dict[str, float]:
-    """Metrics from L2-normalised embeddings; every text's group must have an image."""
+    """Metrics from L2-normalised embeddings; every text's group must have an image (or
+    video: pass ``directions=("t2v", "v2t")`` to name the keys so)."""
+    text_to, to_text = directions
     t2i = _first_relevant_ranks(text_emb, image_emb, text_groups, image_groups)
     i2t = _first_relevant_ranks(image_emb, text_emb, image_groups, text_groups)
-    metrics = {**_recalls("t2i", t2i), **_recalls("i2t", i2t)}
-    recalls = [metrics[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in KS]
+    metrics = {**_recalls(text_to, t2i), **_recalls(to_text, i2t)}
+    recalls = [metrics[f"{d}_R@{k}"] for d in directions for k in KS]
     metrics["mean_recall"] = sum(recalls) / len(recalls)
     return metrics
 
@@ -116,18 +124,30 @@ def embed_split(
         images = to_tensor_batch([load_image(r) for r in records], preprocess).to(device)
         image_emb.append(towers.encode_image(images).float().cpu())
         if views is not None:
-            second = augment_view(images, EVAL_VIEW_SHIFT, EVAL_VIEW_BRIGHTNESS, generator)
+            second = augment_view(images, EVAL_VIEW.max_shift, EVAL_VIEW.brightness, generator)
             views.append(towers.encode_image(second).float().cpu())
-    tokens = torch.cat(split.tokens)
-    text_groups = torch.cat(
-        [g.repeat(len(t)) for g, t in zip(split.groups, split.tokens, strict=True)]
-    )
-    text_emb = [
-        towers.encode_text(tokens[s : s + batch_size].to(device)).float().cpu()
-        for s in range(0, len(tokens), batch_size)
-    ]
+    text_emb, text_groups = embed_captions(towers, split.tokens, split.groups, device, batch_size)
     towers.train(was_training)
-    return torch.cat(image_emb), torch.cat(text_emb), split.groups, text_groups
+    return torch.cat(image_emb), text_emb, split.groups, text_groups
+
+
+@torch.no_grad()
+def embed_captions(
+    towers: CaptionEncoder,
+    tokens: Sequence[torch.Tensor],
+    groups: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_emb [M, D], text_groups [M]) of every caption of every item, in item order;
+    ``tokens`` holds one [n_captions, L] tensor per item, ``groups`` one id per item."""
+    flat = torch.cat(list(tokens))
+    text_groups = torch.cat([g.repeat(len(t)) for g, t in zip(groups, tokens, strict=True)])
+    text_emb = [
+        towers.encode_text(flat[s : s + batch_size].to(device)).float().cpu()
+        for s in range(0, len(flat), batch_size)
+    ]
+    return torch.cat(text_emb), text_groups
 
 
 def evaluate(

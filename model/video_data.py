@@ -23,7 +23,7 @@ from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, VideoCsvReader
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
-from model.evaluate import retrieval_metrics
+from model.evaluate import embed_captions, retrieval_metrics
 from model.preprocess import _INTERPOLATION
 from model.training_data import caption_tensors
 
@@ -244,20 +244,12 @@ def embed_video_split(
             video_emb.append(
                 towers.encode_image(normalise_frames(videos, preprocess)).float().cpu()
             )
-        tokens = torch.cat(split.tokens)
-        text_emb = [
-            towers.encode_text(tokens[s : s + batch_size].to(device)).float().cpu()
-            for s in range(0, len(tokens), batch_size)
-        ]
+        text_emb, text_groups = embed_captions(
+            towers, split.tokens, split.groups, device, batch_size
+        )
     finally:
         towers.train(was_training)
-    text_groups = torch.cat(
-        [g.repeat(len(t)) for g, t in zip(split.groups, split.tokens, strict=True)]
-    )
-    return torch.cat(video_emb), torch.cat(text_emb), split.groups, text_groups
-
-
-_RENAMES = {"t2i": "t2v", "i2t": "v2t"}
+    return torch.cat(video_emb), text_emb, split.groups, text_groups
 
 
 def evaluate_videos(
@@ -269,11 +261,7 @@ def evaluate_videos(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Retrieval metrics both ways: "t2v_R@1", ..., "v2t_medr", "mean_recall"."""
-    metrics = retrieval_metrics(
-        *embed_video_split(towers, split, preprocess, device, num_frames, batch_size)
+    return retrieval_metrics(
+        *embed_video_split(towers, split, preprocess, device, num_frames, batch_size),
+        directions=("t2v", "v2t"),
     )
-    renamed = {}
-    for key, value in metrics.items():
-        direction, _, rest = key.partition("_")
-        renamed[f"{_RENAMES[direction]}_{rest}" if direction in _RENAMES else key] = value
-    return renamed
