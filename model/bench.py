@@ -39,7 +39,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "video-clip": {"objective": {"kind": "clip"}, "data": {"modality": "video"}},
     "video-cots": {"objective": {"kind": "cots"}, "data": {"modality": "video"}},
 }
-VIDEO_FRAMES = 4
 
 
 def _measure(
@@ -95,8 +94,9 @@ def _measure(
     optimizer = torch.optim.AdamW(online.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     video = config.data.modality == "video"
-    samples = batch_size // VIDEO_FRAMES if video else batch_size
-    shape = (samples, VIDEO_FRAMES) if video else (samples,)
+    frames = config.video.frames  # the video tower's clip length, which the model is built for
+    samples = batch_size // frames if video else batch_size
+    shape = (samples, frames) if video else (samples,)
     images = torch.randn(*shape, 3, image_size, image_size, generator=generator).to(device)
     tokens = torch.randint(1, 49000, (samples, context), generator=generator)
     tokens[:, 0] = 49406
@@ -137,7 +137,7 @@ def _measure(
         "model": model_name,
         "device": str(device),
         "batch_size": samples,
-        "images_per_step": samples * VIDEO_FRAMES if video else samples,
+        "images_per_step": samples * frames if video else samples,
         "steps": steps,
         "samples_per_s": samples * steps / elapsed,
         "step_ms": 1000 * elapsed / steps,
