@@ -261,7 +261,9 @@ def evaluate_videos(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Retrieval metrics both ways: "t2v_R@1", ..., "v2t_medr", "mean_recall"."""
+    video_emb, text_emb, video_groups, text_groups = embed_video_split(
+        towers, split, preprocess, device, num_frames, batch_size
+    )
     return retrieval_metrics(
-        *embed_video_split(towers, split, preprocess, device, num_frames, batch_size),
-        directions=("t2v", "v2t"),
+        video_emb, text_emb, video_groups, text_groups, directions=("t2v", "v2t")
     )
