@@ -8,6 +8,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from model.config import PreprocessConfig
+from model.data.images import to_rgb
 from model.errors import ModelError
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
@@ -24,17 +25,14 @@ def image_transform(config: PreprocessConfig) -> transforms.Compose:
         raise ModelError("preprocess.image_size is unset; resolve it from the model first")
     return transforms.Compose(
         [
-            transforms.Lambda(_to_rgb),
+            # Shared with the serving side (indexer.images): one definition of the modes.
+            transforms.Lambda(to_rgb),
             transforms.Resize(size, interpolation=_INTERPOLATION[config.interpolation]),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
             transforms.Normalize(config.mean, config.std),
         ]
     )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_tensor_batch(images: list[Image.Image], config: PreprocessConfig) -> torch.Tensor:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, VideoCsvReader
+from model.data.readers.video_csv import segment_centres
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
 from model.evaluate import embed_captions, retrieval_metrics
@@ -76,16 +77,7 @@ def load_video_split(
     if decode_frames < 1:
         raise ModelError(f"decode_frames must be at least 1, got {decode_frames}")
     try:
-        reader = VideoCsvReader(
-            data.train,
-            video_key=data.img_key,
-            caption_key=data.caption_key,
-            group_key=data.group_key,
-            split_key=data.split_key,
-            separator=data.separator,
-            split=split,
-            num_frames=decode_frames,
-        )
+        reader = video_csv_reader(data, split, decode_frames)
         # One listing pass, then decoding by hand rather than through reader.samples(), which
         # would list (and warn about missing files) a second time. Knowing the count up front
         # sizes the progress bar and lets the frames go straight into one buffer instead of a
@@ -124,6 +116,20 @@ def load_video_split(
     return CaptionedVideos(records, captions, tokens, groups, noisy, frames)
 
 
+def video_csv_reader(data: DataConfig, split: str | None, num_frames: int) -> VideoCsvReader:
+    """The video corpus reader the data config describes, for one split."""
+    return VideoCsvReader(
+        data.train,
+        video_key=data.img_key,
+        caption_key=data.caption_key,
+        group_key=data.group_key,
+        split_key=data.split_key,
+        separator=data.separator,
+        split=split,
+        num_frames=num_frames,
+    )
+
+
 def _fit_frames(frames: np.ndarray, size: int, resize: transforms.Compose) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> [T, 3, size, size] uint8, through PIL as the image transform does."""
     if frames.shape[1:3] != (size, size):
@@ -143,21 +149,19 @@ def sample_frame_indices(
     """
     if available < 1 or num_frames < 1:
         raise ValueError(f"need available >= 1 and num_frames >= 1, got {available}, {num_frames}")
+    if generator is None:
+        # The one definition of the centres, shared with the torch-free indexer.
+        return torch.from_numpy(segment_centres(available, num_frames))
     if available >= num_frames:
         # Integer segment bounds, so every segment holds at least one frame and no two
         # segments share one: the indices are strictly increasing.
         bounds = torch.arange(num_frames + 1) * available // num_frames
         lengths = bounds[1:] - bounds[:-1]
-        if generator is None:
-            return bounds[:-1] + lengths // 2
         offsets = (torch.rand(num_frames, generator=generator) * lengths).long()
         # float32 rounding can turn rand * length into length itself for draws just below 1.
         return bounds[:-1] + torch.minimum(offsets, lengths - 1)
     # Segments are shorter than a frame: each output lands on the frame its segment overlaps.
-    if generator is None:
-        positions = torch.arange(num_frames, dtype=torch.float64) + 0.5
-    else:
-        positions = torch.arange(num_frames) + torch.rand(num_frames, generator=generator).double()
+    positions = torch.arange(num_frames) + torch.rand(num_frames, generator=generator).double()
     indices = (positions * available / num_frames).long()
     return indices.clamp(max=available - 1)
 

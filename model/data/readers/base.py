@@ -7,15 +7,15 @@ cannot be read at all raises :class:`~model.data.records.CorpusError`, and it do
 
 from __future__ import annotations
 
-import io
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from model.data.images import ImageDecodeError, decode_image
 from model.data.records import ImageRecord, ImageSample, SkipReport
 
 logger = logging.getLogger("cots.data")
@@ -53,34 +53,12 @@ def load_image(record: ImageRecord) -> Image.Image:
     else:
         raise BadItemError("missing file", f"{record.uri}: record has neither path nor data")
     try:
-        image = Image.open(io.BytesIO(data))
-        _check_pixels(image.size)
-        # Image.open only parses the header; load() decodes, so truncation fails here.
-        image.load()
-    except BadItemError:
-        raise
-    except UnidentifiedImageError as error:
-        # Pillow's message names only the in-memory buffer; the report names the item.
-        raise BadItemError("corrupt image", "not a recognised image format") from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        # The warning arrives as an exception when warnings are errors (pytest -W error).
-        raise BadItemError("image too large", str(error)) from error
-    except Exception as error:
-        # Pillow signals corrupt data with many types (OSError, SyntaxError, ValueError,
-        # struct.error, ...); any of them means this one item is unusable, never the run.
-        raise BadItemError("corrupt image", f"{type(error).__name__}: {error}") from error
-    return image
-
-
-def _check_pixels(size: tuple[int, int]) -> None:
-    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a reader refuses both, without
-    # touching the process-wide warning filters (not thread-safe).
-    limit = Image.MAX_IMAGE_PIXELS
-    pixels = size[0] * size[1]
-    if limit is not None and pixels > limit:
-        raise BadItemError(
-            "image too large", f"{size[0]}x{size[1]} = {pixels:,} pixels, limit {limit:,}"
-        )
+        return decode_image(data, max_pixels=None)
+    except ImageDecodeError as error:
+        if error.reason == "truncated image":
+            # Skip reports count a truncated file as a corrupt image, as they always have.
+            raise BadItemError("corrupt image", str(error)) from error
+        raise BadItemError(error.reason, error.detail) from error
 
 
 class _HasUri(Protocol):

@@ -28,6 +28,24 @@ def sample_indices(n_frames: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, n_frames - 1, num_frames).round().astype(np.int64)
 
 
+def segment_centres(available: int, count: int) -> np.ndarray:
+    """``count`` non-decreasing indices into ``available`` frames: each segment's centre frame.
+
+    The frames are cut into ``count`` equal segments. With at least as many frames as segments
+    the bounds are integers, so every segment holds a frame of its own and the indices strictly
+    increase; with fewer, each index is the frame its segment's centre falls on, and frames
+    repeat.
+    """
+    if available < 1 or count < 1:
+        raise ValueError(f"need available >= 1 and count >= 1, got {available}, {count}")
+    if available >= count:
+        bounds = np.arange(count + 1, dtype=np.int64) * available // count
+        return bounds[:-1] + (bounds[1:] - bounds[:-1]) // 2
+    positions = np.arange(count, dtype=np.float64) + 0.5
+    indices = (positions * available / count).astype(np.int64)
+    return np.minimum(indices, available - 1)
+
+
 def read_video(path: str | Path, num_frames: int | None = None) -> tuple[np.ndarray, float, float]:
     """Decode a video into uint8 RGB frames of shape (T, H, W, 3); return (frames, fps, seconds).
 
