@@ -13,6 +13,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from model.config import TrainConfig
@@ -112,8 +113,42 @@ class Towers(nn.Module):
 
     def text_features(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [B, L] -> (global [B, D], token states [B, L, W_t])."""
-        pooled, states = self.text(tokens)
+        pooled, states = self.text_tower(tokens)
         return self.add_text_head(pooled, states, tokens), states
+
+    def text_tower(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower alone: (pooled [B, D], token states [B, L, W_t]) for any length
+        L up to the context length, not only the full one.
+
+        open_clip's ``TextTransformer.forward`` applies its causal mask at full context length,
+        so it fails on shorter input. Trimmed batches are what make short queries cheap: the
+        tower pools at the end-of-text token, and a causal tower's state there never sees the
+        padding after it, so trimming padding changes nothing but the cost. This is open_clip's
+        forward with the mask cut to the input; towers it does not cover (a class token, or
+        pooling at the last position) run open_clip's own forward at full length.
+        """
+        text: Any = self.text
+        if not self.trims_padding:
+            return text(tokens)
+        x, attn_mask = text._embeds(tokens)
+        if attn_mask is not None and attn_mask.ndim == 2:
+            attn_mask = attn_mask[: tokens.shape[1], : tokens.shape[1]]
+        x = text.ln_final(text.transformer(x, attn_mask=attn_mask))
+        pooled = text_global_pool(
+            x, tokens, pool_type=text.pool_type, eos_token_id=getattr(text, "eos_id", None)
+        )
+        projection = text.text_projection
+        if isinstance(projection, nn.Linear):
+            pooled = projection(pooled)
+        elif projection is not None:
+            pooled = pooled @ projection
+        return pooled, x
+
+    @property
+    def trims_padding(self) -> bool:
+        """Whether :meth:`text_tower` accepts batches shorter than the context length."""
+        text: Any = self.text
+        return text.cls_emb is None and text.pool_type in ("argmax", "eos")
 
     def add_text_head(
         self, pooled: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor

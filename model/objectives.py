@@ -91,7 +91,7 @@ class OnlineModel(nn.Module):
         with torch.no_grad():
             self.temperature.clamp_(self.min_temperature, self.max_temperature)
         image, image_tokens = self.towers.image_features(images)
-        text_pooled, text_tokens = self.towers.text(tokens)
+        text_pooled, text_tokens = self.towers.text_tower(tokens)
         text = self.towers.add_text_head(text_pooled, text_tokens, tokens)
         features = Features(image, image_tokens, text, text_tokens, self.temperature)
         if aux is not None:
@@ -107,7 +107,7 @@ class OnlineModel(nn.Module):
         aux: AuxInputs,
     ) -> None:
         if self.mlm is not None and aux.masked_tokens is not None and aux.mlm_labels is not None:
-            _, states = self.towers.text(aux.masked_tokens)
+            _, states = self.towers.text_tower(aux.masked_tokens)
             chosen = aux.mlm_labels != IGNORE_INDEX
             rows = chosen.nonzero()[:, 0]
             # The heads see the normalised global feature, the one retrieval uses: fed the raw
