@@ -20,6 +20,7 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "demo": ("cots.demo:demo", "Run the end-to-end demo on the embedded synthetic corpus."),
     "train": ("model.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
     "eval": ("model.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
+    "export": ("model.cli:export", "Export a checkpoint to an ONNX model bundle."),
     "train-tokenizer": (
         "model.tokenizer_train:train_tokenizer",
         "Train the VQ visual tokenizer for masked vision modeling.",

@@ -16,6 +16,14 @@ loop settings (epochs, max_steps, batch_size, accum_steps, lr, weight_decay, war
 precision fp32|bf16, device, threads, log_every, checkpoint_every)."""
 
 
+_checkpoint_option = click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="checkpoint.pt written by cots train.",
+)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_CONFIG_HELP)
 @click.option(
     "--config",
@@ -100,12 +108,7 @@ def train(
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="checkpoint.pt written by cots train.",
-)
+@_checkpoint_option
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -151,3 +154,74 @@ def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_js
                 f"{key} {value:.0f}" for key, value in metrics.items() if key.endswith("_medr")
             )
             click.echo(f"{format_metrics(split, metrics)}  {medians}")
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@_checkpoint_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Bundle folder to write (image.onnx, text.onnx, video.onnx, tokenizer.json, ...).",
+)
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option(
+    "--fp16/--no-fp16", default=True, show_default=True, help="Also write fp16 copies (GPU)."
+)
+@click.option("--int8", is_flag=True, help="Also write int8 (dynamic quantisation) copies.")
+@click.option(
+    "--corpus",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV whose items the parity check uses (default: the checkpoint's training CSV).",
+)
+@click.option(
+    "--check-items",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Corpus items compared between torch and ONNX Runtime.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def export(
+    checkpoint: Path,
+    out: Path,
+    opset: int,
+    fp16: bool,
+    int8: bool,
+    corpus: Path | None,
+    check_items: int,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Export a checkpoint to a model bundle that serving runs without torch.
+
+    Writes the three ONNX models (dynamic batch; the text model also takes any length up to
+    the context length), tokenizer.json and bundle.json. Before anything is written to OUT,
+    the bundle is loaded by the serving runtime and its embeddings are compared with the torch
+    model's, on random inputs and on corpus items; the export fails if the cosine similarity
+    drops below 0.9999 (fp32) or 0.999 (fp16).
+    """
+    from indexer.bundle import read_manifest
+    from model.errors import ModelError
+    from model.export import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        opset=opset,
+        fp16=fp16,
+        int8=int8,
+        corpus=corpus,
+        check_items=check_items,
+        overwrite=force,
+        progress=not quiet,
+    )
+    try:
+        export_bundle(checkpoint, out, options)
+    except ModelError as error:
+        raise click.ClickException(str(error)) from None
+    manifest = read_manifest(out)
+    click.echo(f"bundle {manifest.short_id} written to {out}")
+    for name in sorted(manifest.files):
+        click.echo(f"  {name:24s} {(out / name).stat().st_size / 1e6:8.1f} MB")
+    worst = min(manifest.checks.items(), key=lambda item: item[1])
+    click.echo(f"parity: {len(manifest.checks)} checks, lowest cosine {worst[1]:.6f} ({worst[0]})")
