@@ -11,6 +11,10 @@ from cots.lazy import LazyGroup
 BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
     "train": ("model.bench:train_bench", "Training samples/s and memory per objective variant."),
     "quality": ("model.bench_quality:quality_bench", "The ablation table: train and evaluate."),
+    "encode": (
+        "model.bench_encode:encode_bench",
+        "Texts/s and images/s, torch vs ONNX Runtime (fp32, int8), and their recall.",
+    ),
 }
 
 

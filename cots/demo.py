@@ -2,7 +2,8 @@
 
 Each step reuses what an earlier run finished, so a second run is quick. Today the demo
 synthesises the corpus, shows a sample read back through the corpus reader, trains the default
-model and reports its recall; export, indexing and serving join it as they land.
+model, reports its recall, exports the model bundle and searches the sample with the torch-free
+runtime; indexing and serving join it as they land.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def _synthesise(corpus: Path, config_options: dict[str, int], quiet: bool) -> di
     config = SynthConfig(**config_options)
     existing = read_dataset_json(corpus)
     if existing is not None and existing.get("config") == config.model_dump():
-        click.echo(f"[1/3] corpus: reusing {corpus}")
+        click.echo(f"[1/4] corpus: reusing {corpus}")
         return existing
-    click.echo(f"[1/3] corpus: rendering {config.n_images:,} images and {config.n_videos:,} videos")
+    click.echo(f"[1/4] corpus: rendering {config.n_images:,} images and {config.n_videos:,} videos")
     description = generate_corpus(corpus, config, overwrite=True, progress=not quiet)
     click.echo(f"      done in {description['elapsed_s']:.1f} s")
     return description
@@ -60,7 +61,7 @@ def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool)
     output = workdir / "runs" / str(options["model"])
     results = output / "results.json"
     if results.is_file():
-        click.echo(f"[2/3] train: reusing {output}")
+        click.echo(f"[2/4] train: reusing {output}")
         return json.loads(results.read_text())["evals"]
     overrides = [f"{key}={json.dumps(value)}" for key, value in options.items()]
     overrides += [
@@ -69,10 +70,46 @@ def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool)
     ]
     config = load_train_config(None, overrides)
     click.echo(
-        f"[2/3] train: {config.model} with the {config.objective.kind} objective, "
+        f"[2/4] train: {config.model} with the {config.objective.kind} objective, "
         f"{config.epochs} epochs (resumes if interrupted)"
     )
     return train(config, resume=True, progress=not quiet).evals
+
+
+def _export(workdir: Path, model_name: str, quiet: bool) -> Path:
+    """Export the trained model; a bundle of the same checkpoint step is reused."""
+    from indexer.bundle import read_manifest
+    from indexer.errors import BundleError
+    from model.checkpoint import load_checkpoint
+    from model.export import ExportOptions, export_bundle
+
+    checkpoint = workdir / "runs" / model_name / "checkpoint.pt"
+    bundle = workdir / "bundle"
+    step = int(load_checkpoint(checkpoint)["step"])
+    try:
+        if read_manifest(bundle).source.get("step") == step:
+            click.echo(f"[3/4] export: reusing {bundle}")
+            return bundle
+    except BundleError:
+        pass
+    click.echo(f"[3/4] export: ONNX model bundle of step {step}, checked against torch")
+    export_bundle(checkpoint, bundle, ExportOptions(overwrite=True, progress=not quiet))
+    return bundle
+
+
+def _search_sample(bundle: Path, samples: list) -> None:
+    """Text-to-image search over the contact sheet's images with the torch-free runtime."""
+    from indexer.encoder import Encoder
+
+    encoder = Encoder(bundle)
+    images = encoder.encode_images([sample.image for sample in samples])
+    texts = encoder.encode_texts([sample.captions[0] for sample in samples])
+    best = (texts @ images.T).argmax(axis=1)
+    hits = int((best == range(len(samples))).sum())
+    click.echo(
+        f"      runtime search (ONNX, no torch): {hits}/{len(samples)} sample captions find "
+        f"their own image first among the {len(samples)}; e.g. {samples[0].captions[0]!r}"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,8 +150,9 @@ def demo(
     """Build the demo on the embedded synthetic corpus, reusing finished steps.
 
     Renders the corpus, trains the default CPU model with the COTS objective (about ten
-    minutes on two cores), and reports Recall@K on the test split and on the held-out
-    colour-shape combinations.
+    minutes on two cores), reports Recall@K on the test split and on the held-out
+    colour-shape combinations, exports the ONNX model bundle and searches a sample of test
+    images by their captions through the torch-free runtime.
     """
     from model.data.readers import CsvImageReader
     from model.evaluate import format_metrics
@@ -132,11 +170,15 @@ def demo(
     evals = _train(
         workdir, corpus, {"model": model_name, "epochs": epochs, "batch_size": batch_size}, quiet
     )
-    click.echo("[3/3] results (Recall@K in %, Karpathy protocol):")
+    click.echo("      results (Recall@K in %, Karpathy protocol):")
     for split in ("test", "heldout"):
         if split in evals:
             click.echo("  " + format_metrics(split, evals[split]))
+    bundle = _export(workdir, model_name, quiet)
+    click.echo("[4/4] search")
+    _search_sample(bundle, samples)
     click.echo(
         f"corpus: {corpus} ({description['images']['count']:,} images, "
-        f"{description['videos']['count']:,} videos); model: {workdir / 'runs' / model_name}"
+        f"{description['videos']['count']:,} videos); model: {workdir / 'runs' / model_name}; "
+        f"bundle: {bundle}"
     )

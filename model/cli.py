@@ -224,4 +224,4 @@ def export(
     for name in sorted(manifest.files):
         click.echo(f"  {name:24s} {(out / name).stat().st_size / 1e6:8.1f} MB")
     worst = min(manifest.checks.items(), key=lambda item: item[1])
-    click.echo(f"parity: {len(manifest.checks)} checks, lowest cosine {worst[1]:.6f} ({worst[0]})")
+    click.echo(f"parity: {len(manifest.checks)} checks, lowest cosine {worst[1]:.7f} ({worst[0]})")

@@ -118,14 +118,18 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
     )
     first = cots(*args).stdout
     assert "rendering 80 images" in first
-    assert "[2/3] train: cots-micro" in first
+    assert "[2/4] train: cots-micro" in first
     # the summary block, not the evaluation lines training prints as it goes
-    summary = first.split("[3/3] results")[1]
+    summary = first.split("results (Recall@K")[1]
     assert "  test: t2i_R@1" in summary
     assert "  heldout: t2i_R@1" in summary
+    assert "[3/4] export: ONNX model bundle of step 4" in first
+    assert "runtime search (ONNX, no torch):" in first
     assert (tmp_path / "sample.png").is_file()
     assert (tmp_path / "runs" / "cots-micro" / "checkpoint.pt").is_file()
+    assert (tmp_path / "bundle" / "bundle.json").is_file()
     second = cots(*args).stdout
-    assert "[1/3] corpus: reusing" in second
-    assert "[2/3] train: reusing" in second
-    assert "  heldout: t2i_R@1" in second.split("[3/3] results")[1]
+    assert "[1/4] corpus: reusing" in second
+    assert "[2/4] train: reusing" in second
+    assert "[3/4] export: reusing" in second
+    assert "  heldout: t2i_R@1" in second.split("results (Recall@K")[1]
