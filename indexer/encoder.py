@@ -93,6 +93,8 @@ class Encoder:
         self.manifest: BundleManifest = read_manifest(self.path, verify=verify)
         self.providers = choose_providers(providers)
         self.precision: Precision = _resolve_precision(precision, self.providers)
+        for modality in self.manifest.models:  # refuse a missing precision now, not mid-job
+            self.manifest.model_file(modality, self.precision)
         self.threads = threads
         self.batch_size = batch_size
         self.max_pixels = max_pixels

@@ -24,18 +24,29 @@ from tqdm import tqdm
 BATCHES = (1, 64)
 
 
-def _throughput(run: Callable[[Sequence[Any]], object], items: Sequence[Any], batch: int) -> float:
-    """Items per second of ``run`` over ``items`` in batches of ``batch``, after one warm-up
-    batch, timed over at least 0.5 s of work."""
-    run(items[:batch])
+def _throughput(run: Callable[[Any], object], items: Sequence[Any], batch: int) -> float:
+    """Items per second of ``run`` over ``items`` in batches of ``batch`` (wrapping around when
+    there are fewer items than a batch), after one warm-up batch, over at least 0.5 s."""
+    count = len(items)
+    batches = [
+        _take(items, [(start + i) % count for i in range(batch)])
+        for start in range(0, max(count, batch), batch)
+    ]
+    run(batches[0])
     done, start = 0, time.perf_counter()
     while True:
-        for offset in range(0, len(items) - batch + 1, batch):
-            run(items[offset : offset + batch])
+        for inputs in batches:
+            run(inputs)
             done += batch
         elapsed = time.perf_counter() - start
         if elapsed >= 0.5:
             return done / elapsed
+
+
+def _take(items: Sequence[Any], indices: list[int]) -> Any:
+    if hasattr(items, "shape"):  # an array or tensor of prepared pixels
+        return items[indices]
+    return [items[i] for i in indices]
 
 
 @click.command("encode", context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,6 +84,7 @@ def encode_bench(
     import torch
 
     from indexer.encoder import Encoder
+    from indexer.errors import BundleError
     from model.errors import ModelError
     from model.eval_splits import load_named_split, towers_from_checkpoint
     from model.export import ExportOptions, export_bundle
@@ -95,7 +107,7 @@ def encode_bench(
                 runtime = Encoder(bundle, providers=["cpu"], precision=precision, threads=threads)
                 variants[f"onnx {precision}"] = _RuntimeSide(runtime)
             rows = [_measure(name, side, test) for name, side in tqdm(variants.items())]
-    except ModelError as error:
+    except (ModelError, BundleError) as error:
         raise click.ClickException(str(error)) from None
     _report(rows, config.model, threads, split, json_out)
 

@@ -309,7 +309,7 @@ def test_bad_inputs_fail_clearly(image_run: tuple[Path, Path], tmp_path: Path) -
     with pytest.raises(InputError, match="too large"):
         encoder.encode_images([big])
     with pytest.raises(BundleError, match="no int8 image model"):
-        Encoder(image_run[1], precision="int8").encode_images([big])
+        Encoder(image_run[1], precision="int8")
 
 
 def test_export_refuses_to_overwrite_and_a_failed_check_leaves_nothing(
@@ -323,3 +323,22 @@ def test_export_refuses_to_overwrite_and_a_failed_check_leaves_nothing(
     with pytest.raises(ExportError, match=r"fp32 image/random: min cosine .* < 1\.5"):
         export_bundle(checkpoint, out, ExportOptions(progress=False, fp16=False))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_encode_compares_torch_and_the_runtime(image_run: tuple[Path, Path]) -> None:
+    checkpoint, bundle = image_run
+    args = ["bench", "encode", "--checkpoint", str(checkpoint), "--bundle", str(bundle)]
+    result = CliRunner().invoke(cli, [*args, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in result.output.splitlines()
+        if line.startswith("| torch") or line.startswith("| onnx")
+    }
+    assert set(rows) == {"torch fp32", "onnx fp32"}
+    assert all(float(cell) > 0 for cells in rows.values() for cell in cells[:4])
+    # The same model through both paths retrieves the same (recall columns agree).
+    assert rows["torch fp32"][4:] == rows["onnx fp32"][4:]
+    refused = CliRunner().invoke(cli, [*args, "--int8"])
+    assert refused.exit_code != 0
+    assert "no int8 image model" in refused.output
