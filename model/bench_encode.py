@@ -43,7 +43,7 @@ def _throughput(run: Callable[[Any], object], items: Sequence[Any], batch: int) 
             return done / elapsed
 
 
-def _take(items: Sequence[Any], indices: list[int]) -> Any:
+def _take(items: Any, indices: list[int]) -> Any:
     if hasattr(items, "shape"):  # an array or tensor of prepared pixels
         return items[indices]
     return [items[i] for i in indices]
