@@ -21,6 +21,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "train": ("model.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
     "eval": ("model.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
     "export": ("model.cli:export", "Export a checkpoint to an ONNX model bundle."),
+    "index": ("indexer.cli:index", "Build and change collections (versioned FAISS indexes)."),
+    "worker": ("indexer.worker_cli:worker", "Run re-indexing jobs from the Redis queue."),
     "train-tokenizer": (
         "model.tokenizer_train:train_tokenizer",
         "Train the VQ visual tokenizer for masked vision modeling.",

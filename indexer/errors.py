@@ -7,3 +7,7 @@ class BundleError(Exception):
 
 class InputError(ValueError):
     """One input (an image, a video, a text) cannot be encoded: corrupt, truncated, too large."""
+
+
+class CollectionError(Exception):
+    """A collection or index bundle cannot be used: missing, built by another model, damaged."""

@@ -15,7 +15,7 @@ from indexer.errors import InputError
 from indexer.images import preprocess_frames
 from indexer.spec import ImageSpec, VideoSpec
 from model.data.readers.base import BadItemError
-from model.data.readers.video_csv import read_video, segment_centres
+from model.data.readers.video_csv import read_video, sample_indices, segment_centres
 
 
 def load_video(path: Path, video: VideoSpec, image: ImageSpec) -> np.ndarray:
@@ -36,3 +36,32 @@ def _detail(error: BadItemError, path: Path) -> str:
     # The reader's detail usually starts with the path, which the message already names.
     detail = error.detail.removeprefix(str(path)).removeprefix(": ")
     return f": {detail}" if detail else ""
+
+
+def load_video_segments(
+    path: Path, video: VideoSpec, image: ImageSpec, segment_seconds: float
+) -> tuple[np.ndarray, list[tuple[float, float, np.ndarray]], float]:
+    """One decode of a video for indexing: (whole-video frames as :func:`load_video` samples
+    them, [(start_s, end_s, frames)] for consecutive segments of ``segment_seconds`` (the last
+    one shorter), duration in seconds). Each segment's frames are the centres of ``video.frames``
+    equal parts of it, so a search can answer with a moment."""
+    path = Path(path)
+    try:
+        frames, fps, seconds = read_video(path)
+    except BadItemError as error:
+        raise InputError(f"{path}: {error.reason}{_detail(error, path)}") from error
+    count = len(frames)
+    # read_video(path, decode_frames) keeps these frames; then training's segment centres.
+    decoded = sample_indices(count, video.decode_frames)
+    whole = frames[decoded[segment_centres(len(decoded), video.frames)]]
+    per_second = count / seconds if seconds > 0 else (fps or 1.0)
+    segments: list[tuple[float, float, np.ndarray]] = []
+    start = 0.0
+    while start < seconds or not segments:
+        end = min(seconds, start + segment_seconds) if seconds > 0 else 0.0
+        first = min(count - 1, int(start * per_second))
+        last = max(first + 1, min(count, round(end * per_second)))
+        picked = first + segment_centres(last - first, video.frames)
+        segments.append((start, end, preprocess_frames(frames[picked], image)))
+        start += segment_seconds
+    return preprocess_frames(whole, image), segments, seconds

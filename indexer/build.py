@@ -1,0 +1,381 @@
+"""``cots index build``: embed a corpus with a model bundle into a new version of a collection.
+
+The corpus is listed once, cheaply, and cut into shards of ``shard_size`` records. Each shard
+is decoded by a pool of worker processes while the main process encodes the previous chunk,
+and is saved (ids, vectors, metadata, skipped items) under ``builds/<key>/`` before the next
+begins; a re-run of the same build skips the saved shards, so a killed build resumes and ends
+with the same content as an uninterrupted one. Only when every shard is done is the FAISS index
+built, in a staging folder that ``indexer.versions.publish`` renames into place and makes
+current.
+
+Item ids are ``record index * stride + sub-index``: an image is its record index; a caption
+adds its position among the image's captions (stride 1,024); a video is 0 and its segments
+1, 2, ... (stride 1,000,000). Ids thus never depend on which other items decoded, which is what
+lets shards be built, resumed and appended independently.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer.bundle import BundleManifest, Modality, read_manifest
+from indexer.encoder import Encoder
+from indexer.errors import CollectionError, InputError
+from indexer.images import preprocess_images
+from indexer.metadata import Item
+from indexer.spec import ImageSpec, VideoSpec
+from indexer.spec_index import BuildSpec, CorpusKind
+from indexer.video import load_video_segments
+from model.data.readers import (
+    BadItemError,
+    ImageReader,
+    VideoCsvReader,
+    load_image,
+    open_image_corpus,
+)
+from model.data.records import CorpusError, ImageRecord, VideoRecord
+
+logger = logging.getLogger("cots.index")
+
+STRIDE: Final[dict[CorpusKind, int]] = {"image": 1, "caption": 1024, "video": 1_000_000}
+MODALITY: Final[dict[CorpusKind, Modality]] = {
+    "image": "image",
+    "caption": "text",
+    "video": "video",
+}
+BUILDS = "builds"
+Progress = Callable[[int, int, str], None]
+Record = ImageRecord | VideoRecord
+
+
+@dataclass
+class Chunk:
+    """Items of consecutive records ready for the encoder (inputs aligned with items)."""
+
+    items: list[Item] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)  # pixels [3,S,S], frames [T,3,S,S] or texts
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+
+
+# Listing ----------------------------------------------------------------------------------------
+
+
+def list_records(spec: BuildSpec) -> tuple[list[Record], dict[str, int]]:
+    """Every usable record of the corpus (split applied) in corpus order, and the items the
+    listing itself skipped (missing files, empty captions, ...) per reason."""
+    try:
+        reader: VideoCsvReader | ImageReader
+        if spec.kind == "video":
+            reader = VideoCsvReader(spec.corpus, split=spec.split, num_frames=None)
+        else:
+            reader = open_image_corpus(spec.corpus, split=spec.split)
+        records: list[Record] = list(reader.records())
+    except CorpusError as error:
+        raise CollectionError(f"cannot read corpus {spec.corpus}: {error}") from None
+    return records, dict(reader.report.skipped)
+
+
+# Preparing chunks (runs in worker processes) ------------------------------------------------------
+
+
+def prepare_chunk(
+    kind: CorpusKind,
+    numbered: Sequence[tuple[int, Record]],
+    image: ImageSpec,
+    video: VideoSpec,
+    segment_seconds: float,
+) -> Chunk:
+    """Decode and preprocess records (numbered by their record index) into encoder inputs."""
+    chunk = Chunk()
+    for number, record in numbered:
+        try:
+            if kind == "image":
+                _prepare_image(chunk, number, record, image)
+            elif kind == "caption":
+                _prepare_captions(chunk, number, record)
+            else:
+                _prepare_video(chunk, number, record, image, video, segment_seconds)
+        except (BadItemError, InputError) as error:
+            chunk.skipped.append((record.uri, str(error)))
+    return chunk
+
+
+def _metadata(record: Record) -> dict[str, Any]:
+    return {"split": record.split} if record.split else {}
+
+
+def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) -> None:
+    assert isinstance(record, ImageRecord)
+    pixels = preprocess_images([load_image(record)], image)[0]
+    caption = record.captions[0] if record.captions else None
+    chunk.items.append(
+        Item(
+            id=number,
+            kind="image",
+            uri=record.uri,
+            caption=caption,
+            group_id=record.group_id,
+            metadata=_metadata(record),
+        )
+    )
+    chunk.inputs.append(pixels)
+
+
+def _prepare_captions(chunk: Chunk, number: int, record: Record) -> None:
+    if len(record.captions) > STRIDE["caption"]:
+        raise BadItemError("too many captions", f"{len(record.captions)} > {STRIDE['caption']}")
+    for position, caption in enumerate(record.captions):
+        chunk.items.append(
+            Item(
+                id=number * STRIDE["caption"] + position,
+                kind="caption",
+                uri=record.uri,
+                caption=caption,
+                group_id=record.group_id,
+                metadata=_metadata(record),
+            )
+        )
+        chunk.inputs.append(caption)
+
+
+def _prepare_video(
+    chunk: Chunk,
+    number: int,
+    record: Record,
+    image: ImageSpec,
+    video: VideoSpec,
+    segment_seconds: float,
+) -> None:
+    assert isinstance(record, VideoRecord)
+    whole, segments, seconds = load_video_segments(record.path, video, image, segment_seconds)
+    if len(segments) >= STRIDE["video"]:
+        raise BadItemError("too long", f"{len(segments)} segments")
+    base = number * STRIDE["video"]
+    caption = record.captions[0] if record.captions else None
+    common = {"uri": record.uri, "group_id": record.group_id, "metadata": _metadata(record)}
+    chunk.items.append(
+        Item(id=base, kind="video", caption=caption, start_s=0.0, end_s=seconds, **common)
+    )
+    chunk.inputs.append(whole)
+    for position, (start, end, frames) in enumerate(segments, start=1):
+        chunk.items.append(
+            Item(
+                id=base + position, kind="segment", caption=None, start_s=start, end_s=end, **common
+            )
+        )
+        chunk.inputs.append(frames)
+
+
+# Encoding shards --------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    ids: np.ndarray  # int64 [N]
+    vectors: np.ndarray  # float32 [N, D]
+    items: list[Item]
+    skipped: list[tuple[str, str]]
+
+    def save(self, path: Path) -> None:
+        """Atomically: a shard file exists only once it is complete."""
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as file:
+            np.savez(
+                file,
+                ids=self.ids,
+                vectors=self.vectors,
+                items=np.array(json.dumps([item.model_dump() for item in self.items])),
+                skipped=np.array(json.dumps(self.skipped)),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Shard:
+        with np.load(path) as data:
+            items = [Item.model_validate(i) for i in json.loads(str(data["items"]))]
+            skipped = [tuple(s) for s in json.loads(str(data["skipped"]))]
+            return cls(data["ids"], data["vectors"], items, skipped)  # type: ignore[arg-type]
+
+
+class ShardEncoder:
+    """Turns numbered records into shards: decoding in worker processes, encoding here."""
+
+    def __init__(self, spec: BuildSpec, encoder: Encoder) -> None:
+        self.spec = spec
+        self.encoder = encoder
+        self.modality = MODALITY[spec.kind]
+        manifest = encoder.manifest
+        self._args = (spec.kind, manifest.image, manifest.video, spec.segment_seconds)
+        # Spawned, not forked: the parent holds ONNX Runtime threads, which do not survive fork.
+        self._pool = (
+            multiprocessing.get_context("spawn").Pool(spec.workers)
+            if spec.workers > 0 and spec.kind != "caption"
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def __enter__(self) -> ShardEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _chunks(self, numbered: Sequence[tuple[int, Record]]) -> Iterator[Chunk]:
+        """Prepared chunks in order; with a pool, at most 2 * workers chunks in flight, so
+        decoding runs ahead of encoding without holding a whole shard of pixels."""
+        size = max(1, self.spec.batch_size // (8 if self.spec.kind == "video" else 1))
+        parts = [numbered[i : i + size] for i in range(0, len(numbered), size)]
+        if self._pool is None:
+            for part in parts:
+                yield prepare_chunk(self._args[0], part, *self._args[1:])
+            return
+        pending: deque[Any] = deque()
+        for part in parts:
+            pending.append(
+                self._pool.apply_async(prepare_chunk, (self._args[0], part, *self._args[1:]))
+            )
+            if len(pending) >= 2 * self.spec.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def encode(self, numbered: Sequence[tuple[int, Record]], bar: tqdm | None = None) -> Shard:
+        items: list[Item] = []
+        vectors: list[np.ndarray] = []
+        skipped: list[tuple[str, str]] = []
+        for chunk in self._chunks(numbered):
+            for uri, reason in chunk.skipped:
+                logger.warning("skipped %s (%s)", uri, reason)
+            skipped += chunk.skipped
+            if chunk.items:
+                vectors.append(self._embed(chunk.inputs))
+                items += chunk.items
+            if bar is not None:
+                bar.update(len({item.uri for item in chunk.items}) + len(chunk.skipped))
+        dim = self.encoder.dim
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        ids = np.array([item.id for item in items], dtype=np.int64)
+        return Shard(ids, stacked, items, skipped)
+
+    def _embed(self, inputs: list[Any]) -> np.ndarray:
+        if self.modality == "text":
+            return self.encoder.encode_texts(inputs)
+        out = []
+        for start in range(0, len(inputs), self.spec.batch_size):
+            batch = np.stack(inputs[start : start + self.spec.batch_size])
+            out.append(self.encoder.run(self.modality, batch))
+        return np.concatenate(out)
+
+
+# The build --------------------------------------------------------------------------------------
+
+
+def build_key(spec: BuildSpec, manifest: BundleManifest) -> str:
+    """What decides a build's shards: the same key means a re-run may reuse them."""
+    corpus = Path(spec.corpus)
+    stat = corpus.stat() if corpus.is_file() else None
+    fields = {
+        "bundle": manifest.bundle_id,
+        "corpus": str(corpus.resolve()),
+        "corpus_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+        **spec.model_dump(mode="json", include={"kind", "split", "segment_seconds", "shard_size"}),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_collection(spec: BuildSpec, *, progress: Progress | None = None) -> int:
+    """Build ``spec.collection`` from ``spec.corpus``; returns the new, now current, version."""
+    from indexer.assemble import assemble_version  # the FAISS half
+
+    if spec.engine == "ray":
+        from indexer.ray_engine import encode_shards_with_ray
+
+        encode_shards = encode_shards_with_ray
+    else:
+        encode_shards = encode_shards_locally
+    manifest = read_manifest(spec.bundle)
+    records, listing_skipped = list_records(spec)
+    if not records:
+        raise CollectionError(f"corpus {spec.corpus} lists no items (split {spec.split!r})")
+    work = Path(spec.root) / spec.collection / BUILDS / build_key(spec, manifest)
+    work.mkdir(parents=True, exist_ok=True)
+    with _exclusive(work):
+        (work / "spec.json").write_text(spec.model_dump_json(indent=2))
+        paths = encode_shards(spec, records, work, progress)
+        shards = [Shard.load(path) for path in paths]
+        version = assemble_version(spec, manifest, shards, listing_skipped, progress)
+        shutil.rmtree(work, ignore_errors=True)
+        work.with_name(f"{work.name}.lock").unlink(missing_ok=True)
+    return version
+
+
+@contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """One process per build folder: the same build queued twice must not write the same
+    shards at once. The lock dies with its process, so a killed build never leaves it held."""
+    with (work.parent / f"{work.name}.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CollectionError(
+                f"the same build is already running (lock {lock.name}); wait for it to finish"
+            ) from None
+        yield
+
+
+def shard_path(work: Path, index: int) -> Path:
+    return work / f"shard-{index:06d}.npz"
+
+
+def encode_shards_locally(
+    spec: BuildSpec, records: list[Record], work: Path, progress: Progress | None
+) -> list[Path]:
+    """Encode every shard not saved yet; returns all shard paths in order."""
+    numbered = list(enumerate(records))
+    starts = range(0, len(numbered), spec.shard_size)
+    paths = [shard_path(work, i) for i in range(len(starts))]
+    done = sum(
+        min(spec.shard_size, len(numbered) - start)
+        for start, path in zip(starts, paths, strict=True)
+        if path.is_file()
+    )
+    if done:
+        logger.info("resuming: %d of %d records already encoded", done, len(numbered))
+    bar = tqdm(total=len(numbered), initial=done, desc=f"indexing {spec.collection}", unit="item")
+    with bar, ShardEncoder(spec, Encoder(spec.bundle, batch_size=spec.batch_size)) as encoder:
+        for start, path in zip(starts, paths, strict=True):
+            if path.is_file():
+                continue
+            encoder.encode(numbered[start : start + spec.shard_size], bar).save(path)
+            if progress is not None:
+                progress(min(start + spec.shard_size, len(numbered)), len(numbered), "encoding")
+    return paths
+
+
+def skipped_summary(
+    shards: Sequence[Shard], listed: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Skipped items per reason category (the text before the first colon), the listing's
+    skips included."""
+    counts = Counter(listed or {})
+    counts.update(reason.split(":")[0] for shard in shards for _, reason in shard.skipped)
+    return dict(counts)

@@ -1,0 +1,282 @@
+"""``cots index build | add | remove | compact | info | search``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+_ROOT_HELP = "Folder holding the collections (env COTS_INDEX_ROOT)."
+
+
+def _root_option(function: Any) -> Any:
+    return click.option(
+        "--root",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="COTS_INDEX_ROOT",
+        default=Path("indexes"),
+        show_default=True,
+        help=_ROOT_HELP,
+    )(function)
+
+
+def _collection_option(function: Any) -> Any:
+    return click.option("--collection", required=True, help="Collection name.")(function)
+
+
+def _spec_options(function: Any) -> Any:
+    options = [
+        click.option(
+            "--bundle",
+            type=click.Path(file_okay=False, path_type=Path),
+            required=True,
+            help="Model bundle (cots export) that embeds the corpus.",
+        ),
+        click.option(
+            "--corpus",
+            required=True,
+            help="CSV/TSV, image folder, WebDataset shards, Karpathy JSON, or a video CSV.",
+        ),
+        click.option(
+            "--kind",
+            type=click.Choice(["image", "caption", "video"]),
+            default="image",
+            show_default=True,
+            help="image: a vector per image; caption: per caption (image->text lookup); "
+            "video: per video and per segment (search answers with a moment).",
+        ),
+        click.option("--split", help="Only this split of the corpus."),
+        click.option(
+            "--segment-seconds", type=float, default=2.0, show_default=True, help="Video segments."
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Decoding processes.",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option(
+            "--keep-versions",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            help="Versions kept after the new one goes live.",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _fail(error: Exception) -> click.ClickException:
+    return click.ClickException(str(error))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def index() -> None:
+    """Build and change collections: versioned FAISS index bundles of a corpus.
+
+    Each build or change writes a new version next to the old ones and switches the
+    collection's `current` pointer atomically when it is complete.
+    """
+
+
+@index.command()
+@_root_option
+@_collection_option
+@_spec_options
+@click.option(
+    "--factory",
+    default="auto",
+    show_default=True,
+    help="FAISS factory string (Flat, IVF1024,Flat, IVF1024,PQ32, HNSW32) or auto.",
+)
+@click.option("--memory-budget-mb", type=click.IntRange(min=1), help="Index memory for auto.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: embed with a Ray Data pipeline (RAY_ADDRESS picks the cluster).",
+)
+def build(**options: Any) -> None:
+    """Embed a corpus into a new version of a collection; resumes an interrupted build.
+
+    Items that cannot be read are logged with their path and reason, counted in index.json
+    and skipped; they never stop the build.
+    """
+    from indexer.build import build_collection
+    from indexer.errors import BundleError, CollectionError
+    from indexer.spec_index import BuildSpec
+
+    try:
+        spec = BuildSpec.model_validate({k: v for k, v in options.items() if v is not None})
+        version = build_collection(spec)
+    except (BundleError, CollectionError, ValueError) as error:
+        raise _fail(error) from None
+    _echo_info(options["root"], options["collection"], f"built version {version}")
+
+
+@index.command()
+@_root_option
+@_collection_option
+@_spec_options
+def add(**options: Any) -> None:
+    """Embed more items into a collection (a new version; ids continue after the largest)."""
+    from indexer.errors import BundleError, CollectionError
+    from indexer.spec_index import BuildSpec
+    from indexer.update import add_to_collection
+
+    try:
+        spec = BuildSpec.model_validate({k: v for k, v in options.items() if v is not None})
+        version = add_to_collection(spec)
+    except (BundleError, CollectionError, ValueError) as error:
+        raise _fail(error) from None
+    _echo_info(options["root"], options["collection"], f"added; now version {version}")
+
+
+@index.command()
+@_root_option
+@_collection_option
+@click.option("--id", "ids", type=int, multiple=True, help="Item id to remove (repeatable).")
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Remove the items whose field equals VALUE (JSON or text), e.g. --where split=test.",
+)
+@click.option("--keep-versions", type=click.IntRange(min=1), default=3, show_default=True)
+def remove(
+    root: Path, collection: str, ids: tuple[int, ...], where: tuple[str, ...], keep_versions: int
+) -> None:
+    """Remove items by id or by field; they never appear in results again."""
+    from indexer.errors import CollectionError
+    from indexer.update import remove_from_collection
+
+    try:
+        version, count = remove_from_collection(
+            root, collection, ids=ids, filters=parse_filters(where), keep_versions=keep_versions
+        )
+    except (CollectionError, ValueError) as error:
+        raise _fail(error) from None
+    _echo_info(root, collection, f"removed {count} items; now version {version}")
+
+
+@index.command()
+@_root_option
+@_collection_option
+@click.option("--keep-versions", type=click.IntRange(min=1), default=3, show_default=True)
+def compact(root: Path, collection: str, keep_versions: int) -> None:
+    """Rebuild the index without removed items (frees HNSW's tombstoned vectors)."""
+    from indexer.errors import CollectionError
+    from indexer.update import compact_collection
+
+    try:
+        version = compact_collection(root, collection, keep_versions=keep_versions)
+    except CollectionError as error:
+        raise _fail(error) from None
+    _echo_info(root, collection, f"compacted; now version {version}")
+
+
+@index.command()
+@_root_option
+@_collection_option
+@click.option("--json", "as_json", is_flag=True, help="Print index.json of the live version.")
+def info(root: Path, collection: str, as_json: bool) -> None:
+    """The live version of a collection: count, index type, recall@10, model bundle."""
+    from indexer.assemble import read_info
+    from indexer.errors import CollectionError
+    from indexer.versions import current_dir
+
+    try:
+        folder = current_dir(root, collection)
+    except CollectionError as error:
+        raise _fail(error) from None
+    if as_json:
+        click.echo(read_info(folder).model_dump_json(indent=2))
+    else:
+        _echo_info(root, collection, "live")
+
+
+@index.command()
+@_root_option
+@_collection_option
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--text", "texts", multiple=True, help="Text query (repeatable).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-k", type=click.IntRange(min=1, max=1000), default=5, show_default=True)
+@click.option("--where", multiple=True, metavar="FIELD=VALUE", help="Filter, e.g. split=test.")
+def search(
+    root: Path,
+    collection: str,
+    bundle: Path,
+    texts: tuple[str, ...],
+    images: tuple[Path, ...],
+    k: int,
+    where: tuple[str, ...],
+) -> None:
+    """Search a collection from the command line (text or image queries)."""
+    import numpy as np
+
+    from indexer.collection import Collection
+    from indexer.encoder import Encoder
+    from indexer.errors import BundleError, CollectionError, InputError
+
+    if not texts and not images:
+        raise click.UsageError("give at least one --text or --image query")
+    try:
+        encoder = Encoder(bundle)
+        queries = [encoder.encode_texts(list(texts)), encoder.encode_images(list(images))]
+        with Collection.open(root, collection, bundle_id=encoder.bundle_id) as opened:
+            results = opened.search(np.concatenate(queries), k, filters=parse_filters(where))
+    except (BundleError, CollectionError, InputError, ValueError) as error:
+        raise _fail(error) from None
+    for query, hits in zip([*texts, *map(str, images)], results, strict=True):
+        click.echo(f"{query}")
+        for hit in hits:
+            moment = ""
+            if hit.item.start_s is not None and hit.item.kind == "segment":
+                moment = f" [{hit.item.start_s:.1f}-{hit.item.end_s:.1f} s]"
+            caption = f"  {hit.item.caption!r}" if hit.item.caption else ""
+            click.echo(f"  {hit.score:.3f}  {hit.item.uri}{moment}{caption}")
+
+
+_TEXT_FIELDS = frozenset({"kind", "uri", "group_id"})
+
+
+def parse_filters(where: tuple[str, ...]) -> dict[str, Any] | None:
+    """FIELD=VALUE pairs. Metadata values are parsed as JSON when they can be (numbers,
+    true/false); the text columns (kind, uri, group_id) are always taken as text."""
+    filters: dict[str, Any] = {}
+    for pair in where:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--where")
+        if field in _TEXT_FIELDS:
+            filters[field] = value
+            continue
+        try:
+            filters[field] = json.loads(value)
+        except json.JSONDecodeError:
+            filters[field] = value
+    return filters or None
+
+
+def _echo_info(root: Path, collection: str, what: str) -> None:
+    from indexer.assemble import read_info
+    from indexer.versions import current_dir, current_version
+
+    info = read_info(current_dir(root, collection))
+    skipped = sum(info.skipped.values())
+    click.echo(
+        f"{collection}: {what}; version {current_version(root, collection)}, {info.live:,} live "
+        f"of {info.count:,} {info.modality} vectors, {info.factory}, recall@10 "
+        f"{info.recall_at_10:.3f}, model bundle {info.model_bundle_id[:12]}"
+        + (f", {skipped} items skipped ({info.skipped})" if skipped else "")
+    )

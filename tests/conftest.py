@@ -1,0 +1,143 @@
+"""Shared fixtures: a real Redis server for the integration tests.
+
+The server comes from ``$COTS_REDIS_SERVER`` (``scripts/test.sh`` sets it) or else from
+``scripts/redis.sh``, which finds or installs one. Tests that need Redis fail when none can be
+had, rather than skip: a skipped integration test reads as a passed one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+_START_TIMEOUT_S = 10.0
+
+
+def _redis_server() -> str:
+    configured = os.environ.get("COTS_REDIS_SERVER")
+    if configured:
+        return configured
+    try:
+        found = subprocess.run(
+            [str(ROOT / "scripts" / "redis.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        stderr = getattr(error, "stderr", "") or ""
+        failure = (
+            f"no redis-server for the integration tests: scripts/redis.sh failed ({error})\n"
+            f"{stderr}\nInstall Redis 7 and set COTS_REDIS_SERVER=/path/to/redis-server."
+        )
+    else:
+        return found.stdout.strip().splitlines()[-1]
+    pytest.fail(failure, pytrace=False)  # outside `except`, so no chained traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start(server: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``server`` on a free port and wait for PING; (process, url)."""
+    log = folder / "redis.log"
+    failure = ""
+    # Another process can take the free port between probing and binding it: try again.
+    for _ in range(3):
+        port = _free_port()
+        command = [
+            server,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(folder),
+            "--logfile", str(log),
+        ]  # fmt: skip
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        except OSError as error:
+            failure = f"cannot run redis-server {server!r}: {error}"
+            break
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with redis.Redis.from_url(url, socket_timeout=1) as client:
+                    client.ping()
+                return process, url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+            outcome = f"did not answer PING within {_START_TIMEOUT_S:.0f} s"
+        else:
+            outcome = f"exited with status {process.returncode}"
+        process.wait()
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+        failure = f"redis-server {server!r} {outcome} (3 tries); its log ends:\n{tail}"
+    pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://127.0.0.1:PORT/0`` of a private redis-server (no persistence) for the session."""
+    process, url = _start(_redis_server(), tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> str:
+    """The session's Redis URL, with the database emptied first so no test sees another's keys."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushdb()
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model bundle of cots-micro trained two steps on 40 synthetic images (fp32 only):
+    real ONNX files for the indexer's tests, made once per session."""
+    from model.config import TrainConfig
+    from model.data.synth import SynthConfig, generate_corpus
+    from model.export import ExportOptions, export_bundle
+    from model.train import train
+
+    root = tmp_path_factory.mktemp("micro-bundle")
+    generate_corpus(
+        root / "corpus", SynthConfig(seed=11, n_images=40, n_videos=0, image_size=32), workers=1
+    )
+    run = {
+        "model": "cots-micro",
+        "data": {"train": str(root / "corpus" / "images.csv")},
+        "output": str(root / "run"),
+        "batch_size": 8,
+        "max_steps": 2,
+        "warmup_steps": 1,
+        "threads": 1,
+        "objective": {"queue_size": 16},
+    }
+    train(TrainConfig.model_validate(run), progress=False)
+    options = ExportOptions(fp16=False, progress=False, check_items=8)
+    return export_bundle(root / "run" / "checkpoint.pt", root / "bundle", options)
