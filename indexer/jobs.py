@@ -1,0 +1,245 @@
+"""Re-indexing jobs: a build queued in Redis (RQ) and run by ``cots worker``, or run in-process.
+
+A job's only argument is the build's :class:`BuildSpec` as JSON, so what sits in Redis is the
+same request a command line makes. The build itself is resumable (finished shards are kept) and
+publishes a version only when it is complete, so a worker killed mid-build loses nothing but
+the shard it was on: RQ hands the job back to the queue (``Retry``) once the dead worker's
+heartbeat runs out, and the next attempt continues from the finished shards.
+
+When a job succeeds it announces ``{"collection", "version", "bundle_id"}`` on
+:data:`UPDATES_CHANNEL`; every API replica listens there (:func:`listen_for_updates`) and loads
+the new version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from rq import Queue, Retry, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from indexer.bundle import read_manifest
+from indexer.spec_index import BuildSpec
+
+log = logging.getLogger(__name__)
+
+UPDATES_CHANNEL: Final = "cots:index-updates"
+DEFAULT_QUEUE: Final = "cots-index"
+# A build of a large corpus takes hours; the timeout only stops one that hangs for good.
+JOB_TIMEOUT_S: Final = 24 * 3600
+RESULT_TTL_S: Final = 7 * 24 * 3600  # keep finished and failed jobs a week, for `status`
+RETRIES: Final = 2
+_META_EVERY_S: Final = 0.5  # job.meta writes are throttled to this interval
+
+Progress = Callable[[int, int, str], None]
+
+
+class JobError(Exception):
+    """A re-indexing job cannot be queued or looked up: Redis unreachable, unknown job id."""
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A client for ``redis_url`` that has answered PING; :class:`JobError` says why not."""
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        client.ping()
+    except ValueError as error:  # a malformed URL
+        raise JobError(f"invalid Redis URL {redact(redis_url)!r}: {error}") from None
+    except redis.RedisError as error:
+        raise JobError(
+            f"cannot reach Redis at {redact(redis_url)}: {str(error).rstrip('.')}. "
+            "Start Redis, or point --redis-url / COTS_REDIS_URL at a running one."
+        ) from None
+    return client
+
+
+def enqueue_build(redis_url: str, spec: BuildSpec, *, queue: str = DEFAULT_QUEUE) -> str:
+    """Queue a build of ``spec`` for ``cots worker``; returns the job id."""
+    connection = connect(redis_url)
+    job = Queue(queue, connection=connection).enqueue(
+        run_build_job,
+        spec.model_dump_json(),
+        job_timeout=JOB_TIMEOUT_S,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=RESULT_TTL_S,
+        retry=Retry(max=RETRIES),
+        description=f"build collection {spec.collection} from {spec.corpus}",
+        meta={"collection": spec.collection, "done": 0, "total": 0, "stage": "queued"},
+    )
+    log.info("queued build of %s as job %s on %s", spec.collection, job.id, queue)
+    return job.id
+
+
+class _MetaProgress:
+    """A build progress callback that stores ``done/total/stage`` in the running job's meta,
+    at most every ``_META_EVERY_S`` seconds, and always at a new stage or at the end."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.saved_at = 0.0
+        self.stage = ""
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        now = time.monotonic()
+        if stage == self.stage and done < total and now - self.saved_at < _META_EVERY_S:
+            return
+        self.stage, self.saved_at = stage, now
+        self.job.meta.update(
+            done=done, total=total, stage=stage, updated=datetime.now(UTC).isoformat()
+        )
+        self.job.save_meta()
+
+
+def run_build_job(spec_json: str) -> dict[str, Any]:
+    """The RQ job: build the collection, record progress in ``job.meta``, announce the new
+    version on :data:`UPDATES_CHANNEL`; returns the announcement."""
+    spec = BuildSpec.model_validate_json(spec_json)
+    job = get_current_job()
+    if job is None:
+        raise JobError("run_build_job runs inside an RQ worker; use run_build_inline instead")
+    version = run_build_inline(spec, progress=_MetaProgress(job))
+    update = {
+        "collection": spec.collection,
+        "version": version,
+        "bundle_id": read_manifest(spec.bundle, verify=False).bundle_id,
+    }
+    # The version is live before anyone hears of it, so a replica that reloads on the message
+    # always finds it.
+    job.connection.publish(UPDATES_CHANNEL, json.dumps(update))
+    log.info("collection %s version %d is live and announced", spec.collection, version)
+    return update
+
+
+def run_build_inline(spec: BuildSpec, progress: Progress | None = None) -> int:
+    """Build ``spec`` in this process (deployments without Redis); returns the new version."""
+    # Imported here: the service imports this module to queue jobs and should not pay for the
+    # build's dependencies until it runs one.
+    from indexer.build import build_collection
+
+    return build_collection(spec, progress=progress)
+
+
+def job_status(redis_url: str, job_id: str) -> dict[str, Any]:
+    """``{"id", "status", "progress", "result", "error", ...}`` of a queued build."""
+    connection = connect(redis_url)
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        raise JobError(
+            f"no re-indexing job {job_id!r} in Redis (finished jobs are kept "
+            f"{RESULT_TTL_S // 86400} days)"
+        ) from None
+    meta = job.meta
+    status = job.get_status(refresh=False)
+    # The latest attempt's outcome: a retried job shows its last error until it succeeds.
+    latest = job.latest_result()
+    kind = latest.type if latest is not None else None
+    return {
+        "id": job.id,
+        "status": str(status.value if status is not None else "unknown"),
+        "collection": meta.get("collection"),
+        "progress": {key: meta.get(key) for key in ("done", "total", "stage", "updated")},
+        "result": latest.return_value if latest and kind == latest.Type.SUCCESSFUL else None,
+        "error": latest.exc_string if latest and kind == latest.Type.FAILED else None,
+        "retries_left": job.retries_left,
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "ended_at": _iso(job.ended_at),
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+class UpdateListener:
+    """An iterator over the announcements on :data:`UPDATES_CHANNEL`; subscribed from the moment
+    it is created, so nothing published after that is missed. Close it (or use ``with``)."""
+
+    def __init__(self, redis_url: str, *, idle_timeout: float | None = None) -> None:
+        self.idle_timeout = idle_timeout
+        self.client = connect(redis_url)
+        self.pubsub = self.client.pubsub()
+        self.pubsub.subscribe(UPDATES_CHANNEL)
+        # Wait for Redis to confirm: a message published before then would not reach us.
+        confirmation = self.pubsub.get_message(timeout=5)
+        if confirmation is None or confirmation.get("type") != "subscribe":
+            self.close()
+            raise JobError(f"Redis did not confirm the subscription to {UPDATES_CHANNEL}")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next announcement; StopIteration after ``idle_timeout`` seconds without one."""
+        waited_since = time.monotonic()
+        backoff = 1.0
+        while True:
+            if self.idle_timeout is not None:
+                left = self.idle_timeout - (time.monotonic() - waited_since)
+                if left <= 0:
+                    raise StopIteration
+                wait = min(left, 1.0)
+            else:
+                wait = 1.0
+            try:
+                message = self.pubsub.get_message(timeout=wait)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                # redis-py reconnects and subscribes again on the next call; back off between
+                # tries so a Redis outage is neither a busy loop nor a flood of warnings.
+                log.warning("lost the Redis subscription (%s); retrying in %.0f s", error, backoff)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
+                continue
+            backoff = 1.0
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                update = json.loads(message["data"])
+            except (TypeError, ValueError):
+                log.warning("ignoring a malformed message on %s: %r", UPDATES_CHANNEL, message)
+                continue
+            if isinstance(update, dict):
+                return update
+            log.warning("ignoring a non-object message on %s: %r", UPDATES_CHANNEL, update)
+
+    def close(self) -> None:
+        self.pubsub.close()
+        self.client.close()
+
+    def __enter__(self) -> UpdateListener:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def listen_for_updates(redis_url: str, *, idle_timeout: float | None = None) -> UpdateListener:
+    """Subscribe to new-version announcements (for API replicas): iterate the result for
+    ``{"collection", "version", "bundle_id"}`` dicts. A replica that reconnects after Redis was
+    down should also reread each collection's ``current`` version: pub/sub keeps no backlog."""
+    return UpdateListener(redis_url, idle_timeout=idle_timeout)

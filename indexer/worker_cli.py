@@ -1,0 +1,64 @@
+"""``cots worker``: run queued re-indexing jobs (see :mod:`indexer.jobs`) from Redis."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import click
+from rq import Worker
+
+from indexer.jobs import DEFAULT_QUEUE, JobError, connect, redact
+
+# RQ looks for jobs whose worker died (no heartbeat for ~90 s) when it runs its maintenance; its
+# default of every 10 minutes would leave a killed build waiting that long to be retried.
+MAINTENANCE_INTERVAL_S = 60
+
+
+@click.command()
+@click.option(
+    "--redis-url",
+    envvar="COTS_REDIS_URL",
+    show_envvar=True,
+    required=True,
+    help="Redis holding the job queue, e.g. redis://localhost:6379/0.",
+)
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue to take jobs from.")
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty instead of waiting.")
+@click.option("--name", default=None, help="Worker name (default: host and process id).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+def worker(redis_url: str, queue: str, burst: bool, name: str | None, log_level: str) -> None:
+    """Run re-indexing jobs queued in Redis, one at a time, each in a forked process.
+
+    A job killed with its worker is handed back to the queue once RQ notices the worker is gone
+    (about 90 s) and continues from its finished shards; it is retried at most twice.
+    """
+    level = log_level.upper()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `cots -v` may already have configured logging more verbosely: keep whichever is lower.
+    root = logging.getLogger()
+    root.setLevel(min(root.level, logging.getLevelNamesMapping()[level]))
+    try:
+        connection = connect(redis_url)
+    except JobError as error:
+        raise click.ClickException(str(error)) from None
+    rq_worker = Worker(
+        [queue],
+        connection=connection,
+        name=name or f"cots-{socket.gethostname()}-{os.getpid()}",
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
+    )
+    logging.getLogger(__name__).info(
+        "worker %s on %s, queue %s%s",
+        rq_worker.name,
+        redact(redis_url),
+        queue,
+        " (burst)" if burst else "",
+    )
+    rq_worker.work(burst=burst, logging_level=level)
