@@ -287,3 +287,32 @@ def test_cli_build_info_search_remove(
     missing = runner.invoke(cli, ["index", "info", "--root", str(tmp_path), "--collection", "x"])
     assert missing.exit_code != 0
     assert "no live version" in missing.output
+
+
+def test_bench_index_runs_both_parts(
+    corpora: dict[str, Path], bundle: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    out = tmp_path / "build.json"
+    result = runner.invoke(
+        cli,
+        [
+            "bench", "index", "build", "--bundle", str(bundle),
+            "--corpus", str(corpora["a"] / "images.csv"), "--limit", "64", "--workers", "1",
+            "--json-out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert row["items"] == 60
+    assert row["build_items_per_s"] > 0
+    assert row["ratio_build_to_encoder"] > 0
+    result = runner.invoke(
+        cli, ["bench", "index", "faiss", "--sizes", "3000", "--dim", "32", "--queries", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert {"`Flat`", "`HNSW32`"} <= {
+        line.split("|")[2].strip()
+        for line in result.output.splitlines()
+        if line.startswith("| 3,000")
+    }
