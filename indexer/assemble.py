@@ -9,7 +9,6 @@ and ``index.json``. It is written in a staging folder and published by
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from indexer.bundle import BundleManifest, Modality
 from indexer.faiss_index import build_index, choose_factory, recall_at_k, save_index
 from indexer.metadata import Item, MetadataStore
 from indexer.spec_index import BuildSpec, CorpusKind
-from indexer.versions import publish, staging_dir
+from indexer.versions import publish, staging
 
 INDEX_JSON: Final = "index.json"
 INDEX_FILE: Final = "index.faiss"
@@ -79,8 +78,7 @@ def assemble_version(
         raise ValueError("no item of the corpus could be encoded; see the skipped items above")
     if progress is not None:
         progress(len(ids), len(ids), "indexing")
-    staged = staging_dir(spec.root, spec.collection)
-    try:
+    with staging(spec.root, spec.collection) as staged:
         budget = spec.memory_budget_mb * 2**20 if spec.memory_budget_mb else None
         factory = spec.factory
         if factory == "auto":
@@ -107,9 +105,6 @@ def assemble_version(
             ),
         )
         return publish(spec.root, spec.collection, staged, spec.keep_versions)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
 
 
 def write_version(
@@ -129,9 +124,7 @@ def write_version(
     order = np.argsort(ids, kind="stable")
     ids, vectors = ids[order], np.ascontiguousarray(vectors[order])
     index = build_index(vectors, ids, factory)
-    rng = np.random.default_rng(0)
-    sample = rng.choice(len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False)
-    recall = recall_at_k(index, vectors, ids, vectors[sample], k=10)
+    recall = measure_recall(index, ids, vectors)
     save_index(index, folder / INDEX_FILE)
     np.save(folder / VECTORS, vectors)
     np.save(folder / IDS, ids)
@@ -146,6 +139,14 @@ def write_version(
     )
     final.write(folder)
     return final
+
+
+def measure_recall(index: Any, ids: np.ndarray, vectors: np.ndarray) -> float:
+    """Recall@10 against exact search, with a seeded sample of the collection's own vectors as
+    queries (what index.json records)."""
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False)
+    return recall_at_k(index, vectors, ids, vectors[sample], k=10)
 
 
 def read_info(folder: Path) -> IndexInfo:

@@ -27,6 +27,7 @@ from indexer.assemble import (
     METADATA,
     VECTORS,
     IndexInfo,
+    measure_recall,
     read_info,
     write_version,
 )
@@ -37,26 +38,23 @@ from indexer.errors import CollectionError
 from indexer.faiss_index import (
     add_vectors,
     load_index,
-    recall_at_k,
     remove_ids,
     save_index,
     supports_remove,
 )
 from indexer.metadata import MetadataStore
 from indexer.spec_index import BuildSpec
-from indexer.versions import current_dir, publish, staging_dir
+from indexer.versions import current_dir, publish, staging
 
 
-def _staged_copy(root: Path, collection: str) -> tuple[Path, IndexInfo]:
+def _copy_live(root: Path, collection: str, staged: Path) -> IndexInfo:
+    """Copy the live version into ``staged``; returns its index.json."""
     live = current_dir(root, collection)
-    staged = staging_dir(root, collection)
     shutil.copytree(live, staged, dirs_exist_ok=True)
-    return staged, read_info(live)
+    return read_info(live)
 
 
-def _publish_or_discard(
-    root: Path, collection: str, staged: Path, keep: int, info: IndexInfo
-) -> int:
+def _publish_with(root: Path, collection: str, staged: Path, keep: int, info: IndexInfo) -> int:
     info.write(staged)
     return publish(root, collection, staged, keep)
 
@@ -64,8 +62,8 @@ def _publish_or_discard(
 def add_to_collection(spec: BuildSpec) -> int:
     """Embed ``spec.corpus`` and add it to the live version; returns the new version."""
     manifest = read_manifest(spec.bundle)
-    staged, info = _staged_copy(spec.root, spec.collection)
-    try:
+    with staging(spec.root, spec.collection) as staged:
+        info = _copy_live(spec.root, spec.collection, staged)
         if info.model_bundle_id != manifest.bundle_id:
             raise CollectionError(
                 f"collection {spec.collection!r} was built with model bundle "
@@ -92,21 +90,17 @@ def add_to_collection(spec: BuildSpec) -> int:
             np.save(staged / IDS, ids)
             np.save(staged / VECTORS, vectors)
             live = store.live_count()
-        sample = np.random.default_rng(0).choice(len(ids), size=min(200, len(ids)), replace=False)
         skipped = Counter(info.skipped)
         skipped.update(skipped_summary([shard], listing_skipped))
         updated = info.model_copy(
             update={
                 "count": len(ids),
                 "live": live,
-                "recall_at_10": recall_at_k(index, vectors, ids, vectors[sample], k=10),
+                "recall_at_10": measure_recall(index, ids, vectors),
                 "skipped": dict(skipped),
             }
         )
-        return _publish_or_discard(spec.root, spec.collection, staged, spec.keep_versions, updated)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        return _publish_with(spec.root, spec.collection, staged, spec.keep_versions, updated)
 
 
 def remove_from_collection(
@@ -120,8 +114,8 @@ def remove_from_collection(
     """Remove items by id and/or by filter; returns (new version, items removed)."""
     if not ids and not filters:
         raise ValueError("name the items to remove: ids, a filter, or both")
-    staged, info = _staged_copy(root, collection)
-    try:
+    with staging(root, collection) as staged:
+        info = _copy_live(root, collection, staged)
         with MetadataStore.open(staged / METADATA, readonly=False) as store:
             doomed = np.asarray(list(ids), dtype=np.int64)
             if filters:
@@ -133,18 +127,14 @@ def remove_from_collection(
             remove_ids(index, doomed)
             save_index(index, staged / INDEX_FILE)
         updated = info.model_copy(update={"live": live})
-        return _publish_or_discard(root, collection, staged, keep_versions, updated), removed
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        return _publish_with(root, collection, staged, keep_versions, updated), removed
 
 
 def compact_collection(root: Path, collection: str, *, keep_versions: int = 3) -> int:
     """Rebuild the index and metadata from the live items only; returns the new version."""
     live_dir = current_dir(root, collection)
     info = read_info(live_dir)
-    staged = staging_dir(root, collection)
-    try:
+    with staging(root, collection) as staged:
         with MetadataStore.open(live_dir / METADATA, readonly=True) as old:
             removed = old.removed_ids()
             items = list(old.iter_items())
@@ -153,6 +143,3 @@ def compact_collection(root: Path, collection: str, *, keep_versions: int = 3) -
         keep = ~np.isin(ids, removed)
         write_version(staged, ids[keep], vectors[keep], items, info.factory, info)
         return publish(root, collection, staged, keep_versions)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise

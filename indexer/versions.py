@@ -61,11 +61,18 @@ def current_dir(root: Path, collection: str) -> Path:
     return version_dir(root, collection, version)
 
 
-def staging_dir(root: Path, collection: str) -> Path:
-    """A fresh folder to write a version into, on the same file system as the versions."""
-    folder = collection_dir(root, collection) / VERSIONS
-    folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+@contextmanager
+def staging(root: Path, collection: str) -> Iterator[Path]:
+    """A fresh folder to write a version into, on the same file system as the versions (so
+    :func:`publish` can rename it), deleted if the block fails."""
+    parent = collection_dir(root, collection) / VERSIONS
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 @contextmanager
