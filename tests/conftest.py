@@ -119,25 +119,14 @@ def redis_db(redis_url: str) -> str:
 def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model bundle of cots-micro trained two steps on 40 synthetic images (fp32 only):
     real ONNX files for the indexer's tests, made once per session."""
-    from model.config import TrainConfig
     from model.data.synth import SynthConfig, generate_corpus
     from model.export import ExportOptions, export_bundle
-    from model.train import train
+    from tests.micro import train_micro
 
     root = tmp_path_factory.mktemp("micro-bundle")
     generate_corpus(
         root / "corpus", SynthConfig(seed=11, n_images=40, n_videos=0, image_size=32), workers=1
     )
-    run = {
-        "model": "cots-micro",
-        "data": {"train": str(root / "corpus" / "images.csv")},
-        "output": str(root / "run"),
-        "batch_size": 8,
-        "max_steps": 2,
-        "warmup_steps": 1,
-        "threads": 1,
-        "objective": {"queue_size": 16},
-    }
-    train(TrainConfig.model_validate(run), progress=False)
+    checkpoint = train_micro(root / "corpus" / "images.csv", root / "run")
     options = ExportOptions(fp16=False, progress=False, check_items=8)
-    return export_bundle(root / "run" / "checkpoint.pt", root / "bundle", options)
+    return export_bundle(checkpoint, root / "bundle", options)

@@ -24,34 +24,17 @@ from cots.cli import cli
 from indexer.bundle import MANIFEST, Precision, read_manifest
 from indexer.encoder import Encoder
 from indexer.errors import BundleError, InputError
-from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.eval_splits import towers_from_checkpoint
 from model.export import ExportError, ExportOptions, export_bundle
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
-from model.train import train
 from model.training_data import load_split
 from model.video_data import VideoPairDataset, load_video_split
+from tests.micro import train_micro
 
 pytestmark = pytest.mark.slow
 CONTEXT = 48  # cots-micro's context length
-
-
-def _train(corpus: Path, output: Path, **overrides: Any) -> Path:
-    config = {
-        "model": "cots-micro",
-        "data": {"train": str(corpus)},
-        "output": str(output),
-        "batch_size": 8,
-        "max_steps": 2,
-        "warmup_steps": 1,
-        "threads": 1,
-        "objective": {"queue_size": 16},
-        **overrides,
-    }
-    train(TrainConfig.model_validate(config), progress=False)
-    return output / "checkpoint.pt"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +44,7 @@ def image_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     generate_corpus(
         root / "corpus", SynthConfig(seed=3, n_images=40, n_videos=0, image_size=40), workers=1
     )
-    checkpoint = _train(
+    checkpoint = train_micro(
         root / "corpus" / "images.csv",
         root / "run",
         cookie={"enabled": True},
@@ -84,7 +67,7 @@ def video_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         SynthConfig(seed=4, n_images=0, n_videos=16, video_size=48, video_frames=12),
         workers=1,
     )
-    checkpoint = _train(
+    checkpoint = train_micro(
         root / "corpus" / "videos.csv",
         root / "run",
         data={

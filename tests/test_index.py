@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,10 +21,10 @@ from indexer.build import build_collection
 from indexer.collection import Collection
 from indexer.encoder import Encoder
 from indexer.errors import CollectionError
-from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, compact_collection, remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions
 from model.data.synth import SynthConfig, generate_corpus
+from tests.micro import build_spec
 
 pytestmark = pytest.mark.slow
 
@@ -47,23 +46,9 @@ def bundle(micro_bundle: Path) -> Path:
     return micro_bundle
 
 
-def spec(root: Path, bundle: Path, corpus: Path, **overrides: Any) -> BuildSpec:
-    fields: dict[str, Any] = {
-        "collection": "photos",
-        "root": root,
-        "bundle": bundle,
-        "corpus": str(corpus),
-        "workers": 0,
-        "shard_size": 16,
-        "batch_size": 8,
-        **overrides,
-    }
-    return BuildSpec.model_validate(fields)
-
-
 def test_build_search_and_hydrate(corpora: dict[str, Path], bundle: Path, tmp_path: Path) -> None:
     csv = corpora["a"] / "images.csv"
-    version = build_collection(spec(tmp_path, bundle, csv, workers=2))
+    version = build_collection(build_spec(tmp_path, bundle, csv, workers=2))
     assert version == 1
     assert current_version(tmp_path, "photos") == 1
     info = read_info(current_dir(tmp_path, "photos"))
@@ -97,7 +82,7 @@ def test_bad_items_are_skipped_counted_and_named(
     images = sorted((corpus / "images").rglob("*.png"))
     images[0].write_bytes(b"not an image")
     images[1].unlink()
-    build_collection(spec(tmp_path / "idx", bundle, corpus / "images.csv"))
+    build_collection(build_spec(tmp_path / "idx", bundle, corpus / "images.csv"))
     info = read_info(current_dir(tmp_path / "idx", "photos"))
     assert info.count == 18
     assert info.skipped == {"corrupt image": 1, "missing file": 1}
@@ -108,9 +93,9 @@ def test_a_killed_build_resumes_to_the_same_index(
     corpora: dict[str, Path], bundle: Path, tmp_path: Path
 ) -> None:
     csv = corpora["a"] / "images.csv"
-    straight = spec(tmp_path / "straight", bundle, csv, shard_size=4)
+    straight = build_spec(tmp_path / "straight", bundle, csv, shard_size=4)
     build_collection(straight)
-    killed = spec(tmp_path / "killed", bundle, csv, shard_size=4)
+    killed = build_spec(tmp_path / "killed", bundle, csv, shard_size=4)
     build_collection(killed.model_copy(update={"corpus": str(corpora["b"] / "images.csv")}))
     code = (
         "import sys, time\n"
@@ -148,9 +133,9 @@ def test_add_remove_filter_and_versions(
     corpora: dict[str, Path], bundle: Path, tmp_path: Path
 ) -> None:
     encoder = Encoder(bundle)
-    build_collection(spec(tmp_path, bundle, corpora["a"] / "images.csv", keep_versions=2))
+    build_collection(build_spec(tmp_path, bundle, corpora["a"] / "images.csv", keep_versions=2))
     version = add_to_collection(
-        spec(tmp_path, bundle, corpora["b"] / "images.csv", keep_versions=2)
+        build_spec(tmp_path, bundle, corpora["b"] / "images.csv", keep_versions=2)
     )
     assert version == 2
     with Collection.open(tmp_path, "photos") as collection:
@@ -183,7 +168,7 @@ def test_hnsw_removal_uses_tombstones_until_compacted(
     corpora: dict[str, Path], bundle: Path, tmp_path: Path
 ) -> None:
     encoder = Encoder(bundle)
-    build_collection(spec(tmp_path, bundle, corpora["a"] / "images.csv", factory="HNSW16"))
+    build_collection(build_spec(tmp_path, bundle, corpora["a"] / "images.csv", factory="HNSW16"))
     query = encoder.encode_texts(["a small yellow star"])
     with Collection.open(tmp_path, "photos") as collection:
         top = [hit.id for hit in collection.search(query, 10)[0]]
@@ -206,7 +191,7 @@ def test_hnsw_removal_uses_tombstones_until_compacted(
 def test_an_index_from_another_model_bundle_is_refused(
     corpora: dict[str, Path], bundle: Path, tmp_path: Path
 ) -> None:
-    build_collection(spec(tmp_path, bundle, corpora["b"] / "images.csv"))
+    build_collection(build_spec(tmp_path, bundle, corpora["b"] / "images.csv"))
     with pytest.raises(CollectionError, match=r"was built with model bundle .* rebuild"):
         Collection.open(tmp_path, "photos", bundle_id="0" * 64)
     with pytest.raises(CollectionError, match="no live version"):
@@ -218,7 +203,9 @@ def test_caption_and_video_collections(
 ) -> None:
     encoder = Encoder(bundle)
     build_collection(
-        spec(tmp_path, bundle, corpora["b"] / "images.csv", collection="captions", kind="caption")
+        build_spec(
+            tmp_path, bundle, corpora["b"] / "images.csv", collection="captions", kind="caption"
+        )
     )
     with Collection.open(tmp_path, "captions") as captions:
         assert captions.info.modality == "text"
@@ -230,7 +217,7 @@ def test_caption_and_video_collections(
         hits = captions.search(encoder.encode_images([image]), 3)[0]
         assert all(hit.item.kind == "caption" and hit.item.caption for hit in hits)
     build_collection(
-        spec(tmp_path, bundle, corpora["a"] / "videos.csv", collection="clips", kind="video")
+        build_spec(tmp_path, bundle, corpora["a"] / "videos.csv", collection="clips", kind="video")
     )
     with Collection.open(tmp_path, "clips") as clips:
         hits = clips.search(encoder.encode_texts(["a circle moves left"]), 50)[0]

@@ -19,6 +19,7 @@ from indexer.ray_engine import encode_shards_with_ray
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from model.data.synth import SynthConfig, generate_corpus
+from tests.micro import build_spec
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,17 +66,7 @@ def ray_cluster() -> Iterator[None]:
 
 
 def spec(root: Path, bundle: Path, corpus: Path, **overrides: Any) -> BuildSpec:
-    fields: dict[str, Any] = {
-        "collection": "photos",
-        "root": root,
-        "bundle": bundle,
-        "corpus": str(corpus),
-        "workers": 0,
-        "shard_size": 8,
-        "batch_size": 4,
-        **overrides,
-    }
-    return BuildSpec.model_validate(fields)
+    return build_spec(root, bundle, corpus, shard_size=8, batch_size=4, **overrides)
 
 
 def assert_same_shard(got: Shard, want: Shard) -> None:
