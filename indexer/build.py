@@ -172,6 +172,8 @@ def _prepare_video(
         Item(id=base, kind="video", caption=caption, start_s=0.0, end_s=seconds, **common)
     )
     chunk.inputs.append(whole)
+    if len(segments) == 1:
+        return  # one segment spanning the video would only repeat it in every result list
     for position, (start, end, frames) in enumerate(segments, start=1):
         chunk.items.append(
             Item(

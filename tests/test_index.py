@@ -216,8 +216,16 @@ def test_caption_and_video_collections(
             image = corpora["b"] / image
         hits = captions.search(encoder.encode_images([image]), 3)[0]
         assert all(hit.item.kind == "caption" and hit.item.caption for hit in hits)
+    videos = corpora["a"] / "videos.csv"
+    # Synthetic clips last 2 s: one segment would repeat the video, so none is stored.
+    build_collection(build_spec(tmp_path, bundle, videos, collection="whole", kind="video"))
+    with Collection.open(tmp_path, "whole") as whole:
+        assert whole.info.count == 3
+        assert {
+            hit.item.kind for hit in whole.search(encoder.encode_texts(["a circle"]), 10)[0]
+        } == {"video"}
     build_collection(
-        build_spec(tmp_path, bundle, corpora["a"] / "videos.csv", collection="clips", kind="video")
+        build_spec(tmp_path, bundle, videos, collection="clips", kind="video", segment_seconds=0.5)
     )
     with Collection.open(tmp_path, "clips") as clips:
         hits = clips.search(encoder.encode_texts(["a circle moves left"]), 50)[0]
