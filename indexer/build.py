@@ -213,6 +213,43 @@ class Shard:
             skipped = [tuple(s) for s in json.loads(str(data["skipped"]))]
             return cls(data["ids"], data["vectors"], items, skipped)  # type: ignore[arg-type]
 
+    @classmethod
+    def join(cls, parts: Sequence[Shard], dim: int) -> Shard:
+        """One shard from consecutive parts (chunks) in record order; logs their skipped items."""
+        items = [item for part in parts for item in part.items]
+        skipped = [entry for part in parts for entry in part.skipped]
+        for uri, reason in skipped:
+            logger.warning("skipped %s (%s)", uri, reason)
+        vectors = [part.vectors for part in parts if part.items]
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        return cls(np.array([item.id for item in items], dtype=np.int64), stacked, items, skipped)
+
+
+def chunk_records(
+    spec: BuildSpec, numbered: Sequence[tuple[int, Record]]
+) -> list[Sequence[tuple[int, Record]]]:
+    """The chunks both engines cut a shard into: a batch of records (an eighth for videos,
+    whose segments multiply the inputs)."""
+    size = max(1, spec.batch_size // (8 if spec.kind == "video" else 1))
+    return [numbered[i : i + size] for i in range(0, len(numbered), size)]
+
+
+def embed_chunk(encoder: Encoder, modality: Modality, chunk: Chunk, batch_size: int) -> Shard:
+    """A chunk's embeddings as a (partial) shard, the model called ``batch_size`` at a time."""
+    if not chunk.items:
+        vectors = np.zeros((0, encoder.dim), np.float32)
+    elif modality == "text":
+        vectors = encoder.encode_texts(chunk.inputs)
+    else:
+        vectors = np.concatenate(
+            [
+                encoder.run(modality, np.stack(chunk.inputs[start : start + batch_size]))
+                for start in range(0, len(chunk.inputs), batch_size)
+            ]
+        )
+    ids = np.array([item.id for item in chunk.items], dtype=np.int64)
+    return Shard(ids, vectors, chunk.items, chunk.skipped)
+
 
 class ShardEncoder:
     """Turns numbered records into shards: decoding in worker processes, encoding here."""
@@ -244,8 +281,7 @@ class ShardEncoder:
     def _chunks(self, numbered: Sequence[tuple[int, Record]]) -> Iterator[Chunk]:
         """Prepared chunks in order; with a pool, at most 2 * workers chunks in flight, so
         decoding runs ahead of encoding without holding a whole shard of pixels."""
-        size = max(1, self.spec.batch_size // (8 if self.spec.kind == "video" else 1))
-        parts = [numbered[i : i + size] for i in range(0, len(numbered), size)]
+        parts = chunk_records(self.spec, numbered)
         if self._pool is None:
             for part in parts:
                 yield prepare_chunk(self._args[0], part, *self._args[1:])
@@ -261,31 +297,12 @@ class ShardEncoder:
             yield pending.popleft().get()
 
     def encode(self, numbered: Sequence[tuple[int, Record]], bar: tqdm | None = None) -> Shard:
-        items: list[Item] = []
-        vectors: list[np.ndarray] = []
-        skipped: list[tuple[str, str]] = []
+        parts = []
         for chunk in self._chunks(numbered):
-            for uri, reason in chunk.skipped:
-                logger.warning("skipped %s (%s)", uri, reason)
-            skipped += chunk.skipped
-            if chunk.items:
-                vectors.append(self._embed(chunk.inputs))
-                items += chunk.items
+            parts.append(embed_chunk(self.encoder, self.modality, chunk, self.spec.batch_size))
             if bar is not None:
                 bar.update(len({item.uri for item in chunk.items}) + len(chunk.skipped))
-        dim = self.encoder.dim
-        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-        ids = np.array([item.id for item in items], dtype=np.int64)
-        return Shard(ids, stacked, items, skipped)
-
-    def _embed(self, inputs: list[Any]) -> np.ndarray:
-        if self.modality == "text":
-            return self.encoder.encode_texts(inputs)
-        out = []
-        for start in range(0, len(inputs), self.spec.batch_size):
-            batch = np.stack(inputs[start : start + self.spec.batch_size])
-            out.append(self.encoder.run(self.modality, batch))
-        return np.concatenate(out)
+        return Shard.join(parts, self.encoder.dim)
 
 
 # The build --------------------------------------------------------------------------------------
@@ -353,24 +370,45 @@ def encode_shards_locally(
 ) -> list[Path]:
     """Encode every shard not saved yet; returns all shard paths in order."""
     numbered = list(enumerate(records))
-    starts = range(0, len(numbered), spec.shard_size)
-    paths = [shard_path(work, i) for i in range(len(starts))]
-    done = sum(
-        min(spec.shard_size, len(numbered) - start)
-        for start, path in zip(starts, paths, strict=True)
-        if path.is_file()
-    )
-    if done:
-        logger.info("resuming: %d of %d records already encoded", done, len(numbered))
-    bar = tqdm(total=len(numbered), initial=done, desc=f"indexing {spec.collection}", unit="item")
+    plan = ShardPlan.scan(spec, len(numbered), work)
+    bar = tqdm(total=plan.total, initial=plan.done, desc=f"indexing {spec.collection}", unit="item")
     with bar, ShardEncoder(spec, Encoder(spec.bundle, batch_size=spec.batch_size)) as encoder:
-        for start, path in zip(starts, paths, strict=True):
-            if path.is_file():
-                continue
-            encoder.encode(numbered[start : start + spec.shard_size], bar).save(path)
+        for shard in plan.pending:
+            start, end = plan.bounds(shard)
+            encoder.encode(numbered[start:end], bar).save(plan.paths[shard])
             if progress is not None:
-                progress(min(start + spec.shard_size, len(numbered)), len(numbered), "encoding")
-    return paths
+                progress(end, plan.total, "encoding")
+    return plan.paths
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which shards of a build exist already and which are still to encode."""
+
+    shard_size: int
+    total: int  # records
+    paths: list[Path]  # every shard, in order
+    pending: list[int]  # shards without a file yet
+
+    @classmethod
+    def scan(cls, spec: BuildSpec, total: int, work: Path) -> ShardPlan:
+        count = -(-total // spec.shard_size)
+        paths = [shard_path(work, i) for i in range(count)]
+        pending = [i for i, path in enumerate(paths) if not path.is_file()]
+        plan = cls(spec.shard_size, total, paths, pending)
+        if plan.done:
+            logger.info("resuming: %d of %d records already encoded", plan.done, total)
+        return plan
+
+    def bounds(self, shard: int) -> tuple[int, int]:
+        """Record indices [start, end) of a shard."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.total)
+
+    @property
+    def done(self) -> int:
+        """Records in the shards already saved."""
+        return self.total - sum(end - start for start, end in map(self.bounds, self.pending))
 
 
 def skipped_summary(

@@ -42,28 +42,26 @@ import pickle
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 from tqdm import tqdm
 
 from indexer.build import (
     MODALITY,
-    Chunk,
     Progress,
     Record,
     Shard,
-    logger,
+    ShardPlan,
+    chunk_records,
+    embed_chunk,
     prepare_chunk,
-    shard_path,
 )
 from indexer.bundle import BundleManifest, read_manifest
 from indexer.encoder import Encoder
 from indexer.errors import CollectionError
-from indexer.metadata import Item
 from indexer.spec import ImageSpec, VideoSpec
 from indexer.spec_index import BuildSpec, CorpusKind
 
@@ -82,18 +80,6 @@ except ImportError as missing:  # the base install has no Ray: say how to get it
 MAX_INPUT_BLOCKS: Final = 4096
 ENCODERS_ENV: Final = "COTS_RAY_ENCODERS"
 ACTOR_OVERHEAD: Final = 512 << 20
-
-
-@dataclass
-class _Part:
-    """One chunk's embeddings, as an encoder actor returns them."""
-
-    items: list[Item]
-    vectors: np.ndarray  # float32 [len(items), D]
-    skipped: list[tuple[str, str]]
-
-
-# Pipeline stages (run on the cluster) -----------------------------------------------------------
 
 
 def _decode(
@@ -115,7 +101,7 @@ def _decode(
 
 
 class _Embedder:
-    """An actor holding one encoder; chunks -> pickled :class:`_Part`."""
+    """An actor holding one encoder: chunks -> pickled partial shards."""
 
     def __init__(self, bundle: str, kind: CorpusKind, batch_size: int, threads: int | None):
         self.encoder = Encoder(bundle, batch_size=batch_size, threads=threads)
@@ -123,31 +109,15 @@ class _Embedder:
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        parts = []
-        for blob in batch.column("chunk").to_pylist():
-            chunk: Chunk = pickle.loads(blob)
-            vectors = (
-                self._embed(chunk.inputs)
-                if chunk.items
-                else np.zeros((0, self.encoder.dim), np.float32)
+        parts = [
+            pickle.dumps(
+                embed_chunk(self.encoder, self.modality, pickle.loads(blob), self.batch_size)
             )
-            parts.append(pickle.dumps(_Part(chunk.items, vectors, chunk.skipped)))
+            for blob in batch.column("chunk").to_pylist()
+        ]
         return batch.drop_columns(["chunk"]).append_column(
             "part", pa.array(parts, pa.large_binary())
         )
-
-    def _embed(self, inputs: list[Any]) -> np.ndarray:
-        # Batched exactly as ShardEncoder._embed, so vectors match the local engine's.
-        if self.modality == "text":
-            return self.encoder.encode_texts(inputs)
-        out = [
-            self.encoder.run(self.modality, np.stack(inputs[start : start + self.batch_size]))
-            for start in range(0, len(inputs), self.batch_size)
-        ]
-        return np.concatenate(out)
-
-
-# The driver -------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -178,21 +148,16 @@ def encode_shards_with_ray(
     spec: BuildSpec, records: list[Record], work: Path, progress: Progress | None
 ) -> list[Path]:
     """Encode every shard not saved yet on a Ray cluster; returns all shard paths in order."""
-    total = len(records)
-    starts = range(0, total, spec.shard_size)
-    paths = [shard_path(work, i) for i in range(len(starts))]
-    pending = [i for i, path in enumerate(paths) if not path.is_file()]
-    done = total - sum(min(spec.shard_size, total - starts[i]) for i in pending)
-    if not pending:
-        return paths
-    if done:
-        logger.info("resuming: %d of %d records already encoded", done, total)
-    rows, parts_of = _input_rows(spec, records, pending)
+    plan = ShardPlan.scan(spec, len(records), work)
+    if not plan.pending:
+        return plan.paths
+    rows, parts_of = _input_rows(spec, records, plan)
     manifest = read_manifest(spec.bundle)
-    bar = tqdm(total=total, initial=done, desc=f"indexing {spec.collection}", unit="item")
+    done = plan.done
+    bar = tqdm(total=plan.total, initial=done, desc=f"indexing {spec.collection}", unit="item")
     with bar, connected(spec.workers):
         dataset = _pipeline(spec, rows, manifest)
-        arrived: dict[int, dict[int, _Part]] = defaultdict(dict)
+        arrived: dict[int, dict[int, Shard]] = defaultdict(dict)
         try:
             for row in dataset.iter_rows():
                 shard, index = int(row["shard"]), int(row["index"])
@@ -203,38 +168,35 @@ def encode_shards_with_ray(
                 # Saved as soon as complete, in whatever order shards finish: a killed build
                 # keeps every finished shard. Within a shard, chunks go back in record order.
                 parts = arrived.pop(shard)
-                shard_file = _assemble([parts[i] for i in range(len(parts))], manifest.embed_dim)
-                shard_file.save(paths[shard])
-                done += min(spec.shard_size, total - starts[shard])
+                joined = Shard.join([parts[i] for i in range(len(parts))], manifest.embed_dim)
+                joined.save(plan.paths[shard])
+                start, end = plan.bounds(shard)
+                done += end - start
                 if progress is not None:
-                    progress(done, total, "encoding")
+                    progress(done, plan.total, "encoding")
         except ray.exceptions.RayError as error:  # e.g. a node cannot read the bundle
             raise CollectionError(f"the Ray pipeline failed: {error}") from error
-    missing = [str(path) for path in paths if not path.is_file()]
+    missing = [str(path) for path in plan.paths if not path.is_file()]
     if missing:  # a pipeline that lost rows must not publish an index without them
         raise CollectionError(f"the Ray pipeline ended without {', '.join(missing)}")
-    return paths
+    return plan.paths
 
 
 def _input_rows(
-    spec: BuildSpec, records: list[Record], pending: list[int]
+    spec: BuildSpec, records: list[Record], plan: ShardPlan
 ) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    """One row per chunk of the pending shards (chunks cut as ShardEncoder cuts them), and the
+    """One row per chunk of the pending shards (cut as the local engine cuts them), and the
     number of chunks of each shard."""
-    size = max(1, spec.batch_size // (8 if spec.kind == "video" else 1))
     rows: list[dict[str, Any]] = []
     parts_of: dict[int, int] = {}
-    for shard in pending:
-        start = shard * spec.shard_size
+    for shard in plan.pending:
+        start, end = plan.bounds(shard)
         numbered = [
-            (number, _absolute(record))
-            for number, record in enumerate(records[start : start + spec.shard_size], start)
+            (number, _absolute(record)) for number, record in enumerate(records[start:end], start)
         ]
-        chunks = [numbered[i : i + size] for i in range(0, len(numbered), size)]
+        chunks = chunk_records(spec, numbered)
         parts_of[shard] = len(chunks)
         rows += [
-            # Pickled: the records are frozen dataclasses with Path and bytes fields, which
-            # Arrow cannot hold as they are.
             {"shard": shard, "index": i, "count": len(chunk), "records": pickle.dumps(chunk)}
             for i, chunk in enumerate(chunks)
         ]
@@ -300,14 +262,3 @@ def _actor_memory(spec: BuildSpec, manifest: BundleManifest) -> int:
     variants = manifest.models.get(MODALITY[spec.kind], {}).values()
     largest = max((Path(spec.bundle, name).stat().st_size for name in variants), default=0)
     return 2 * largest + ACTOR_OVERHEAD
-
-
-def _assemble(parts: list[_Part], dim: int) -> Shard:
-    """A shard from its chunks in record order, as ShardEncoder.encode makes it."""
-    items = [item for part in parts for item in part.items]
-    skipped = [entry for part in parts for entry in part.skipped]
-    for uri, reason in skipped:
-        logger.warning("skipped %s (%s)", uri, reason)
-    vectors = [part.vectors for part in parts if part.items]
-    stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    return Shard(np.array([item.id for item in items], dtype=np.int64), stacked, items, skipped)
