@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from indexer.spec_index import BuildSpec
 
 _ROOT_HELP = "Folder holding the collections (env COTS_INDEX_ROOT)."
 
@@ -111,14 +115,8 @@ def build(**options: Any) -> None:
     and skipped; they never stop the build.
     """
     from indexer.build import build_collection
-    from indexer.errors import BundleError, CollectionError
-    from indexer.spec_index import BuildSpec
 
-    try:
-        spec = BuildSpec.model_validate({k: v for k, v in options.items() if v is not None})
-        version = build_collection(spec)
-    except (BundleError, CollectionError, ValueError) as error:
-        raise _fail(error) from None
+    version = _run_spec(build_collection, options)
     _echo_info(options["root"], options["collection"], f"built version {version}")
 
 
@@ -128,16 +126,22 @@ def build(**options: Any) -> None:
 @_spec_options
 def add(**options: Any) -> None:
     """Embed more items into a collection (a new version; ids continue after the largest)."""
-    from indexer.errors import BundleError, CollectionError
-    from indexer.spec_index import BuildSpec
     from indexer.update import add_to_collection
 
+    version = _run_spec(add_to_collection, options)
+    _echo_info(options["root"], options["collection"], f"added; now version {version}")
+
+
+def _run_spec(action: Callable[[BuildSpec], int], options: dict[str, Any]) -> int:
+    """Validate the command's options as a BuildSpec and run ``action`` on it; failures
+    become clear command errors."""
+    from indexer.errors import BundleError, CollectionError
+    from indexer.spec_index import BuildSpec
+
     try:
-        spec = BuildSpec.model_validate({k: v for k, v in options.items() if v is not None})
-        version = add_to_collection(spec)
+        return action(BuildSpec.model_validate({k: v for k, v in options.items() if v is not None}))
     except (BundleError, CollectionError, ValueError) as error:
         raise _fail(error) from None
-    _echo_info(options["root"], options["collection"], f"added; now version {version}")
 
 
 @index.command()
