@@ -17,7 +17,7 @@ import numpy as np
 
 from indexer.assemble import INDEX_FILE, METADATA, IndexInfo, read_info
 from indexer.errors import CollectionError
-from indexer.faiss_index import load_index, search
+from indexer.faiss_index import load_index, search, supports_remove
 from indexer.metadata import Item, MetadataStore
 from indexer.versions import current_dir, version_dir
 
@@ -38,7 +38,9 @@ class Collection:
         self.index = index
         self.store = store
         self.version = int(folder.name)
-        self._removed = store.removed_ids()
+        # Removed items whose vectors are still in the index (types that cannot delete, such as
+        # HNSW): a search must ask for that many more. Flat and IVF dropped theirs.
+        self._tombstoned_in_index = 0 if supports_remove(index) else len(store.removed_ids())
 
     @classmethod
     def open(
@@ -81,8 +83,9 @@ class Collection:
 
         ``filters`` keep items whose fields equal the given values (``kind``, ``group_id``,
         ``uri`` or any metadata key); k results come back whenever k items match. Removed items
-        never appear: with a filter they are not among the allowed ids; without one the search
-        asks for k more per removed item and drops them.
+        never appear: with a filter they are not among the allowed ids; without one, for index
+        types that keep removed vectors, the search asks for k more per removed item and drops
+        them.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -95,7 +98,7 @@ class Collection:
                 return [[] for _ in queries]
             scores, ids = search(self.index, queries, min(k, len(allowed)), allowed=allowed)
         else:
-            wanted = min(k + len(self._removed), self.index.ntotal)
+            wanted = min(k + self._tombstoned_in_index, self.index.ntotal)
             scores, ids = search(self.index, queries, wanted)
         return self._hydrate(scores, ids, k)
 
