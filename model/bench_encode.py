@@ -14,6 +14,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,8 @@ def encode_bench(
             for precision in ("fp32", "int8") if int8 else ("fp32",):
                 runtime = Encoder(bundle, providers=["cpu"], precision=precision, threads=threads)
                 variants[f"onnx {precision}"] = _RuntimeSide(runtime)
-            rows = [_measure(name, side, test) for name, side in tqdm(variants.items())]
+            corpus = _Corpus.of(test)
+            rows = [_measure(name, side, corpus) for name, side in tqdm(variants.items())]
     except (ModelError, BundleError) as error:
         raise click.ClickException(str(error)) from None
     _report(rows, config.model, threads, split, json_out)
@@ -153,15 +155,35 @@ class _RuntimeSide:
         return self.encoder.run("image", pixels)
 
 
-def _measure(name: str, side: Any, split: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Corpus:
+    """The split, decoded once for every variant."""
+
+    images: list[Any]
+    captions: list[str]
+    image_groups: Any  # torch [N]
+    caption_groups: Any  # torch [M]
+
+    @classmethod
+    def of(cls, split: Any) -> _Corpus:
+        from model.data.readers import load_image
+        from model.evaluate import caption_groups
+
+        return cls(
+            images=[load_image(record) for record in split.records],
+            captions=[caption for captions in split.captions for caption in captions],
+            image_groups=split.groups,
+            caption_groups=caption_groups(split.groups, split.captions),
+        )
+
+
+def _measure(name: str, side: Any, corpus: _Corpus) -> dict[str, Any]:
     import torch
 
-    from model.data.readers import load_image
     from model.evaluate import retrieval_metrics
 
-    images = [load_image(record) for record in split.records]
-    captions = [caption for captions in split.captions for caption in captions]
-    pixels = side.pixels(images)
+    captions = corpus.captions
+    pixels = side.pixels(corpus.images)
     row: dict[str, Any] = {"variant": name}
     for batch in BATCHES:
         row[f"texts_per_s@{batch}"] = _throughput(side.encode_texts, captions, batch)
@@ -172,11 +194,11 @@ def _measure(name: str, side: Any, split: Any) -> dict[str, Any]:
     text_emb = np.concatenate(
         [side.encode_texts(captions[i : i + 64]) for i in range(0, len(captions), 64)]
     )
-    text_groups = torch.cat(
-        [g.repeat(len(c)) for g, c in zip(split.groups, split.captions, strict=True)]
-    )
     metrics = retrieval_metrics(
-        torch.from_numpy(image_emb), torch.from_numpy(text_emb), split.groups, text_groups
+        torch.from_numpy(image_emb),
+        torch.from_numpy(text_emb),
+        corpus.image_groups,
+        corpus.caption_groups,
     )
     row["mean_recall"] = metrics["mean_recall"]
     row["t2i_R@1"] = metrics["t2i_R@1"]

@@ -7,7 +7,7 @@ the same group id (image id), so duplicate images of one group count as one targ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Protocol
 
 import torch
@@ -131,6 +131,12 @@ def embed_split(
     return torch.cat(image_emb), text_emb, split.groups, text_groups
 
 
+def caption_groups(groups: torch.Tensor, captions: Sequence[Sized]) -> torch.Tensor:
+    """[M] the group id of every caption, in item order, from one id per item and each item's
+    captions (token rows or strings)."""
+    return torch.cat([g.repeat(len(c)) for g, c in zip(groups, captions, strict=True)])
+
+
 @torch.no_grad()
 def embed_captions(
     towers: CaptionEncoder,
@@ -142,7 +148,7 @@ def embed_captions(
     """(text_emb [M, D], text_groups [M]) of every caption of every item, in item order;
     ``tokens`` holds one [n_captions, L] tensor per item, ``groups`` one id per item."""
     flat = torch.cat(list(tokens))
-    text_groups = torch.cat([g.repeat(len(t)) for g, t in zip(groups, tokens, strict=True)])
+    text_groups = caption_groups(groups, tokens)
     text_emb = [
         towers.encode_text(flat[s : s + batch_size].to(device)).float().cpu()
         for s in range(0, len(flat), batch_size)
