@@ -371,11 +371,14 @@ def encode_shards_locally(
     """Encode every shard not saved yet; returns all shard paths in order."""
     numbered = list(enumerate(records))
     plan = ShardPlan.scan(spec, len(numbered), work)
+    # build_collection has just hashed the bundle's files; hashing them again costs seconds for
+    # a large model and proves nothing new.
+    encoder = Encoder(spec.bundle, batch_size=spec.batch_size, verify=False)
     bar = tqdm(total=plan.total, initial=plan.done, desc=f"indexing {spec.collection}", unit="item")
-    with bar, ShardEncoder(spec, Encoder(spec.bundle, batch_size=spec.batch_size)) as encoder:
+    with bar, ShardEncoder(spec, encoder) as shards:
         for shard in plan.pending:
             start, end = plan.bounds(shard)
-            encoder.encode(numbered[start:end], bar).save(plan.paths[shard])
+            shards.encode(numbered[start:end], bar).save(plan.paths[shard])
             if progress is not None:
                 progress(end, plan.total, "encoding")
     return plan.paths
