@@ -87,6 +87,14 @@ class Collection:
         types that keep removed vectors, the search asks for k more per removed item and drops
         them.
         """
+        scores, ids = self.nearest(queries, k, filters=filters)
+        return self.hydrate(scores, ids, k)
+
+    def nearest(
+        self, queries: np.ndarray, k: int, *, filters: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS half of :meth:`search`: (scores, ids) [n, k'] with -1 padding, k' ≥ k
+        when removed vectors may be among them; :meth:`hydrate` turns them into hits."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -95,14 +103,14 @@ class Collection:
         if filters:
             allowed = self.store.ids_matching(filters)
             if len(allowed) == 0:
-                return [[] for _ in queries]
-            scores, ids = search(self.index, queries, min(k, len(allowed)), allowed=allowed)
-        else:
-            wanted = min(k + self._tombstoned_in_index, self.index.ntotal)
-            scores, ids = search(self.index, queries, wanted)
-        return self._hydrate(scores, ids, k)
+                empty = np.zeros((len(queries), 0))
+                return empty.astype(np.float32), empty.astype(np.int64)
+            return search(self.index, queries, min(k, len(allowed)), allowed=allowed)
+        wanted = min(k + self._tombstoned_in_index, self.index.ntotal)
+        return search(self.index, queries, wanted)
 
-    def _hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+    def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to ``k`` hits per row of :meth:`nearest`'s result, removed items dropped."""
         # One metadata query for the whole batch; removed items come back as None.
         flat = [int(i) for i in np.unique(ids[ids >= 0])]
         found = dict(zip(flat, self.store.get(flat), strict=True))

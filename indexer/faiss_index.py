@@ -307,6 +307,11 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
         return index
 
 
+def to_serving_device(index: faiss.Index, use_gpu: bool | None = None) -> faiss.Index:
+    """``index`` on the GPUs when ``use_gpu`` (None: when FAISS sees one), else itself."""
+    return _to_gpu(index) if _want_gpu(use_gpu) else index
+
+
 def to_cpu(index: faiss.Index) -> faiss.Index:
     """A CPU copy of a GPU index (for saving, removing); a CPU index is returned as it is."""
     return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index

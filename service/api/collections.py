@@ -1,0 +1,192 @@
+"""Collections: list, describe, items and their files, add, remove, re-index, job status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from indexer.collection import Collection
+from indexer.spec_index import BuildSpec
+from indexer.update import add_to_collection, remove_from_collection
+from indexer.versions import list_versions
+from service.api import API_PREFIX
+from service.api.deps import (
+    AdminCaller,
+    CollectionDep,
+    SearchCaller,
+    StateDep,
+    WriteCaller,
+)
+from service.api.search import hit_model
+from service.errors import ApiError
+from service.schemas import (
+    AddItemsRequest,
+    CollectionInfo,
+    CollectionList,
+    JobInfo,
+    ReindexRequest,
+    RemoveItemsRequest,
+    SearchHit,
+)
+from service.uploads import resolve_data_path, write_items_corpus
+
+router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["collections"])
+jobs_router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["collections"])
+
+_MEDIA_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    | {".mp4", ".webm", ".mkv", ".mov", ".avi"}
+)
+ItemId = Annotated[int, PathParam(ge=0, lt=2**63, description="item id")]
+
+
+def describe(collection: Collection) -> CollectionInfo:
+    info = collection.info
+    root = collection.folder.parent.parent.parent
+    return CollectionInfo(
+        name=info.collection,
+        kind=info.kind,
+        modality=info.modality,
+        version=collection.version,
+        count=info.count,
+        live=info.live,
+        dim=info.dim,
+        index_type=info.factory,
+        model_bundle_id=info.model_bundle_id,
+        recall_at_10=info.recall_at_10,
+        created=info.created,
+        versions=list_versions(root, info.collection),
+    )
+
+
+@router.get("", response_model=CollectionList)
+def list_collections(state: StateDep, caller: SearchCaller) -> CollectionList:
+    """Every served collection, and those that could not be loaded with the reason."""
+    loaded = state.registry.loaded()
+    return CollectionList(
+        collections=[describe(loaded[name]) for name in sorted(loaded)],
+        unavailable=dict(state.registry.errors),
+    )
+
+
+@router.get("/{name}", response_model=CollectionInfo)
+def get_collection(collection: CollectionDep, caller: SearchCaller) -> CollectionInfo:
+    """Size, live version, model bundle id, index type and measured recall of a collection."""
+    return describe(collection)
+
+
+def _item(collection: Collection, item_id: int) -> SearchHit:
+    from indexer.collection import Hit
+
+    (item,) = collection.store.get([item_id])
+    if item is None:
+        raise ApiError(404, f"no item {item_id} in collection {collection.info.collection!r}")
+    return hit_model(collection.info.collection, Hit(item_id, 1.0, item))
+
+
+@router.get("/{name}/items/{item_id}", response_model=SearchHit)
+def get_item(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) -> SearchHit:
+    """One item's metadata (score is 1)."""
+    return _item(collection, item_id)
+
+
+@router.get(
+    "/{name}/items/{item_id}/media",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}, "video/*": {}}}},
+)
+def get_media(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) -> FileResponse:
+    """The image or video file of an item, when its uri is a file on this server."""
+    hit = _item(collection, item_id)
+    path = Path(hit.uri)
+    if path.suffix.lower() not in _MEDIA_SUFFIXES or not path.is_file():
+        raise ApiError(404, f"item {item_id} has no file on this server ({hit.uri[:200]})")
+    return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.post("/{name}/items", response_model=JobInfo, status_code=202)
+async def add_items(
+    body: AddItemsRequest, collection: CollectionDep, state: StateDep, caller: WriteCaller
+) -> JobInfo:
+    """Embed and add items (base64 images, or files under the data root) as a new version;
+    returns the job (poll /v1/jobs/{id})."""
+    info = collection.info
+    if info.kind == "video" and any(item.image is not None for item in body.items):
+        raise ApiError(422, "a video collection takes video files by path, not images")
+    corpus = await run_in_threadpool(
+        write_items_corpus, body.items, info.collection, state.settings
+    )
+    spec = BuildSpec(
+        collection=info.collection,
+        root=state.settings.index_root,
+        bundle=state.settings.bundle,
+        corpus=str(corpus),
+        kind=info.kind,
+        workers=0,
+    )
+    return state.jobs.run_here("add", info.collection, lambda: add_to_collection(spec))
+
+
+@router.post("/{name}/items/remove", response_model=JobInfo, status_code=202)
+def remove_items(
+    body: RemoveItemsRequest, collection: CollectionDep, state: StateDep, caller: WriteCaller
+) -> JobInfo:
+    """Remove items by id and/or filter, as a new version; returns the job."""
+    name = collection.info.collection
+    if body.filters:
+        try:
+            collection.store.ids_matching(body.filters)
+        except ValueError as error:
+            raise ApiError(422, str(error)) from None
+    root = state.settings.index_root
+
+    def work() -> tuple[int, dict[str, int]]:
+        version, removed = remove_from_collection(root, name, ids=body.ids, filters=body.filters)
+        return version, {"removed": removed}
+
+    return state.jobs.run_here("remove", name, work)
+
+
+@router.post("/{name}/reindex", response_model=JobInfo, status_code=202)
+def reindex(
+    body: ReindexRequest, collection: CollectionDep, state: StateDep, caller: AdminCaller
+) -> JobInfo:
+    """Rebuild the collection from its corpus (or another under the data root) as a new
+    version, on the Redis queue when there is one; returns the job."""
+    info = collection.info
+    recorded = dict(info.build)
+    if body.corpus is not None:
+        corpus = str(resolve_data_path(body.corpus, state.settings))
+    elif "corpus" in recorded:
+        corpus = str(recorded["corpus"])
+    else:
+        raise ApiError(422, f"collection {info.collection!r} records no corpus; name one")
+    try:
+        spec = BuildSpec(
+            collection=info.collection,
+            root=state.settings.index_root,
+            bundle=state.settings.bundle,
+            corpus=corpus,
+            kind=info.kind,
+            split=body.split if body.split is not None else recorded.get("split"),
+            factory=body.factory or recorded.get("factory", "auto"),
+            segment_seconds=recorded.get("segment_seconds", 2.0),
+        )
+    except ValueError as error:
+        raise ApiError(422, str(error)) from None
+    return state.jobs.reindex(spec)
+
+
+@jobs_router.get("/{job_id}", response_model=JobInfo)
+def get_job(
+    job_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_-]{1,80}$")],
+    state: StateDep,
+    caller: WriteCaller,
+) -> JobInfo:
+    """Status, progress, result or error of a job."""
+    return state.jobs.status(job_id)

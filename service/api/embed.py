@@ -1,0 +1,68 @@
+"""Embeddings of texts and images in the model's space (for clients that search themselves)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, UploadFile
+
+from service.api import API_PREFIX
+from service.api.deps import EngineDep, SearchCaller, SettingsDep
+from service.errors import ApiError
+from service.queries import decode_base64_image, query_vector
+from service.schemas import EmbedImagesRequest, EmbedResponse, EmbedTextsRequest
+
+router = APIRouter(prefix=f"{API_PREFIX}/embed", tags=["embed"])
+
+
+def _check_count(count: int, settings: SettingsDep) -> None:
+    limit = settings.limits.max_batch_inputs
+    if count > limit:
+        raise ApiError(422, f"{count} inputs in one request; the limit is {limit}")
+
+
+def _response(engine: EngineDep, vectors: list[np.ndarray]) -> EmbedResponse:
+    return EmbedResponse(
+        model_bundle_id=engine.encoder.bundle_id,
+        dim=engine.encoder.dim,
+        embeddings=[[float(x) for x in vector] for vector in vectors],
+    )
+
+
+async def _embed_images(engine: EngineDep, images: list[bytes]) -> EmbedResponse:
+    results = await asyncio.gather(*(query_vector(engine, image=data) for data in images))
+    return _response(engine, [vector for vector, _, _ in results])
+
+
+@router.post("/texts", response_model=EmbedResponse)
+async def embed_texts(
+    body: EmbedTextsRequest, engine: EngineDep, settings: SettingsDep, caller: SearchCaller
+) -> EmbedResponse:
+    """L2-normalised embeddings of texts, in order."""
+    _check_count(len(body.texts), settings)
+    results = await asyncio.gather(*(query_vector(engine, text=text) for text in body.texts))
+    return _response(engine, [vector for vector, _, _ in results])
+
+
+@router.post("/images", response_model=EmbedResponse)
+async def embed_images(
+    body: EmbedImagesRequest, engine: EngineDep, settings: SettingsDep, caller: SearchCaller
+) -> EmbedResponse:
+    """L2-normalised embeddings of base64 images, in order."""
+    _check_count(len(body.images), settings)
+    limit = settings.limits.max_body_bytes
+    return await _embed_images(engine, [decode_base64_image(b, limit) for b in body.images])
+
+
+@router.post("/images/upload", response_model=EmbedResponse)
+async def embed_uploaded_images(
+    images: Annotated[list[UploadFile], File(description="image files")],
+    engine: EngineDep,
+    settings: SettingsDep,
+    caller: SearchCaller,
+) -> EmbedResponse:
+    """L2-normalised embeddings of uploaded image files (multipart/form-data), in order."""
+    _check_count(len(images), settings)
+    return await _embed_images(engine, [await image.read() for image in images])

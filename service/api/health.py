@@ -1,0 +1,52 @@
+"""Liveness, readiness and Prometheus metrics (outside /v1: probes and scrapers use these)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is alive (says nothing of models or indices)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+def readyz(request: Request) -> JSONResponse:
+    """Ready: the model bundle and every collection are loaded. Degraded: ready, but Redis is
+    configured and not answering (search works without the cache). 503 until ready."""
+    state = getattr(request.app.state, "service", None)
+    if state is None:
+        body = Readiness(
+            status="unready",
+            model_bundle_id="",
+            redis="disabled",
+            collections={},
+            unavailable={"*": "starting"},
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
+    loaded = state.registry.loaded()
+    unavailable = {name: why for name, why in state.registry.errors.items() if name not in loaded}
+    ready = bool(loaded) and not unavailable
+    status = "unready" if not ready else ("degraded" if state.link.state == "down" else "ready")
+    body = Readiness(
+        status=status,
+        model_bundle_id=state.encoder.bundle_id,
+        redis=state.link.state,
+        collections={name: collection.version for name, collection in loaded.items()},
+        unavailable=unavailable if loaded or unavailable else {"*": "no collection to serve"},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics of this replica."""
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

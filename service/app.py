@@ -1,0 +1,71 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Heavy things (ONNX sessions, FAISS indices, the Redis pool, batchers, the version watcher)
+are built in the lifespan, never at import, and torn down after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from cots import __version__
+from service.api import clip_retrieval, collections, embed, health, page, search
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
+from service.settings import Settings
+from service.state import ServiceState
+
+DESCRIPTION = """\
+Cross-modal search over your own collections: text → images, text → video moments,
+image → captions, image → similar images, with a two-tower COTS model (ONNX Runtime) and FAISS.
+
+Writes (add/remove items) need an API key with scope `write`, re-index jobs scope `admin`,
+in the `X-API-Key` header. Every error is `{"error": {"status", "code", "message"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await ServiceState.start(settings, metrics)
+        app.state.service = state
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await state.stop()
+
+    app = FastAPI(
+        title="COTS Search",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.service = None
+    install_error_handlers(app)
+
+    for router in (
+        search.router,
+        collections.router,
+        collections.jobs_router,
+        embed.router,
+        health.router,
+        clip_retrieval.router,
+        page.router,
+    ):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(files("service") / "static")), name="static")
+
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,146 @@
+"""Cross-request dynamic batching: concurrent queries become one encoder or FAISS call.
+
+A :class:`Batcher` owns one worker thread and one asyncio task. Queries are grouped by a key
+(the modality for the encoder; the collection and filters for FAISS). The task takes the oldest
+group, waits at most ``max_wait_s`` for it to fill to ``max_batch``, runs the batch function in
+the worker thread, and answers each query's future. While a batch runs, new queries pile up,
+so under load batches grow on their own and at low load a query waits at most ``max_wait_s``.
+
+The queue is bounded: a query arriving when ``max_queue`` are already waiting is refused with
+:class:`~service.errors.OverloadedError` (HTTP 503 with Retry-After), never queued without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from service.errors import OverloadedError
+from service.metrics import Metrics
+
+log = logging.getLogger("cots.batching")
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+# Runs one batch: (group key, payloads) -> one result per payload, in order.
+BatchFunction = Callable[[Hashable, Sequence[P]], Sequence[R]]
+
+
+@dataclass
+class _Group(Generic[P, R]):
+    first_at: float
+    entries: list[tuple[P, asyncio.Future[R]]] = field(default_factory=list)
+
+
+class Batcher(Generic[P, R]):
+    def __init__(
+        self,
+        name: str,
+        run: BatchFunction[P, R],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._groups: OrderedDict[Hashable, _Group[P, R]] = OrderedDict()
+        self._pending = 0
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for group in self._groups.values():
+            for _, future in group.entries:
+                if not future.done():
+                    future.set_exception(OverloadedError(self.name))
+        self._groups.clear()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def submit(self, key: Hashable, payload: P) -> R:
+        """The result of ``payload``, computed in a batch with others of the same ``key``."""
+        if self._pending >= self.max_queue:
+            self.metrics.rejected.labels(self.name).inc()
+            raise OverloadedError(self.name)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(time.monotonic())
+        group.entries.append((payload, future))
+        self._set_pending(self._pending + 1)
+        self._wake.set()
+        return await future
+
+    def _set_pending(self, value: int) -> None:
+        self._pending = value
+        self.metrics.queue_depth.labels(self.name).set(value)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._groups:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key, group = next(iter(self._groups.items()))
+            # Wait for the oldest group to fill, but never past its first query's deadline.
+            while len(group.entries) < self.max_batch:
+                left = group.first_at + self.max_wait_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=left)
+                except TimeoutError:
+                    break
+            batch = group.entries[: self.max_batch]
+            rest = group.entries[self.max_batch :]
+            if rest:
+                group.entries = rest
+                group.first_at = time.monotonic()
+                self._groups.move_to_end(key)
+            else:
+                del self._groups[key]
+            self._set_pending(self._pending - len(batch))
+            live = [(payload, future) for payload, future in batch if not future.cancelled()]
+            if not live:
+                continue
+            self.metrics.batch_size.labels(self.name).observe(len(live))
+            payloads = [payload for payload, _ in live]
+            try:
+                results: Sequence[Any] = await loop.run_in_executor(
+                    self._executor, self.run, key, payloads
+                )
+            except Exception as error:  # one bad batch fails its own queries only
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)

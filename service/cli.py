@@ -1,0 +1,96 @@
+"""``cots serve``: the search API and page with uvicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle [COTS_BUNDLE].")
+@click.option(
+    "--index-root", type=click.Path(path_type=Path), help="Collections folder [COTS_INDEX_ROOT]."
+)
+@click.option(
+    "--collection",
+    "collections",
+    multiple=True,
+    help="A collection to serve (repeatable; default: all under the root) [COTS_COLLECTIONS].",
+)
+@click.option("--redis-url", help="Redis for cache, jobs and hot swap [COTS_REDIS_URL].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to bind.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="uvicorn worker processes (each loads the model and indices).",
+)
+@click.option("--no-batching", is_flag=True, help="Encode and search every query alone.")
+@click.option("--hash-key", metavar="KEY", help="Print the SHA-256 of KEY for COTS_API_KEYS, exit.")
+def serve(
+    bundle: Path | None,
+    index_root: Path | None,
+    collections: tuple[str, ...],
+    redis_url: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    no_batching: bool,
+    hash_key: str | None,
+) -> None:
+    """Serve search over the collections of --index-root with the model of --bundle.
+
+    Every setting also comes from COTS_* environment variables (or a .env file): batching
+    (COTS_BATCH__MAX_BATCH, COTS_BATCH__MAX_WAIT_MS, COTS_BATCH__MAX_QUEUE), limits
+    (COTS_LIMITS__MAX_K, ...), API keys (COTS_API_KEYS='[{"name": "ops", "sha256": "...",
+    "scopes": ["write", "admin"]}]'), COTS_RATE_LIMIT_PER_MINUTE, COTS_DATA_ROOT and
+    COTS_URL_FETCH_ALLOWLIST. Options given here win over the environment.
+
+    The page is at /, the API under /v1 (OpenAPI docs at /docs), clip-retrieval's API at
+    /knn-service, probes at /healthz and /readyz, Prometheus metrics at /metrics.
+    """
+    from service.settings import ApiKey
+
+    if hash_key is not None:
+        click.echo(ApiKey.hash(hash_key))
+        return
+    overrides = {
+        "COTS_BUNDLE": str(bundle) if bundle else None,
+        "COTS_INDEX_ROOT": str(index_root) if index_root else None,
+        "COTS_COLLECTIONS": json.dumps(list(collections)) if collections else None,
+        "COTS_REDIS_URL": redis_url,
+        "COTS_BATCH__ENABLED": "false" if no_batching else None,
+    }
+    # Settings travel by environment so that every uvicorn worker process reads the same.
+    os.environ.update({key: value for key, value in overrides.items() if value is not None})
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        raise click.ClickException(f"invalid settings:\n{error}") from None
+    for what, path in (("model bundle", settings.bundle), ("index root", settings.index_root)):
+        if not Path(path).exists():
+            raise click.ClickException(
+                f"{what} {path} does not exist (build one: cots demo, or cots export and "
+                "cots index build)"
+            )
+    import uvicorn
+
+    click.echo(f"serving on http://{host}:{port}/ (API docs: http://{host}:{port}/docs)", err=True)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+    )

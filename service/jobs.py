@@ -1,0 +1,132 @@
+"""Jobs that change collections: add items, remove items, re-index.
+
+Re-index jobs go to the Redis queue (``cots worker`` runs them, and announces the new version
+to every replica) when Redis is configured; otherwise they run here, in process, as adds and
+removes always do. A job run here makes this replica load the result at once and, when Redis is
+up, announces it to the other replicas too. Jobs run one at a time per replica: they write
+versions of collections, and each takes the collection's lock anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from indexer.jobs import UPDATES_CHANNEL, JobError, connect, enqueue_build, job_status
+from indexer.spec_index import BuildSpec
+from service.errors import ApiError
+from service.registry import CollectionRegistry
+from service.schemas import JobInfo
+
+log = logging.getLogger("cots.jobs")
+
+JobKind = Literal["add", "remove", "reindex"]
+_KEEP_FINISHED = 1000
+
+
+class JobRunner:
+    def __init__(self, registry: CollectionRegistry, redis_url: str | None) -> None:
+        self.registry = registry
+        self.redis_url = redis_url
+        self._jobs: dict[str, JobInfo] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cots-job")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def reindex(self, spec: BuildSpec) -> JobInfo:
+        if self.redis_url is None:
+            from indexer.jobs import run_build_inline
+
+            return self.run_here("reindex", spec.collection, lambda: run_build_inline(spec))
+        try:
+            job_id = enqueue_build(self.redis_url, spec)
+        except JobError as error:
+            raise ApiError(503, f"cannot queue the re-index job: {error}") from None
+        return JobInfo(id=job_id, status="queued", kind="reindex", collection=spec.collection)
+
+    def run_here(self, kind: JobKind, collection: str, work: Callable[[], Any]) -> JobInfo:
+        """Run ``work`` (which returns the new version, or (version, detail)) in this process."""
+        job = JobInfo(
+            id=f"local-{uuid.uuid4().hex}", status="queued", kind=kind, collection=collection
+        )
+        with self._lock:
+            self._jobs[job.id] = job
+            self._forget_old()
+        self._executor.submit(self._run, job.id, collection, work)
+        return job.model_copy()
+
+    def _run(self, job_id: str, collection: str, work: Callable[[], Any]) -> None:
+        self._update(job_id, status="started", progress={"started": _now()})
+        try:
+            outcome = work()
+        except Exception as error:  # the job's failure is its status, not the server's
+            log.exception("job %s on %s failed", job_id, collection)
+            self._update(job_id, status="failed", error=f"{type(error).__name__}: {error}")
+            return
+        version, detail = outcome if isinstance(outcome, tuple) else (outcome, None)
+        self.registry.refresh(collection)
+        self._announce(collection, version)
+        result = {"version": version, **({"detail": detail} if detail is not None else {})}
+        self._update(job_id, status="finished", result=result, progress={"ended": _now()})
+
+    def _announce(self, collection: str, version: int) -> None:
+        if self.redis_url is None:
+            return
+        message = {
+            "collection": collection,
+            "version": version,
+            "bundle_id": self.registry.bundle_id,
+        }
+        try:
+            client = connect(self.redis_url)
+            try:
+                client.publish(UPDATES_CHANNEL, json.dumps(message))
+            finally:
+                client.close()
+        except Exception as error:  # the others find it by polling the version pointer
+            log.warning("could not announce %s version %d: %s", collection, version, error)
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            if "progress" in changes:
+                changes["progress"] = {**job.progress, **changes["progress"]}
+            self._jobs[job_id] = job.model_copy(update=changes)
+
+    def _forget_old(self) -> None:
+        done = [key for key, job in self._jobs.items() if job.status in ("finished", "failed")]
+        for key in done[: max(0, len(self._jobs) - _KEEP_FINISHED)]:
+            del self._jobs[key]
+
+    def status(self, job_id: str) -> JobInfo:
+        with self._lock:
+            if job_id in self._jobs:
+                return self._jobs[job_id].model_copy()
+        if job_id.startswith("local-") or self.redis_url is None:
+            raise ApiError(404, f"no job {job_id!r} on this server")
+        try:
+            found = job_status(self.redis_url, job_id)
+        except JobError as error:
+            status = 404 if "no re-indexing job" in str(error) else 503
+            raise ApiError(status, str(error)) from None
+        return JobInfo(
+            id=found["id"],
+            status=found["status"],
+            kind="reindex",
+            collection=found.get("collection"),
+            progress={k: v for k, v in found["progress"].items() if v is not None},
+            result=found.get("result"),
+            error=found.get("error"),
+        )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

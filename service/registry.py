@@ -1,0 +1,119 @@
+"""The collections a replica serves, each at its live version, swapped without a restart.
+
+A new version is opened beside the old one and swapped in with one assignment, so a search
+never waits for a load and never sees half of a version. The old version stays open for
+``grace_s`` seconds, long enough for searches that already hold it to finish, then is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from indexer.collection import Collection
+from indexer.errors import CollectionError
+from indexer.faiss_index import IndexFileError, to_serving_device
+from indexer.versions import CURRENT, current_version
+from service.metrics import Metrics
+
+log = logging.getLogger("cots.registry")
+
+
+class CollectionRegistry:
+    def __init__(
+        self,
+        root: Path,
+        bundle_id: str,
+        metrics: Metrics,
+        *,
+        names: list[str] | None = None,
+        use_gpu: bool | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
+        self.root = Path(root)
+        self.bundle_id = bundle_id
+        self.metrics = metrics
+        self.fixed_names = list(names or [])
+        self.use_gpu = use_gpu
+        self.grace_s = grace_s
+        self._live: dict[str, Collection] = {}
+        self.errors: dict[str, str] = {}  # collection -> why it is not served
+        self._retired: list[tuple[float, Collection]] = []
+        self._lock = threading.Lock()  # one load at a time; readers never take it
+
+    def names(self) -> list[str]:
+        """Served collections (configured, or discovered under the root), sorted."""
+        if self.fixed_names:
+            return sorted(self.fixed_names)
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / CURRENT).is_symlink())
+
+    def get(self, name: str) -> Collection | None:
+        return self._live.get(name)
+
+    def loaded(self) -> dict[str, Collection]:
+        return dict(self._live)
+
+    def refresh(self, only: str | None = None) -> list[str]:
+        """Load every collection whose live version differs from the one served; returns the
+        names swapped. Safe to call from any thread, at any time."""
+        swapped = []
+        served = self.names()
+        with self._lock:
+            for name in served if only is None else [n for n in served if n == only]:
+                if self._refresh_one(name):
+                    swapped.append(name)
+            self._close_retired()
+        return swapped
+
+    def _refresh_one(self, name: str) -> bool:
+        try:
+            version = current_version(self.root, name)
+        except (OSError, ValueError) as error:
+            self.errors[name] = f"cannot read its current version: {error}"
+            return False
+        served = self._live.get(name)
+        if version is None:
+            self.errors[name] = f"collection {name!r} has no live version under {self.root}"
+            return False
+        if served is not None and served.version == version:
+            return False
+        try:
+            opened = Collection.open(self.root, name, bundle_id=self.bundle_id, version=version)
+            opened.index = to_serving_device(opened.index, self.use_gpu)
+        except (CollectionError, IndexFileError, OSError, ValueError) as error:
+            self.errors[name] = str(error)
+            self.metrics.reloads.labels(name, "failed").inc()
+            log.error("cannot load collection %s version %s: %s", name, version, error)
+            return False
+        self._live[name] = opened  # the swap: readers see the old or the new, whole
+        self.errors.pop(name, None)
+        self.metrics.index_version.labels(name).set(version)
+        self.metrics.index_items.labels(name).set(opened.info.live)
+        if served is not None:
+            self._retired.append((time.monotonic(), served))
+            self.metrics.reloads.labels(name, "loaded").inc()
+            log.info("collection %s: version %d -> %d", name, served.version, version)
+        else:
+            log.info("collection %s: serving version %d", name, version)
+        return True
+
+    def _close_retired(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        keep = []
+        for retired_at, collection in self._retired:
+            if force or now - retired_at >= self.grace_s:
+                collection.close()
+            else:
+                keep.append((retired_at, collection))
+        self._retired = keep
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_retired(force=True)
+            for collection in self._live.values():
+                collection.close()
+            self._live.clear()

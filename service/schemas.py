@@ -1,0 +1,178 @@
+"""Request and response bodies of the API (pydantic, so the OpenAPI document is exact).
+
+Limits that an operator can change (k, text length, pixels) are checked against the settings
+when a request arrives; the bounds here are the hard ceilings the schema advertises.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FilterValue = str | int | float | bool
+Filters = dict[str, FilterValue]
+
+_FILTERS_DOC = (
+    "keep only items whose field equals the value: kind, group_id, uri or a metadata key "
+    '(e.g. {"split": "test"})'
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(_Body):
+    """One query (exactly one of text, image, image_url, embedding) against one collection."""
+
+    text: str | None = Field(None, min_length=1, max_length=100_000, description="query text")
+    image: str | None = Field(
+        None, min_length=1, description="query image, base64 (a data: URL prefix is allowed)"
+    )
+    image_url: str | None = Field(
+        None, min_length=1, max_length=2048, description="image URL (only allow-listed hosts)"
+    )
+    embedding: list[float] | None = Field(
+        None, min_length=1, max_length=8192, description="a query vector in the model's space"
+    )
+    k: int = Field(10, ge=1, le=10_000, description="results per page")
+    offset: int = Field(0, ge=0, le=1_000_000, description="results to skip (paging)")
+    filters: Filters | None = Field(None, description=_FILTERS_DOC)
+
+    @model_validator(mode="after")
+    def _one_query(self) -> Self:
+        given = [
+            name for name in ("text", "image", "image_url", "embedding") if getattr(self, name)
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of text, image, image_url, embedding"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class SearchHit(BaseModel):
+    id: int
+    score: float = Field(description="cosine similarity to the query")
+    kind: Literal["image", "caption", "video", "segment"]
+    uri: str
+    caption: str | None
+    group_id: str = Field(description="the image or video the item belongs to")
+    metadata: dict[str, Any]
+    start_s: float | None = Field(None, description="a video moment's start (seconds)")
+    end_s: float | None = Field(None, description="a video moment's end (seconds)")
+    media_url: str = Field(description="where this server serves the item's file")
+
+
+class SearchResponse(BaseModel):
+    collection: str
+    version: int
+    query: Literal["text", "image", "embedding"]
+    k: int
+    offset: int
+    cached: bool = Field(description="the query's embedding came from the cache")
+    took_ms: float
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+    hits: list[SearchHit]
+
+
+class EmbedTextsRequest(_Body):
+    texts: list[str] = Field(min_length=1, max_length=1024)
+
+
+class EmbedImagesRequest(_Body):
+    images: list[str] = Field(min_length=1, max_length=1024, description="base64 images")
+
+
+class EmbedResponse(BaseModel):
+    model_bundle_id: str
+    dim: int
+    embeddings: list[list[float]]
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    kind: Literal["image", "caption", "video"]
+    modality: Literal["image", "text", "video"]
+    version: int
+    count: int = Field(description="vectors in the index")
+    live: int = Field(description="items not removed")
+    dim: int
+    index_type: str = Field(description="FAISS factory string")
+    model_bundle_id: str
+    recall_at_10: float = Field(description="measured against exact search at build time")
+    created: str
+    versions: list[int] = Field(description="versions on disk")
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionInfo]
+    unavailable: dict[str, str] = Field(description="collections not served, and why")
+
+
+class NewItem(_Body):
+    """An item to add: an uploaded image (base64) or a file under the server's data root."""
+
+    image: str | None = Field(None, min_length=1, description="image, base64")
+    path: str | None = Field(
+        None, min_length=1, max_length=1024, description="file path relative to the data root"
+    )
+    caption: str | None = Field(None, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.image is None) == (self.path is None):
+            raise ValueError("give exactly one of image, path")
+        return self
+
+
+class AddItemsRequest(_Body):
+    items: list[NewItem] = Field(min_length=1, max_length=1000)
+
+
+class RemoveItemsRequest(_Body):
+    ids: list[int] = Field(default_factory=list, max_length=100_000)
+    filters: Filters | None = Field(None, description=_FILTERS_DOC)
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.ids and not self.filters:
+            raise ValueError("name the items to remove: ids, filters, or both")
+        return self
+
+
+class ReindexRequest(_Body):
+    corpus: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="corpus relative to the data root (default: the collection's own)",
+    )
+    factory: str | None = Field(
+        None, min_length=1, max_length=200, description="FAISS factory string, or auto"
+    )
+    split: str | None = Field(None, max_length=100)
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: str
+    kind: Literal["add", "remove", "reindex"] | None = None
+    collection: str | None = None
+    progress: dict[str, Any] = Field(default_factory=dict)
+    result: Any = None
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "unready"]
+    model_bundle_id: str
+    redis: Literal["ok", "down", "disabled"]
+    collections: dict[str, int] = Field(description="served collections and their versions")
+    unavailable: dict[str, str]

@@ -1,0 +1,112 @@
+"""API keys and per-key rate limits.
+
+Keys are stored as SHA-256 digests in settings, never in clear. A key goes in the ``X-API-Key``
+header (or ``Authorization: Bearer``). Writes need scope ``write``, re-index jobs ``admin``;
+search is open unless ``search_requires_key``, but a key that is sent must be valid.
+
+The rate limit is a fixed one-minute window per key (anonymous callers: per client address),
+counted in Redis so every replica shares it, or in process when Redis is absent or down.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from service.errors import ApiError
+from service.redis_link import RedisLink
+from service.settings import ApiKey, Scope, Settings
+
+_WINDOW_S = 60
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str  # the key's name, or "anonymous:<address>"
+    scopes: frozenset[str]
+    authenticated: bool
+
+
+def presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    authorization = request.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def identify(request: Request, keys: list[ApiKey]) -> Caller:
+    """Who is calling; 401 for a key that matches none (a wrong key is never anonymous)."""
+    key = presented_key(request)
+    if key is None:
+        address = request.client.host if request.client else "unknown"
+        return Caller(f"anonymous:{address}", frozenset({"search"}), authenticated=False)
+    digest = ApiKey.hash(key)
+    for known in keys:
+        if hmac.compare_digest(digest, known.sha256):
+            return Caller(known.name, frozenset(known.scopes) | {"search"}, authenticated=True)
+    raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "ApiKey"})
+
+
+def authorise(caller: Caller, scope: Scope, settings: Settings) -> None:
+    if scope == "search" and not settings.search_requires_key:
+        return
+    if not caller.authenticated:
+        hint = "" if settings.api_keys else " (this server has no keys: set COTS_API_KEYS)"
+        raise ApiError(
+            401,
+            f"this request needs an API key with scope {scope!r} in the X-API-Key header{hint}",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+    if scope not in caller.scopes:
+        raise ApiError(403, f"API key {caller.name!r} lacks scope {scope!r}")
+
+
+class RateLimiter:
+    def __init__(self, link: RedisLink, per_minute: int) -> None:
+        self.link = link
+        self.per_minute = per_minute
+        self._local: dict[str, tuple[int, int]] = {}  # caller -> (window, count)
+
+    async def check(self, caller: Caller) -> None:
+        if self.per_minute == 0:
+            return
+        now = time.time()
+        window = int(now // _WINDOW_S)
+        count = await self._count_redis(caller.name, window)
+        if count is None:
+            count = self._count_local(caller.name, window)
+        if count > self.per_minute:
+            retry = max(1, int((window + 1) * _WINDOW_S - now) + 1)
+            raise ApiError(
+                429,
+                f"rate limit of {self.per_minute} requests per minute reached for "
+                f"{caller.name}; retry in {retry} s",
+                headers={"Retry-After": str(retry)},
+            )
+
+    async def _count_redis(self, name: str, window: int) -> int | None:
+        key = f"cots:rate:{name}:{window}"
+
+        async def incr(client: object) -> int:
+            pipe = client.pipeline()  # type: ignore[attr-defined]
+            pipe.incr(key)
+            pipe.expire(key, _WINDOW_S * 2)
+            count, _ = await pipe.execute()
+            return int(count)
+
+        return await self.link.call(incr)
+
+    def _count_local(self, name: str, window: int) -> int:
+        seen_window, count = self._local.get(name, (window, 0))
+        count = count + 1 if seen_window == window else 1
+        if len(self._local) > 100_000:  # forget old callers rather than grow without end
+            self._local = {k: v for k, v in self._local.items() if v[0] == window}
+        self._local[name] = (window, count)
+        return count

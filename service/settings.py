@@ -1,0 +1,97 @@
+"""The service's settings: one pydantic-settings model, read from ``COTS_*`` environment
+variables (nested groups with ``__``, e.g. ``COTS_BATCH__MAX_WAIT_MS=2``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["search", "write", "admin"]
+
+
+class BatchSettings(BaseModel):
+    """Cross-request dynamic batching of encoder and FAISS calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="off: every query is encoded and searched alone")
+    max_batch: int = Field(32, ge=1, le=1024, description="queries per encoder or FAISS call")
+    max_wait_ms: float = Field(
+        3.0, ge=0, le=1000, description="how long the first query of a batch waits for others"
+    )
+    max_queue: int = Field(
+        512, ge=1, description="queries waiting per stage before new ones get 503 Retry-After"
+    )
+
+
+class LimitSettings(BaseModel):
+    """Bounds on what one request may ask for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(10 * 2**20, ge=1024, description="request body size")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="decoded image width x height")
+    max_text_chars: int = Field(1000, ge=1, description="characters per query text")
+    max_k: int = Field(1000, ge=1, description="results per page")
+    max_offset: int = Field(10_000, ge=0, description="results skipped by paging")
+    max_batch_inputs: int = Field(64, ge=1, description="texts or images per embed request")
+
+
+class ApiKey(BaseModel):
+    """A key as stored in settings: its SHA-256, never the key itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="who holds the key (logs, metrics, rate limit)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["search"]))
+
+    @staticmethod
+    def hash(key: str) -> str:
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Settings(BaseSettings):
+    """Everything ``cots serve`` can be told. Paths are on the server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COTS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    bundle: Path = Field(Path("cots-demo/bundle"), description="model bundle (cots export)")
+    index_root: Path = Field(Path("cots-demo/indices"), description="folder of collections")
+    collections: list[str] = Field(
+        default_factory=list, description="collections to serve (empty: every one under the root)"
+    )
+    data_root: Path | None = Field(
+        None,
+        description="the only folder whose files add-items and re-index requests may name",
+    )
+    redis_url: str | None = Field(None, description="Redis for cache, jobs and hot swap")
+    providers: list[str] = Field(default_factory=list, description="ONNX Runtime providers")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
+    gpu_faiss: bool | None = Field(
+        None, description="FAISS indices on the GPU (unset: when FAISS sees one)"
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    api_keys: list[ApiKey] = Field(
+        default_factory=list, description="keys for writes and admin (none: both refused)"
+    )
+    search_requires_key: bool = Field(False, description="refuse anonymous searches")
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="requests per key (or client address) per minute; 0: no limit"
+    )
+    cache_ttl_s: int = Field(24 * 3600, ge=1, description="query-embedding cache entry lifetime")
+    local_cache_entries: int = Field(10_000, ge=0, description="in-process cache size")
+    url_fetch_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts whose image URLs the server may fetch (empty: no fetching)",
+    )
+    reload_poll_s: float = Field(
+        5.0, gt=0, description="how often the live version pointers are re-read"
+    )

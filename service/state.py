@@ -1,0 +1,90 @@
+"""Everything one running app holds, built in its lifespan and torn down after it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from indexer.encoder import Encoder
+from service.cache import EmbeddingCache
+from service.engine import QueryEngine
+from service.jobs import JobRunner
+from service.metrics import Metrics
+from service.redis_link import RedisLink
+from service.registry import CollectionRegistry
+from service.security import RateLimiter
+from service.settings import Settings
+from service.updates import VersionWatcher
+
+log = logging.getLogger("cots.service")
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    encoder: Encoder
+    registry: CollectionRegistry
+    link: RedisLink
+    cache: EmbeddingCache
+    engine: QueryEngine
+    limiter: RateLimiter
+    jobs: JobRunner
+    watcher: VersionWatcher
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> ServiceState:
+        encoder = Encoder(
+            settings.bundle,
+            providers=settings.providers or None,
+            threads=settings.threads,
+            max_pixels=settings.limits.max_image_pixels,
+        )
+        for modality in ("text", "image"):  # sessions now, not on the first query
+            encoder.session(modality)
+        registry = CollectionRegistry(
+            settings.index_root,
+            encoder.bundle_id,
+            metrics,
+            names=settings.collections,
+            use_gpu=settings.gpu_faiss,
+        )
+        registry.refresh()
+        link = RedisLink(settings.redis_url, metrics)
+        await link.start()
+        cache = EmbeddingCache(
+            link,
+            metrics,
+            dim=encoder.dim,
+            ttl_s=settings.cache_ttl_s,
+            local_entries=settings.local_cache_entries,
+        )
+        engine = QueryEngine(settings, encoder, registry, cache, metrics)
+        engine.start()
+        watcher = VersionWatcher(registry, settings.redis_url, poll_s=settings.reload_poll_s)
+        watcher.start()
+        state = cls(
+            settings=settings,
+            metrics=metrics,
+            encoder=encoder,
+            registry=registry,
+            link=link,
+            cache=cache,
+            engine=engine,
+            limiter=RateLimiter(link, settings.rate_limit_per_minute),
+            jobs=JobRunner(registry, settings.redis_url),
+            watcher=watcher,
+        )
+        log.info(
+            "serving bundle %s with collections %s",
+            encoder.manifest.short_id,
+            ", ".join(f"{n} v{c.version}" for n, c in registry.loaded().items()) or "none",
+        )
+        return state
+
+    async def stop(self) -> None:
+        self.watcher.stop()
+        await self.engine.stop()
+        self.jobs.close()
+        await self.link.close()
+        self.registry.close()
