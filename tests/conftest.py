@@ -130,3 +130,12 @@ def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = train_micro(root / "corpus" / "images.csv", root / "run")
     options = ExportOptions(fp16=False, progress=False, check_items=8)
     return export_bundle(checkpoint, root / "bundle", options)
+
+
+@pytest.fixture(scope="session")
+def served_root(micro_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(corpus, index root) holding collections images, captions and videos built with the
+    micro bundle; tests that change a collection copy the root first."""
+    from tests.live_server import build_served_root
+
+    return build_served_root(tmp_path_factory.mktemp("served"), micro_bundle)
