@@ -27,7 +27,7 @@ def build_served_root(folder: Path, bundle: Path) -> tuple[Path, Path]:
 
     corpus = folder / "corpus"
     config = SynthConfig(
-        seed=21, n_images=48, n_videos=4, image_size=32, video_size=32, video_frames=8
+        seed=21, n_images=48, n_videos=4, image_size=32, video_size=32, video_frames=24
     )
     generate_corpus(corpus, config, workers=1)
     root = folder / "indices"
