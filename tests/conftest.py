@@ -139,3 +139,15 @@ def served_root(micro_bundle: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from tests.live_server import build_served_root
 
     return build_served_root(tmp_path_factory.mktemp("served"), micro_bundle)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, which the test may kill: (process, url)."""
+    process, url = _start(_redis_server(), tmp_path)
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

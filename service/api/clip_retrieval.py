@@ -3,7 +3,9 @@
 The wire format is clip-retrieval's (``clip_back.py``): bodies are JSON whatever the
 Content-Type says; ``/knn-service`` answers a JSON array of ``{id, similarity, ...metadata}``
 (``url`` and ``caption`` among the metadata), with metadata only for the first ``num_images``
-of ``num_result_ids`` results; ``/metadata`` answers ``[{id, metadata}]``.
+of ``num_result_ids`` results; ``/metadata`` answers ``[{id, metadata}]``. The results are
+capped at the server's ``max_k`` rather than refused: clip-front asks for 3000 result ids (and
+10,000 to download), and clip-retrieval's own back end may answer fewer than asked.
 
 An ``indice_name`` is a collection. ``modality`` is what the results are: ``image`` (an image
 or video collection) or ``text`` (a caption collection); a mismatch is a 400 that names the
@@ -54,7 +56,7 @@ async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw or b"null")
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         raise ApiError(400, "the body must be JSON (whatever the Content-Type)") from None
 
 
@@ -119,7 +121,8 @@ async def knn_service(
     vector, _, _ = await query_vector(
         engine, text=body.text or None, image=image, embedding=body.embedding_input or None
     )
-    wanted = max(body.num_images, body.num_result_ids or body.num_images)
+    # clip-back searches num_result_ids (default num_images), and hydrates the first num_images.
+    wanted = min(body.num_result_ids or body.num_images, settings.limits.max_k)
     page = await engine.search(name, vector, k=wanted)
     results = []
     for position, hit in enumerate(page.hits):

@@ -1,0 +1,202 @@
+"""Every error the API gives: right status, JSON body, a message that says why, no trace."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from service.settings import Settings
+from tests.live_server import LiveServer, live_server
+from tests.service_helpers import (
+    ADMIN_KEY,
+    KEYS,
+    SEARCH_KEY,
+    WRITE_KEY,
+    assert_error,
+    b64,
+    corpus_images,
+)
+
+SEARCH = "/v1/collections/images/search"
+
+
+@pytest.fixture(scope="module")
+def server(micro_bundle: Path, served_root: tuple[Path, Path]) -> Iterator[LiveServer]:
+    settings = Settings(
+        bundle=micro_bundle,
+        index_root=served_root[1],
+        api_keys=KEYS,
+        rate_limit_per_minute=0,
+        limits={
+            "max_body_bytes": 200_000,
+            "max_image_pixels": 64 * 64,
+            "max_text_chars": 200,
+            "max_k": 50,
+        },
+    )
+    with live_server(settings) as running:
+        yield running
+
+
+def _png(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_requests_are_400(server: LiveServer) -> None:
+    with server.client() as client:
+        assert_error(client.post(SEARCH, json={"image": "not base64 !!"}), 400, "base64")
+        corrupt = "iVBORw0KGgoAAAANSUhEUgAAAA=="  # a PNG signature cut short
+        assert_error(client.post(SEARCH, json={"image": corrupt}), 400, "image")
+        assert_error(
+            client.post(
+                "/knn-service", content=b"{not json", headers={"content-type": "text/plain"}
+            ),
+            400,
+            "json",
+        )
+
+
+def test_missing_and_wrong_keys_are_401_and_missing_scopes_403(server: LiveServer) -> None:
+    remove = "/v1/collections/images/items/remove"
+    with server.client() as client:
+        assert_error(client.post(remove, json={"ids": [1]}), 401, "api key", "write")
+        assert_error(
+            client.post(remove, json={"ids": [1]}, headers={"X-API-Key": "wrong"}), 401, "invalid"
+        )
+        assert_error(client.post(SEARCH, json={"text": "x"}, headers={"X-API-Key": "wrong"}), 401)
+        assert_error(
+            client.post(remove, json={"ids": [1]}, headers={"X-API-Key": SEARCH_KEY}),
+            403,
+            "scope 'write'",
+        )
+        assert_error(
+            client.post(
+                "/v1/collections/images/reindex", json={}, headers={"X-API-Key": WRITE_KEY}
+            ),
+            403,
+            "admin",
+        )
+        bearer = {"Authorization": f"Bearer {SEARCH_KEY}"}
+        assert client.post(SEARCH, json={"text": "x"}, headers=bearer).status_code == 200
+        assert_error(
+            client.post(SEARCH, json={"image_url": "http://example.com/a.png"}), 403, "fetch"
+        )
+        assert_error(
+            client.post(
+                "/v1/collections/images/reindex",
+                json={"corpus": "../etc"},
+                headers={"X-API-Key": ADMIN_KEY},
+            ),
+            403,
+            "COTS_DATA_ROOT",
+        )
+
+
+def test_unknown_things_are_404(server: LiveServer) -> None:
+    with server.client() as client:
+        assert_error(client.post("/v1/collections/nope/search", json={"text": "x"}), 404, "nope")
+        assert_error(client.get("/v1/collections/images/items/999999"), 404, "999999")
+        assert_error(client.get("/v1/nothing-here"), 404, "no route")
+        assert_error(
+            client.get("/v1/jobs/local-abc", headers={"X-API-Key": WRITE_KEY}), 404, "local-abc"
+        )
+
+
+def test_too_large_is_413(server: LiveServer) -> None:
+    with server.client() as client:
+        assert_error(client.post(SEARCH, content=b"x" * 300_000), 413, "200,000 bytes")
+        big = _png(100)  # 10,000 pixels > 64 * 64
+        assert_error(client.post(SEARCH, json={"image": b64(big)}), 413, "pixels")
+        upload = client.post(
+            "/v1/collections/images/search/upload", files={"image": ("a.png", big, "image/png")}
+        )
+        assert_error(upload, 413, "too large")
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            for _ in range(30):
+                yield b"y" * 10_000
+
+        assert_error(client.post(SEARCH, content=chunks()), 413)
+
+
+def test_unsupported_media_is_415(server: LiveServer) -> None:
+    with server.client() as client:
+        text_file = b"this is not an image at all"
+        assert_error(client.post(SEARCH, json={"image": b64(text_file)}), 415, "accepted format")
+        assert_error(
+            client.post(
+                "/v1/collections/captions/search/upload",
+                files={"image": ("a.txt", text_file, "text/plain")},
+            ),
+            415,
+        )
+
+
+def test_invalid_requests_are_422(server: LiveServer, served_root: tuple[Path, Path]) -> None:
+    with server.client() as client:
+        assert_error(client.post(SEARCH, json={"text": "x", "k": 51}), 422, "limit is 50")
+        assert_error(client.post(SEARCH, json={"text": "x", "k": 0}), 422, "k")
+        assert_error(client.post(SEARCH, json={"text": "x" * 201}), 422, "limit is 200")
+        assert_error(client.post(SEARCH, json={"text": "   "}), 422, "empty")
+        image = corpus_images(served_root[0])[0]
+        assert_error(
+            client.post(SEARCH, json={"text": "x", "image": b64(image)}), 422, "exactly one"
+        )
+        assert_error(client.post(SEARCH, json={}), 422, "exactly one")
+        assert_error(client.post(SEARCH, json={"embedding": [0.1, 0.2]}), 422, "values")
+        assert_error(client.post(SEARCH, json={"text": "x", "unknown": 1}), 422, "unknown")
+        assert_error(
+            client.post(SEARCH, json={"text": "x", "filters": {"bad key!": 1}}), 422, "letters"
+        )
+        assert_error(
+            client.post(SEARCH, content=b"{]", headers={"content-type": "application/json"}),
+            422,
+        )
+        assert_error(client.post("/v1/embed/texts", json={"texts": ["a"] * 65}), 422, "limit is 64")
+
+
+def test_rate_limit_is_429_with_retry_after(micro_bundle: Path, served_root: tuple[Path, Path]):
+    settings = Settings(
+        bundle=micro_bundle, index_root=served_root[1], api_keys=KEYS, rate_limit_per_minute=3
+    )
+    with live_server(settings) as running, running.client() as client:
+        key = {"X-API-Key": SEARCH_KEY}
+        for _ in range(3):
+            assert client.post(SEARCH, json={"text": "x"}, headers=key).status_code == 200
+        limited = client.post(SEARCH, json={"text": "x"}, headers=key)
+        assert_error(limited, 429, "3 requests per minute", "reader")
+        assert 1 <= int(limited.headers["retry-after"]) <= 61
+        # The limit is per key: an anonymous caller still has its own allowance.
+        assert client.post(SEARCH, json={"text": "x"}).status_code == 200
+
+
+def test_full_queue_is_503_with_retry_after(micro_bundle: Path, served_root: tuple[Path, Path]):
+    settings = Settings(
+        bundle=micro_bundle,
+        index_root=served_root[1],
+        rate_limit_per_minute=0,
+        batch={"max_queue": 2, "max_batch": 64, "max_wait_ms": 400},
+    )
+    with live_server(settings) as running, running.client() as client:
+
+        def ask(i: int) -> tuple[int, dict[str, str], str]:
+            response = client.post(SEARCH, json={"text": f"query {i}"})
+            return response.status_code, dict(response.headers), response.text
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ask, range(6)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses.count(200) >= 2, statuses
+    assert 503 in statuses, statuses
+    for status, headers, text in results:
+        if status == 503:
+            assert headers["retry-after"] == "1"
+            assert "busy" in json.loads(text)["error"]["message"]
