@@ -1,9 +1,10 @@
 """``cots demo``: the end-to-end demo on the embedded synthetic corpus.
 
-Each step reuses what an earlier run finished, so a second run is quick. Today the demo
-synthesises the corpus, shows a sample read back through the corpus reader, trains the default
-model, reports its recall, exports the model bundle and searches the sample with the torch-free
-runtime; indexing and serving join it as they land.
+Each step reuses what an earlier run finished, so a second run is quick: the demo synthesises
+the corpus, shows a sample read back through the corpus reader, trains the default model,
+reports its recall, exports the model bundle, builds the image, caption and video collections,
+runs a few example queries through the search engine, and serves the API and the search page.
+The indexing and serving steps live in :mod:`cots.demo_serve`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def _synthesise(corpus: Path, config_options: dict[str, int], quiet: bool) -> di
     config = SynthConfig(**config_options)
     existing = read_dataset_json(corpus)
     if existing is not None and existing.get("config") == config.model_dump():
-        click.echo(f"[1/4] corpus: reusing {corpus}")
+        click.echo(f"[1/6] corpus: reusing {corpus}")
         return existing
-    click.echo(f"[1/4] corpus: rendering {config.n_images:,} images and {config.n_videos:,} videos")
+    click.echo(f"[1/6] corpus: rendering {config.n_images:,} images and {config.n_videos:,} videos")
     description = generate_corpus(corpus, config, overwrite=True, progress=not quiet)
     click.echo(f"      done in {description['elapsed_s']:.1f} s")
     return description
@@ -61,7 +62,7 @@ def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool)
     output = workdir / "runs" / str(options["model"])
     results = output / "results.json"
     if results.is_file():
-        click.echo(f"[2/4] train: reusing {output}")
+        click.echo(f"[2/6] train: reusing {output}")
         return json.loads(results.read_text())["evals"]
     overrides = [f"{key}={json.dumps(value)}" for key, value in options.items()]
     overrides += [
@@ -70,7 +71,7 @@ def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool)
     ]
     config = load_train_config(None, overrides)
     click.echo(
-        f"[2/4] train: {config.model} with the {config.objective.kind} objective, "
+        f"[2/6] train: {config.model} with the {config.objective.kind} objective, "
         f"{config.epochs} epochs (resumes if interrupted)"
     )
     return train(config, resume=True, progress=not quiet).evals
@@ -88,11 +89,11 @@ def _export(workdir: Path, model_name: str, quiet: bool) -> Path:
     step = int(load_checkpoint(checkpoint)["step"])
     try:
         if read_manifest(bundle).source.get("step") == step:
-            click.echo(f"[3/4] export: reusing {bundle}")
+            click.echo(f"[3/6] export: reusing {bundle}")
             return bundle
     except BundleError:
         pass
-    click.echo(f"[3/4] export: ONNX model bundle of step {step}, checked against torch")
+    click.echo(f"[3/6] export: ONNX model bundle of step {step}, checked against torch")
     export_bundle(checkpoint, bundle, ExportOptions(overwrite=True, progress=not quiet))
     return bundle
 
@@ -137,6 +138,14 @@ def _search_sample(bundle: Path, samples: list) -> None:
     help="Training batch size.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--serve/--no-serve",
+    default=True,
+    show_default=True,
+    help="Serve the page and API at the end (--no-serve: stop after the build steps).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to serve on.")
 def demo(
     workdir: Path,
     seed: int,
@@ -146,14 +155,23 @@ def demo(
     epochs: int,
     batch_size: int,
     quiet: bool,
+    serve: bool,
+    host: str,
+    port: int,
 ) -> None:
-    """Build the demo on the embedded synthetic corpus, reusing finished steps.
+    """Build the demo on the embedded synthetic corpus, reusing finished steps, and serve it.
 
     Renders the corpus, trains the default CPU model with the COTS objective (about ten
     minutes on two cores), reports Recall@K on the test split and on the held-out
-    colour-shape combinations, exports the ONNX model bundle and searches a sample of test
-    images by their captions through the torch-free runtime.
+    colour-shape combinations, exports the ONNX model bundle, builds the image, caption and
+    video collections (FAISS + SQLite), runs example queries, and serves the search page and
+    API at http://HOST:PORT/ until Ctrl-C. Offline; a second run reuses every finished step.
     """
+    import time
+
+    from cots.demo_serve import build_indices, example_queries, serve_demo
+
+    started = time.monotonic()
     from model.data.readers import CsvImageReader
     from model.evaluate import format_metrics
 
@@ -175,10 +193,14 @@ def demo(
         if split in evals:
             click.echo("  " + format_metrics(split, evals[split]))
     bundle = _export(workdir, model_name, quiet)
-    click.echo("[4/4] search")
     _search_sample(bundle, samples)
+    indices = build_indices(workdir, corpus, bundle)
+    queries = example_queries(bundle, indices, corpus, samples)
     click.echo(
         f"corpus: {corpus} ({description['images']['count']:,} images, "
         f"{description['videos']['count']:,} videos); model: {workdir / 'runs' / model_name}; "
-        f"bundle: {bundle}"
+        f"bundle: {bundle}; collections: {indices}"
     )
+    click.echo(f"build steps done in {time.monotonic() - started:.0f} s")
+    if serve:
+        serve_demo(bundle, indices, corpus, host, port, queries)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
+import httpx
 import pytest
+
+from tests.live_server import free_port
 
 COTS = str(Path(sys.executable).with_name("cots"))
 
@@ -115,21 +119,63 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
         1,
         "--batch-size",
         16,
+        "--no-serve",
     )
     first = cots(*args).stdout
     assert "rendering 80 images" in first
-    assert "[2/4] train: cots-micro" in first
+    assert "[2/6] train: cots-micro" in first
     # the summary block, not the evaluation lines training prints as it goes
     summary = first.split("results (Recall@K")[1]
     assert "  test: t2i_R@1" in summary
     assert "  heldout: t2i_R@1" in summary
-    assert "[3/4] export: ONNX model bundle of step 4" in first
+    assert "[3/6] export: ONNX model bundle of step 4" in first
     assert "runtime search (ONNX, no torch):" in first
+    for name in ("images", "captions", "videos"):
+        assert f"[4/6] index: building {name}" in first
+    assert "[5/6] example queries" in first
+    assert "captions <- image" in first
     assert (tmp_path / "sample.png").is_file()
     assert (tmp_path / "runs" / "cots-micro" / "checkpoint.pt").is_file()
     assert (tmp_path / "bundle" / "bundle.json").is_file()
     second = cots(*args).stdout
-    assert "[1/4] corpus: reusing" in second
-    assert "[2/4] train: reusing" in second
-    assert "[3/4] export: reusing" in second
+    assert "[1/6] corpus: reusing" in second
+    assert "[2/6] train: reusing" in second
+    assert "[3/6] export: reusing" in second
+    assert "[4/6] index: reusing videos" in second
     assert "  heldout: t2i_R@1" in second.split("results (Recall@K")[1]
+    _serve_demo_and_query(args, tmp_path)
+
+
+def _serve_demo_and_query(args: tuple[str | Path | int, ...], workdir: Path) -> None:
+    """A third run serves: it prints the URL, and the page and API answer there."""
+    port = free_port()
+    serving = [str(a) for a in args if a != "--no-serve"] + ["--port", str(port)]
+    process = subprocess.Popen(
+        [COTS, *serving], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "[6/6] serving: open" in line:
+                break
+        assert f"http://127.0.0.1:{port}/" in lines[-1], "".join(lines)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the demo server never answered"
+                time.sleep(0.2)
+        assert ready.json()["collections"] == {"captions": 1, "images": 1, "videos": 1}
+        assert "<html" in httpx.get(f"http://127.0.0.1:{port}/").text.lower()
+        found = httpx.post(
+            f"http://127.0.0.1:{port}/v1/collections/videos/search", json={"text": "a circle"}
+        )
+        assert found.status_code == 200
+        assert found.json()["hits"][0]["uri"].startswith(str(workdir))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

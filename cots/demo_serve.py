@@ -1,0 +1,153 @@
+"""The demo's last steps: build the collections, try them, serve them with the page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+# collection -> (kind, corpus file)
+DEMO_COLLECTIONS = {
+    "images": ("image", "images.csv"),
+    "captions": ("caption", "images.csv"),
+    "videos": ("video", "videos.csv"),
+}
+
+
+def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
+    """[4/6] Build each demo collection, or reuse it when its live version was built from
+    this corpus by this bundle."""
+    from indexer.assemble import read_info
+    from indexer.build import build_collection
+    from indexer.bundle import read_manifest
+    from indexer.errors import CollectionError
+    from indexer.spec_index import BuildSpec
+    from indexer.versions import current_dir
+
+    root = workdir / "indices"
+    bundle_id = read_manifest(bundle).bundle_id
+    for name, (kind, csv) in DEMO_COLLECTIONS.items():
+        source = corpus / csv
+        try:
+            info = read_info(current_dir(root, name))
+        except (CollectionError, OSError):
+            info = None
+        if (
+            info is not None
+            and info.model_bundle_id == bundle_id
+            and info.build.get("corpus") == str(source)
+        ):
+            click.echo(f"[4/6] index: reusing {name} ({info.live:,} {kind} vectors)")
+            continue
+        click.echo(f"[4/6] index: building {name} ({kind} vectors of {source.name})")
+        spec = BuildSpec(collection=name, root=root, bundle=bundle, corpus=str(source), kind=kind)
+        version = build_collection(spec)  # shows its own progress bar
+        info = read_info(current_dir(root, name))
+        click.echo(
+            f"      {name} version {version}: {info.live:,} vectors, {info.factory}, "
+            f"recall@10 vs exact {info.recall_at_10:.3f}"
+        )
+    return root
+
+
+def example_queries(bundle: Path, root: Path, corpus: Path, samples: list) -> list[str]:
+    """[5/6] A few queries through the service's own engine (batching, cache, FAISS), printed
+    with their top hits; returns ready-to-paste curl commands for the served API."""
+    from service.engine import QueryEngine
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    texts = [samples[0].captions[0], samples[1].captions[0]]
+    video_text = _first_video_caption(corpus)
+    image = _first_test_image(corpus)
+
+    async def run() -> None:
+        from service.state import ServiceState
+
+        settings = Settings(bundle=bundle, index_root=root, data_root=corpus)
+        state = await ServiceState.start(settings, Metrics())
+        engine: QueryEngine = state.engine
+        try:
+            click.echo("[5/6] example queries (the service's engine, in process)")
+            for name, text in [
+                ("images", texts[0]),
+                ("captions", texts[1]),
+                ("videos", video_text),
+            ]:
+                vector, _ = await engine.embed_text(text)
+                page = await engine.search(name, vector, k=3)
+                click.echo(f"      {name} <- {text!r}")
+                for hit in page.hits:
+                    span = (
+                        f" [{hit.item.start_s:.1f}-{hit.item.end_s:.1f} s]"
+                        if hit.item.start_s is not None
+                        else ""
+                    )
+                    click.echo(f"        {hit.score:.3f}  {hit.item.caption}{span}")
+            pixels = engine.prepare_image(image.read_bytes())
+            vector, _ = await engine.embed_image(image.read_bytes(), pixels)
+            page = await engine.search("captions", vector, k=3)
+            click.echo(f"      captions <- image {image.name}")
+            for hit in page.hits:
+                click.echo(f"        {hit.score:.3f}  {hit.item.caption}")
+        finally:
+            await state.stop()
+
+    asyncio.run(run())
+    return [
+        _curl("images", {"text": texts[0], "k": 5}),
+        _curl("videos", {"text": video_text, "k": 5}),
+        "curl -s -F image=@"
+        + shlex.quote(str(image))
+        + " http://HOST/v1/collections/captions/search/upload",
+    ]
+
+
+def _curl(collection: str, body: dict[str, Any]) -> str:
+    return (
+        f"curl -s http://HOST/v1/collections/{collection}/search "
+        f"-H 'content-type: application/json' -d {shlex.quote(json.dumps(body))}"
+    )
+
+
+def _first_video_caption(corpus: Path) -> str:
+    import csv
+
+    with (corpus / "videos.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("split") == "test":
+                return row["caption"]
+    return "a red circle moves to the left"
+
+
+def _first_test_image(corpus: Path) -> Path:
+    import csv
+
+    with (corpus / "images.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("split") == "test":
+                return corpus / row["filepath"]
+    raise click.ClickException(f"{corpus / 'images.csv'} has no test image")
+
+
+def serve_demo(
+    bundle: Path, root: Path, corpus: Path, host: str, port: int, queries: list[str]
+) -> None:
+    """[6/6] The page and the API, until Ctrl-C."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    address = f"{host}:{port}"
+    click.echo(f"[6/6] serving: open http://{address}/  (API docs: http://{address}/docs)")
+    click.echo("      try:")
+    for query in queries:
+        click.echo("        " + query.replace("http://HOST", f"http://{address}"))
+    click.echo("      Ctrl-C stops the server; running the demo again reuses every step.")
+    settings = Settings(bundle=bundle, index_root=root, data_root=corpus)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
