@@ -1,0 +1,318 @@
+"""The search page end to end: a headless Chromium (Playwright's sync API) drives the page of a
+live server holding the images, captions and videos collections.
+
+The browser is Debian's chromium, never one Playwright downloads: ``$COTS_CHROMIUM``
+(``scripts/test.sh`` sets it) or else ``scripts/chromium.sh``. The tests fail when there is
+none, rather than skip: a skipped browser test reads as a passed one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Error,
+    FilePayload,
+    Locator,
+    Page,
+    expect,
+    sync_playwright,
+)
+
+from service.settings import Settings
+from tests.live_server import LiveServer, live_server
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE_SIZE = 12  # app.js asks for this many hits a page
+TIMEOUT_MS = 20_000  # generous: the machine may have two cores and a cold ONNX session
+# The test machines have no network: without these, Chromium stalls or logs errors reaching
+# Google's services, and a sandbox needs privileges a container lacks.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+KINDS = {"images": "image", "captions": "caption", "videos": "video"}
+QUERY = "a small red circle on a striped background"
+DASH = "\u2013"  # the page joins its ranges (results, seconds) with an en dash, not a hyphen
+
+ALL_IMAGES_DONE = """() => [...document.querySelectorAll('[data-testid="hit"] img')]
+    .every((img) => img.complete)"""
+IMAGE_WIDTHS = """() => [...document.querySelectorAll('[data-testid="hit"] img')]
+    .map((img) => img.naturalWidth)"""
+VIDEO_STATES = """() => [...document.querySelectorAll('[data-testid="hit"] video')]
+    .map((video) => ({src: video.getAttribute("src"), ready: video.readyState,
+                      error: video.error && video.error.code, time: video.currentTime}))"""
+ALL_VIDEOS_READY = f"() => ({VIDEO_STATES})().every((state) => state.ready >= 1)"
+
+
+def _chromium() -> str:
+    configured = os.environ.get("COTS_CHROMIUM")
+    if configured:
+        return configured
+    try:
+        found = subprocess.run(
+            [str(ROOT / "scripts" / "chromium.sh")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        stderr = getattr(error, "stderr", "") or ""
+        failure = (
+            f"no Chromium for the browser tests: scripts/chromium.sh failed ({error})\n"
+            f"{stderr}\nInstall chromium and set COTS_CHROMIUM=/path/to/chromium."
+        )
+    else:
+        return found.stdout.strip().splitlines()[-1]
+    pytest.fail(failure, pytrace=False)  # outside `except`, so no chained traceback
+
+
+@pytest.fixture(scope="module")
+def server(micro_bundle: Path, served_root: tuple[Path, Path]) -> Iterator[LiveServer]:
+    with live_server(Settings(bundle=micro_bundle, index_root=served_root[1])) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = _chromium()
+    # Playwright's assertions give up after 5 s; a busy two-core machine can need longer.
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@dataclass
+class Tab:
+    """A fresh page on the search page, and every console error and uncaught exception."""
+
+    page: Page
+    errors: list[str] = field(default_factory=list)
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(f"uncaught: {error}")
+
+    def testid(self, name: str) -> Locator:
+        return self.page.get_by_test_id(name)
+
+    def ids(self) -> list[int]:
+        return [int(value) for value in self.hits_attribute("data-id")]
+
+    def hits_attribute(self, name: str) -> list[str]:
+        values = self.page.eval_on_selector_all(
+            '[data-testid="hit"]', "(hits, name) => hits.map((hit) => hit.getAttribute(name))", name
+        )
+        return [str(value) for value in values]
+
+    def search(self, collection: str, text: str) -> None:
+        self.testid("collection").select_option(collection)
+        self.testid("query").fill(text)
+        self.testid("search").click()
+        self.wait_done()
+
+    def upload(self, collection: str, files: Path | FilePayload) -> None:
+        self.testid("collection").select_option(collection)
+        self.testid("upload").set_input_files(files)
+
+    def wait_done(self) -> None:
+        expect(self.testid("results")).to_have_attribute("data-state", "done")
+
+    def assert_images_loaded(self, count: int) -> None:
+        self.page.wait_for_function(ALL_IMAGES_DONE)
+        widths = self.page.evaluate(IMAGE_WIDTHS)
+        assert len(widths) == count, "a card lost its image (see the console errors)"
+        assert all(width > 0 for width in widths), widths
+
+    def assert_no_console_errors(self) -> None:
+        assert self.errors == []
+
+
+@pytest.fixture
+def tab(browser: Browser, server: LiveServer) -> Iterator[Tab]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    opened = Tab(page)
+    page.on("console", opened.on_console)
+    page.on("pageerror", opened.on_page_error)
+    try:
+        page.goto(server.url)
+        # The selector is filled once /v1/collections has answered.
+        options = page.locator('[data-testid="collection"] option[data-kind]')
+        expect(options).to_have_count(len(KINDS))
+        yield opened
+    finally:
+        context.close()
+
+
+def api_search(server: LiveServer, collection: str, **body: Any) -> dict[str, Any]:
+    with server.client() as client:
+        response = client.post(f"/v1/collections/{collection}/search", json=body)
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def api_upload(server: LiveServer, collection: str, name: str, data: bytes) -> httpx.Response:
+    with server.client() as client:
+        return client.post(
+            f"/v1/collections/{collection}/search/upload",
+            files={"image": (name, data, "application/octet-stream")},
+            data={"k": str(PAGE_SIZE), "offset": "0"},
+        )
+
+
+def corpus_image(served_root: tuple[Path, Path]) -> Path:
+    return sorted((served_root[0] / "images" / "0000").glob("*.png"))[5]
+
+
+def test_page_lists_the_collections_with_their_kinds(tab: Tab) -> None:
+    options = tab.page.locator('[data-testid="collection"] option[data-kind]')
+    listed = {
+        str(options.nth(index).get_attribute("value")): (
+            options.nth(index).get_attribute("data-kind"),
+            options.nth(index).inner_text(),
+        )
+        for index in range(options.count())
+    }
+    assert set(listed) == set(KINDS)
+    for name, kind in KINDS.items():
+        assert listed[name][0] == kind
+        assert kind in listed[name][1]
+    tab.assert_no_console_errors()
+
+
+def test_text_query_shows_a_page_of_images_and_pages_through(tab: Tab, server: LiveServer) -> None:
+    first = api_search(server, "images", text=QUERY, k=PAGE_SIZE, offset=0)
+    second = api_search(server, "images", text=QUERY, k=PAGE_SIZE, offset=PAGE_SIZE)
+
+    tab.search("images", QUERY)
+    expect(tab.testid("hit")).to_have_count(PAGE_SIZE)
+    assert tab.ids() == [hit["id"] for hit in first["hits"]]
+    assert set(tab.hits_attribute("data-kind")) == {"image"}
+    captions = tab.testid("hit-caption").all_inner_texts()
+    assert captions == [hit["caption"] for hit in first["hits"]]
+    assert all(captions)
+    scores = [float(text) for text in tab.testid("hit-score").all_inner_texts()]
+    assert scores == pytest.approx([hit["score"] for hit in first["hits"]], abs=1e-3)
+    tab.assert_images_loaded(PAGE_SIZE)
+    expect(tab.testid("page-info")).to_have_text(f"results 1{DASH}{PAGE_SIZE}")
+    expect(tab.testid("status")).to_contain_text("ms")
+    expect(tab.testid("prev")).to_be_disabled()
+
+    tab.testid("next").click()
+    expect(tab.testid("page-info")).to_have_text(f"results {PAGE_SIZE + 1}{DASH}{2 * PAGE_SIZE}")
+    tab.wait_done()
+    assert tab.ids() == [hit["id"] for hit in second["hits"]]
+    assert not set(tab.ids()) & {hit["id"] for hit in first["hits"]}
+    tab.assert_images_loaded(PAGE_SIZE)
+
+    tab.testid("prev").click()
+    expect(tab.testid("page-info")).to_have_text(f"results 1{DASH}{PAGE_SIZE}")
+    tab.wait_done()
+    assert tab.ids() == [hit["id"] for hit in first["hits"]]
+    expect(tab.testid("prev")).to_be_disabled()
+    expect(tab.testid("error")).to_be_hidden()
+    tab.assert_no_console_errors()
+
+
+def test_uploaded_image_finds_its_captions(
+    tab: Tab, server: LiveServer, served_root: tuple[Path, Path]
+) -> None:
+    image = corpus_image(served_root)
+    wanted = api_upload(server, "captions", image.name, image.read_bytes()).json()
+
+    tab.upload("captions", image)
+    tab.wait_done()
+    expect(tab.testid("hit")).to_have_count(PAGE_SIZE)
+    assert set(tab.hits_attribute("data-kind")) == {"caption"}
+    assert tab.ids() == [hit["id"] for hit in wanted["hits"]]
+    assert all(tab.testid("hit-caption").all_inner_texts())
+    tab.assert_images_loaded(PAGE_SIZE)  # each caption's thumbnail
+    expect(tab.testid("query-image")).to_contain_text(image.name)
+    tab.assert_no_console_errors()
+
+
+def test_uploaded_image_finds_itself_first_among_images(
+    tab: Tab, server: LiveServer, served_root: tuple[Path, Path]
+) -> None:
+    image = corpus_image(served_root)
+
+    tab.upload("images", image)
+    tab.wait_done()
+    expect(tab.testid("hit")).to_have_count(PAGE_SIZE)
+    assert set(tab.hits_attribute("data-kind")) == {"image"}
+    top = tab.ids()[0]
+    with server.client() as client:
+        item = client.get(f"/v1/collections/images/items/{top}").json()
+    assert Path(item["uri"]).name == image.name
+    assert float(tab.testid("hit-score").first.inner_text()) == pytest.approx(1.0, abs=2e-3)
+    tab.assert_images_loaded(PAGE_SIZE)
+
+    # Paging an image query sends the same file again, for the next page.
+    tab.testid("next").click()
+    expect(tab.testid("page-info")).to_have_text(f"results {PAGE_SIZE + 1}{DASH}{2 * PAGE_SIZE}")
+    tab.wait_done()
+    assert top not in tab.ids()
+    tab.assert_no_console_errors()
+
+
+def test_video_collection_shows_moments_with_their_time_range(tab: Tab) -> None:
+    tab.search("videos", "a white triangle grows")
+    expect(tab.testid("hit")).not_to_have_count(0)
+    hits = tab.testid("hit").count()
+    assert set(tab.hits_attribute("data-kind")) <= {"video", "segment"}
+    assert "segment" in tab.hits_attribute("data-kind")
+    ranges = tab.testid("hit-range").all_inner_texts()
+    assert len(ranges) == hits
+    assert all(re.fullmatch(rf"\d+\.\d{DASH}\d+\.\d s", text) for text in ranges), ranges
+
+    # Every player has loaded its file's metadata and stands at the start of its moment.
+    tab.page.wait_for_function(ALL_VIDEOS_READY)
+    for state, text in zip(tab.page.evaluate(VIDEO_STATES), ranges, strict=True):
+        start, end = (float(value) for value in text.removesuffix(" s").split(DASH))
+        assert state["error"] is None
+        assert state["src"].endswith(f"#t={start:g},{end:g}")
+        assert state["time"] == pytest.approx(start, abs=0.1)
+    tab.assert_no_console_errors()
+
+
+def test_invalid_upload_shows_the_api_error(tab: Tab, server: LiveServer) -> None:
+    data = b"these are notes, not an image\n"
+    answer = api_upload(server, "captions", "notes.txt", data)
+    assert answer.status_code >= 400
+    message = answer.json()["error"]["message"]
+
+    tab.upload("captions", {"name": "notes.txt", "mimeType": "text/plain", "buffer": data})
+    expect(tab.testid("results")).to_have_attribute("data-state", "error")
+    expect(tab.testid("error")).to_be_visible()
+    expect(tab.testid("error")).to_have_text(message)
+    expect(tab.testid("hit")).to_have_count(0)
+    expect(tab.testid("page-info")).to_have_text("")
+    # The failed request itself is a console error ("Failed to load resource"); nothing else.
+    assert all("Failed to load resource" in error for error in tab.errors), tab.errors
