@@ -114,7 +114,7 @@ class QueryEngine:
             return preprocess_images([image], self.encoder.manifest.image)[0]
 
     def check_embedding(self, values: Sequence[float]) -> np.ndarray:
-        vector = np.asarray(values, dtype=np.float32)
+        vector = np.asarray(values, dtype=np.float64)  # float64: no overflow in the norm
         if vector.shape != (self.encoder.dim,):
             raise ApiError(
                 422,
@@ -123,7 +123,7 @@ class QueryEngine:
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise ApiError(422, "embedding must be finite and not all zeros")
-        return vector / norm
+        return (vector / norm).astype(np.float32)
 
     def check_page(self, k: int, offset: int) -> None:
         limits = self.settings.limits
