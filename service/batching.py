@@ -4,7 +4,11 @@ A :class:`Batcher` owns one worker thread and one asyncio task. Queries are grou
 (the modality for the encoder; the collection and filters for FAISS). The task takes the oldest
 group, waits at most ``max_wait_s`` for it to fill to ``max_batch``, runs the batch function in
 the worker thread, and answers each query's future. While a batch runs, new queries pile up,
-so under load batches grow on their own and at low load a query waits at most ``max_wait_s``.
+so under load batches grow on their own.
+
+The wait is only worth it when company can come: ``others_in_flight()`` says whether requests
+other than those already queued are being handled (parsed, decoded, looked up in the cache).
+When none are, a batch runs at once, so a lone query pays nothing for batching.
 
 The queue is bounded: a query arriving when ``max_queue`` are already waiting is refused with
 :class:`~service.errors.OverloadedError` (HTTP 503 with Retry-After), never queued without limit.
@@ -50,8 +54,10 @@ class Batcher(Generic[P, R]):
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics,
+        others_in_flight: Callable[[int], bool] = lambda queued: True,
     ) -> None:
         self.name = name
+        self.others_in_flight = others_in_flight
         self.run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -109,7 +115,7 @@ class Batcher(Generic[P, R]):
                 continue
             key, group = next(iter(self._groups.items()))
             # Wait for the oldest group to fill, but never past its first query's deadline.
-            while len(group.entries) < self.max_batch:
+            while len(group.entries) < self.max_batch and self.others_in_flight(self._pending):
                 left = group.first_at + self.max_wait_s - time.monotonic()
                 if left <= 0:
                     break

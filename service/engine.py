@@ -58,21 +58,23 @@ class QueryEngine:
         self.metrics = metrics
         batch = settings.batch
         max_batch = batch.max_batch if batch.enabled else 1
-        max_wait_s = batch.max_wait_ms / 1000 if batch.enabled else 0.0
         self.encode_batcher: Batcher[Any, np.ndarray] = Batcher(
             "encode",
             self._encode_batch,
             max_batch=max_batch,
-            max_wait_s=max_wait_s,
+            max_wait_s=batch.max_wait_ms / 1000 if batch.enabled else 0.0,
             max_queue=batch.max_queue,
             metrics=metrics,
+            others_in_flight=lambda queued: metrics.in_flight > queued,
         )
+        # No wait before FAISS: an encoder batch hands its queries on together, and a wait
+        # here would only add latency.
         self.search_batcher: Batcher[tuple[np.ndarray, int], tuple[Collection, list[Hit]]] = (
             Batcher(
                 "search",
                 self._search_batch,
                 max_batch=max_batch,
-                max_wait_s=max_wait_s,
+                max_wait_s=0.0,
                 max_queue=batch.max_queue,
                 metrics=metrics,
             )

@@ -15,6 +15,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 class Metrics:
     def __init__(self) -> None:
+        # POST requests (queries, embeds, writes) being handled now, kept by RequestMetrics:
+        # the encode batcher waits for company only when some may come.
+        self.in_flight = 0
         self.registry = CollectorRegistry()
         self.requests = Histogram(
             "cots_request_seconds",

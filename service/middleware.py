@@ -89,7 +89,8 @@ class BodyLimit:
 
 class RequestMetrics:
     """Latency per route template (``/v1/collections/{name}/search``, not every name), method
-    and status. Unmatched paths count as ``<unmatched>`` so scanners cannot grow the labels."""
+    and status, and the count of POST requests in flight. Unmatched paths count as
+    ``<unmatched>`` so scanners cannot grow the labels."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -101,6 +102,9 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
+        counted = scope["method"] == "POST"
+        if counted:
+            self.metrics.in_flight += 1
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -111,6 +115,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            if counted:
+                self.metrics.in_flight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             self.metrics.requests.labels(template, scope["method"], str(status)).observe(

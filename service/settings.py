@@ -73,7 +73,17 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="Redis for cache, jobs and hot swap")
     providers: list[str] = Field(default_factory=list, description="ONNX Runtime providers")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads")
+    threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core)"
+    )
+    faiss_threads: int | None = Field(
+        None, ge=1, description="FAISS (OpenMP) threads (unset: one per core)"
+    )
+    spin: bool = Field(
+        False,
+        description="let ONNX Runtime's threads spin between calls: a little lower latency, "
+        "much more CPU per query (docs/bench/serve.md)",
+    )
     gpu_faiss: bool | None = Field(
         None, description="FAISS indices on the GPU (unset: when FAISS sees one)"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import faiss
+
 from indexer.encoder import Encoder
 from service.cache import EmbeddingCache
 from service.engine import QueryEngine
@@ -34,11 +36,14 @@ class ServiceState:
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> ServiceState:
+        if settings.faiss_threads is not None:
+            faiss.omp_set_num_threads(settings.faiss_threads)
         encoder = Encoder(
             settings.bundle,
             providers=settings.providers or None,
             threads=settings.threads,
             max_pixels=settings.limits.max_image_pixels,
+            spin=settings.spin,
         )
         for modality in ("text", "image"):  # sessions now, not on the first query
             encoder.session(modality)
