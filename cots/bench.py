@@ -19,6 +19,7 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "model.bench_encode:encode_bench",
         "Texts/s and images/s, torch vs ONNX Runtime (fp32, int8), and their recall.",
     ),
+    "serve": ("service.bench_serve:serve_bench", "Search latency and QPS through cots serve."),
 }
 
 

@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh "serving,training,distributed,dev"
+# clip-retrieval's real ClipClient for tests/test_clip_retrieval.py, without its dependencies
+# (they pin numpy<2 and torch; the test loads clip_client.py alone, which needs only requests).
+.venv/bin/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("clip-retrieval") != "2.45.0")' 2>/dev/null || .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "clip-retrieval==2.45.0"
 # The integration tests run a real Redis; scripts/redis.sh finds or installs one (no root).
 COTS_REDIS_SERVER="${COTS_REDIS_SERVER:-$(scripts/redis.sh)}"
 export COTS_REDIS_SERVER
+# The browser tests drive a headless Chromium; scripts/chromium.sh finds or installs one.
+COTS_CHROMIUM="${COTS_CHROMIUM:-$(scripts/chromium.sh)}"
+export COTS_CHROMIUM
 exec .venv/bin/python -m pytest "$@"

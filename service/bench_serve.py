@@ -1,0 +1,821 @@
+"""``cots bench serve``: text → image search latency through the real HTTP server.
+
+The collection is real FAISS + SQLite at full size, but its vectors are seeded random unit
+vectors (clustered like embeddings) rather than encoded images: search and hydrate cost what
+they cost on a real collection of that size and dim (the factory is chosen the normal way),
+without encoding 100k images first. The server runs as ``cots serve`` in a child process,
+configured by ``COTS_*`` variables, and is loaded from this process with ``httpx.AsyncClient``:
+a closed loop of ``concurrency`` workers, each sending its next request as soon as the last
+one is answered.
+
+Cases: batching on or off (the server restarts between), and cache miss (every text unique
+after the cache's normalisation) or hit (a few texts, all cached during the warm-up). The
+encode and search batchers' mean batch sizes and the cache hit rate come from ``/metrics``
+deltas around each measured level, so a "miss" row that hit the cache would show it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+COLLECTION: Final = "bench"
+ROOT: Final = Path(__file__).resolve().parents[1]
+CASES: Final = ("batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
+READY_TIMEOUT_S: Final = 300.0
+REQUEST_TIMEOUT_S: Final = 60.0
+KEEPALIVE_EXPIRY_S: Final = 2.0
+MIN_REQUESTS: Final = 1000
+MIN_WARMUP: Final = 20
+# Clustered like real embeddings: IVF lists as uneven, and recall as meaningful, as on a real
+# collection (uniform random vectors would make every list equal and recall look broken).
+VECTORS: Final = "clustered random unit vectors (indexer.bench_index.Mixture)"
+
+_SIZES: Final = ("small", "little", "big", "large", "tiny", "huge")
+_COLOURS: Final = ("red", "blue", "green", "white", "brown", "yellow", "purple", "orange")
+_SHAPES: Final = ("circle", "square", "star", "heart", "diamond", "triangle", "cross")
+_RELATIONS: Final = ("left of", "right of", "above", "below", "next to", "beneath")
+_BACKGROUNDS: Final = ("dotted", "striped", "checkered", "plain", "polka-dot", "grey")
+
+
+def _phrase(rng: np.random.Generator) -> str:
+    """A caption in the style of the synthetic corpus the bench bundles are trained on."""
+
+    def pick(words: Sequence[str]) -> str:
+        return words[int(rng.integers(len(words)))]
+
+    return (
+        f"a {pick(_SIZES)} {pick(_COLOURS)} {pick(_SHAPES)} {pick(_RELATIONS)} a "
+        f"{pick(_SIZES)} {pick(_COLOURS)} {pick(_SHAPES)}, on a {pick(_BACKGROUNDS)} background"
+    )
+
+
+class QueryTexts:
+    """Query texts that never repeat within a run: a caption plus a photo number made of a
+    per-run salt and a counter. The salt keeps a Redis cache from hitting on an earlier run's
+    texts; case and whitespace never differ only, since the cache key ignores both."""
+
+    def __init__(self, seed: int, salt: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.salt = salt
+        self.count = 0
+
+    def fresh(self, n: int) -> list[str]:
+        texts = []
+        for _ in range(n):
+            self.count += 1
+            texts.append(f"{_phrase(self.rng)}, photo {self.salt}-{self.count}")
+        return texts
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    bundle: Path
+    work: Path
+    items: int = 100_000
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    requests: int | None = None  # per level; None: max(MIN_REQUESTS, 8 x concurrency)
+    warmup: int | None = None  # per level; None: max(MIN_WARMUP, 2 x concurrency)
+    cases: tuple[str, ...] = CASES
+    k: int = 10
+    hit_texts: int = 32
+    in_process_queries: int = 200
+    redis_url: str | None = None
+    providers: tuple[str, ...] = ()
+    gpu_faiss: bool | None = None
+    threads: int | None = None
+    faiss_threads: int | None = None  # None: FAISS's default (every core)
+    seed: int = 0
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests or max(MIN_REQUESTS, 8 * concurrency)
+
+    def warmup_at(self, concurrency: int) -> int:
+        return self.warmup if self.warmup is not None else max(MIN_WARMUP, 2 * concurrency)
+
+
+# The collection ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchCollection:
+    root: Path
+    factory: str
+    items: int
+    dim: int
+    recall_at_10: float
+    reused: bool
+    build_s: float
+
+
+def ensure_collection(bundle: Path, work: Path, items: int, seed: int) -> BenchCollection:
+    """The bench collection under ``work/indices``: the live version when it was made for this
+    bundle, count and seed, else a new one (random unit vectors, real items), published."""
+    from indexer.assemble import IndexInfo, read_info, write_version
+    from indexer.bench_index import Mixture
+    from indexer.bundle import read_manifest
+    from indexer.faiss_index import choose_factory
+    from indexer.metadata import Item
+    from indexer.versions import current_dir, current_version, publish, staging
+
+    manifest = read_manifest(bundle)
+    root = work / "indices"
+    if current_version(root, COLLECTION) is not None:
+        info = read_info(current_dir(root, COLLECTION))
+        made = (info.model_bundle_id, info.count, info.build.get("bench_serve"))
+        if made == (manifest.bundle_id, items, {"seed": seed, "vectors": VECTORS}):
+            return BenchCollection(
+                root, info.factory, info.count, info.dim, info.recall_at_10, True, 0.0
+            )
+    start = time.perf_counter()
+    dim = manifest.embed_dim
+    vectors = Mixture(dim, seed=seed).sample(items, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    ids = np.arange(items, dtype=np.int64)
+    rows = [
+        Item(id=i, kind="image", uri=f"bench://item/{i}", caption=_phrase(rng), group_id=f"b{i}")
+        for i in range(items)
+    ]
+    factory = choose_factory(items, dim)
+    tqdm.write(
+        f"building the {items:,}-item bench collection ({factory}) under {root}", file=sys.stderr
+    )
+    info = IndexInfo(
+        collection=COLLECTION,
+        kind="image",
+        modality="image",
+        count=items,
+        live=items,
+        dim=dim,
+        factory=factory,
+        model_bundle_id=manifest.bundle_id,
+        recall_at_10=0.0,
+        build={"bench_serve": {"seed": seed, "vectors": VECTORS}},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    with staging(root, COLLECTION) as staged:
+        final = write_version(staged, ids, vectors, rows, factory, info)
+        publish(root, COLLECTION, staged, keep=1)
+    build_s = time.perf_counter() - start
+    return BenchCollection(root, factory, items, dim, final.recall_at_10, False, build_s)
+
+
+# The server -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def server_env(config: ServeBenchConfig, root: Path, *, batching: bool) -> dict[str, str]:
+    """The child's environment: ours without any COTS_* (a stray API-key or rate-limit setting
+    would change what is measured), plus the bench's settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COTS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(
+        COTS_BUNDLE=str(config.bundle.resolve()),
+        COTS_INDEX_ROOT=str(root.resolve()),
+        COTS_COLLECTIONS=json.dumps([COLLECTION]),
+        COTS_RATE_LIMIT_PER_MINUTE="0",
+        COTS_BATCH__ENABLED="true" if batching else "false",
+    )
+    if config.redis_url:
+        env["COTS_REDIS_URL"] = config.redis_url
+    if config.providers:
+        env["COTS_PROVIDERS"] = json.dumps(list(config.providers))
+    if config.gpu_faiss is not None:
+        env["COTS_GPU_FAISS"] = "true" if config.gpu_faiss else "false"
+    if config.threads is not None:
+        env["COTS_THREADS"] = str(config.threads)
+    if config.faiss_threads is not None:  # no setting for it: FAISS's OpenMP reads this
+        env["OMP_NUM_THREADS"] = str(config.faiss_threads)
+    return env
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the ")" closing the command name, utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
+    """``cots serve`` on a free loopback port until the block ends, yielded once ``/readyz``
+    answers 200. Its output goes to ``log``; a failed start raises with the log's tail."""
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "cots.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        # cwd: the work dir, so no .env of the caller's checkout is read by the settings.
+        process = subprocess.Popen(
+            command, env=env, cwd=log.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with httpx.Client(base_url=url, timeout=5, trust_env=False) as client:
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise click.ClickException(f"the server did not get ready; {log} ends:\n{tail}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        yield Server(url, process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def scrape(text: str) -> dict[str, float]:
+    """The counters a level needs from a ``/metrics`` page: batch size sum and count per
+    batcher (``batch_sum:encode``, ``batch_count:search``...) and cache results summed over
+    backends (``cache:hit``, ``cache:miss``, ``cache:error``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("cots_batch_size_sum", "cots_batch_size_count"):
+                what = "batch_sum" if sample.name.endswith("sum") else "batch_count"
+                key = f"{what}:{sample.labels['batcher']}"
+            elif sample.name == "cots_cache_total":
+                key = f"cache:{sample.labels['result']}"
+            else:
+                continue
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+# Load -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Drive:
+    """What one closed-loop run saw: latencies of the 200s with a full page, other outcomes."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+
+async def _drive(
+    client: Any, texts: Sequence[str], concurrency: int, k: int, tick: Callable[[], object]
+) -> Drive:
+    found = Drive()
+    pending = iter(texts)  # shared by the workers: next() never yields to the loop
+    path = f"/v1/collections/{COLLECTION}/search"
+
+    async def worker() -> None:
+        import httpx
+
+        for text in pending:
+            start = time.perf_counter()
+            try:
+                response = await client.post(path, json={"text": text, "k": k})
+            except httpx.HTTPError as error:
+                found.errors[type(error).__name__] += 1
+            else:
+                elapsed = time.perf_counter() - start
+                if response.status_code != 200:
+                    found.errors[f"HTTP {response.status_code}"] += 1
+                elif len(response.json()["hits"]) != k:
+                    found.errors["short page"] += 1
+                else:
+                    found.latencies_s.append(elapsed)
+            tick()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    found.wall_s = time.perf_counter() - start
+    return found
+
+
+@dataclass
+class Level:
+    """One concurrency level: warm-up and measured runs, metrics around the measured one, and
+    the CPU seconds the server and this client spent on it (None where /proc is missing)."""
+
+    warmed: Drive
+    drive: Drive
+    before: dict[str, float]
+    after: dict[str, float]
+    server_cpu_s: float | None
+    client_cpu_s: float
+
+
+async def _level(
+    server: Server,
+    warm: Sequence[str],
+    measured: Sequence[str],
+    concurrency: int,
+    k: int,
+    tick: Callable[[], object],
+) -> Level:
+    """Warm up (also opening the connections), then measure between two metrics scrapes."""
+    import httpx
+
+    # Idle connections close on our side before uvicorn's 5 s keep-alive timeout closes them
+    # on its side: a connection left idle while the warm-up's stragglers finish would otherwise
+    # fail the first measured request sent on it (a ReadError that no real client would see
+    # more often than its own pool's expiry allows).
+    limits = httpx.Limits(
+        max_connections=concurrency,
+        max_keepalive_connections=concurrency,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False
+    ) as client:
+        warmed = await _drive(client, warm, concurrency, k, tick)
+        before = scrape((await client.get("/metrics")).text)
+        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        drive = await _drive(client, measured, concurrency, k, tick)
+        server_after, client_cpu = cpu_seconds(server.pid), time.process_time() - client_cpu
+        after = scrape((await client.get("/metrics")).text)
+    server_s = None if server_cpu is None or server_after is None else server_after - server_cpu
+    return Level(warmed, drive, before, after, server_s, client_cpu)
+
+
+def _ratio(
+    after: dict[str, float], before: dict[str, float], top: str, bottom: str
+) -> float | None:
+    below = after.get(bottom, 0.0) - before.get(bottom, 0.0)
+    return None if below <= 0 else (after.get(top, 0.0) - before.get(top, 0.0)) / below
+
+
+def level_row(case: str, concurrency: int, level: Level) -> dict[str, Any]:
+    drive, before, after = level.drive, level.before, level.after
+    latencies_ms = np.asarray(drive.latencies_s) * 1000
+    requests = len(drive.latencies_s) + sum(drive.errors.values())
+    hits = after.get("cache:hit", 0.0) - before.get("cache:hit", 0.0)
+    looked_up = sum(
+        after.get(f"cache:{r}", 0.0) - before.get(f"cache:{r}", 0.0)
+        for r in ("hit", "miss", "error")
+    )
+    return {
+        "case": case,
+        "batching": case.startswith("batch"),
+        "cache": case.split("-")[1],
+        "concurrency": concurrency,
+        "requests": requests,
+        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 2) if len(latencies_ms) else None,
+        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 2) if len(latencies_ms) else None,
+        "qps": round(requests / drive.wall_s, 1) if drive.wall_s else 0.0,
+        "errors": sum(drive.errors.values()),
+        "error_kinds": dict(drive.errors),
+        "warmup_errors": sum(level.warmed.errors.values()),
+        "mean_encode_batch": _round(
+            _ratio(after, before, "batch_sum:encode", "batch_count:encode")
+        ),
+        "mean_search_batch": _round(
+            _ratio(after, before, "batch_sum:search", "batch_count:search")
+        ),
+        "cache_hit_rate": round(hits / looked_up, 3) if looked_up else None,
+        # CPU per request shows which side saturates the shared cores first.
+        "server_cpu_ms_per_request": _per_request(level.server_cpu_s, requests),
+        "client_cpu_ms_per_request": _per_request(level.client_cpu_s, requests),
+    }
+
+
+def _per_request(seconds: float | None, requests: int) -> float | None:
+    return None if seconds is None or not requests else round(seconds * 1000 / requests, 2)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+# Runs -------------------------------------------------------------------------------------
+
+CASE_NAMES: Final = {
+    "batch-miss": "batching on, cache miss",
+    "batch-hit": "batching on, cache hit",
+    "nobatch-miss": "batching off, cache miss",
+    "nobatch-hit": "batching off, cache hit",
+}
+
+
+def _level_texts(
+    texts: QueryTexts, cache: str, hot: Sequence[str], warmup: int, requests: int
+) -> tuple[list[str], list[str]]:
+    """(warm-up, measured) texts of one level. Miss: all fresh. Hit: the hot texts first, so
+    every one is cached before the measured requests cycle through them."""
+    if cache == "miss":
+        return texts.fresh(warmup), texts.fresh(requests)
+    warm = list(hot) + [hot[i % len(hot)] for i in range(warmup)]
+    return warm, [hot[i % len(hot)] for i in range(requests)]
+
+
+def run_server_cases(
+    config: ServeBenchConfig,
+    root: Path,
+    batching: bool,
+    texts: QueryTexts,
+    bar: tqdm,  # type: ignore[type-arg]
+) -> list[dict[str, Any]]:
+    """The chosen cases of one batching mode, on one server: cache misses, then hits."""
+    prefix = "batch" if batching else "nobatch"
+    caches = [case.split("-")[1] for case in config.cases if case.split("-")[0] == prefix]
+    if not caches:
+        return []
+    rows = []
+    env = server_env(config, root, batching=batching)
+    with running_server(env, config.work / f"server-{prefix}.log") as server:
+        for cache in caches:
+            hot = texts.fresh(config.hit_texts) if cache == "hit" else []
+            for concurrency in config.concurrency:
+                bar.set_postfix_str(f"{prefix}-{cache} @{concurrency}")
+                warm, measured = _level_texts(
+                    texts,
+                    cache,
+                    hot,
+                    config.warmup_at(concurrency),
+                    config.requests_at(concurrency),
+                )
+                outcome = asyncio.run(
+                    _level(server, warm, measured, concurrency, config.k, bar.update)
+                )
+                rows.append(level_row(f"{prefix}-{cache}", concurrency, outcome))
+                # Other work on the machine shows here: the client and server share its cores.
+                rows[-1]["load_1min"] = round(os.getloadavg()[0], 2)
+                tqdm.write(_table_line(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def measure_in_process(config: ServeBenchConfig, root: Path, texts: QueryTexts) -> dict[str, Any]:
+    """Median ms of ``Encoder.encode_texts([q])`` and ``Collection.search(vector, k)`` over
+    unique queries, in this process, with the server's providers, threads and FAISS device."""
+    import faiss
+
+    from indexer.collection import Collection
+    from indexer.encoder import Encoder
+    from indexer.faiss_index import to_serving_device
+
+    if config.faiss_threads is not None:
+        faiss.omp_set_num_threads(config.faiss_threads)
+    encoder = Encoder(
+        config.bundle, providers=list(config.providers) or None, threads=config.threads
+    )
+    collection = Collection.open(root, COLLECTION, bundle_id=encoder.bundle_id)
+    collection.index = to_serving_device(collection.index, config.gpu_faiss)
+    encode_s, search_s = [], []
+    try:
+        for text in texts.fresh(MIN_WARMUP):  # first runs allocate and pick kernels
+            collection.search(encoder.encode_texts([text]), config.k)
+        queries = texts.fresh(config.in_process_queries)
+        for text in tqdm(queries, desc="in process", unit="query", leave=False):
+            start = time.perf_counter()
+            vector = encoder.encode_texts([text])
+            encoded = time.perf_counter()
+            collection.search(vector, config.k)
+            encode_s.append(encoded - start)
+            search_s.append(time.perf_counter() - encoded)
+    finally:
+        collection.close()
+    encode_ms, search_ms = np.asarray(encode_s) * 1000, np.asarray(search_s) * 1000
+    return {
+        "queries": len(encode_s),
+        "encode_ms_p50": round(float(np.median(encode_ms)), 3),
+        "search_ms_p50": round(float(np.median(search_ms)), 3),
+        "encode_search_ms_p50": round(float(np.median(encode_ms + search_ms)), 3),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """Versions and cores; the server runs with this interpreter and path, so what can be
+    imported here is what uvicorn picks (uvloop and httptools when installed)."""
+    import importlib.util
+
+    import faiss
+    import httpx
+    import onnxruntime
+    import uvicorn
+
+    def has(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    return {
+        "uvicorn_loop": "uvloop" if has("uvloop") else "asyncio",
+        "uvicorn_http": "httptools" if has("httptools") else "h11",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "faiss": faiss.__version__,
+        "uvicorn": uvicorn.__version__,
+        "httpx": httpx.__version__,
+    }
+
+
+def cache_backend(redis_url: str | None) -> str:
+    """How the run cached query embeddings, without any password of the URL."""
+    if not redis_url:
+        return "in-process LRU (no Redis)"
+    parts = urlsplit(redis_url)
+    return f"Redis at {parts.hostname}:{parts.port or 6379}{parts.path} (+ in-process LRU)"
+
+
+def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
+    """Every step of the bench; returns the results (what ``--json`` writes)."""
+    from indexer.bundle import read_manifest
+
+    unknown = sorted(set(config.cases) - set(CASES))
+    if unknown:
+        raise ValueError(f"unknown cases {', '.join(unknown)}; known: {', '.join(CASES)}")
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]  # other work on the machine skews every timing
+    config.work.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(config.bundle)
+    collection = ensure_collection(config.bundle, config.work, config.items, config.seed)
+    texts = QueryTexts(config.seed, salt=secrets.randbelow(10**6))
+    in_process = measure_in_process(config, collection.root, texts)
+    total = sum(
+        config.requests_at(c) + config.warmup_at(c) + (config.hit_texts if "hit" in case else 0)
+        for case in config.cases
+        for c in config.concurrency
+    )
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=total, desc="requests", unit="req") as bar:
+        for batching in (True, False):
+            rows += run_server_cases(config, collection.root, batching, texts, bar)
+    return {
+        "machine": machine_info(),
+        "bundle_id": manifest.bundle_id,
+        "model": manifest.model_name,
+        "dim": collection.dim,
+        "items": collection.items,
+        "factory": collection.factory,
+        "recall_at_10": collection.recall_at_10,
+        "collection_reused": collection.reused,
+        "collection_build_s": round(collection.build_s, 1),
+        "cache_backend": cache_backend(config.redis_url),
+        "providers": list(config.providers) or ["default"],
+        "gpu_faiss": config.gpu_faiss,
+        "threads": config.threads,
+        "faiss_threads": config.faiss_threads,
+        "k": config.k,
+        "batch_settings": _batch_defaults(),
+        "hit_texts": config.hit_texts,
+        "query_salt": texts.salt,
+        "in_process": in_process,
+        "ratio_e2e_p50_to_in_process": _e2e_ratio(rows, in_process),
+        "rows": rows,
+        "load_average_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _batch_defaults() -> dict[str, Any]:
+    from service.settings import BatchSettings
+
+    return BatchSettings().model_dump()
+
+
+def _e2e_ratio(rows: Sequence[dict[str, Any]], in_process: dict[str, Any]) -> float | None:
+    """End-to-end p50 at concurrency 1, batching on, cache miss over in-process encode+search."""
+    for row in rows:
+        if row["case"] == "batch-miss" and row["concurrency"] == 1 and row["p50_ms"]:
+            return round(row["p50_ms"] / in_process["encode_search_ms_p50"], 2)
+    return None
+
+
+# Output -----------------------------------------------------------------------------------
+
+HEADER: Final = (
+    "| case | concurrency | requests | p50 ms | p99 ms | QPS | errors | mean encode batch "
+    "| mean search batch | cache hits | server CPU ms/req | client CPU ms/req | load |"
+)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table_line(row: dict[str, Any]) -> str:
+    errors = str(row["errors"])
+    if row["error_kinds"]:
+        errors += " (" + ", ".join(f"{k} {v}" for k, v in row["error_kinds"].items()) + ")"
+    hit_rate = row["cache_hit_rate"]
+    cells = [
+        CASE_NAMES[row["case"]],
+        str(row["concurrency"]),
+        str(row["requests"]),
+        _cell(row["p50_ms"], ".1f"),
+        _cell(row["p99_ms"], ".1f"),
+        f"{row['qps']:,.0f}",
+        errors,
+        _cell(row["mean_encode_batch"], ".1f"),
+        _cell(row["mean_search_batch"], ".1f"),
+        "-" if hit_rate is None else f"{hit_rate:.0%}",
+        _cell(row["server_cpu_ms_per_request"], ".1f"),
+        _cell(row["client_cpu_ms_per_request"], ".1f"),
+        f"{row['load_1min']:.1f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(result: dict[str, Any]) -> str:
+    """The markdown report: what ran, the table, the in-process comparison."""
+    machine, batch = result["machine"], result["batch_settings"]
+    lines = [
+        f"{result['items']:,} items ({result['factory']}, recall@10 {result['recall_at_10']:.3f}),"
+        f" {result['model']} dim {result['dim']}, bundle {result['bundle_id'][:12]}; "
+        f"k {result['k']}; cache: {result['cache_backend']}; batching: max_batch "
+        f"{batch['max_batch']}, max_wait_ms {batch['max_wait_ms']}",
+        f"{machine['cpu_count']} cores ({machine['cpu']}), onnxruntime {machine['onnxruntime']}, "
+        f"faiss {machine['faiss']}, uvicorn {machine['uvicorn']} ({machine['uvicorn_loop']}, "
+        f"{machine['uvicorn_http']}), httpx {machine['httpx']} "
+        f"(client and server on the same cores); providers {', '.join(result['providers'])}, "
+        f"ONNX Runtime threads {result['threads'] or 'default'}, FAISS threads "
+        f"{result['faiss_threads'] or 'default'}; "
+        f"1-min load {result['load_average_start_end'][0]} at start, "
+        f"{result['load_average_start_end'][1]} at end",
+        "",
+        HEADER,
+        "|---" * 13 + "|",
+        *(_table_line(row) for row in result["rows"]),
+        "",
+    ]
+    ip = result["in_process"]
+    lines.append(
+        f"In process, medians of {ip['queries']} unique queries: encode_texts([q]) "
+        f"{ip['encode_ms_p50']:.2f} ms, Collection.search(k={result['k']}) "
+        f"{ip['search_ms_p50']:.2f} ms, the two together {ip['encode_search_ms_p50']:.2f} ms."
+    )
+    ratio = result["ratio_e2e_p50_to_in_process"]
+    if ratio is not None:
+        lines.append(
+            f"End-to-end p50 at concurrency 1 (batching on, cache miss) / in process: {ratio:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+# The command ------------------------------------------------------------------------------
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        found = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not found or min(found) < 1:
+        raise click.BadParameter(f"{value!r}: give one or more integers >= 1")
+    return found
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _cases(value: str) -> tuple[str, ...]:
+    chosen = _names(value)
+    unknown = sorted(set(chosen) - set(CASES))
+    if unknown or not chosen:
+        raise click.BadParameter(f"{value!r}: give cases among {', '.join(CASES)}")
+    return chosen
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/bench-serve"),
+    show_default=True,
+    help="Holds the collection (reused when bundle, --items and --seed match) and server logs.",
+)
+@click.option("--items", type=click.IntRange(min=100), default=100_000, show_default=True)
+@click.option("--concurrency", default="1,8,32,128", show_default=True, help="Comma-separated.")
+@click.option(
+    "--requests",
+    type=click.IntRange(min=1),
+    help=f"Measured requests per level [default: max({MIN_REQUESTS}, 8 x concurrency)].",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    help=f"Warm-up requests per level [default: max({MIN_WARMUP}, 2 x concurrency)].",
+)
+@click.option("--cases", default=",".join(CASES), show_default=True, help="Comma-separated.")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--hit-texts", type=click.IntRange(min=1), default=32, show_default=True,
+    help="Distinct texts of the cache-hit cases.",
+)  # fmt: skip
+@click.option("--in-process-queries", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--redis-url", help="Redis for the server's cache (default: in-process only).")
+@click.option("--providers", default="", help="ONNX Runtime providers, comma-separated (cuda).")
+@click.option(
+    "--gpu-faiss/--no-gpu-faiss",
+    default=None,
+    help="FAISS indices on the GPU or not [default: on when FAISS sees a GPU].",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+@click.option(
+    "--faiss-threads",
+    type=click.IntRange(min=1),
+    help="FAISS (OpenMP) threads of the server, as OMP_NUM_THREADS [default: every core].",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--json", "--json-out", "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results as JSON here.",
+)  # fmt: skip
+def serve_bench(
+    bundle: Path,
+    work: Path,
+    items: int,
+    concurrency: str,
+    requests: int | None,
+    warmup: int | None,
+    cases: str,
+    k: int,
+    hit_texts: int,
+    in_process_queries: int,
+    redis_url: str | None,
+    providers: str,
+    gpu_faiss: bool | None,
+    threads: int | None,
+    faiss_threads: int | None,
+    seed: int,
+    json_out: Path | None,
+) -> None:
+    """Text → image search latency through cots serve: p50/p99, QPS, errors and batch sizes
+    at each concurrency, batching on/off, cache miss/hit; and the end-to-end p50 against
+    encode + search in process."""
+    config = ServeBenchConfig(
+        bundle=bundle,
+        work=work,
+        items=items,
+        concurrency=_ints(concurrency),
+        requests=requests,
+        warmup=warmup,
+        cases=_cases(cases),
+        k=k,
+        hit_texts=hit_texts,
+        in_process_queries=in_process_queries,
+        redis_url=redis_url,
+        providers=_names(providers),
+        gpu_faiss=gpu_faiss,
+        threads=threads,
+        faiss_threads=faiss_threads,
+        seed=seed,
+    )
+    result = run_serve_bench(config)
+    click.echo("\n" + render(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
