@@ -121,6 +121,8 @@ def _filter_clause(key: str, value: Any) -> tuple[str, list[Any]]:
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"filter {key!r}: value {value!r} is not finite")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"filter {key!r}: value {value} is outside SQLite's 64-bit integers")
     if key in COLUMN_FILTERS:
         if not isinstance(value, str):
             raise ValueError(f"filter {key!r}: value {value!r} must be a str")

@@ -6,11 +6,12 @@ when a request arrives; the bounds here are the hard ceilings the schema adverti
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FilterValue = str | int | float | bool
+ItemId = Annotated[int, Field(ge=0, lt=2**63)]
 Filters = dict[str, FilterValue]
 
 _FILTERS_DOC = (
@@ -133,7 +134,7 @@ class AddItemsRequest(_Body):
 
 
 class RemoveItemsRequest(_Body):
-    ids: list[int] = Field(default_factory=list, max_length=100_000)
+    ids: list[ItemId] = Field(default_factory=list, max_length=100_000)
     filters: Filters | None = Field(None, description=_FILTERS_DOC)
 
     @model_validator(mode="after")
@@ -153,7 +154,7 @@ class ReindexRequest(_Body):
     factory: str | None = Field(
         None, min_length=1, max_length=200, description="FAISS factory string, or auto"
     )
-    split: str | None = Field(None, max_length=100)
+    split: str | None = Field(None, min_length=1, max_length=100)
 
 
 class JobInfo(BaseModel):
@@ -164,6 +165,36 @@ class JobInfo(BaseModel):
     progress: dict[str, Any] = Field(default_factory=dict)
     result: Any = None
     error: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str = Field(description="a word for the status, e.g. not_found, rate_limited")
+    message: str = Field(description="what is wrong, with the value and what is allowed")
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems (422)")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers (4xx and 5xx)."""
+
+    error: ErrorDetail
+
+
+_ERROR_MEANINGS = {
+    400: "unusable input: bad base64, an image that cannot be decoded, a body that is not JSON",
+    401: "an API key is needed, or the one sent is not valid",
+    403: "the key lacks the scope, or the server does not do this (URL fetching, paths)",
+    404: "no such collection, item, job or route",
+    413: "body or image too large",
+    415: "not an accepted image format",
+    422: "invalid request: fields, limits, exactly one query input",
+    429: "rate limited (Retry-After)",
+    503: "busy (Retry-After), or the collection or Redis is unavailable",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": meaning}
+    for status, meaning in _ERROR_MEANINGS.items()
+}
 
 
 class Health(BaseModel):

@@ -38,11 +38,17 @@ def resolve_data_path(relative: str, settings: Settings) -> Path:
             403, "this server reads no files named by clients (COTS_DATA_ROOT is not set)"
         )
     root = settings.data_root.resolve()
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root):
-        raise ApiError(403, f"path {relative!r} is outside the data root")
-    if not candidate.exists():
-        raise ApiError(400, f"path {relative!r} does not exist under the data root")
+    shown = relative[:200]
+    try:
+        candidate = (root / relative).resolve()
+        inside = candidate.is_relative_to(root)
+        exists = inside and candidate.exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+        raise ApiError(400, f"path {shown!r} is not a usable file name") from None
+    if not inside:
+        raise ApiError(403, f"path {shown!r} is outside the data root")
+    if not exists:
+        raise ApiError(400, f"path {shown!r} does not exist under the data root")
     return candidate
 
 

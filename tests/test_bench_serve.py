@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from cots.cli import cli as main
+from service.bench_load import scrape
 from service.bench_serve import (
     CASES,
     QueryTexts,
     ServeBenchConfig,
     ensure_collection,
-    scrape,
     server_env,
 )
 from service.cache import normalise_text

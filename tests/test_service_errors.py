@@ -161,6 +161,14 @@ def test_invalid_requests_are_422(server: LiveServer, served_root: tuple[Path, P
             422,
         )
         assert_error(client.post("/v1/embed/texts", json={"texts": ["a"] * 65}), 422, "limit is 64")
+        admin = {"X-API-Key": ADMIN_KEY}
+        reindex = "/v1/collections/images/reindex"
+        assert_error(client.post(reindex, json={"factory": "bogus"}, headers=admin), 422, "bogus")
+        assert_error(client.post(reindex, json={"split": ""}, headers=admin), 422, "split")
+        too_big = {"ids": [2**70]}
+        assert_error(
+            client.post("/v1/collections/images/items/remove", json=too_big, headers=admin), 422
+        )
 
 
 def test_rate_limit_is_429_with_retry_after(micro_bundle: Path, served_root: tuple[Path, Path]):

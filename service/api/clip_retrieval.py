@@ -26,8 +26,9 @@ from indexer.metadata import Item
 from service.api.deps import EngineDep, SearchCaller, SettingsDep, StateDep
 from service.errors import ApiError
 from service.queries import decode_base64_image, fetch_image, query_vector
+from service.schemas import ERROR_RESPONSES
 
-router = APIRouter(tags=["clip-retrieval"])
+router = APIRouter(tags=["clip-retrieval"], responses=ERROR_RESPONSES)
 
 _RESULT_KINDS = {"image": ("image", "video"), "text": ("caption",)}
 
@@ -50,6 +51,13 @@ class MetadataRequest(BaseModel):
 
     ids: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(max_length=10_000)
     indice_name: str | None = None
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The body in the OpenAPI document: the routes read it themselves (JSON whatever the
+    Content-Type: clip-front sends text/plain), so FastAPI cannot describe it."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 async def _json_body(request: Request) -> Any:
@@ -103,7 +111,7 @@ def _metadata(name: str, item: Item | None, request: Request) -> dict[str, Any]:
     return meta
 
 
-@router.post("/knn-service")
+@router.post("/knn-service", openapi_extra=_documented_body(KnnRequest))
 async def knn_service(
     request: Request, engine: EngineDep, settings: SettingsDep, caller: SearchCaller
 ) -> list[dict[str, Any]]:
@@ -138,7 +146,7 @@ def indices_list(state: StateDep, caller: SearchCaller) -> list[str]:
     return sorted(state.registry.loaded())
 
 
-@router.post("/metadata")
+@router.post("/metadata", openapi_extra=_documented_body(MetadataRequest))
 async def metadata(
     request: Request, engine: EngineDep, caller: SearchCaller
 ) -> list[dict[str, Any]]:

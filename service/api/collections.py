@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from indexer.collection import Collection
+from indexer.faiss_index import new_index
 from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import list_versions
@@ -25,6 +26,7 @@ from service.api.deps import (
 from service.api.search import hit_model
 from service.errors import ApiError
 from service.schemas import (
+    ERROR_RESPONSES,
     AddItemsRequest,
     CollectionInfo,
     CollectionList,
@@ -35,8 +37,12 @@ from service.schemas import (
 )
 from service.uploads import resolve_data_path, write_items_corpus
 
-router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["collections"])
-jobs_router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["collections"])
+router = APIRouter(
+    prefix=f"{API_PREFIX}/collections", tags=["collections"], responses=ERROR_RESPONSES
+)
+jobs_router = APIRouter(
+    prefix=f"{API_PREFIX}/jobs", tags=["collections"], responses=ERROR_RESPONSES
+)
 
 _MEDIA_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -179,6 +185,11 @@ def reindex(
         )
     except ValueError as error:
         raise ApiError(422, str(error)) from None
+    if spec.factory != "auto":
+        try:  # refuse a bad factory now rather than as a failed job
+            new_index(spec.factory, info.dim)
+        except ValueError as error:
+            raise ApiError(422, str(error)[:300]) from None
     return state.jobs.reindex(spec)
 
 

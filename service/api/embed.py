@@ -12,9 +12,9 @@ from service.api import API_PREFIX
 from service.api.deps import EngineDep, SearchCaller, SettingsDep
 from service.errors import ApiError
 from service.queries import decode_base64_image, query_vector
-from service.schemas import EmbedImagesRequest, EmbedResponse, EmbedTextsRequest
+from service.schemas import ERROR_RESPONSES, EmbedImagesRequest, EmbedResponse, EmbedTextsRequest
 
-router = APIRouter(prefix=f"{API_PREFIX}/embed", tags=["embed"])
+router = APIRouter(prefix=f"{API_PREFIX}/embed", tags=["embed"], responses=ERROR_RESPONSES)
 
 
 def _check_count(count: int, settings: SettingsDep) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import TypeAdapter, ValidationError
@@ -15,23 +15,9 @@ from service.api.deps import CollectionDep, EngineDep, SearchCaller, SettingsDep
 from service.engine import Page
 from service.errors import ApiError
 from service.queries import QueryKind, decode_base64_image, fetch_image, query_vector
-from service.schemas import Filters, SearchHit, SearchRequest, SearchResponse
+from service.schemas import ERROR_RESPONSES, Filters, SearchHit, SearchRequest, SearchResponse
 
-router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["search"])
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": why}
-    for code, why in {
-        400: "unusable image or query",
-        401: "missing or invalid API key",
-        404: "no such collection",
-        413: "body or image too large",
-        415: "image format not accepted",
-        422: "invalid request (limits, one query input)",
-        429: "rate limited",
-        503: "busy (Retry-After) or collection unavailable",
-    }.items()
-}
+router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["search"], responses=ERROR_RESPONSES)
 
 
 def hit_model(collection: str, hit: Hit) -> SearchHit:
@@ -66,7 +52,7 @@ def page_response(
     )
 
 
-@router.post("/{name}/search", response_model=SearchResponse, responses=_ERRORS)
+@router.post("/{name}/search", response_model=SearchResponse)
 async def search(
     body: SearchRequest,
     collection: CollectionDep,
@@ -99,7 +85,7 @@ async def search(
 _FILTERS = TypeAdapter(Filters)
 
 
-@router.post("/{name}/search/upload", response_model=SearchResponse, responses=_ERRORS)
+@router.post("/{name}/search/upload", response_model=SearchResponse)
 async def search_upload(
     image: Annotated[UploadFile, File(description="the query image")],
     collection: CollectionDep,
