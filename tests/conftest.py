@@ -7,8 +7,6 @@ had, rather than skip: a skipped integration test reads as a passed one.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,38 +15,13 @@ from pathlib import Path
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.tools import free_port, tool_path
+
 _START_TIMEOUT_S = 10.0
 
 
 def _redis_server() -> str:
-    configured = os.environ.get("COTS_REDIS_SERVER")
-    if configured:
-        return configured
-    try:
-        found = subprocess.run(
-            [str(ROOT / "scripts" / "redis.sh")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        stderr = getattr(error, "stderr", "") or ""
-        failure = (
-            f"no redis-server for the integration tests: scripts/redis.sh failed ({error})\n"
-            f"{stderr}\nInstall Redis 7 and set COTS_REDIS_SERVER=/path/to/redis-server."
-        )
-    else:
-        return found.stdout.strip().splitlines()[-1]
-    pytest.fail(failure, pytrace=False)  # outside `except`, so no chained traceback
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return tool_path("COTS_REDIS_SERVER", "redis.sh", "redis-server")
 
 
 def _start(server: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -57,7 +30,7 @@ def _start(server: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     failure = ""
     # Another process can take the free port between probing and binding it: try again.
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         command = [
             server,
             "--port", str(port),

@@ -3,7 +3,6 @@ kinds of collection (images, captions, videos) built with the micro bundle."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from indexer.build import build_collection
 from service.app import create_app
 from service.settings import Settings
 from tests.micro import build_spec
+from tests.tools import free_port
 
 COLLECTION_KINDS = {"images": "image", "captions": "caption", "videos": "video"}
 
@@ -35,13 +35,6 @@ def build_served_root(folder: Path, bundle: Path) -> tuple[Path, Path]:
         csv = corpus / ("videos.csv" if kind == "video" else "images.csv")
         build_collection(build_spec(root, bundle, csv, collection=name, kind=kind), progress=None)
     return corpus, root
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class LiveServer:

@@ -11,7 +11,7 @@ import click
 import httpx
 import pytest
 
-from tests.live_server import free_port
+from tests.tools import free_port
 
 COTS = str(Path(sys.executable).with_name("cots"))
 

@@ -8,9 +8,7 @@ none, rather than skip: a skipped browser test reads as a passed one.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from playwright.sync_api import (
 
 from service.settings import Settings
 from tests.live_server import LiveServer, live_server
+from tests.tools import tool_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_SIZE = 12  # app.js asks for this many hits a page
@@ -62,26 +61,7 @@ ALL_VIDEOS_READY = f"() => ({VIDEO_STATES})().every((state) => state.ready >= 1)
 
 
 def _chromium() -> str:
-    configured = os.environ.get("COTS_CHROMIUM")
-    if configured:
-        return configured
-    try:
-        found = subprocess.run(
-            [str(ROOT / "scripts" / "chromium.sh")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        stderr = getattr(error, "stderr", "") or ""
-        failure = (
-            f"no Chromium for the browser tests: scripts/chromium.sh failed ({error})\n"
-            f"{stderr}\nInstall chromium and set COTS_CHROMIUM=/path/to/chromium."
-        )
-    else:
-        return found.stdout.strip().splitlines()[-1]
-    pytest.fail(failure, pytrace=False)  # outside `except`, so no chained traceback
+    return tool_path("COTS_CHROMIUM", "chromium.sh", "Chromium")
 
 
 @pytest.fixture(scope="module")
