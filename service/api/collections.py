@@ -10,7 +10,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from indexer.collection import Collection
+from indexer.collection import Collection, Hit
 from indexer.faiss_index import new_index
 from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, remove_from_collection
@@ -87,8 +87,6 @@ def get_collection(collection: CollectionDep, caller: SearchCaller) -> Collectio
 
 
 def _item(collection: Collection, item_id: int) -> SearchHit:
-    from indexer.collection import Hit
-
     (item,) = collection.store.get([item_id])
     if item is None:
         raise ApiError(404, f"no item {item_id} in collection {collection.info.collection!r}")
