@@ -18,7 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from indexer.jobs import UPDATES_CHANNEL, JobError, connect, enqueue_build, job_status
+from indexer.jobs import (
+    UPDATES_CHANNEL,
+    JobError,
+    connect,
+    enqueue_build,
+    job_status,
+    run_build_inline,
+)
 from indexer.spec_index import BuildSpec
 from service.errors import ApiError
 from service.registry import CollectionRegistry
@@ -43,8 +50,6 @@ class JobRunner:
 
     def reindex(self, spec: BuildSpec) -> JobInfo:
         if self.redis_url is None:
-            from indexer.jobs import run_build_inline
-
             return self.run_here("reindex", spec.collection, lambda: run_build_inline(spec))
         try:
             job_id = enqueue_build(self.redis_url, spec)

@@ -20,6 +20,7 @@ from service.api.deps import (
     AdminCaller,
     CollectionDep,
     SearchCaller,
+    SettingsDep,
     StateDep,
     WriteCaller,
 )
@@ -51,9 +52,8 @@ _MEDIA_SUFFIXES = frozenset(
 ItemId = Annotated[int, PathParam(ge=0, lt=2**63, description="item id")]
 
 
-def describe(collection: Collection) -> CollectionInfo:
+def describe(collection: Collection, root: Path) -> CollectionInfo:
     info = collection.info
-    root = collection.folder.parent.parent.parent
     return CollectionInfo(
         name=info.collection,
         kind=info.kind,
@@ -75,15 +75,17 @@ def list_collections(state: StateDep, caller: SearchCaller) -> CollectionList:
     """Every served collection, and those that could not be loaded with the reason."""
     loaded = state.registry.loaded()
     return CollectionList(
-        collections=[describe(loaded[name]) for name in sorted(loaded)],
+        collections=[describe(loaded[name], state.settings.index_root) for name in sorted(loaded)],
         unavailable=dict(state.registry.errors),
     )
 
 
 @router.get("/{name}", response_model=CollectionInfo)
-def get_collection(collection: CollectionDep, caller: SearchCaller) -> CollectionInfo:
+def get_collection(
+    collection: CollectionDep, settings: SettingsDep, caller: SearchCaller
+) -> CollectionInfo:
     """Size, live version, model bundle id, index type and measured recall of a collection."""
-    return describe(collection)
+    return describe(collection, settings.index_root)
 
 
 def _item(collection: Collection, item_id: int) -> SearchHit:
