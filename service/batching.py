@@ -68,6 +68,7 @@ class Batcher(Generic[P, R]):
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task[None] | None = None
+        self._running: list[asyncio.Future[R]] = []  # the futures of the batch in the worker
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-{self.name}")
@@ -77,12 +78,15 @@ class Batcher(Generic[P, R]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for group in self._groups.values():
-            for _, future in group.entries:
-                if not future.done():
-                    future.set_exception(OverloadedError(self.name))
+        # Queries still waiting, and those of a batch cut short by the cancel, get an answer
+        # (503) instead of hanging the shutdown.
+        waiting = [future for group in self._groups.values() for _, future in group.entries]
+        for future in waiting + self._running:
+            if not future.done():
+                future.set_exception(OverloadedError(self.name))
         self._groups.clear()
-        self._executor.shutdown(wait=True)
+        # Off the event loop: a batch still in the worker must not block other shutdowns.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     @property
     def pending(self) -> int:
@@ -138,6 +142,7 @@ class Batcher(Generic[P, R]):
                 continue
             self.metrics.batch_size.labels(self.name).observe(len(live))
             payloads = [payload for payload, _ in live]
+            self._running = [future for _, future in live]
             try:
                 results: Sequence[Any] = await loop.run_in_executor(
                     self._executor, self.run, key, payloads
