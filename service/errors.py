@@ -95,6 +95,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = error.detail if isinstance(error.detail, str) else "request failed"
         if error.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs"
+        elif error.status_code == 405:
+            headers = {k.lower(): v for k, v in (error.headers or {}).items()}
+            allowed = headers.get("allow", "")
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
         return _response(error.status_code, message, getattr(error, "headers", None))
 
     @app.exception_handler(Exception)

@@ -105,6 +105,8 @@ def test_unknown_things_are_404(server: LiveServer) -> None:
         assert_error(client.post("/v1/collections/nope/search", json={"text": "x"}), 404, "nope")
         assert_error(client.get("/v1/collections/images/items/999999"), 404, "999999")
         assert_error(client.get("/v1/nothing-here"), 404, "no route")
+        remove = client.get("/v1/collections/images/items/remove")
+        assert_error(remove, 405, "allowed: POST")
         assert_error(
             client.get("/v1/jobs/local-abc", headers={"X-API-Key": WRITE_KEY}), 404, "local-abc"
         )

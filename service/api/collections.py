@@ -95,14 +95,14 @@ def _item(collection: Collection, item_id: int) -> SearchHit:
     return hit_model(collection.info.collection, Hit(item_id, 1.0, item))
 
 
-@router.get("/{name}/items/{item_id}", response_model=SearchHit)
+@router.get("/{name}/items/{item_id:int}", response_model=SearchHit)
 def get_item(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) -> SearchHit:
     """One item's metadata (score is 1)."""
     return _item(collection, item_id)
 
 
 @router.get(
-    "/{name}/items/{item_id}/media",
+    "/{name}/items/{item_id:int}/media",
     response_class=FileResponse,
     responses={200: {"content": {"image/*": {}, "video/*": {}}}},
 )
