@@ -14,6 +14,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from service.errors import ApiError
@@ -94,8 +95,8 @@ class RateLimiter:
     async def _count_redis(self, name: str, window: int) -> int | None:
         key = f"cots:rate:{name}:{window}"
 
-        async def incr(client: object) -> int:
-            pipe = client.pipeline()  # type: ignore[attr-defined]
+        async def incr(client: aioredis.Redis) -> int:
+            pipe = client.pipeline()
             pipe.incr(key)
             pipe.expire(key, _WINDOW_S * 2)
             count, _ = await pipe.execute()

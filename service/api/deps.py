@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -38,7 +39,7 @@ EngineDep = Annotated[QueryEngine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _caller_with(scope: Scope):  # type: ignore[no-untyped-def]
+def _caller_with(scope: Scope) -> Callable[[Request, ServiceState], Awaitable[Caller]]:
     async def caller(request: Request, state: StateDep) -> Caller:
         who = identify(request, state.settings.api_keys)
         authorise(who, scope, state.settings)
