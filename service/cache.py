@@ -1,6 +1,7 @@
 """The query-embedding cache: Redis when configured and up, else (and also) a small in-process
 LRU. Keys hold the model bundle id, so a new model never reads the old model's vectors, and a
-digest of the normalised query (texts: cleaned whitespace; images: their bytes)."""
+digest of the normalised query: for a text, the tokenizer's own cleaning (``clean_lower``), so
+two texts share a key exactly when the model sees the same input; for an image, its bytes."""
 
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ from typing import Literal
 
 import numpy as np
 
+from indexer.text import clean_lower
 from service.metrics import Metrics
 from service.redis_link import RedisLink
 
 QueryKind = Literal["text", "image"]
 
 
-def normalise_text(text: str) -> str:
-    """What makes two texts the same query: case and runs of whitespace do not count (the
-    tokenizer lowercases and splits on whitespace, so their embeddings are equal)."""
-    return " ".join(text.split()).lower()
-
-
 def cache_key(bundle_id: str, kind: QueryKind, query: str | bytes) -> str:
-    data = normalise_text(query).encode("utf-8") if isinstance(query, str) else query
+    data = clean_lower(query).encode("utf-8") if isinstance(query, str) else query
     return f"cots:emb:{bundle_id}:{kind}:{hashlib.sha256(data).hexdigest()}"
 
 

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cots.cli import cli as main
+from indexer.text import clean_lower
 from service.bench_load import scrape
 from service.bench_serve import (
     CASES,
@@ -17,16 +18,15 @@ from service.bench_serve import (
     ensure_collection,
     server_env,
 )
-from service.cache import normalise_text
 from service.metrics import Metrics
 
 
 def test_query_texts_never_share_a_cache_key() -> None:
     texts = QueryTexts(seed=0, salt=7)
     made = texts.fresh(500) + texts.fresh(500)
-    assert len({normalise_text(text) for text in made}) == len(made)
+    assert len({clean_lower(text) for text in made}) == len(made)
     other_run = QueryTexts(seed=0, salt=8).fresh(500)
-    assert not {normalise_text(t) for t in made} & {normalise_text(t) for t in other_run}
+    assert not {clean_lower(t) for t in made} & {clean_lower(t) for t in other_run}
 
 
 def test_scrape_reads_batch_sizes_and_cache_results() -> None:
