@@ -188,7 +188,6 @@ class QueryEngine:
         filters: dict[str, Any] | None = None,
     ) -> Page:
         self.check_page(k, offset)
-        self.collection(name)  # 404 now, not inside a batch
         key: SearchKey = (name, json.dumps(filters or {}, sort_keys=True))
         collection, hits = await self.search_batcher.submit(key, (vector, k + offset))
         page = hits[offset : offset + k]
