@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Iterable
 from typing import Annotated
 
 import numpy as np
@@ -11,7 +12,7 @@ from fastapi import APIRouter, File, UploadFile
 from service.api import API_PREFIX
 from service.api.deps import EngineDep, SearchCaller, SettingsDep
 from service.errors import ApiError
-from service.queries import decode_base64_image, query_vector
+from service.queries import QueryKind, decode_base64_image, query_vector
 from service.schemas import ERROR_RESPONSES, EmbedImagesRequest, EmbedResponse, EmbedTextsRequest
 
 router = APIRouter(prefix=f"{API_PREFIX}/embed", tags=["embed"], responses=ERROR_RESPONSES)
@@ -23,17 +24,16 @@ def _check_count(count: int, settings: SettingsDep) -> None:
         raise ApiError(422, f"{count} inputs in one request; the limit is {limit}")
 
 
-def _response(engine: EngineDep, vectors: list[np.ndarray]) -> EmbedResponse:
+async def _embed_all(
+    engine: EngineDep, queries: Iterable[Awaitable[tuple[np.ndarray, bool, QueryKind]]]
+) -> EmbedResponse:
+    """Run the queries together (they join the encoder's batches) and answer in order."""
+    results = await asyncio.gather(*queries)
     return EmbedResponse(
         model_bundle_id=engine.encoder.bundle_id,
         dim=engine.encoder.dim,
-        embeddings=[[float(x) for x in vector] for vector in vectors],
+        embeddings=[[float(x) for x in vector] for vector, _, _ in results],
     )
-
-
-async def _embed_images(engine: EngineDep, images: list[bytes]) -> EmbedResponse:
-    results = await asyncio.gather(*(query_vector(engine, image=data) for data in images))
-    return _response(engine, [vector for vector, _, _ in results])
 
 
 @router.post("/texts", response_model=EmbedResponse)
@@ -42,8 +42,7 @@ async def embed_texts(
 ) -> EmbedResponse:
     """L2-normalised embeddings of texts, in order."""
     _check_count(len(body.texts), settings)
-    results = await asyncio.gather(*(query_vector(engine, text=text) for text in body.texts))
-    return _response(engine, [vector for vector, _, _ in results])
+    return await _embed_all(engine, (query_vector(engine, text=text) for text in body.texts))
 
 
 @router.post("/images", response_model=EmbedResponse)
@@ -53,7 +52,8 @@ async def embed_images(
     """L2-normalised embeddings of base64 images, in order."""
     _check_count(len(body.images), settings)
     limit = settings.limits.max_body_bytes
-    return await _embed_images(engine, [decode_base64_image(b, limit) for b in body.images])
+    images = [decode_base64_image(data, limit) for data in body.images]
+    return await _embed_all(engine, (query_vector(engine, image=data) for data in images))
 
 
 @router.post("/images/upload", response_model=EmbedResponse)
@@ -65,4 +65,5 @@ async def embed_uploaded_images(
 ) -> EmbedResponse:
     """L2-normalised embeddings of uploaded image files (multipart/form-data), in order."""
     _check_count(len(images), settings)
-    return await _embed_images(engine, [await image.read() for image in images])
+    files = [await image.read() for image in images]
+    return await _embed_all(engine, (query_vector(engine, image=data) for data in files))
