@@ -199,6 +199,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 class Health(BaseModel):
     status: Literal["ok"]
+    replica: str = Field(description="host name of the replica that answered")
 
 
 class Readiness(BaseModel):

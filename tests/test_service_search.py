@@ -4,6 +4,7 @@ collection routes, and cross-request batching."""
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_collection_routes(server: LiveServer, micro_bundle: Path) -> None:
 
 def test_health_and_metrics(server: LiveServer) -> None:
     with server.client() as client:
-        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/healthz").json() == {"status": "ok", "replica": socket.gethostname()}
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready"
         assert ready["redis"] == "disabled"

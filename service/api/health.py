@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,8 +15,9 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health)
 def healthz() -> Health:
-    """The process is alive (says nothing of models or indices)."""
-    return Health(status="ok")
+    """The process is alive (says nothing of models or indices); names the replica, so that
+    whoever runs several behind a load balancer can see which one answered."""
+    return Health(status="ok", replica=socket.gethostname())
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
