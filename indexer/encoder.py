@@ -95,6 +95,7 @@ class Encoder:
         self.path = Path(bundle)
         self.manifest: BundleManifest = read_manifest(self.path, verify=verify)
         self.providers = choose_providers(providers)
+        self._precision_choice = precision
         self.precision: Precision = _resolve_precision(precision, self.providers)
         for modality in self.manifest.models:  # refuse a missing precision now, not mid-job
             self.manifest.model_file(modality, self.precision)
@@ -124,6 +125,22 @@ class Encoder:
             return self._sessions[modality]
 
     def _create_session(self, modality: Modality) -> ort.InferenceSession:
+        session = self._load_session(modality)
+        wanted_gpu = self.providers[0] in _GPU_PROVIDERS
+        if wanted_gpu and not _GPU_PROVIDERS.intersection(session.get_providers()):
+            # onnxruntime-gpu lists CUDA whenever it is installed, and falls back to the CPU
+            # when the GPU or its libraries are missing (a GPU image started without --gpus).
+            # Follow it all the way, fp32 models included: fp16 graphs are slow on the CPU.
+            logger.warning(
+                "%s is unusable here (no GPU, or its libraries are missing): running on the CPU",
+                self.providers[0],
+            )
+            self.providers = ["CPUExecutionProvider"]
+            self.precision = _resolve_precision(self._precision_choice, self.providers)
+            session = self._load_session(modality)
+        return session
+
+    def _load_session(self, modality: Modality) -> ort.InferenceSession:
         name = self.manifest.model_file(modality, self.precision)
         options = ort.SessionOptions()
         # Level "all" adds the CPU's layout optimisations; on fp16 graphs they crash

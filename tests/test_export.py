@@ -21,6 +21,7 @@ import torch
 from click.testing import CliRunner
 
 from cots.cli import cli
+from indexer import encoder as encoder_module
 from indexer.bundle import MANIFEST, Precision, read_manifest
 from indexer.encoder import Encoder
 from indexer.errors import BundleError, InputError
@@ -325,3 +326,28 @@ def test_bench_encode_compares_torch_and_the_runtime(image_run: tuple[Path, Path
     refused = CliRunner().invoke(cli, [*args, "--int8"])
     assert refused.exit_code != 0
     assert "no int8 image model" in refused.output
+
+
+def test_a_gpu_provider_that_cannot_run_falls_back_to_the_cpu_in_fp32(
+    image_run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime-gpu lists CUDA even where no GPU is usable (a GPU image run without one) and
+    then quietly runs on the CPU: the encoder must notice and use the fp32 models."""
+    _, bundle = image_run
+    cpu = Encoder(bundle).encode_texts(["a red circle"])
+    # This onnxruntime has no CUDA: asked for it, it runs on the CPU, as a GPU build does
+    # without a GPU.
+    monkeypatch.setattr(
+        encoder_module.ort,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    encoder = Encoder(bundle)
+    assert encoder.providers[0] == "CUDAExecutionProvider"
+    assert encoder.precision == "fp16"
+    with caplog.at_level("WARNING", logger=encoder_module.logger.name):
+        fell_back = encoder.encode_texts(["a red circle"])
+    assert encoder.providers == ["CPUExecutionProvider"]
+    assert encoder.precision == "fp32"
+    assert "running on the CPU" in caplog.text
+    np.testing.assert_allclose(fell_back, cpu, atol=1e-6)
