@@ -27,11 +27,23 @@ def find_compose() -> tuple[list[str], str] | None:
     engine = os.environ.get("COTS_CONTAINER_ENGINE")
     if configured:
         return shlex.split(configured), engine or ("podman" if shutil.which("podman") else "docker")
-    if shutil.which("docker"):
+    if _docker_compose_works():
         return ["docker", "compose"], engine or "docker"
     if shutil.which("podman-compose"):
         return ["podman-compose"], engine or "podman"
     return None
+
+
+def _docker_compose_works() -> bool:
+    """A docker CLI alone is not enough: it needs the compose plugin and a reachable engine."""
+    if shutil.which("docker") is None:
+        return False
+    for probe in (["docker", "compose", "version"], ["docker", "info"]):
+        try:
+            subprocess.run(probe, capture_output=True, timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return True
 
 
 def _tail(text: str, lines: int = 60) -> str:
