@@ -12,8 +12,9 @@
 #     --build-arg BASE_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu22.04 -t cots-search:gpu .
 #
 # Layers go from what changes least to what changes most: the OS, then the dependencies (they
-# depend only on pyproject.toml), then the project itself as a wheel (a code change rebuilds
-# only that last, small layer). Every image runs as the unprivileged user `cots` (uid 10001)
+# depend only on pyproject.toml and on the verified versions that deploy/docker/constraints.txt
+# pins), then the project itself as a wheel (a code change rebuilds only that last, small
+# layer). Every image runs as the unprivileged user `cots` (uid 10001)
 # under tini, which forwards SIGTERM so that a stop is graceful and reaps zombie processes.
 
 # VARIANT picks the runtime packages (cpu: onnxruntime, faiss-cpu; gpu: onnxruntime-gpu,
@@ -24,7 +25,7 @@ ARG VARIANT=cpu
 ARG BASE_IMAGE=python:3.11-slim
 ARG GATEWAY_IMAGE=debian:bookworm-slim
 
-# ---- the operating system: Python 3.11, tini, the cots user --------------------------------
+# ---- the operating system: Python 3.11, tini, the cots user ------------------------------------
 FROM ${BASE_IMAGE} AS os
 RUN if command -v python3.11 >/dev/null; then extra=""; \
     else extra="python3.11 python3.11-venv ca-certificates"; fi \
@@ -39,27 +40,27 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# ---- dependencies: rebuilt only when pyproject.toml changes ---------------------------------
+# ---- dependencies: rebuilt only when pyproject.toml or the pinned versions change --------------
 FROM os AS serving-deps
 ARG VARIANT
-COPY pyproject.toml deploy/docker/requirements.py /opt/build/
+COPY pyproject.toml deploy/docker/requirements.py deploy/docker/constraints.txt /opt/build/
 RUN python3.11 -m venv /opt/venv \
  && python /opt/build/requirements.py /opt/build/pyproject.toml serving --variant "$VARIANT" \
       >/opt/build/serving.txt \
- && pip install --quiet -r /opt/build/serving.txt
+ && pip install --quiet -c /opt/build/constraints.txt -r /opt/build/serving.txt
 
 FROM serving-deps AS training-deps
 ARG VARIANT
 RUN python /opt/build/requirements.py /opt/build/pyproject.toml training --variant "$VARIANT" \
       >/opt/build/training.txt \
- && pip install --quiet -r /opt/build/training.txt
+ && pip install --quiet -c /opt/build/constraints.txt -r /opt/build/training.txt
 
-# ---- the project, as a wheel (the only layer a code change rebuilds) ------------------------
+# ---- the project, as a wheel (the only layer a code change rebuilds) ---------------------------
 FROM serving-deps AS wheel
 COPY . /opt/src
 RUN pip wheel --quiet --no-deps --wheel-dir /opt/wheels /opt/src
 
-# ---- training: torch, for cots train / export / demo ----------------------------------------
+# ---- training: torch, for cots train / export / demo -------------------------------------------
 FROM training-deps AS training
 COPY --from=wheel /opt/wheels /opt/wheels
 RUN pip install --quiet --no-deps /opt/wheels/*.whl
@@ -68,7 +69,7 @@ WORKDIR /data
 ENTRYPOINT ["tini", "--"]
 CMD ["cots", "--help"]
 
-# ---- gateway: nginx in front of the API replicas --------------------------------------------
+# ---- gateway: nginx in front of the API replicas -----------------------------------------------
 FROM ${GATEWAY_IMAGE} AS gateway
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -83,7 +84,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
 ENTRYPOINT ["tini", "--"]
 CMD ["sh", "/etc/cots-gateway/start.sh"]
 
-# ---- serving: the default target --------------------------------------------------------------
+# ---- serving: the default target ---------------------------------------------------------------
 FROM serving-deps AS serving
 COPY --from=wheel /opt/wheels /opt/wheels
 RUN pip install --quiet --no-deps /opt/wheels/*.whl
