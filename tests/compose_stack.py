@@ -62,82 +62,86 @@ class ComposeStack:
     def compose(self, *args: str, timeout: float = 600) -> str:
         """Run ``compose -p PROJECT -f docker-compose.yml ARGS``; its output (stdout and
         stderr), or a test failure showing the end of it."""
-        full = [*self.command, "-p", self.project, "-f", str(COMPOSE_FILE), *args]
-        return self._run(full, timeout, stderr=subprocess.STDOUT)
+        return self._run(self._compose_command(*args), timeout, merge_stderr=True)
 
     def engine_run(self, *args: str, timeout: float = 120) -> str:
+        """``ENGINE ARGS``'s stdout, or a test failure."""
         return self._run([self.engine, *args], timeout)
 
     def engine_succeeds(self, *args: str, timeout: float = 60) -> bool:
         """Whether ``ENGINE ARGS`` exits 0 (a probe: failing is an answer, not an error)."""
-        try:
-            done = subprocess.run(
-                [self.engine, *args], capture_output=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired:
-            return False
-        return done.returncode == 0
+        done = self._execute([self.engine, *args], timeout)
+        return done is not None and done.returncode == 0
 
     def container_logs(self, container: str) -> str:
         """What the container wrote, stdout and stderr together."""
-        return self._run([self.engine, "logs", container], 60, stderr=subprocess.STDOUT)
+        return self._run([self.engine, "logs", container], 60, merge_stderr=True)
 
-    def _run(self, command: list[str], timeout: float, stderr: int = subprocess.PIPE) -> str:
-        try:
-            done = subprocess.run(
-                command,
-                cwd=ROOT,
-                env={**os.environ, **self.env},
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as error:
-            output = (error.stdout or b"").decode(errors="replace") if error.stdout else ""
-            pytest.fail(f"{shlex.join(command)} ran over {timeout:.0f} s:\n{_tail(output)}")
-        if done.returncode != 0:
-            pytest.fail(
-                f"{shlex.join(command)} exited {done.returncode}:\n"
-                f"{_tail(done.stdout + (done.stderr or ''))}",
-                pytrace=False,
-            )
-        return done.stdout
+    def logs(self) -> str:
+        """The end of every service's logs, for failure messages (never fails itself)."""
+        done = self._execute(self._compose_command("logs"), 120, merge_stderr=True)
+        return _tail(done.stdout, 120) if done is not None else "(compose logs timed out)"
 
-    def containers(self, service: str | None = None, *, running: bool = True) -> list[str]:
+    def containers(self, service: str | None = None, *, stopped_too: bool = False) -> list[str]:
         """Names of this project's containers (of one service), sorted."""
         args = ["ps", "--format", "{{.Names}}", "--filter", f"label={PROJECT_LABEL}={self.project}"]
         if service is not None:
             args += ["--filter", f"label={SERVICE_LABEL}={service}"]
-        if not running:
-            args.insert(1, "--all")
-        return sorted(filter(None, self.engine_run(*args).split()))
+        if stopped_too:
+            args.append("--all")
+        return sorted(self.engine_run(*args).split())
 
     def leftovers(self) -> dict[str, list[str]]:
         """This project's containers, volumes and networks that still exist."""
         label = f"label={PROJECT_LABEL}={self.project}"
         found = {
-            "containers": self.engine_run("ps", "-a", "--format", "{{.Names}}", "--filter", label),
-            "volumes": self.engine_run("volume", "ls", "--format", "{{.Name}}", "--filter", label),
+            "containers": self.containers(stopped_too=True),
+            "volumes": self.engine_run(
+                "volume", "ls", "--format", "{{.Name}}", "--filter", label
+            ).split(),
             "networks": self.engine_run(
                 "network", "ls", "--format", "{{.Name}}", "--filter", label
-            ),
+            ).split(),
         }
-        return {kind: names.split() for kind, names in found.items() if names.split()}
+        return {kind: names for kind, names in found.items() if names}
 
     def exec_python(self, container: str, code: str, timeout: float = 60) -> str:
         return self.engine_run("exec", container, "python", "-c", code, timeout=timeout)
 
-    def logs(self) -> str:
-        done = subprocess.run(
-            [*self.command, "-p", self.project, "-f", str(COMPOSE_FILE), "logs"],
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return _tail(done.stdout + done.stderr, 120)
+    def _compose_command(self, *args: str) -> list[str]:
+        return [*self.command, "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+
+    def _execute(
+        self, command: list[str], timeout: float, *, merge_stderr: bool = False
+    ) -> subprocess.CompletedProcess[str] | None:
+        """The finished command, or None when it ran over ``timeout``."""
+        try:
+            return subprocess.run(
+                command,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _run(self, command: list[str], timeout: float, *, merge_stderr: bool = False) -> str:
+        done = self._execute(command, timeout, merge_stderr=merge_stderr)
+        if done is None:
+            pytest.fail(
+                f"{shlex.join(command)} ran over {timeout:.0f} s; the stack's logs end:\n"
+                f"{self.logs()}",
+                pytrace=False,
+            )
+        if done.returncode != 0:
+            output = done.stdout + (done.stderr or "")
+            pytest.fail(
+                f"{shlex.join(command)} exited {done.returncode}:\n{_tail(output)}", pytrace=False
+            )
+        return done.stdout
 
 
 def wait_until(
