@@ -67,7 +67,9 @@ def test_constraints_pin_every_requirement_within_pyproject() -> None:
             assert version, f"not a pin: {line!r}"
             pins[canonicalize_name(name)] = version
     assert "cots-search" not in pins
-    for line in requirements(PYPROJECT, ["serving", "training"], "cpu"):
+    wanted = requirements(PYPROJECT, ["serving", "training"], "cpu")
+    wanted += requirements(PYPROJECT, ["serving"], "gpu")
+    for line in wanted:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not pinned in deploy/docker/constraints.txt"
