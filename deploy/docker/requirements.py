@@ -16,6 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+# The name and extras of a requirement. A regex, not `packaging`: this runs in the fresh venv of
+# the image build, before anything but pip (whose vendored copy is private) is installed.
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[([^\]]*)\])?")
 _CPU_RUNTIMES = {"onnxruntime", "faiss-cpu"}
 
