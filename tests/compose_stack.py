@@ -8,8 +8,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +78,9 @@ class ComposeStack:
     def logs(self) -> str:
         """The end of every service's logs, for failure messages (never fails itself)."""
         done = self._execute(self._compose_command("logs"), 120, merge_stderr=True)
-        return _tail(done.stdout, 120) if done is not None else "(compose logs timed out)"
+        if done is None:
+            return "(compose logs timed out)"
+        return f"the stack's logs end:\n{_tail(done.stdout, 120)}"
 
     def containers(self, service: str | None = None, *, stopped_too: bool = False) -> list[str]:
         """Names of this project's containers (of one service), sorted."""
@@ -132,8 +132,7 @@ class ComposeStack:
         done = self._execute(command, timeout, merge_stderr=merge_stderr)
         if done is None:
             pytest.fail(
-                f"{shlex.join(command)} ran over {timeout:.0f} s; the stack's logs end:\n"
-                f"{self.logs()}",
+                f"{shlex.join(command)} ran over {timeout:.0f} s; {self.logs()}",
                 pytrace=False,
             )
         if done.returncode != 0:
@@ -142,13 +141,3 @@ class ComposeStack:
                 f"{shlex.join(command)} exited {done.returncode}:\n{_tail(output)}", pytrace=False
             )
         return done.stdout
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout_s: float, what: str, on_timeout: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} after {timeout_s:.0f} s; the stack's logs end:\n{on_timeout()}")
-        time.sleep(1)

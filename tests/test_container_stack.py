@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from service.settings import ApiKey
-from tests.compose_stack import ComposeStack, find_compose, wait_until
-from tests.tools import free_port
+from tests.compose_stack import ComposeStack, find_compose
+from tests.tools import free_port, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -189,7 +189,12 @@ def test_api_scales_to_two_replicas_that_both_serve(
         seen.add(client.get("/healthz").json()["replica"])
         return seen >= set(hostnames.values())
 
-    wait_until(both_answer_through_the_gateway, 60, f"only {seen} answered", compose.logs)
+    wait_until(
+        both_answer_through_the_gateway,
+        60,
+        "the gateway does not reach every replica",
+        lambda: f"answered: {seen}, replicas: {hostnames}\n{compose.logs()}",
+    )
 
 
 def test_stopping_a_replica_is_graceful(stack: tuple[ComposeStack, httpx.Client]) -> None:

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from indexer import worker_health
 from service import healthcheck
 from service.settings import Settings
 from tests.live_server import live_server
-from tests.tools import free_port
+from tests.tools import free_port, wait_until
 
 
 def test_api_healthcheck_passes_once_ready_and_fails_without_a_server(
@@ -55,15 +54,6 @@ def test_api_healthcheck_fails_while_a_collection_cannot_be_served(
     assert detail.startswith("503"), detail
 
 
-def _wait_for(predicate, timeout_s: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_worker_healthcheck_follows_a_real_worker(redis_db: str, tmp_path: Path) -> None:
     healthy, detail = worker_health.check(redis_db)
     assert not healthy
@@ -75,9 +65,11 @@ def test_worker_healthcheck_follows_a_real_worker(redis_db: str, tmp_path: Path)
         stderr=subprocess.STDOUT,
     )
     try:
-        assert _wait_for(lambda: worker_health.check(redis_db)[0]), (
-            worker_health.check(redis_db),
-            (tmp_path / "worker.log").read_text(),
+        wait_until(
+            lambda: worker_health.check(redis_db)[0],
+            30,
+            "the worker never looked healthy",
+            lambda: f"{worker_health.check(redis_db)}\n{(tmp_path / 'worker.log').read_text()}",
         )
         assert "idle" in worker_health.check(redis_db)[1]
         # Another host's worker does not make this one healthy.

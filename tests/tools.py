@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,19 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    details: Callable[[], str] = lambda: "",
+    interval_s: float = 0.5,
+) -> None:
+    """Poll ``condition`` until it holds; after ``timeout_s``, fail the test with ``what`` and
+    whatever ``details`` says then (logs, the last state)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} after {timeout_s:.0f} s\n{details()}", pytrace=False)
+        time.sleep(interval_s)
