@@ -328,6 +328,7 @@ def test_bench_encode_compares_torch_and_the_runtime(image_run: tuple[Path, Path
     assert "no int8 image model" in refused.output
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
 def test_a_gpu_provider_that_cannot_run_falls_back_to_the_cpu_in_fp32(
     image_run: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
