@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
@@ -26,6 +29,7 @@ import redis
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.worker.base import BaseWorker
 
 from indexer.bundle import read_manifest
 from indexer.spec_index import BuildSpec
@@ -127,6 +131,38 @@ def run_build_job(spec_json: str) -> dict[str, Any]:
     job.connection.publish(UPDATES_CHANNEL, json.dumps(update))
     log.info("collection %s version %d is live and announced", spec.collection, version)
     return update
+
+
+# What an RQ worker's work() replaces with its own handlers (warm, then cold shutdown).
+_WORKER_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signal_handlers_restored() -> Iterator[None]:
+    """Put back the SIGINT and SIGTERM handlers on the way out, however the block ends.
+
+    An RQ worker installs handlers that do not exit on the first signal and never removes
+    them. Left in a longer-lived process (a test run, a server running a worker in a thread's
+    stead), they make that process ignore a plain SIGTERM, and any child it forks inherits them:
+    ``Pool.terminate`` then waits forever for a forked worker that will not end.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; a worker elsewhere sets none
+        return
+    saved = {number: signal.getsignal(number) for number in _WORKER_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            # None: the handler was set outside Python; the default is the closest we can do.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def work_in_process(worker: BaseWorker, *, burst: bool, logging_level: str = "INFO") -> bool:
+    """``worker.work(...)`` in this process, with this process's signal handlers restored
+    afterwards; whether it ran at least one job."""
+    with signal_handlers_restored():
+        return bool(worker.work(burst=burst, logging_level=logging_level))
 
 
 def run_build_inline(spec: BuildSpec, progress: Progress | None = None) -> int:

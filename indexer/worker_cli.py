@@ -9,7 +9,7 @@ import socket
 import click
 from rq import Worker
 
-from indexer.jobs import DEFAULT_QUEUE, JobError, connect, redact
+from indexer.jobs import DEFAULT_QUEUE, JobError, connect, redact, work_in_process
 
 # RQ looks for jobs whose worker died (no heartbeat for ~90 s) when it runs its maintenance; its
 # default of every 10 minutes would leave a killed build waiting that long to be retried.
@@ -61,4 +61,5 @@ def worker(redis_url: str, queue: str, burst: bool, name: str | None, log_level:
         queue,
         " (burst)" if burst else "",
     )
-    rq_worker.work(burst=burst, logging_level=level)
+    # Restored afterwards: `cots worker` may run inside another program (a test, a click runner).
+    work_in_process(rq_worker, burst=burst, logging_level=level)

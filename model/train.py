@@ -202,8 +202,17 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
         dist.rank,
         dist.world_size,
     )
+    # Workers are spawned, not forked (DataLoader's default on Linux): a fork would copy this
+    # process's threads, locks and signal handlers into them (see docs/decisions.md).
+    worker_options: dict[str, Any] = (
+        {"multiprocessing_context": "spawn", "persistent_workers": True} if data.workers else {}
+    )
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.workers
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=data.workers,
+        **worker_options,
     )
     steps_per_epoch = max(1, len(sampler) // config.accum_steps)
     total_steps = config.max_steps or config.epochs * steps_per_epoch

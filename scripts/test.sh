@@ -13,4 +13,11 @@ export COTS_REDIS_SERVER
 # The browser tests drive a headless Chromium; scripts/chromium.sh finds or installs one.
 COTS_CHROMIUM="${COTS_CHROMIUM:-$(scripts/chromium.sh)}"
 export COTS_CHROMIUM
+# The container tests build the images and run the compose stack; scripts/containers.sh finds
+# Docker or podman, or installs podman. When it cannot, those tests fail saying why, the rest run.
+if compose=$(scripts/containers.sh); then
+  export COTS_COMPOSE="$compose"
+else
+  echo "warning: no container engine (see above): the container tests will fail" >&2
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -5,6 +5,7 @@ the sandbox's ``container-sandbox.sh compose``)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 
@@ -30,6 +32,23 @@ def find_compose() -> tuple[list[str], str] | None:
     if shutil.which("podman-compose"):
         return ["podman-compose"], engine or "podman"
     return None
+
+
+def base_images() -> list[str]:
+    """The registry images the build and the stack start from: the Dockerfile's
+    ``ARG *_IMAGE=`` defaults and the compose file's literal ``image:`` names."""
+    arg_defaults = re.findall(r"^ARG \w+_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    literal = re.findall(r"^\s+image:\s*([^$\s]+)\s*$", COMPOSE_FILE.read_text(), re.MULTILINE)
+    return sorted({*arg_defaults, *literal})
+
+
+def qualified(image: str) -> str:
+    """Docker Hub's full name of ``image`` (podman resolves no short names without a
+    registries.conf search list): ``redis:7`` -> ``docker.io/library/redis:7``."""
+    first = image.split("/", 1)[0]
+    if "/" in image and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return f"docker.io/{image}" if "/" in image else f"docker.io/library/{image}"
 
 
 def _docker_compose_works() -> bool:
@@ -70,6 +89,20 @@ class ComposeStack:
         """Whether ``ENGINE ARGS`` exits 0 (a probe: failing is an answer, not an error)."""
         done = self._execute([self.engine, *args], timeout)
         return done is not None and done.returncode == 0
+
+    def missing_base_images(self) -> dict[str, str]:
+        """{image: why} for each base image neither stored here nor pullable now."""
+        missing = {}
+        for image in base_images():
+            name = qualified(image)
+            if self.engine_succeeds("image", "inspect", name):
+                continue
+            done = self._execute([self.engine, "pull", name], 600, merge_stderr=True)
+            if done is None:
+                missing[image] = "pull timed out after 600 s"
+            elif done.returncode != 0:
+                missing[image] = _tail(done.stdout, 3)
+        return missing
 
     def container_logs(self, container: str) -> str:
         """What the container wrote, stdout and stderr together."""

@@ -124,3 +124,19 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+# pyproject.toml's `timeout` (300 s) is for ordinary tests; these marks get more. A container
+# test's first call builds the images and starts the stack in its fixture (up to ~45 min with
+# cold layers on a slow machine; the fixture's own command timeouts fire first).
+_TIMEOUT_BY_MARK_S = {"container": 3600, "slow": 900}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(mark.name == "timeout" for mark in item.iter_markers()):
+            continue  # a test's own timeout wins
+        for mark, seconds in _TIMEOUT_BY_MARK_S.items():
+            if item.get_closest_marker(mark) is not None:
+                item.add_marker(pytest.mark.timeout(seconds))
+                break

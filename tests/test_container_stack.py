@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from service.settings import ApiKey
-from tests.compose_stack import ComposeStack, find_compose
+from tests.compose_stack import ComposeStack, find_compose, qualified
 from tests.tools import free_port, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -61,6 +61,9 @@ def stack() -> Iterator[tuple[ComposeStack, httpx.Client]]:
         "COTS_DEMO_OPTIONS": DEMO_OPTIONS,
     }
     stack = ComposeStack(command, engine, f"cots-test-{os.getpid()}", env)
+    missing = stack.missing_base_images()
+    if missing:
+        pytest.fail(_no_base_images(engine, missing), pytrace=False)
     try:
         stack.compose("build", timeout=1500)
         # Blocks while the init service builds the demo, then starts the long-running services.
@@ -84,6 +87,19 @@ def stack() -> Iterator[tuple[ComposeStack, httpx.Client]]:
         said += _down(stack)
         left = stack.leftovers()
     assert not left, f"compose down left {left}; it said:\n{said}"
+
+
+def _no_base_images(engine: str, missing: dict[str, str]) -> str:
+    names = " ".join(sorted(missing))
+    why = "\n".join(f"  {image}: {reason}" for image, reason in sorted(missing.items()))
+    return (
+        f"{engine} has no local copy of the base images {names} and cannot pull them (is a "
+        f"registry reachable from here?):\n{why}\nProvide them locally under those names: "
+        f"`{engine} load -i IMAGE.tar` of images saved elsewhere with `{engine} save`, or "
+        f"`{engine} tag LOCAL_IMAGE {qualified(sorted(missing)[0])}` for a compatible image "
+        "you have; on a machine without any, ../shared/tools/container-sandbox.sh prepare "
+        f"{names} builds Debian stand-ins (as .ci/run does)."
+    )
 
 
 def _down(stack: ComposeStack) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 from click.testing import CliRunner
+from rq import Queue, SimpleWorker
 from rq.registry import StartedJobRegistry
 
 from indexer.bundle import read_manifest
@@ -34,6 +35,7 @@ from indexer.jobs import (
     job_status,
     listen_for_updates,
     run_build_inline,
+    work_in_process,
 )
 from indexer.metadata import MetadataStore
 from indexer.spec_index import BuildSpec
@@ -356,3 +358,29 @@ def test_unknown_job_and_unreachable_redis(redis_db: str, tmp_path: Path) -> Non
     result = CliRunner().invoke(worker, ["--burst", "--redis-url", dead])
     assert result.exit_code == 1
     assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in result.output
+
+
+def _mine(number: int, frame: object) -> None:
+    raise AssertionError(f"signal {number} reached the test's own handler")
+
+
+def test_an_in_process_worker_puts_back_the_signal_handlers_it_replaced(redis_db: str) -> None:
+    """RQ's worker installs SIGINT/SIGTERM handlers that do not exit; a process that ran one
+    must not keep them (forked children inherit them and then ignore Pool.terminate)."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    connection = redis.Redis.from_url(redis_db)
+    try:
+        for number in saved:
+            signal.signal(number, _mine)
+        worker = SimpleWorker([Queue("empty", connection=connection)], connection=connection)
+        assert not work_in_process(worker, burst=True)  # nothing queued: it returns at once
+        assert signal.getsignal(signal.SIGINT) is _mine
+        assert signal.getsignal(signal.SIGTERM) is _mine
+        # The control: RQ itself leaves its own handlers behind.
+        bare = SimpleWorker([Queue("empty", connection=connection)], connection=connection)
+        bare.work(burst=True)
+        assert signal.getsignal(signal.SIGTERM) is not _mine
+    finally:
+        connection.close()
+        for number, handler in saved.items():
+            signal.signal(number, handler)

@@ -14,7 +14,7 @@ import httpx
 import redis
 from rq import Queue, SimpleWorker
 
-from indexer.jobs import DEFAULT_QUEUE
+from indexer.jobs import DEFAULT_QUEUE, work_in_process
 from service.settings import Settings
 from tests.live_server import LiveServer, live_server
 from tests.service_helpers import (
@@ -191,7 +191,7 @@ def test_reindex_runs_on_the_queue_and_replicas_load_the_result(
         assert not job["id"].startswith("local-")
         connection = redis.Redis.from_url(redis_db)
         worker = SimpleWorker([Queue(DEFAULT_QUEUE, connection=connection)], connection=connection)
-        assert worker.work(burst=True)
+        assert work_in_process(worker, burst=True)
         done = wait_for_job(client, job["id"], ADMIN_KEY)
         assert done["status"] == "finished", done
         assert done["result"]["version"] == 2

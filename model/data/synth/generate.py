@@ -149,8 +149,11 @@ def _run_parallel(
                 bar.update()
                 yield result
             return
-        # Fork is fine here: nothing but NumPy/Pillow/PyAV is loaded in this process.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # Spawned, not forked: a fork copies whatever state the caller holds into the workers,
+        # and the caller may be any program (a test runner, a server). Signal handlers that do
+        # not exit (RQ's warm shutdown, say) made Pool.terminate's SIGTERM a no-op in forked
+        # workers and its join hang; locks held by other threads at fork time never unlock.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for result in pool.imap(fn, tasks, chunksize=32):
                 bar.update()
                 yield result
