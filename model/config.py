@@ -85,6 +85,43 @@ class ObjectiveConfig(_Strict):
         description="in-batch keys from the momentum towers (ALBEF/MoCo) or from the online "
         "towers, with gradient (as in CLIP); queue keys always come from the momentum towers",
     )
+    # Schedules count objective steps (micro-batches; optimiser steps when accum_steps is 1).
+    momentum_final: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="momentum rises (cosine) from `momentum` to this over momentum_ramp_steps; "
+        "None keeps it constant (BYOL's schedule: fast-moving keys early, consistent keys late)",
+    )
+    momentum_ramp_steps: int = Field(0, ge=0, description="length of the momentum ramp")
+    queue_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="steps with in-batch keys only (the queue still fills): keys of a young, "
+        "fast-changing encoder are told apart by age rather than content",
+    )
+    queue_ramp_steps: int = Field(
+        0,
+        ge=0,
+        description="after the warm-up, the usable (newest) part of the queue grows "
+        "linearly to queue_size over this many steps",
+    )
+    distill_alpha: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="momentum distillation (ALBEF): targets = (1 - a) * hard positives + a * "
+        "the momentum towers' softmax over the same keys, so near-duplicates are not hard "
+        "negatives",
+    )
+    distill_warmup_steps: int = Field(
+        0, ge=0, description="distill_alpha rises linearly from 0 over this many steps"
+    )
+    caption_positives: bool = Field(
+        False,
+        description="a key whose caption is identical (after tokenisation) to the query pair's "
+        "caption is a positive too, not only keys of the same image id",
+    )
     filter: FilterConfig = FilterConfig()
     masked: MaskedModelingConfig = MaskedModelingConfig()
     intra: IntraModalConfig = IntraModalConfig()
@@ -99,6 +136,8 @@ class ObjectiveConfig(_Strict):
     def _check(self) -> ObjectiveConfig:
         if not self.min_temperature <= self.temperature <= self.max_temperature:
             raise ValueError("temperature must lie within [min_temperature, max_temperature]")
+        if self.momentum_final is not None and self.momentum_final < self.momentum:
+            raise ValueError("momentum_final must not be below momentum (the EMA only slows)")
         if self.masked.mvm_weight > 0 and self.masked.tokenizer is None:
             raise ValueError("masked.mvm_weight > 0 needs masked.tokenizer (cots train-tokenizer)")
         return self
@@ -161,6 +200,9 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.1, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="clip the gradient's global norm to this (None: no clipping)"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads")

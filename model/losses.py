@@ -9,16 +9,74 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Odd 61-bit multipliers for caption_ids: fixed, so ids agree across steps, ranks and resumes.
+_CAPTION_HASH_SEED = 0x5EED_C0C5
 
-def multi_positive_targets(
-    query_groups: torch.Tensor, key_groups: torch.Tensor, key_valid: torch.Tensor | None = None
+
+def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """[B] long: one id per token row, equal exactly when the rows are (up to a negligible
+    chance of collision): identical captions after the tokenizer's own cleaning."""
+    generator = torch.Generator().manual_seed(_CAPTION_HASH_SEED)
+    weights = torch.randint(1, 2**61, (tokens.shape[-1],), generator=generator) | 1
+    return (tokens.long() * weights.to(tokens.device)).sum(dim=-1)
+
+
+def positive_mask(
+    query_groups: torch.Tensor,
+    key_groups: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    query_captions: torch.Tensor | None = None,
+    key_captions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, K] target distribution: uniform over the keys that share the query's group."""
+    """[B, K] bool: keys of the query's group, or (when caption ids are given) of a pair whose
+    caption is the query pair's caption; invalid keys never."""
     positives = query_groups[:, None] == key_groups[None, :]
+    if query_captions is not None and key_captions is not None:
+        positives |= query_captions[:, None] == key_captions[None, :]
     if key_valid is not None:
         positives &= key_valid[None, :]
+    return positives
+
+
+def multi_positive_targets(
+    query_groups: torch.Tensor,
+    key_groups: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    query_captions: torch.Tensor | None = None,
+    key_captions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, K] target distribution: uniform over the query's positives (:func:`positive_mask`)."""
+    positives = positive_mask(query_groups, key_groups, key_valid, query_captions, key_captions)
     counts = positives.sum(dim=1, keepdim=True).clamp(min=1)
     return positives.float() / counts
+
+
+def distilled_targets(
+    hard: torch.Tensor, teacher_logits: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """ALBEF's momentum distillation: (1 - alpha) * hard + alpha * softmax(teacher), per row
+    (invalid keys at -inf in the teacher get no mass)."""
+    if alpha <= 0:
+        return hard
+    return (1.0 - alpha) * hard + alpha * F.softmax(teacher_logits, dim=1)
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of [N, D] (Roy & Vetterli): D for
+    features spread evenly over D directions, 1 for features on one line."""
+    singular = torch.linalg.svdvals(features.float() - features.float().mean(dim=0))
+    p = singular / singular.sum().clamp(min=1e-12)
+    return float(torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum()))
+
+
+def mean_pairwise_cosine(features: torch.Tensor) -> float:
+    """Mean cosine over distinct pairs of rows of L2-normalised [N, D] features (a narrow cone
+    of embeddings shows as a value near 1)."""
+    n = len(features)
+    if n < 2:
+        return 1.0
+    sims = features.float() @ features.float().t()
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
 def masked_logits(

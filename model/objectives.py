@@ -28,15 +28,21 @@ from model.distributed import DistInfo, all_gather_cat
 from model.errors import ModelError
 from model.factory import Towers
 from model.losses import (
+    caption_ids,
     clip_loss,
+    distilled_targets,
+    effective_rank,
     masked_logits,
+    mean_pairwise_cosine,
     multi_positive_targets,
+    positive_mask,
     soft_cross_entropy,
     symmetric_kl,
 )
 from model.masking import IGNORE_INDEX
 from model.momentum import FeatureQueues, ema_update
 from model.noise_filter import AdaptiveMomentumFilter
+from model.schedules import linear_ramp, momentum_at
 from model.token_heads import MlmHead, MvmHead
 from model.visual_tokenizer import VisualTokenizer
 
@@ -284,6 +290,8 @@ class ClipObjective(nn.Module):
 class CotsObjective(nn.Module):
     """Momentum contrastive learning with aligned queues, KL alignment and the noise filter."""
 
+    steps: torch.Tensor
+
     def __init__(
         self,
         online: OnlineModel,
@@ -301,12 +309,29 @@ class CotsObjective(nn.Module):
         self.filter = AdaptiveMomentumFilter(
             f.alpha, f.ema, f.warmup_steps, enabled=f.enabled, max_drop=f.max_drop
         )
+        # The schedules' clock, checkpointed with the queues.
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def momentum(self) -> float:
+        c = self.config
+        return momentum_at(int(self.steps), c.momentum, c.momentum_final, c.momentum_ramp_steps)
+
+    def queue_mask(self) -> torch.Tensor:
+        """[Q] bool: the queue slots that serve as keys at this step (none in the warm-up,
+        then the newest ones, more each step of the ramp)."""
+        c = self.config
+        opened = linear_ramp(int(self.steps), c.queue_warmup_steps, c.queue_ramp_steps)
+        if opened <= 0.0:
+            return torch.zeros(self.queues.size, dtype=torch.bool, device=self.steps.device)
+        if opened >= 1.0:
+            return self.queues.valid_mask()
+        return self.queues.newest_mask(round(opened * self.queues.size))
 
     @torch.no_grad()
     def momentum_keys(
         self, online: OnlineModel, images: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ema_update(online.towers, self.momentum_towers, self.config.momentum)
+        ema_update(online.towers, self.momentum_towers, self.momentum())
         self.momentum_towers.eval()
         image_m = F.normalize(self.momentum_towers.image_features(images)[0].float(), dim=-1)
         text_m = F.normalize(self.momentum_towers.text_features(tokens)[0].float(), dim=-1)
@@ -322,9 +347,12 @@ class CotsObjective(nn.Module):
         noisy: torch.Tensor | None = None,
         aux: AuxInputs | None = None,
     ) -> LossOutput:
+        config = self.config
         image = F.normalize(features.image.float(), dim=-1)
         text = F.normalize(features.text.float(), dim=-1)
+        momentum = self.momentum()
         image_m, text_m = self.momentum_keys(online, images, tokens)
+        captions = caption_ids(tokens)
 
         # Filter on the momentum similarity of each pair; statistics over all ranks' pairs so
         # every rank keeps the same threshold.
@@ -332,22 +360,39 @@ class CotsObjective(nn.Module):
         self.filter.update(all_gather_cat(pair_sim, self.dist))
         keep = self.filter.keep_mask(pair_sim).float()
 
-        queue_valid = self.queues.valid_mask()
+        queue_valid = self.queue_mask()
         batch_valid = torch.ones(len(groups), dtype=torch.bool, device=groups.device)
         key_valid = torch.cat([batch_valid, queue_valid])
         key_groups = torch.cat([groups, self.queues.groups])
+        key_captions = torch.cat([captions, self.queues.captions])
         text_batch, image_batch = (
-            (text, image) if self.config.batch_keys == "online" else (text_m, image_m)
+            (text, image) if config.batch_keys == "online" else (text_m, image_m)
         )
-        text_keys = torch.cat([text_batch, self.queues.text.clone().detach()])
-        image_keys = torch.cat([image_batch, self.queues.image.clone().detach()])
+        queue_text, queue_image = self.queues.text.clone().detach(), self.queues.image.clone()
+        text_keys = torch.cat([text_batch, queue_text])
+        image_keys = torch.cat([image_batch, queue_image.detach()])
 
         # [B, B + Q]: column j is the same pair for both directions.
         logits_i2t = masked_logits(image, text_keys, features.temperature, key_valid)
         logits_t2i = masked_logits(text, image_keys, features.temperature, key_valid)
-        targets = multi_positive_targets(groups, key_groups, key_valid)
-        loss_i2t = _masked_mean(soft_cross_entropy(logits_i2t, targets), keep)
-        loss_t2i = _masked_mean(soft_cross_entropy(logits_t2i, targets), keep)
+        query_captions = captions if config.caption_positives else None
+        targets = multi_positive_targets(
+            groups, key_groups, key_valid, query_captions, key_captions
+        )
+        targets_i2t = targets_t2i = targets
+        alpha = config.distill_alpha * linear_ramp(int(self.steps), 0, config.distill_warmup_steps)
+        if alpha > 0:
+            # The momentum towers' own retrieval distributions over the same keys.
+            with torch.no_grad():
+                temperature = features.temperature.detach()
+                text_keys_m = torch.cat([text_m, queue_text])
+                image_keys_m = torch.cat([image_m, queue_image])
+                teacher_i2t = masked_logits(image_m, text_keys_m, temperature, key_valid)
+                teacher_t2i = masked_logits(text_m, image_keys_m, temperature, key_valid)
+                targets_i2t = distilled_targets(targets, teacher_i2t, alpha)
+                targets_t2i = distilled_targets(targets, teacher_t2i, alpha)
+        loss_i2t = _masked_mean(soft_cross_entropy(logits_i2t, targets_i2t), keep)
+        loss_t2i = _masked_mean(soft_cross_entropy(logits_t2i, targets_t2i), keep)
         # Task level over the queue columns only: aligned slot by slot, and free of the in-batch
         # positive that would dominate both distributions.
         batch = len(groups)
@@ -356,24 +401,31 @@ class CotsObjective(nn.Module):
         else:
             loss_kl = logits_i2t.new_zeros(())
         extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
-        loss = (loss_i2t + loss_t2i) / 2 + self.config.kl_weight * loss_kl + extra
+        loss = (loss_i2t + loss_t2i) / 2 + config.kl_weight * loss_kl + extra
 
         kept = keep.bool()
         self.queues.enqueue(
             self._gather_kept(image_m, kept),
             self._gather_kept(text_m, kept),
             self._gather_kept(groups, kept),
+            self._gather_kept(captions, kept),
         )
+        self.steps += 1
         parts = {
             "loss": float(loss.detach()),
             "loss_i2t": float(loss_i2t.detach()),
             "loss_t2i": float(loss_t2i.detach()),
             "loss_kl": float(loss_kl.detach()),
             "temperature": float(features.temperature.detach()),
+            "momentum": momentum,
+            "distill_alpha": alpha,
             "filtered_frac": 1.0 - float(keep.mean()),
             "filter_threshold": float(self.filter.threshold),
             "momentum_pair_sim": float(pair_sim.mean()),
             "queue_filled": int(self.queues.filled),
+            "queue_used": int(queue_valid.sum()),
+            **_key_diagnostics(logits_i2t, groups, captions, key_groups, key_captions, key_valid),
+            **_spread(image, text),
             **extra_parts,
         }
         if noisy is not None and bool(noisy.any()):
@@ -391,6 +443,43 @@ class CotsObjective(nn.Module):
         all_values = all_gather_cat(values, self.dist)
         all_kept = all_gather_cat(kept, self.dist)
         return all_values[all_kept]
+
+
+@torch.no_grad()
+def _key_diagnostics(
+    logits: torch.Tensor,
+    groups: torch.Tensor,
+    captions: torch.Tensor,
+    key_groups: torch.Tensor,
+    key_captions: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> dict[str, float]:
+    """Where the image->text softmax puts its mass, and how many queue negatives are captions
+    identical to the query's own (false negatives unless caption_positives is on)."""
+    batch = len(groups)
+    probs = F.softmax(logits.float(), dim=1)
+    parts = {"queue_mass": float(probs[:, batch:].sum(dim=1).mean())}
+    queue_valid = key_valid[batch:]
+    if bool(queue_valid.any()):
+        same_image = positive_mask(groups, key_groups[batch:], queue_valid)
+        same_caption = positive_mask(
+            groups, key_groups[batch:], queue_valid, captions, key_captions[batch:]
+        )
+        negatives = queue_valid.sum() - same_image.sum(dim=1)
+        duplicates = (same_caption & ~same_image).sum(dim=1)
+        parts["queue_duplicate_negatives"] = float((duplicates / negatives.clamp(min=1)).mean())
+    return parts
+
+
+@torch.no_grad()
+def _spread(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """How far apart the batch's embeddings are: mean pairwise cosine and effective rank."""
+    return {
+        "image_mean_cos": mean_pairwise_cosine(image),
+        "text_mean_cos": mean_pairwise_cosine(text),
+        "image_erank": effective_rank(image),
+        "text_erank": effective_rank(text),
+    }
 
 
 def build_objective(

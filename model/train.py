@@ -358,6 +358,10 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
         throughput.add(len(groups) * run.dist.world_size)
         if micro % config.accum_steps:
             continue
+        # The norm is logged either way: its spikes mark the steps where training goes wrong.
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            run.online.parameters(), config.grad_clip or math.inf
+        )
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -366,7 +370,13 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
         bar.update()
         if run.step % config.log_every == 0 or run.step == run.total_steps:
             lr = run.scheduler.get_last_lr()[0]
-            record = {"step": run.step, "epoch": epoch, "lr": lr, **out.parts}
+            record = {
+                "step": run.step,
+                "epoch": epoch,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                **out.parts,
+            }
             run.log.write({**record, "samples_per_s": throughput.take()})
             bar.set_postfix(loss=f"{out.parts['loss']:.3f}")
         if run.step % config.checkpoint_every == 0 or run.step == run.total_steps:

@@ -53,9 +53,9 @@ def train_losses(output: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-def test_resumed_run_continues_exactly(corpus: Path, tmp_path: Path) -> None:
-    straight = micro(corpus, tmp_path / "straight")
-    interrupted = micro(corpus, tmp_path / "interrupted")
+def _assert_resume_is_exact(corpus: Path, tmp_path: Path, **overrides: Any) -> None:
+    straight = micro(corpus, tmp_path / "straight", **overrides)
+    interrupted = micro(corpus, tmp_path / "interrupted", **overrides)
     train(straight, progress=False)
     partial = train(interrupted, stop_after_steps=7, progress=False)
     assert partial.step == 7  # the last checkpoint was at step 6; the kill loses step 7
@@ -71,6 +71,36 @@ def test_resumed_run_continues_exactly(corpus: Path, tmp_path: Path) -> None:
         assert torch.allclose(tensor, b["model"][name], atol=1e-6), name
     assert torch.equal(a["objective"]["queues.groups"], b["objective"]["queues.groups"])
     assert a["objective"]["filter.steps"] == b["objective"]["filter.steps"] == 20
+
+
+def test_resumed_run_continues_exactly(corpus: Path, tmp_path: Path) -> None:
+    _assert_resume_is_exact(corpus, tmp_path)
+
+
+def test_resumed_run_follows_the_objective_schedules_exactly(corpus: Path, tmp_path: Path) -> None:
+    """The momentum ramp, the queue warm-up and growth and the distillation ramp all cross the
+    interruption at step 7: the schedules' clock is checkpointed with the queues."""
+    objective = {
+        "queue_size": 64,
+        "filter": {"enabled": True, "warmup_steps": 4},
+        "momentum": 0.9,
+        "momentum_final": 0.99,
+        "momentum_ramp_steps": 12,
+        "queue_warmup_steps": 5,
+        "queue_ramp_steps": 6,
+        "distill_alpha": 0.4,
+        "distill_warmup_steps": 10,
+        "caption_positives": True,
+    }
+    _assert_resume_is_exact(corpus, tmp_path, objective=objective, grad_clip=1.0)
+    state = load_checkpoint(tmp_path / "interrupted" / "checkpoint.pt")
+    assert int(state["objective"]["steps"]) == 20
+    rows = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").open()]
+    momentum = {r["step"]: r["momentum"] for r in rows if "momentum" in r}
+    assert momentum[1] == pytest.approx(0.9)
+    assert momentum[20] == pytest.approx(0.99)
+    used = {r["step"]: r["queue_used"] for r in rows if "queue_used" in r}
+    assert used[5] == 0 < used[9]
 
 
 @pytest.fixture(scope="module")
