@@ -45,10 +45,13 @@ if ! podman_works; then
   }
   log=$(mktemp)
   trap 'rm -f "$log"' EXIT
-  # runc beside crun: crun refuses hosts with hybrid cgroups (some VMs), runc copes.
+  # runc beside crun: crun refuses hosts with hybrid cgroups (some VMs), runc copes. Compose
+  # services find each other by name only with a DNS plugin: aardvark-dns for netavark, dnsname
+  # for CNI (Debian leaves both to Recommends).
   install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      podman runc uidmap slirp4netns fuse-overlayfs 2>&1 | tee "$log" >&2
+      podman runc netavark aardvark-dns golang-github-containernetworking-plugin-dnsname \
+      uidmap slirp4netns fuse-overlayfs catatonit 2>&1 | tee "$log" >&2
   }
   echo "no Docker engine or podman here: installing Debian's podman (apt-get install podman)" >&2
   if ! install; then
