@@ -298,11 +298,14 @@ class CotsObjective(nn.Module):
         config: ObjectiveConfig,
         dist: DistInfo,
         tokenizer: VisualTokenizer | None = None,
+        total_steps: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
         self.auxiliary = AuxiliaryLosses(config, tokenizer)
         self.dist = dist
+        # The run's length in objective steps, which the schedules' fractions are of.
+        self.total_steps = total_steps
         self.momentum_towers = copy.deepcopy(online.towers).requires_grad_(False)
         self.queues = FeatureQueues(config.queue_size, online.towers.embed_dim)
         f = config.filter
@@ -312,15 +315,21 @@ class CotsObjective(nn.Module):
         # The schedules' clock, checkpointed with the queues.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
+    def _steps(self, fraction: float) -> int:
+        return round(fraction * self.total_steps)
+
     def momentum(self) -> float:
         c = self.config
-        return momentum_at(int(self.steps), c.momentum, c.momentum_final, c.momentum_ramp_steps)
+        ramp = self._steps(c.momentum_ramp)
+        return momentum_at(int(self.steps), c.momentum, c.momentum_final, ramp)
 
     def queue_mask(self) -> torch.Tensor:
         """[Q] bool: the queue slots that serve as keys at this step (none in the warm-up,
         then the newest ones, more each step of the ramp)."""
         c = self.config
-        opened = linear_ramp(int(self.steps), c.queue_warmup_steps, c.queue_ramp_steps)
+        opened = linear_ramp(
+            int(self.steps), self._steps(c.queue_warmup), self._steps(c.queue_ramp)
+        )
         if opened <= 0.0:
             return torch.zeros(self.queues.size, dtype=torch.bool, device=self.steps.device)
         if opened >= 1.0:
@@ -380,7 +389,9 @@ class CotsObjective(nn.Module):
             groups, key_groups, key_valid, query_captions, key_captions
         )
         targets_i2t = targets_t2i = targets
-        alpha = config.distill_alpha * linear_ramp(int(self.steps), 0, config.distill_warmup_steps)
+        alpha = config.distill_alpha * linear_ramp(
+            int(self.steps), 0, self._steps(config.distill_warmup)
+        )
         if alpha > 0:
             # The momentum towers' own retrieval distributions over the same keys.
             with torch.no_grad():
@@ -487,6 +498,10 @@ def build_objective(
     config: ObjectiveConfig,
     dist: DistInfo,
     tokenizer: VisualTokenizer | None = None,
+    total_steps: int = 0,
 ) -> nn.Module:
-    objectives: dict[str, type[nn.Module]] = {"cots": CotsObjective, "clip": ClipObjective}
-    return objectives[config.kind](online, config, dist, tokenizer)
+    """The configured objective; ``total_steps`` (objective steps of the run) scales the COTS
+    schedules."""
+    if config.kind == "clip":
+        return ClipObjective(online, config, dist, tokenizer)
+    return CotsObjective(online, config, dist, tokenizer, total_steps)

@@ -223,7 +223,10 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     tokenizer = _visual_tokenizer(config, towers)
     codebook_size = tokenizer.config.codebook_size if tokenizer else None
     online = OnlineModel(towers, config.objective, codebook_size).to(device)
-    objective = build_objective(online, config.objective, dist, tokenizer).to(device)
+    objective_steps = total_steps * config.accum_steps  # the objective runs per micro-batch
+    objective = build_objective(online, config.objective, dist, tokenizer, objective_steps).to(
+        device
+    )
     model: torch.nn.Module = online
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None

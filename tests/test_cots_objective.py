@@ -35,15 +35,26 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokens
 
 
-def _objective(**options: object) -> tuple[OnlineModel, CotsObjective]:
+def _objective(total_steps: int = 10, **options: object) -> tuple[OnlineModel, CotsObjective]:
     torch.manual_seed(0)
     # momentum 0 (unless asked): the momentum towers are an exact copy, so keys equal the
     # online features
-    config = ObjectiveConfig.model_validate(
-        {"kind": "cots", "queue_size": QUEUE, "momentum": 0.0, **options}
-    )
+    # The plain form of the objective (MoCo/ALBEF keys, no schedules, no distillation), which
+    # the hand computations below spell out; each test turns on what it checks.
+    plain = {
+        "kind": "cots",
+        "queue_size": QUEUE,
+        "momentum": 0.0,
+        "momentum_final": None,
+        "batch_keys": "momentum",
+        "queue_warmup": 0.0,
+        "queue_ramp": 0.0,
+        "distill_alpha": 0.0,
+        "distill_warmup": 0.0,
+    }
+    config = ObjectiveConfig.model_validate({**plain, **options})
     online = OnlineModel(create_towers("cots-micro"), config)
-    return online, CotsObjective(online, config, DistInfo())
+    return online, CotsObjective(online, config, DistInfo(), total_steps=total_steps)
 
 
 def _fill_queue(
@@ -222,7 +233,7 @@ def test_schedules_at_their_endpoints() -> None:
 
 
 def test_the_queue_opens_after_its_warm_up_and_grows_from_the_newest_slots() -> None:
-    _, cots = _objective(queue_warmup_steps=2, queue_ramp_steps=2)
+    _, cots = _objective(total_steps=10, queue_warmup=0.2, queue_ramp=0.2)
     _fill_queue(cots.queues, [10, 11, 12, 13, 14, 15])
     cots.queues.ptr.fill_(2)  # slot 1 is the newest, then 0, 5, 4, ...
     assert not cots.queue_mask().any()
@@ -233,9 +244,8 @@ def test_the_queue_opens_after_its_warm_up_and_grows_from_the_newest_slots() -> 
 
 
 def test_objective_steps_advance_the_momentum_schedule() -> None:
-    online, cots = _objective(kl_weight=0.0)
-    cots.config = cots.config.model_copy(
-        update={"momentum": 0.5, "momentum_final": 0.9, "momentum_ramp_steps": 2}
+    online, cots = _objective(
+        total_steps=10, kl_weight=0.0, momentum=0.5, momentum_final=0.9, momentum_ramp=0.2
     )
     images, tokens = _batch()
     seen = []

@@ -202,7 +202,14 @@ def _objective_and_baseline(batch_keys: str, momentum: float):
 
     torch.manual_seed(0)
     config = ObjectiveConfig(
-        kind="cots", queue_size=0, kl_weight=0.0, momentum=momentum, batch_keys=batch_keys
+        kind="cots",
+        queue_size=0,
+        kl_weight=0.0,
+        momentum=momentum,
+        batch_keys=batch_keys,
+        # a constant momentum and hard targets: the form these equalities are about
+        momentum_final=None,
+        distill_alpha=0.0,
     )
     online = OnlineModel(create_towers("cots-micro"), config)
     images = torch.randn(4, 3, 32, 32)

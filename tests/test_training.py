@@ -85,11 +85,11 @@ def test_resumed_run_follows_the_objective_schedules_exactly(corpus: Path, tmp_p
         "filter": {"enabled": True, "warmup_steps": 4},
         "momentum": 0.9,
         "momentum_final": 0.99,
-        "momentum_ramp_steps": 12,
-        "queue_warmup_steps": 5,
-        "queue_ramp_steps": 6,
+        "momentum_ramp": 0.6,  # the run is 20 steps: 12
+        "queue_warmup": 0.25,  # 5
+        "queue_ramp": 0.3,  # 6
         "distill_alpha": 0.4,
-        "distill_warmup_steps": 10,
+        "distill_warmup": 0.5,  # 10
         "caption_positives": True,
     }
     _assert_resume_is_exact(corpus, tmp_path, objective=objective, grad_clip=1.0)
