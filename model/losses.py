@@ -6,6 +6,8 @@ each other: a key is a positive of a query when their group ids (image ids) are 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -13,12 +15,18 @@ import torch.nn.functional as F
 _CAPTION_HASH_SEED = 0x5EED_C0C5
 
 
+@functools.cache
+def _caption_hash_weights(length: int) -> torch.Tensor:
+    # Drawn once per context length, not on every training step.
+    generator = torch.Generator().manual_seed(_CAPTION_HASH_SEED)
+    return torch.randint(1, 2**61, (length,), generator=generator) | 1
+
+
 def caption_ids(tokens: torch.Tensor) -> torch.Tensor:
     """[B] long: one id per token row, equal exactly when the rows are (up to a negligible
     chance of collision): identical captions after the tokenizer's own cleaning."""
-    generator = torch.Generator().manual_seed(_CAPTION_HASH_SEED)
-    weights = torch.randint(1, 2**61, (tokens.shape[-1],), generator=generator) | 1
-    return (tokens.long() * weights.to(tokens.device)).sum(dim=-1)
+    weights = _caption_hash_weights(tokens.shape[-1]).to(tokens.device)
+    return (tokens.long() * weights).sum(dim=-1)
 
 
 def positive_mask(

@@ -338,9 +338,9 @@ class CotsObjective(nn.Module):
 
     @torch.no_grad()
     def momentum_keys(
-        self, online: OnlineModel, images: torch.Tensor, tokens: torch.Tensor
+        self, online: OnlineModel, images: torch.Tensor, tokens: torch.Tensor, momentum: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ema_update(online.towers, self.momentum_towers, self.momentum())
+        ema_update(online.towers, self.momentum_towers, momentum)
         self.momentum_towers.eval()
         image_m = F.normalize(self.momentum_towers.image_features(images)[0].float(), dim=-1)
         text_m = F.normalize(self.momentum_towers.text_features(tokens)[0].float(), dim=-1)
@@ -360,7 +360,7 @@ class CotsObjective(nn.Module):
         image = F.normalize(features.image.float(), dim=-1)
         text = F.normalize(features.text.float(), dim=-1)
         momentum = self.momentum()
-        image_m, text_m = self.momentum_keys(online, images, tokens)
+        image_m, text_m = self.momentum_keys(online, images, tokens, momentum)
         captions = caption_ids(tokens)
 
         # Filter on the momentum similarity of each pair; statistics over all ranks' pairs so
@@ -377,9 +377,10 @@ class CotsObjective(nn.Module):
         text_batch, image_batch = (
             (text, image) if config.batch_keys == "online" else (text_m, image_m)
         )
-        queue_text, queue_image = self.queues.text.clone().detach(), self.queues.image.clone()
+        # Copies: the enqueue below writes the buffers in place. (Buffers carry no gradient.)
+        queue_text, queue_image = self.queues.text.clone(), self.queues.image.clone()
         text_keys = torch.cat([text_batch, queue_text])
-        image_keys = torch.cat([image_batch, queue_image.detach()])
+        image_keys = torch.cat([image_batch, queue_image])
 
         # [B, B + Q]: column j is the same pair for both directions.
         logits_i2t = masked_logits(image, text_keys, features.temperature, key_valid)
@@ -473,11 +474,9 @@ def _key_diagnostics(
     queue_valid = key_valid[batch:]
     if bool(queue_valid.any()):
         same_image = positive_mask(groups, key_groups[batch:], queue_valid)
-        same_caption = positive_mask(
-            groups, key_groups[batch:], queue_valid, captions, key_captions[batch:]
-        )
+        same_caption = captions[:, None] == key_captions[None, batch:]
         negatives = queue_valid.sum() - same_image.sum(dim=1)
-        duplicates = (same_caption & ~same_image).sum(dim=1)
+        duplicates = (same_caption & queue_valid[None, :] & ~same_image).sum(dim=1)
         parts["queue_duplicate_negatives"] = float((duplicates / negatives.clamp(min=1)).mean())
     return parts
 
