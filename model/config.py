@@ -186,6 +186,12 @@ class DataConfig(_Strict):
         0.0, ge=0.0, lt=1.0, description="give this fraction of train images wrong captions"
     )
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_images_mb: float = Field(
+        4096,
+        ge=0,
+        description="keep a split's decoded, resized pixels in memory (uint8) when they take "
+        "at most this many MiB, instead of decoding every image again each epoch; 0: never",
+    )
 
 
 class TrainConfig(_Strict):
@@ -198,6 +204,11 @@ class TrainConfig(_Strict):
     video: VideoConfig = VideoConfig()
     init_from: Path | None = Field(
         None, description="a COTS checkpoint whose towers start this run (e.g. video from image)"
+    )
+    freeze: list[Literal["image", "text"]] = Field(
+        [],
+        description="towers whose weights stay as they start (e.g. the image tower while a "
+        "video model learns its temporal pooling from an image run's towers)",
     )
     output: Path = Path("runs/cots-tiny")
     seed: int = 0
@@ -229,6 +240,8 @@ class TrainConfig(_Strict):
                 "objective.intra needs cookie.enabled: without the head's dropout the two text "
                 "passes are identical"
             )
+        if self.freeze and self.objective.kind == "cots":
+            raise ValueError("freeze is for the CLIP objective (momentum towers would drift)")
         if self.video.frames > self.video.decode_frames:
             raise ValueError("video.frames must not exceed video.decode_frames")
         return self

@@ -27,7 +27,7 @@ def load_named_split(config: TrainConfig, name: str | None, context_length: int)
             config.preprocess,
             decode_frames=config.video.decode_frames,
         )
-    return load_split(config.data, name, context_length)
+    return load_split(config.data, name, context_length, preprocess=config.preprocess)
 
 
 def evaluate_loaded(

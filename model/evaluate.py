@@ -16,7 +16,7 @@ from model.aux_inputs import augment_view
 from model.config import IntraModalConfig, PreprocessConfig
 from model.data.readers import load_image
 from model.factory import Towers
-from model.preprocess import to_tensor_batch
+from model.preprocess import normalise_pixels, to_tensor_batch
 from model.training_data import CaptionedImages
 
 KS = (1, 5, 10)
@@ -120,8 +120,7 @@ def embed_split(
     image_emb = []
     generator = torch.Generator().manual_seed(0)
     for start in range(0, len(split.records), batch_size):
-        records = split.records[start : start + batch_size]
-        images = to_tensor_batch([load_image(r) for r in records], preprocess).to(device)
+        images = _split_images(split, start, start + batch_size, preprocess).to(device)
         image_emb.append(towers.encode_image(images).float().cpu())
         if views is not None:
             second = augment_view(images, EVAL_VIEW.max_shift, EVAL_VIEW.brightness, generator)
@@ -129,6 +128,15 @@ def embed_split(
     text_emb, text_groups = embed_captions(towers, split.tokens, split.groups, device, batch_size)
     towers.train(was_training)
     return torch.cat(image_emb), text_emb, split.groups, text_groups
+
+
+def _split_images(
+    split: CaptionedImages, start: int, stop: int, preprocess: PreprocessConfig
+) -> torch.Tensor:
+    """Normalised images [start:stop] of a split: from its pixel cache when it has one."""
+    if split.pixels is not None:
+        return normalise_pixels(split.pixels[start:stop], preprocess)
+    return to_tensor_batch([load_image(r) for r in split.records[start:stop]], preprocess)
 
 
 def caption_groups(groups: torch.Tensor, captions: Sequence[Sized]) -> torch.Tensor:
@@ -181,5 +189,7 @@ def format_metrics(name: str, metrics: dict[str, float], keys: Sequence[str] | N
     if keys is None:
         directions = ("t2v", "v2t") if "t2v_R@1" in metrics else ("t2i", "i2t")
         keys = [f"{d}_R@{k}" for d in directions for k in KS] + ["mean_recall"]
-        keys += [k for k in ("i2i_R@1", "t2t_R@1") if k in metrics]
+        optional = ["i2i_R@1", "t2t_R@1", "scene_match@1", "scene_match@5"]
+        optional += ["time_order_acc", "direction_acc"]
+        keys += [k for k in optional if k in metrics]
     return f"{name}: " + "  ".join(f"{k} {metrics[k]:.1f}" for k in keys)

@@ -3,22 +3,28 @@
 Every epoch visits each image once with one of its captions. The order and caption choice
 come from a generator seeded by (seed, epoch), so a run resumed at step s sees exactly the
 batches an uninterrupted run would have seen from step s on.
+
+Reading a split decodes every image once (corrupt files are reported up front). When a
+preprocess config is given and the split fits ``data.cache_images_mb``, that pass keeps the
+resized and cropped pixels as one uint8 tensor, so epochs and evaluations index memory
+instead of decoding PNGs again; otherwise items are decoded when they are used.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, CsvImageReader, load_image
 from model.data.records import CorpusError, ImageRecord, VideoRecord
 from model.errors import ModelError
-from model.preprocess import image_transform
+from model.preprocess import image_pixels, image_transform, normalise_pixels
 from model.tokenizer import tokenize
 
 logger = logging.getLogger("cots.train")
@@ -33,6 +39,7 @@ class CaptionedImages:
     tokens: list[torch.Tensor]  # per image: [n_captions, L]
     groups: torch.Tensor  # [N] long; equal ids = same image id
     noisy: torch.Tensor  # [N] bool; True where captions were deliberately swapped
+    pixels: torch.Tensor | None = None  # [N, 3, S, S] uint8 when decoded once into memory
 
 
 def csv_reader(data: DataConfig, split: str | None) -> CsvImageReader:
@@ -55,21 +62,51 @@ def load_split(
     *,
     noise_fraction: float = 0.0,
     seed: int = 0,
+    preprocess: PreprocessConfig | None = None,
 ) -> CaptionedImages:
-    """Read a split, decoding every image once so corrupt files are reported up front."""
+    """Read a split, decoding every image once so corrupt files are reported up front; with
+    ``preprocess``, keep the decoded pixels when they fit the cache budget."""
+    cache = _PixelCache(preprocess, data.cache_images_mb)
+    records: list[ImageRecord] = []
     try:
         reader = csv_reader(data, split)
-        samples = list(reader.samples())
+        for sample in reader.samples():
+            records.append(sample.record)
+            cache.add(sample.image)
     except CorpusError as error:
         raise ModelError(str(error)) from None
     logger.info("%s", reader.report.summary())
-    if not samples:
+    if not records:
         raise ModelError(f"no usable images in {data.train} for split {split!r}")
-    records = [s.record for s in samples]
     captions, tokens, groups, noisy = caption_tensors(
         records, context_length, noise_fraction=noise_fraction, seed=seed
     )
-    return CaptionedImages(records, captions, tokens, groups, noisy)
+    return CaptionedImages(records, captions, tokens, groups, noisy, cache.tensor())
+
+
+class _PixelCache:
+    """Collects uint8 pixels while a split is read; gives up (and frees them) once the split
+    outgrows ``budget_mb``, so a large corpus falls back to decoding per item."""
+
+    def __init__(self, preprocess: PreprocessConfig | None, budget_mb: float) -> None:
+        self.to_pixels = image_pixels(preprocess) if preprocess and budget_mb > 0 else None
+        self.budget = budget_mb * 2**20
+        self.items: list[torch.Tensor] = []
+        self.bytes = 0
+
+    def add(self, image: Image.Image) -> None:
+        if self.to_pixels is None:
+            return
+        pixels = self.to_pixels(image)
+        self.bytes += pixels.numel()
+        if self.bytes > self.budget:
+            logger.info("split exceeds data.cache_images_mb; images are decoded per use")
+            self.to_pixels, self.items = None, []
+            return
+        self.items.append(pixels)
+
+    def tensor(self) -> torch.Tensor | None:
+        return torch.stack(self.items) if self.to_pixels is not None and self.items else None
 
 
 def caption_tensors(
@@ -117,6 +154,7 @@ class PairDataset(Dataset):
 
     def __init__(self, split: CaptionedImages, preprocess: PreprocessConfig) -> None:
         self.split = split
+        self.preprocess = preprocess
         self.transform = image_transform(preprocess)
 
     def __len__(self) -> int:
@@ -124,10 +162,8 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, caption = key
-        try:
-            image = self.transform(load_image(self.split.records[index]))
-        except BadItemError as error:  # changed on disk since the start-up scan
-            logger.warning("skipped %s (%s)", self.split.records[index].uri, error)
+        image = split_image(self.split, index, self.preprocess, self.transform)
+        if image is None:
             return None
         return (
             image,
@@ -135,6 +171,24 @@ class PairDataset(Dataset):
             self.split.groups[index],
             self.split.noisy[index],
         )
+
+
+def split_image(
+    split: CaptionedImages,
+    index: int,
+    preprocess: PreprocessConfig,
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """The normalised image ``index`` of a split: from its pixel cache, else decoded now
+    (None, logged, when the file changed on disk since the start-up scan)."""
+    if split.pixels is not None:
+        return normalise_pixels(split.pixels[index], preprocess)
+    try:
+        image = load_image(split.records[index])
+    except BadItemError as error:
+        logger.warning("skipped %s (%s)", split.records[index].uri, error)
+        return None
+    return (transform or image_transform(preprocess))(image)
 
 
 def collate(items: list) -> tuple[torch.Tensor, ...]:

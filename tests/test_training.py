@@ -19,7 +19,7 @@ from model.errors import ModelError
 from model.evaluate import evaluate
 from model.factory import create_towers
 from model.train import resolve_image_size, train
-from model.training_data import load_split
+from model.training_data import PairDataset, load_split
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +351,32 @@ def test_filter_drops_mostly_the_noisy_pairs(tmp_path_factory: pytest.TempPathFa
     assert len(precision) > 50  # the filter acted on most steps after its warm-up
     # measured 0.66-0.70 (6-10 epochs); the share of noisy pairs is 0.3
     assert sum(precision) / len(precision) > 0.5, precision
+
+
+def test_a_split_decoded_once_into_memory_gives_the_same_items_and_metrics(
+    corpus: Path,
+) -> None:
+    config = resolve_image_size(micro(corpus, Path("unused")))
+    decoded = load_split(config.data, "test", 48)
+    cached = load_split(config.data, "test", 48, preprocess=config.preprocess)
+    assert decoded.pixels is None
+    assert cached.pixels is not None and cached.pixels.dtype == torch.uint8
+    assert cached.pixels.shape == (len(cached.records), 3, 32, 32)
+    from_disk = PairDataset(decoded, config.preprocess)
+    from_memory = PairDataset(cached, config.preprocess)
+    for key in [(0, 0), (5, 0), (len(decoded.records) - 1, 0)]:
+        assert torch.equal(from_disk[key][0], from_memory[key][0])
+    towers = create_towers("cots-micro")
+    cpu = torch.device("cpu")
+    assert evaluate(towers, decoded, config.preprocess, cpu) == evaluate(
+        towers, cached, config.preprocess, cpu
+    )
+
+
+def test_a_split_larger_than_the_cache_budget_is_decoded_per_use(corpus: Path) -> None:
+    config = resolve_image_size(micro(corpus, Path("unused")))
+    one_image_mb = 3 * 32 * 32 / 2**20
+    small = config.data.model_copy(update={"cache_images_mb": 2.5 * one_image_mb})
+    assert load_split(small, "test", 48, preprocess=config.preprocess).pixels is None
+    never = config.data.model_copy(update={"cache_images_mb": 0})
+    assert load_split(never, "test", 48, preprocess=config.preprocess).pixels is None
