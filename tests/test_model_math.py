@@ -251,3 +251,20 @@ def test_momentum_keys_give_clips_loss_value_but_gradient_only_through_queries()
     ]
     assert any(n.startswith("towers.visual") for n in differing)
     assert any(n.startswith("towers.text") for n in differing)
+
+
+def test_length_bucketed_text_tower_equals_the_whole_batch() -> None:
+    from model.factory import create_towers
+    from model.tokenizer import tokenize
+
+    towers = create_towers("cots-micro").eval()
+    words = "a big red circle on the left of a small blue star above the green ring".split()
+    texts = [" ".join(words[: 2 + (i * 7) % (len(words) - 1)]) for i in range(24)]
+    tokens = tokenize(texts, 32)
+    with torch.no_grad():
+        pooled, states = towers.text_tower(tokens)
+        pooled_b, states_b = towers.text_tower(tokens, buckets=4)
+    torch.testing.assert_close(pooled_b, pooled, atol=1e-5, rtol=1e-5)
+    assert states_b.shape == states.shape
+    upto_end = tokens != 0  # the states every reader uses: up to each row's end-of-text token
+    torch.testing.assert_close(states_b[upto_end], states[upto_end], atol=1e-5, rtol=1e-5)
