@@ -6,6 +6,7 @@ from model.data.synth.generate import (
     VIDEOS_CSV,
     SynthConfig,
     generate_corpus,
+    image_scenes,
     read_dataset_json,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "VIDEOS_CSV",
     "SynthConfig",
     "generate_corpus",
+    "image_scenes",
     "read_dataset_json",
 ]

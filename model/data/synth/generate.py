@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from model.data.synth.drawing import render_scene
-from model.data.synth.scenes import caption_scene, sample_scene
+from model.data.synth.scenes import Scene, caption_scene, sample_scene
 from model.data.synth.videos import EVENTS, caption_event, render_event, sample_event, write_mp4
 from model.data.synth.vocabulary import (
     BACKGROUNDS,
@@ -109,12 +109,16 @@ class _VideoTask:
     config: SynthConfig
 
 
-def _make_image(task: _ImageTask) -> tuple[str, list[str]]:
+def _image_scene(task: _ImageTask) -> tuple[np.random.Generator, Scene]:
+    """The item's random stream and its scene, drawn first from that stream."""
     rng = np.random.default_rng([task.config.seed, _IMAGE_STREAM, task.index])
     if task.split == "heldout":
-        scene = sample_scene(rng, all_combinations(), required=task.heldout)
-    else:
-        scene = sample_scene(rng, task.allowed)
+        return rng, sample_scene(rng, all_combinations(), required=task.heldout)
+    return rng, sample_scene(rng, task.allowed)
+
+
+def _make_image(task: _ImageTask) -> tuple[str, list[str]]:
+    rng, scene = _image_scene(task)
     pixels = render_scene(rng, scene, task.config.image_size)
     captions = caption_scene(rng, scene, int(rng.integers(1, task.config.max_captions + 1)))
     relpath = _item_path("images", task.index, ".png")
@@ -189,9 +193,7 @@ def _make_folders(root: Path, folder: str, n: int) -> None:
         (root / folder / f"{shard:04d}").mkdir(parents=True, exist_ok=True)
 
 
-def _generate_images(
-    root: Path, config: SynthConfig, heldout: list[ColourShape], workers: int, progress: bool
-) -> dict[str, Any]:
+def _image_tasks(root: Path, config: SynthConfig, heldout: list[ColourShape]) -> list[_ImageTask]:
     splits = assign_splits(
         config.n_images,
         config.seed,
@@ -203,7 +205,21 @@ def _generate_images(
         },
     )
     allowed = [pair for pair in all_combinations() if pair not in heldout]
-    tasks = [_ImageTask(root, i, split, config, allowed, heldout) for i, split in enumerate(splits)]
+    return [_ImageTask(root, i, split, config, allowed, heldout) for i, split in enumerate(splits)]
+
+
+def image_scenes(config: SynthConfig) -> list[tuple[str, Scene]]:
+    """(split, scene) of every image of the corpus ``config`` describes, in image order,
+    recomputed from the seed without rendering: the ground truth behind each caption."""
+    heldout = choose_heldout_combinations(config.seed, config.n_heldout_combinations)
+    return [(task.split, _image_scene(task)[1]) for task in _image_tasks(Path(), config, heldout)]
+
+
+def _generate_images(
+    root: Path, config: SynthConfig, heldout: list[ColourShape], workers: int, progress: bool
+) -> dict[str, Any]:
+    tasks = _image_tasks(root, config, heldout)
+    splits = [task.split for task in tasks]
     _make_folders(root, "images", config.n_images)
     results = _run_parallel(_make_image, tasks, workers, "images", "img", progress)
     described = _write_index(root / IMAGES_CSV, IMAGE_COLUMNS, "img", splits, results)

@@ -1,0 +1,61 @@
+"""The scene-query check on trained towers: queries written from the test scenes, searched over
+the split's images, scored by whether the hits' scenes satisfy them.
+
+Data flow: the corpus's ``dataset.json`` gives the synthetic config, from which
+:func:`corpus_scenes` recomputes every image's scene (keyed by image id); the split's images
+are embedded as in evaluation, the queries (``model.scene_queries``) are tokenised and
+embedded by the text tower, ranked by cosine, and scored. Corpora that are not synthetic have
+no scene specs: the check returns None for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import TrainConfig
+from model.data.synth.scenes import Scene
+from model.evaluate import embed_split
+from model.factory import Towers
+from model.scene_queries import SceneQuery, corpus_scenes, score, write_queries
+from model.tokenizer import tokenize
+from model.training_data import CaptionedImages
+
+
+def split_scenes(split: CaptionedImages, corpus: Path) -> list[Scene] | None:
+    """The scene of every image of ``split``, in its order; None without scene specs."""
+    scenes = corpus_scenes(corpus)
+    if scenes is None:
+        return None
+    try:
+        return [scenes[record.group_id] for record in split.records]
+    except KeyError:
+        return None  # a CSV that is not the one dataset.json describes
+
+
+@torch.no_grad()
+def scene_query_check(
+    towers: Towers,
+    config: TrainConfig,
+    split: CaptionedImages,
+    context_length: int,
+    device: torch.device,
+    n_queries: int = 200,
+) -> tuple[dict[str, float], list[tuple[SceneQuery, list[int]]]] | None:
+    """(scene_match@1/@5 and the oracle in %, each query with its top-5 split indices), or
+    None when the corpus has no scene specs."""
+    scenes = split_scenes(split, Path(config.data.train).parent)
+    if scenes is None:
+        return None
+    queries = write_queries(scenes, n_queries)
+    image_emb = embed_split(towers, split, config.preprocess, device)[0]
+    was_training = towers.training
+    towers.eval()
+    tokens = tokenize([q.text for q in queries], context_length).to(device)
+    text_emb = towers.encode_text(tokens).float().cpu()
+    towers.train(was_training)
+    ranked = (text_emb @ image_emb.T).topk(5, dim=1).indices.numpy()
+    ranked_lists = [list(map(int, row)) for row in np.asarray(ranked)]
+    return score(queries, scenes, ranked), list(zip(queries, ranked_lists, strict=True))
