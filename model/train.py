@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from model.eval_splits import Split, evaluate_loaded, load_named_split, towers_s
 from model.evaluate import format_metrics
 from model.factory import Towers, build_towers, model_config
 from model.objectives import OnlineModel, build_objective
-from model.training_data import EpochBatches, PairDataset, collate, load_split
-from model.video_data import VideoPairDataset, load_video_split
+from model.scene_eval import scene_query_check
+from model.training_data import CaptionedImages, EpochBatches, PairDataset, collate, load_split
+from model.video_checks import time_checks
+from model.video_data import CaptionedVideos, VideoPairDataset, load_video_split
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
 
 logger = logging.getLogger("cots.train")
@@ -176,8 +179,23 @@ class _Run:
             },
         )
 
-    def evaluate(self, name: str, split: Split) -> None:
-        metrics = evaluate_loaded(self.online.towers, self.config, split, self.device)
+    def evaluate(self, name: str, split: Split, checks: bool = False) -> None:
+        """Retrieval metrics; with ``checks``, also the scene-query check (images of a
+        synthetic corpus) or the time-order and direction checks (videos)."""
+        towers = self.online.towers
+        metrics = evaluate_loaded(towers, self.config, split, self.device)
+        if checks and isinstance(split, CaptionedImages):
+            checked = scene_query_check(
+                towers, self.config, split, self.context_length, self.device
+            )
+            metrics.update(checked[0] if checked else {})
+        elif checks and isinstance(split, CaptionedVideos):
+            frames = self.config.video.frames
+            metrics.update(
+                time_checks(
+                    towers, split, self.config.preprocess, self.device, frames, self.context_length
+                )
+            )
         self.result.evals[name] = metrics
         self.log.write({"step": self.step, "eval": name, **metrics})
         tqdm.write(f"step {self.step} " + format_metrics(name, metrics))
@@ -220,6 +238,7 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     towers = build_towers(config)
     if config.init_from is not None:
         _init_towers(towers, Path(config.init_from))
+    _freeze(towers, config.freeze)
     tokenizer = _visual_tokenizer(config, towers)
     codebook_size = tokenizer.config.codebook_size if tokenizer else None
     online = OnlineModel(towers, config.objective, codebook_size).to(device)
@@ -278,7 +297,14 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
             seed=seed,
         )
         return videos, VideoPairDataset(videos, config.preprocess, config.video.frames)
-    images = load_split(data, data.train_split, context_length, noise_fraction=noise, seed=seed)
+    images = load_split(
+        data,
+        data.train_split,
+        context_length,
+        noise_fraction=noise,
+        seed=seed,
+        preprocess=config.preprocess,
+    )
     return images, PairDataset(images, config.preprocess)
 
 
@@ -296,6 +322,16 @@ def _init_towers(towers: torch.nn.Module, path: Path) -> None:
     if unexpected:
         raise ModelError(f"init_from {path}: parameters this model lacks: {unexpected[:5]}")
     logger.info("towers from %s (%d parameters kept fresh: %s)", path, len(missing), missing[:5])
+
+
+def _freeze(towers: Towers, parts: Sequence[str]) -> None:
+    """Frozen towers get no gradient (and so no optimiser state): their forward pass builds no
+    graph, which also makes the step cheaper."""
+    modules = {"image": towers.visual, "text": towers.text}
+    for part in parts:
+        modules[part].requires_grad_(False)
+    if parts:
+        logger.info("frozen towers: %s", ", ".join(parts))
 
 
 def _visual_tokenizer(config: TrainConfig, towers: Towers) -> VisualTokenizer | None:
@@ -417,7 +453,9 @@ def _train(
 
     if run.step >= run.total_steps and dist.is_master:
         for name in run.config.data.eval_splits:
-            run.evaluate(name, load_named_split(run.config, name, run.context_length))
+            # The checks beyond recall run on the test split only.
+            split = load_named_split(run.config, name, run.context_length)
+            run.evaluate(name, split, checks=name == "test")
         run.save()
         results = {"step": run.step, "evals": run.result.evals}
         (run.result.output / "results.json").write_text(json.dumps(results, indent=2))

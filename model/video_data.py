@@ -25,7 +25,7 @@ from model.data.readers.video_csv import segment_centres
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
 from model.evaluate import embed_captions, retrieval_metrics
-from model.preprocess import _INTERPOLATION
+from model.preprocess import _INTERPOLATION, normalise_pixels
 from model.training_data import caption_tensors
 
 logger = logging.getLogger("cots.train")
@@ -68,8 +68,8 @@ def load_video_split(
     """Read a split, decoding ``decode_frames`` uniformly spaced frames of every video once.
 
     Frames get the image transform's geometry (shorter side to ``preprocess.image_size``,
-    centre crop) but stay uint8; :func:`normalise_frames` finishes them per batch. Corrupt and
-    missing videos are skipped and counted in the logged report.
+    centre crop) but stay uint8; :func:`model.preprocess.normalise_pixels` finishes them per
+    batch. Corrupt and missing videos are skipped and counted in the logged report.
     """
     size = preprocess.image_size
     if size is None:
@@ -166,13 +166,6 @@ def sample_frame_indices(
     return indices.clamp(max=available - 1)
 
 
-def normalise_frames(frames: torch.Tensor, preprocess: PreprocessConfig) -> torch.Tensor:
-    """uint8 frames [..., 3, S, S] -> float, scaled to [0, 1] then normalised per channel."""
-    mean = torch.tensor(preprocess.mean, device=frames.device).view(3, 1, 1)
-    std = torch.tensor(preprocess.std, device=frames.device).view(3, 1, 1)
-    return (frames.float() / 255.0 - mean) / std
-
-
 def _check_size(split: CaptionedVideos, preprocess: PreprocessConfig) -> None:
     stored = split.frames.shape[-1]
     if preprocess.image_size is not None and preprocess.image_size != stored:
@@ -219,7 +212,7 @@ class VideoPairDataset(Dataset):
         else:
             indices = self.centre
         return (
-            normalise_frames(self.split.frames[index, indices], self.preprocess),
+            normalise_pixels(self.split.frames[index, indices], self.preprocess),
             self.split.tokens[index][caption],
             self.split.groups[index],
             self.split.noisy[index],
@@ -246,7 +239,7 @@ def embed_video_split(
             # Normalise on the device: uint8 is a quarter of the float bytes to move.
             videos = split.frames[start : start + batch_size, indices].to(device)
             video_emb.append(
-                towers.encode_image(normalise_frames(videos, preprocess)).float().cpu()
+                towers.encode_image(normalise_pixels(videos, preprocess)).float().cpu()
             )
         text_emb, text_groups = embed_captions(
             towers, split.tokens, split.groups, device, batch_size

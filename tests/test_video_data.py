@@ -19,14 +19,16 @@ from model.data.readers import read_video
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
 from model.preprocess import image_transform
+from model.preprocess import normalise_pixels as normalise_frames
+from model.tokenizer import tokenize
 from model.training_data import EpochBatches, collate
+from model.video_checks import opposite_motion, time_checks
 from model.video_data import (
     CaptionedVideos,
     VideoPairDataset,
     embed_video_split,
     evaluate_videos,
     load_video_split,
-    normalise_frames,
     sample_frame_indices,
 )
 
@@ -356,3 +358,53 @@ def test_frames_for_evaluation_are_the_segment_centres(train_split: CaptionedVid
     expected = normalise_frames(train_split.frames[:, centre], PRE)
     assert torch.equal(torch.cat(towers.seen), expected)
     assert np.array_equal(centre.numpy(), [2, 6, 10, 14])
+
+
+def test_opposite_motion_turns_the_motion_phrase_around() -> None:
+    assert opposite_motion("a red star moves from left to right") == (
+        "a red star moves from right to left"
+    )
+    assert opposite_motion("a big circle rises upwards, next to a ring") == (
+        "a big circle falls downwards, next to a ring"
+    )
+    assert opposite_motion("a blue heart grows") is None
+
+
+class FirstMinusLast(nn.Module):
+    """Stand-in towers: a video is (brightness of its first frame minus its last, 1); a text
+    is (t, 1 - t), t a hash of its tokens in [0, 1). So a clip "prefers" forward time exactly
+    when its first frame is brighter than its last (and t > 0), and a caption and its
+    opposite-motion twin get different vectors."""
+
+    def encode_image(self, videos: torch.Tensor) -> torch.Tensor:
+        change = videos[:, 0].mean(dim=(1, 2, 3)) - videos[:, -1].mean(dim=(1, 2, 3))
+        return torch.stack([change, torch.ones_like(change)], dim=1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor(
+            [sum(i * w for i, w in enumerate(row)) % 97 / 97 for row in tokens.tolist()]
+        )
+        return torch.stack([t, 1 - t], dim=1)
+
+
+def test_time_checks_compare_each_clip_with_its_reverse_and_its_opposite_caption(
+    train_split: CaptionedVideos,
+) -> None:
+    towers = FirstMinusLast()
+    metrics = time_checks(towers, train_split, PRE, CPU, num_frames=4, context_length=CONTEXT)
+    indices = sample_frame_indices(FRAMES, 4, None)
+    clips = normalise_frames(train_split.frames[:, indices], PRE)
+    change = clips[:, 0].mean(dim=(1, 2, 3)) - clips[:, -1].mean(dim=(1, 2, 3))
+    first = [c[0] for c in train_split.captions]
+    text = towers.encode_text(tokenize(first, CONTEXT))
+    # forward score minus backward score = 2 * change * text[:, 0]
+    expected = float(((change * text[:, 0]) > 0).float().mean()) * 100
+    assert metrics["time_order_acc"] == pytest.approx(expected)
+    moving = [i for i, c in enumerate(first) if opposite_motion(c) is not None]
+    assert moving, "the fixture corpus has moving objects"
+    turned = towers.encode_text(
+        tokenize([opposite_motion(first[i]) or "" for i in moving], CONTEXT)
+    )
+    video = towers.encode_image(clips[moving])
+    right = (video * text[moving]).sum(1) > (video * turned).sum(1)
+    assert metrics["direction_acc"] == pytest.approx(float(right.float().mean()) * 100)
