@@ -88,6 +88,7 @@ def example_queries(bundle: Path, root: Path, corpus: Path, samples: list) -> li
                         else ""
                     )
                     click.echo(f"        {hit.score:.3f}  {hit.item.caption}{span}")
+            await _scene_queries(engine, corpus)
             pixels = engine.prepare_image(image.read_bytes())
             vector, _ = await engine.embed_image(image.read_bytes(), pixels)
             page = await engine.search("captions", vector, k=3)
@@ -105,6 +106,43 @@ def example_queries(bundle: Path, root: Path, corpus: Path, samples: list) -> li
         + shlex.quote(str(image))
         + " http://HOST/v1/collections/captions/search/upload",
     ]
+
+
+async def _scene_queries(engine: Any, corpus: Path, shown: int = 4) -> None:
+    """Queries written from the test scenes (not corpus captions), searched over the whole
+    images collection; a hit counts when its scene satisfies the query."""
+    from model.scene_queries import corpus_scenes, satisfies, write_queries
+
+    scenes = corpus_scenes(corpus.resolve())
+    if scenes is None:
+        return
+    test_ids = _test_image_ids(corpus)
+    queries = write_queries([scenes[i] for i in test_ids if i in scenes], n=200)
+    at1 = at5 = 0
+    examples: list[tuple[str, str | None, bool]] = []
+    for query in queries:
+        vector, _ = await engine.embed_text(query.text)
+        page = await engine.search("images", vector, k=5)
+        hits = [satisfies(scenes[hit.item.group_id], query) for hit in page.hits]
+        at1 += bool(hits and hits[0])
+        at5 += any(hits)
+        if len(examples) < shown and query.kind != "object":
+            examples.append((query.text, page.hits[0].item.caption, hits[0]))
+    n = len(queries)
+    click.echo(
+        f"      images <- {n} queries written from test scenes (not corpus captions): the top "
+        f"hit satisfies {100 * at1 / n:.1f} %, one of the top 5 {100 * at5 / n:.1f} %"
+    )
+    for text, caption, ok in examples:
+        click.echo(f"        {'yes' if ok else 'NO '}  {text!r} -> {caption}")
+
+
+def _test_image_ids(corpus: Path) -> list[str]:
+    import csv
+
+    with (corpus / "images.csv").open(newline="", encoding="utf-8") as handle:
+        ids = [row["image_id"] for row in csv.DictReader(handle) if row.get("split") == "test"]
+    return list(dict.fromkeys(ids))
 
 
 def _curl(collection: str, body: dict[str, Any]) -> str:
