@@ -360,7 +360,8 @@ def test_a_split_decoded_once_into_memory_gives_the_same_items_and_metrics(
     decoded = load_split(config.data, "test", 48)
     cached = load_split(config.data, "test", 48, preprocess=config.preprocess)
     assert decoded.pixels is None
-    assert cached.pixels is not None and cached.pixels.dtype == torch.uint8
+    assert cached.pixels is not None
+    assert cached.pixels.dtype == torch.uint8
     assert cached.pixels.shape == (len(cached.records), 3, 32, 32)
     from_disk = PairDataset(decoded, config.preprocess)
     from_memory = PairDataset(cached, config.preprocess)
@@ -380,3 +381,28 @@ def test_a_split_larger_than_the_cache_budget_is_decoded_per_use(corpus: Path) -
     assert load_split(small, "test", 48, preprocess=config.preprocess).pixels is None
     never = config.data.model_copy(update={"cache_images_mb": 0})
     assert load_split(never, "test", 48, preprocess=config.preprocess).pixels is None
+
+
+def test_frozen_towers_keep_the_weights_they_start_from(corpus: Path, tmp_path: Path) -> None:
+    clip = {"kind": "clip", "queue_size": 0}
+    data = {"val_split": None, "eval_splits": []}
+    train(micro(corpus, tmp_path / "a", objective=clip, data=data, epochs=1), progress=False)
+    start = trained_towers(tmp_path / "a" / "checkpoint.pt").state_dict()
+    frozen = micro(
+        corpus,
+        tmp_path / "b",
+        objective=clip,
+        data=data,
+        epochs=1,
+        freeze=["image"],
+        init_from=str(tmp_path / "a" / "checkpoint.pt"),
+    )
+    train(frozen, progress=False)
+    after = trained_towers(tmp_path / "b" / "checkpoint.pt").state_dict()
+    visual = [k for k in start if k.startswith("visual.")]
+    text = [k for k in start if k.startswith("text.") and start[k].is_floating_point()]
+    assert visual
+    assert all(torch.equal(start[k], after[k]) for k in visual)
+    assert any(not torch.equal(start[k], after[k]) for k in text)
+    with pytest.raises(ValueError, match="freeze is for the CLIP objective"):
+        micro(corpus, tmp_path / "c", freeze=["image"])
