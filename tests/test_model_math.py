@@ -258,7 +258,24 @@ def test_length_bucketed_text_tower_equals_the_whole_batch() -> None:
     from model.tokenizer import tokenize
 
     towers = create_towers("cots-micro").eval()
-    words = "a big red circle on the left of a small blue star above the green ring".split()
+    words = [
+        "a",
+        "big",
+        "red",
+        "circle",
+        "on",
+        "the",
+        "left",
+        "of",
+        "a",
+        "small",
+        "blue",
+        "star",
+        "above",
+        "the",
+        "green",
+        "ring",
+    ]
     texts = [" ".join(words[: 2 + (i * 7) % (len(words) - 1)]) for i in range(24)]
     tokens = tokenize(texts, 32)
     with torch.no_grad():
