@@ -29,13 +29,15 @@ def row_number(name: str) -> int:
 def test_quality_bench_writes_the_table_and_reuses_finished_runs(
     corpus: Path, tmp_path: Path
 ) -> None:
-    rows = ["CLIP baseline", "+ masked VL modeling", "COOKIE (CLIP + shared head + intra-modal)"]
+    cookie = "full COTS + COOKIE (shared head + intra-modal)"
+    rows = ["CLIP baseline", "full COTS + masked VL modeling", cookie]
     rows.append("video: temporal transformer")
     out = tmp_path / "quality.md"
     args = [
         "bench", "quality", "--corpus", str(corpus), "--work", str(tmp_path / "work"),
         "--model", "cots-micro", "--steps", "3", "--batch-size", "16",
-        "--video-batch-size", "8", "--seeds", "0,1", "--threads", "1", "--out", str(out),
+        "--video-batch-size", "8", "--video-steps", "3", "--seeds", "0,1", "--threads", "1",
+        "--out", str(out),
         "--rows", ",".join(str(row_number(r)) for r in rows),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
@@ -46,9 +48,14 @@ def test_quality_bench_writes_the_table_and_reuses_finished_runs(
     assert "t2v R@1" in text
     assert "i2i R@1" in text
     assert "reconstruction_mse" in text
+    assert "scene match@1" in text
+    assert (
+        "scene_match@1"
+        in json.loads(out.with_suffix(".json").read_text())["CLIP baseline"][0]["evals"]["test"]
+    )
     records = json.loads(out.with_suffix(".json").read_text())
     assert [r["seed"] for r in records["CLIP baseline"]] == [0, 1]  # a main row: every seed
-    assert [r["seed"] for r in records["COOKIE (CLIP + shared head + intra-modal)"]] == [0]
+    assert [r["seed"] for r in records[cookie]] == [0]
     assert "t2v_R@1" in records["video: temporal transformer"][0]["evals"]["test"]
     assert (tmp_path / "work" / "visual-tokenizer.pt").is_file()
 

@@ -111,7 +111,7 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
         "--n-images",
         80,
         "--n-videos",
-        4,
+        40,
         "--quiet",
         "--model",
         "cots-micro",
@@ -128,7 +128,12 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
     summary = first.split("results (Recall@K")[1]
     assert "  test: t2i_R@1" in summary
     assert "  heldout: t2i_R@1" in summary
-    assert "[3/6] export: ONNX model bundle of step 4" in first
+    assert "[2/6] train video: temporal pooling" in first
+    assert "  videos test: t2v_R@1" in first
+    assert "time_order_acc" in first
+    assert "with the exported bundle's towers" in first
+    assert "[3/6] export: ONNX model bundle of cots-micro-video step" in first
+    assert "queries written from test scenes" in first
     assert "runtime search (ONNX, no torch):" in first
     for name in ("images", "captions", "videos"):
         assert f"[4/6] index: building {name}" in first
@@ -140,6 +145,7 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
     second = cots(*args).stdout
     assert "[1/6] corpus: reusing" in second
     assert "[2/6] train: reusing" in second
+    assert "[2/6] train video: reusing" in second
     assert "[3/6] export: reusing" in second
     assert "[4/6] index: reusing videos" in second
     assert "  heldout: t2i_R@1" in second.split("results (Recall@K")[1]
