@@ -41,10 +41,11 @@ _MVLM = {"mlm_weight": 0.1, "mvm_weight": 0.1}
 _QUEUES = {"kind": "cots", "kl_weight": 0.0, "distill_alpha": 0.0}
 _FILTER = {"enabled": True}
 # The video pair is the demo's video recipe (cots.demo.VIDEO_OPTIONS): the default COTS run's
-# towers, the image tower frozen, the time-order loss (in-batch negatives almost never hold a
-# clip's time-reversed twin), 20 epochs of 26 batches of 32 clips.
+# towers, the image tower frozen, the text tower anchored to its image-caption embeddings, the
+# time-order loss (in-batch negatives almost never hold a clip's time-reversed twin), 20 epochs
+# of 26 batches of 32 clips.
 _VIDEO = {
-    "objective": {"kind": "clip", "time_order_weight": 2.0},
+    "objective": {"kind": "clip", "time_order_weight": 2.0, "text_anchor": {"weight": 10.0}},
     "freeze": ["image"],
     "lr": 2e-3,
     "warmup_steps": 20,
@@ -137,6 +138,7 @@ class Plan:
                 "group_key": "video_id",
                 "eval_splits": ["test"],  # the synthetic corpus holds no held-out videos
             }
+            base["objective"]["text_anchor"] = {"captions": str(self.corpus / "images.csv")}
         config = _merge(base, row.overrides)
         if row.needs_tokenizer:
             config = _merge(config, {"objective": {"masked": {"tokenizer": str(tokenizer)}}})

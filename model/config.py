@@ -68,6 +68,17 @@ class IntraModalConfig(_Strict):
     brightness: float = Field(0.1, ge=0.0, description="brightness jitter of the second view")
 
 
+class TextAnchorConfig(_Strict):
+    """Keep the text tower's embeddings of a caption corpus where they started (see
+    model/text_anchor.py); a weight of 0 turns it off."""
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the mean cosine distance")
+    captions: Path | None = Field(
+        None, description="image-caption CSV whose train-split captions are the anchors"
+    )
+    batch_size: int = Field(128, ge=1, description="anchor captions sampled per step")
+
+
 class ObjectiveConfig(_Strict):
     kind: Literal["cots", "clip"] = "cots"
     # 0.95, not ALBEF's 0.995: over a few hundred CPU steps from scratch a slower EMA leaves the
@@ -133,6 +144,7 @@ class ObjectiveConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     masked: MaskedModelingConfig = MaskedModelingConfig()
     intra: IntraModalConfig = IntraModalConfig()
+    text_anchor: TextAnchorConfig = TextAnchorConfig()
     time_order_weight: float = Field(
         0.0,
         ge=0.0,
@@ -146,6 +158,8 @@ class ObjectiveConfig(_Strict):
             raise ValueError("temperature must lie within [min_temperature, max_temperature]")
         if self.momentum_final is not None and self.momentum_final < self.momentum:
             raise ValueError("momentum_final must not be below momentum (the EMA only slows)")
+        if self.text_anchor.weight > 0 and (self.kind != "clip" or not self.text_anchor.captions):
+            raise ValueError("text_anchor needs the clip objective and text_anchor.captions")
         if self.masked.mvm_weight > 0 and self.masked.tokenizer is None:
             raise ValueError("masked.mvm_weight > 0 needs masked.tokenizer (cots train-tokenizer)")
         return self

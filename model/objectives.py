@@ -43,6 +43,7 @@ from model.masking import IGNORE_INDEX
 from model.momentum import FeatureQueues, ema_update
 from model.noise_filter import AdaptiveMomentumFilter
 from model.schedules import linear_ramp, momentum_at
+from model.text_anchor import TextAnchor
 from model.token_heads import MlmHead, MvmHead
 from model.visual_tokenizer import VisualTokenizer
 
@@ -259,9 +260,17 @@ class ClipObjective(nn.Module):
         config: ObjectiveConfig,
         dist: DistInfo,
         tokenizer: VisualTokenizer | None = None,
+        anchor_tokens: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.auxiliary = AuxiliaryLosses(config, tokenizer)
+        anchor = config.text_anchor
+        self.anchor_weight = anchor.weight
+        self.anchor = (
+            TextAnchor(online.towers, anchor_tokens, anchor.batch_size)
+            if anchor.weight > 0 and anchor_tokens is not None
+            else None
+        )
 
     def forward(
         self,
@@ -278,6 +287,10 @@ class ClipObjective(nn.Module):
         contrastive = (i2t.mean() + t2i.mean()) / 2
         keep = torch.ones(len(groups), device=groups.device)
         extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
+        if self.anchor is not None:
+            anchored = self.anchor(online.towers, TEXT_BUCKETS)
+            extra = extra + self.anchor_weight * anchored
+            extra_parts["loss_text_anchor"] = float(anchored.detach())
         loss = contrastive + extra
         return LossOutput(
             loss,
@@ -503,9 +516,10 @@ def build_objective(
     dist: DistInfo,
     tokenizer: VisualTokenizer | None = None,
     total_steps: int = 0,
+    anchor_tokens: torch.Tensor | None = None,
 ) -> nn.Module:
     """The configured objective; ``total_steps`` (objective steps of the run) scales the COTS
-    schedules."""
+    schedules; ``anchor_tokens`` are the text anchor's captions (CLIP only)."""
     if config.kind == "clip":
-        return ClipObjective(online, config, dist, tokenizer)
+        return ClipObjective(online, config, dist, tokenizer, anchor_tokens)
     return CotsObjective(online, config, dist, tokenizer, total_steps)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from model.aux_inputs import make_aux_inputs
 from model.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from model.config import TrainConfig
+from model.data.records import CorpusError
 from model.distributed import DistInfo, cleanup, init_distributed
 from model.errors import ModelError
 from model.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
@@ -30,7 +31,15 @@ from model.evaluate import format_metrics
 from model.factory import Towers, build_towers, model_config
 from model.objectives import OnlineModel, build_objective
 from model.scene_eval import scene_query_check
-from model.training_data import CaptionedImages, EpochBatches, PairDataset, collate, load_split
+from model.tokenizer import tokenize
+from model.training_data import (
+    CaptionedImages,
+    EpochBatches,
+    PairDataset,
+    collate,
+    csv_reader,
+    load_split,
+)
 from model.video_checks import time_checks
 from model.video_data import CaptionedVideos, VideoPairDataset, load_video_split
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
@@ -243,9 +252,14 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     codebook_size = tokenizer.config.codebook_size if tokenizer else None
     online = OnlineModel(towers, config.objective, codebook_size).to(device)
     objective_steps = total_steps * config.accum_steps  # the objective runs per micro-batch
-    objective = build_objective(online, config.objective, dist, tokenizer, objective_steps).to(
-        device
-    )
+    objective = build_objective(
+        online,
+        config.objective,
+        dist,
+        tokenizer,
+        objective_steps,
+        _anchor_tokens(config, context_length),
+    ).to(device)
     model: torch.nn.Module = online
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -322,6 +336,22 @@ def _init_towers(towers: torch.nn.Module, path: Path) -> None:
     if unexpected:
         raise ModelError(f"init_from {path}: parameters this model lacks: {unexpected[:5]}")
     logger.info("towers from %s (%d parameters kept fresh: %s)", path, len(missing), missing[:5])
+
+
+def _anchor_tokens(config: TrainConfig, context_length: int) -> torch.Tensor | None:
+    """Tokens of the text anchor's captions (the train split of its CSV), or None."""
+    anchor = config.objective.text_anchor
+    if anchor.weight <= 0 or anchor.captions is None:
+        return None
+    data = config.data.model_copy(update={"train": anchor.captions, "group_key": "image_id"})
+    try:
+        records = list(csv_reader(data, data.train_split or None).records())
+    except CorpusError as error:
+        raise ModelError(f"text_anchor.captions: {error}") from None
+    captions = [c for record in records for c in record.captions]
+    if not captions:
+        raise ModelError(f"text_anchor.captions: no captions in {anchor.captions}")
+    return tokenize(captions, context_length)
 
 
 def _freeze(towers: Towers, parts: Sequence[str]) -> None:

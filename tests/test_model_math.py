@@ -285,3 +285,34 @@ def test_length_bucketed_text_tower_equals_the_whole_batch() -> None:
     assert states_b.shape == states.shape
     upto_end = tokens != 0  # the states every reader uses: up to each row's end-of-text token
     torch.testing.assert_close(states_b[upto_end], states[upto_end], atol=1e-5, rtol=1e-5)
+
+
+def test_text_anchor_is_zero_at_the_start_and_pulls_a_drifted_tower_back() -> None:
+    from model.factory import create_towers
+    from model.text_anchor import TextAnchor
+    from model.tokenizer import tokenize
+
+    towers = create_towers("cots-micro")
+    tokens = tokenize(["a big red circle", "a small blue star on the left", "a ring"], 32)
+    anchor = TextAnchor(towers, tokens, batch_size=8)
+    assert float(anchor(towers)) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for param in towers.text.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    drifted = anchor(towers)
+    assert float(drifted) > 1e-3
+    drifted.backward()
+    assert all(p.grad is None for p in anchor.teacher.parameters())
+    assert towers.text.text_projection.grad is not None  # type: ignore[union-attr]
+
+
+def test_text_anchor_needs_captions_and_the_clip_objective() -> None:
+    from pydantic import ValidationError
+
+    from model.config import ObjectiveConfig
+
+    with pytest.raises(ValidationError, match="text_anchor needs"):
+        ObjectiveConfig(kind="clip", text_anchor={"weight": 1.0})
+    with pytest.raises(ValidationError, match="text_anchor needs"):
+        ObjectiveConfig(kind="cots", text_anchor={"weight": 1.0, "captions": "x.csv"})
+    ObjectiveConfig(kind="clip", text_anchor={"weight": 1.0, "captions": "x.csv"})
