@@ -502,7 +502,9 @@ def _restore(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> int:
     state = load_checkpoint(path)
-    differences = config_differences(state["train_config"], config.model_dump(mode="json"))
+    differences = config_differences(
+        _with_defaults(state["train_config"]), config.model_dump(mode="json")
+    )
     if differences:
         raise ModelError(
             f"{path} was written by another config; start a new output folder or pass "
@@ -514,3 +516,13 @@ def _restore(
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the defaults of settings added since it was written, so a
+    new setting left at its default does not block resuming; as saved if it no longer
+    validates (then the differences name what changed)."""
+    try:
+        return TrainConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        return saved

@@ -12,7 +12,7 @@ import open_clip
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import TrainConfig, load_train_config
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
@@ -406,3 +406,19 @@ def test_frozen_towers_keep_the_weights_they_start_from(corpus: Path, tmp_path: 
     assert any(not torch.equal(start[k], after[k]) for k in text)
     with pytest.raises(ValueError, match="freeze is for the CLIP objective"):
         micro(corpus, tmp_path / "c", freeze=["image"])
+
+
+def test_a_checkpoint_older_than_a_new_setting_at_its_default_still_resumes(
+    corpus: Path, tmp_path: Path
+) -> None:
+    config = micro(corpus, tmp_path / "run", data={"val_split": None, "eval_splits": []})
+    train(config, stop_after_steps=3, progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    del state["train_config"]["freeze"]  # as written before the setting existed
+    del state["train_config"]["objective"]["text_anchor"]
+    save_checkpoint(path, state)
+    assert train(config, progress=False).step == 20
+    changed = config.model_copy(update={"lr": 0.5})
+    with pytest.raises(ModelError, match="lr: checkpoint"):
+        train(changed, progress=False)
