@@ -407,6 +407,13 @@ def _command_line() -> str:
     show_default=True,
     help="'all' or comma-separated row numbers (1-based, in table order) to run.",
 )
+@click.option(
+    "--train/--no-train",
+    "train_missing",
+    default=True,
+    show_default=True,
+    help="Train the runs not finished yet (--no-train: tabulate the finished ones only).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option(
     "--out",
@@ -425,6 +432,7 @@ def quality_bench(
     video_steps: int,
     seeds: str,
     rows: str,
+    train_missing: bool,
     threads: int | None,
     out: Path,
 ) -> None:
@@ -460,14 +468,22 @@ def quality_bench(
     try:
         _ensure_corpus(corpus)
         tokenizer, tokenizer_metrics = (
-            _ensure_tokenizer(plan) if any(r.needs_tokenizer for r in chosen) else (None, None)
+            _ensure_tokenizer(plan)
+            if train_missing and any(r.needs_tokenizer for r in chosen)
+            else (None, None)
         )
         records: dict[str, list[dict[str, Any]]] = {}
         for row in chosen:
-            if row.init_from is not None:
+            seeds_of_row = seed_list if row.main else seed_list[:1]
+            if not train_missing:
+                # Only the finished runs: the table of what exists, built while parts still run.
+                seeds_of_row = tuple(
+                    s for s in seeds_of_row if (plan.run_dir(row, s) / "bench.json").is_file()
+                )
+            elif row.init_from is not None:
                 source = next(r for r in ROWS if r.name == row.init_from)
                 _run(plan, source, seed_list[0], tokenizer)
-            for seed in seed_list if row.main else seed_list[:1]:
+            for seed in seeds_of_row:
                 records.setdefault(row.name, []).append(_run(plan, row, seed, tokenizer))
     except ModelError as error:
         raise click.ClickException(str(error)) from None

@@ -63,6 +63,15 @@ def test_quality_bench_writes_the_table_and_reuses_finished_runs(
     assert again.exit_code == 0, again.output
     assert "==" not in again.output.split("# Ablation")[0]
 
+    # --no-train tabulates what is finished: seed 2 has not run, and is not trained now
+    more_seeds = [a if a != "0,1" else "0,1,2" for a in args] + ["--no-train"]
+    partial = CliRunner().invoke(main, more_seeds)
+    assert partial.exit_code == 0, partial.output
+    assert "==" not in partial.output.split("# Ablation")[0]
+    records = json.loads(out.with_suffix(".json").read_text())
+    assert [r["seed"] for r in records["CLIP baseline"]] == [0, 1]
+    assert not (tmp_path / "work" / "clip-baseline-seed2").exists()
+
 
 def test_quality_bench_rejects_bad_rows_and_seeds(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["bench", "quality", "--rows", "99"])
