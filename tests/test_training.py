@@ -384,8 +384,8 @@ def test_a_split_larger_than_the_cache_budget_is_decoded_per_use(corpus: Path) -
 
 
 def test_frozen_towers_keep_the_weights_they_start_from(corpus: Path, tmp_path: Path) -> None:
-    clip = {"kind": "clip", "queue_size": 0}
-    data = {"val_split": None, "eval_splits": []}
+    clip: dict[str, Any] = {"kind": "clip", "queue_size": 0}
+    data: dict[str, Any] = {"val_split": None, "eval_splits": []}
     train(micro(corpus, tmp_path / "a", objective=clip, data=data, epochs=1), progress=False)
     start = trained_towers(tmp_path / "a" / "checkpoint.pt").state_dict()
     frozen = micro(
