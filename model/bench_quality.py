@@ -349,7 +349,11 @@ def _command_line() -> str:
     parts = ["cots bench quality"]
     for param in context.command.params:
         value = context.params.get(param.name or "")
-        if isinstance(param, click.Option) and value != param.default and value is not None:
+        if not isinstance(param, click.Option) or value == param.default or value is None:
+            continue
+        if param.is_flag:
+            parts.append(param.opts[-1] if value else param.secondary_opts[-1])
+        else:
             parts.append(f"{param.opts[-1]} {value}")
     return " ".join(parts)
 
