@@ -56,6 +56,7 @@ def scene_query_check(
     tokens = tokenize([q.text for q in queries], context_length).to(device)
     text_emb = towers.encode_text(tokens).float().cpu()
     towers.train(was_training)
-    ranked = (text_emb @ image_emb.T).topk(5, dim=1).indices.numpy()
+    # A split smaller than five images ranks all of them.
+    ranked = (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
     ranked_lists = [list(map(int, row)) for row in np.asarray(ranked)]
     return score(queries, scenes, ranked), list(zip(queries, ranked_lists, strict=True))

@@ -134,7 +134,7 @@ def write_queries(scenes: Sequence[Scene], n: int = 200, seed: int = 0) -> list[
 def score(
     queries: Sequence[SceneQuery], scenes: Sequence[Scene], ranked: np.ndarray
 ) -> dict[str, float]:
-    """Exact-match rates in % from ``ranked`` [Q, >=5] gallery indices, best first: the top
+    """Exact-match rates in % from ``ranked`` [Q, <=5] gallery indices, best first: the top
     hit satisfies the query (``scene_match@1``), one of the top five does (``@5``), and some
     gallery scene does at all (``scene_oracle``, the ceiling of both)."""
     if len(queries) == 0:

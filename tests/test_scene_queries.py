@@ -82,3 +82,8 @@ def test_recomputed_scenes_are_the_ones_the_captions_describe(tmp_path: Path) ->
         split, scene = scenes[int(row["image_id"][3:])]
         assert split == row["split"]
         assert objects_in(row["caption"]) == {(o.size, o.colour, o.shape) for o in scene.objects}
+
+
+def test_a_gallery_smaller_than_five_is_scored_on_what_it_ranks() -> None:
+    heart = SceneQuery("a big white heart", "object", (Wanted("large", "white", "heart"),))
+    assert score([heart], [TWO, ONE], np.array([[0, 1]]))["scene_match@5"] == 100.0
