@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,12 +18,15 @@ loop settings (epochs, max_steps, batch_size, accum_steps, lr, weight_decay, war
 precision fp32|bf16, device, threads, log_every, checkpoint_every)."""
 
 
-_checkpoint_option = click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="checkpoint.pt written by cots train.",
-)
+def _checkpoint_option(
+    required: bool = True, help: str = "checkpoint.pt written by cots train."
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=required,
+        help=help,
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_CONFIG_HELP)
@@ -108,7 +113,7 @@ def train(
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
-@_checkpoint_option
+@_checkpoint_option()
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -157,7 +162,26 @@ def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_js
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
-@_checkpoint_option
+@_checkpoint_option(
+    required=False,
+    help="checkpoint.pt written by cots train (or give --model and --pretrained instead).",
+)
+@click.option(
+    "--model",
+    "model_name",
+    help="Zero-shot export: an open_clip model name (e.g. ViT-B-32), with --pretrained.",
+)
+@click.option(
+    "--pretrained",
+    help="Zero-shot export: an open_clip pretrained tag (needs a network or open_clip's cache) "
+    "or a local weights file, loaded with weights_only=True.",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Zero-shot export: the model's tokenizer.json, for models whose tokenizer is not "
+    "open_clip's BPE (SigLIP's comes from a model hub); shipped as given.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -184,7 +208,10 @@ def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_js
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def export(
-    checkpoint: Path,
+    checkpoint: Path | None,
+    model_name: str | None,
+    pretrained: str | None,
+    tokenizer: Path | None,
     out: Path,
     opset: int,
     fp16: bool,
@@ -194,17 +221,28 @@ def export(
     force: bool,
     quiet: bool,
 ) -> None:
-    """Export a checkpoint to a model bundle that serving runs without torch.
+    """Export a checkpoint, or an open_clip model's pretrained weights as they are (zero-shot:
+    --model ViT-B-32 --pretrained FILE), to a model bundle that serving runs without torch.
 
     Writes the three ONNX models (dynamic batch; the text model also takes any length up to
     the context length), tokenizer.json and bundle.json. Before anything is written to OUT,
     the bundle is loaded by the serving runtime and its embeddings are compared with the torch
     model's, on random inputs and on corpus items; the export fails if the cosine similarity
-    drops below 0.9999 (fp32) or 0.999 (fp16).
+    drops below 0.9999 (fp32) or 0.999 (fp16). A zero-shot export takes the preprocessing
+    and context length of the model and its weights, and checks on corpus items only with
+    --corpus.
     """
     from indexer.bundle import read_manifest
     from model.errors import ModelError
-    from model.export import ExportOptions, export_bundle
+    from model.export import ExportOptions, export_bundle, export_pretrained
+
+    zero_shot = model_name is not None or pretrained is not None or tokenizer is not None
+    if checkpoint is not None and zero_shot:
+        raise click.UsageError("give --checkpoint, or --model with --pretrained, not both")
+    if checkpoint is None and (model_name is None or pretrained is None):
+        raise click.UsageError(
+            "give --checkpoint (a trained run) or --model and --pretrained (zero-shot)"
+        )
 
     options = ExportOptions(
         opset=opset,
@@ -216,7 +254,12 @@ def export(
         progress=not quiet,
     )
     try:
-        export_bundle(checkpoint, out, options)
+        if checkpoint is not None:
+            export_bundle(checkpoint, out, options)
+        else:
+            assert model_name is not None
+            assert pretrained is not None
+            export_pretrained(model_name, pretrained, out, options, tokenizer)
     except ModelError as error:
         raise click.ClickException(str(error)) from None
     manifest = read_manifest(out)

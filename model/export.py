@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from indexer.bundle import (
 from indexer.encoder import Encoder
 from indexer.errors import BundleError
 from indexer.spec import ImageSpec, TextSpec, VideoSpec
+from indexer.text import TextTokenizer
 from indexer.video import load_video
 from model.config import TrainConfig
 from model.data.readers import BadItemError, read_video
@@ -45,7 +47,7 @@ from model.data.records import CorpusError
 from model.errors import ModelError
 from model.eval_splits import towers_from_checkpoint
 from model.factory import Towers
-from model.hf_tokenizer import write_tokenizer_json
+from model.hf_tokenizer import PAD_ID, VOCAB_SIZE, write_tokenizer_json
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
 from model.training_data import csv_reader
@@ -60,6 +62,7 @@ DEFAULT_OPSET: Final = 18
 MIN_COSINE: Final[dict[Precision, float]] = {"fp32": 0.9999, "fp16": 0.999}
 MAX_BATCH: Final = 65_536
 _EXTERNAL_DATA_BYTES: Final = 1_800_000_000  # protobuf's 2 GB limit, with headroom
+_PAD_TOKENS: Final = ("<pad>", "[PAD]", "<|endoftext|>")
 
 
 class ExportError(ModelError):
@@ -93,33 +96,86 @@ class _Embedder(nn.Module):
 
 def export_bundle(checkpoint: Path, out: Path, options: ExportOptions | None = None) -> Path:
     """Export ``checkpoint`` to the bundle folder ``out``; returns ``out``."""
+    towers, config, state = towers_from_checkpoint(checkpoint)
+    source = _Source(
+        context_length=int(state["context_length"]),
+        open_clip_config=state.get("model_config", {}),
+        train_config=state["train_config"],
+        metrics=state.get("evals", {}),
+        origin={"checkpoint": str(checkpoint), "step": int(state["step"])},
+    )
+    return _export(towers, config, source, out, options or ExportOptions())
+
+
+def export_pretrained(
+    name: str,
+    pretrained: str,
+    out: Path,
+    options: ExportOptions | None = None,
+    tokenizer: Path | None = None,
+) -> Path:
+    """Export open_clip model ``name`` with the weights ``pretrained`` (a tag or a local file)
+    to the bundle folder ``out``, untrained (zero-shot); returns ``out``. ``tokenizer``: a
+    tokenizer.json for models whose tokenizer is not open_clip's BPE."""
+    from model.zero_shot import pretrained_model
+
     options = options or ExportOptions()
+    if Path(out).exists() and not options.overwrite:
+        raise ExportError(f"{out} exists; pass --force to replace it")
+    model = pretrained_model(name, pretrained, tokenizer, options.corpus)
+    source = _Source(
+        context_length=model.context_length,
+        open_clip_config=model.open_clip_config,
+        train_config=model.config.model_dump(mode="json"),
+        metrics={},
+        origin={"pretrained": pretrained, "zero_shot": True},
+        tokenizer=model.tokenizer,
+        corpus_check=options.corpus is not None,
+    )
+    return _export(model.towers, model.config, source, out, options)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What the bundle records about where its towers came from."""
+
+    context_length: int
+    open_clip_config: dict[str, Any]
+    train_config: dict[str, Any]
+    metrics: dict[str, Any]
+    origin: dict[str, Any]  # bundle.json's "source"
+    tokenizer: Path | None = None  # a tokenizer.json to ship as is; None: open_clip's BPE
+    corpus_check: bool = True  # compare on corpus items too (a checkpoint always has its CSV)
+
+
+def _export(
+    towers: Towers, config: TrainConfig, source: _Source, out: Path, options: ExportOptions
+) -> Path:
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise ExportError(f"{out} exists; pass --force to replace it")
-    towers, config, state = towers_from_checkpoint(checkpoint)
     _add_video_pooling(towers, config)
-    specs = _specs(towers, config, int(state["context_length"]))
+    specs = _specs(towers, config, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with torch.no_grad():
-            models = _write_models(work, towers, specs, config.model, options)
+            models = _write_models(work, towers, specs, config.model, options, source.tokenizer)
             fields = {
                 "model_name": config.model,
-                "model_config": state.get("model_config", {}),
-                "train_config": state["train_config"],
+                "model_config": source.open_clip_config,
+                "train_config": source.train_config,
                 "embed_dim": towers.embed_dim,
                 **specs.dump(),
                 "onnx": {"opset": options.opset, "exporter": f"torch {torch.__version__} (dynamo)"},
                 "models": models,
-                "metrics": state.get("evals", {}),
-                "source": {"checkpoint": str(checkpoint), "step": int(state["step"])},
+                "metrics": source.metrics,
+                "source": source.origin,
             }
             # The runtime loads the bundle through its manifest, so write it before the checks
             # and again with their results (the files, and so the bundle id, stay the same).
             write_manifest(work, fields)
-            checks = _check_bundle(work, towers, specs, config, options)
+            checks = _check_bundle(work, towers, specs, config, options, source)
         write_manifest(work, {**fields, "checks": checks})
         _publish(work, out)
     finally:
@@ -141,6 +197,7 @@ class Specs:
     image: ImageSpec
     text: TextSpec
     video: VideoSpec
+    vocab: int = VOCAB_SIZE  # token ids the random parity inputs draw from (not in bundle.json)
 
     def dump(self) -> dict[str, Any]:
         return {
@@ -150,7 +207,7 @@ class Specs:
         }
 
 
-def _specs(towers: Towers, config: TrainConfig, context_length: int) -> Specs:
+def _specs(towers: Towers, config: TrainConfig, source: _Source) -> Specs:
     pre = config.preprocess
     if pre.image_size is None:
         raise ExportError("the checkpoint's preprocess.image_size is unset")
@@ -164,7 +221,12 @@ def _specs(towers: Towers, config: TrainConfig, context_length: int) -> Specs:
             mean=pre.mean,
             std=pre.std,
         ),
-        text=TextSpec(context_length=context_length, trim_padding=towers.trims_padding),
+        text=TextSpec(
+            context_length=source.context_length,
+            pad_id=_pad_id(source.tokenizer),
+            trim_padding=towers.trims_padding,
+        ),
+        vocab=_vocab(towers, source.tokenizer),
         video=VideoSpec(
             frames=towers.temporal.frames,
             decode_frames=config.video.decode_frames,
@@ -173,13 +235,58 @@ def _specs(towers: Towers, config: TrainConfig, context_length: int) -> Specs:
     )
 
 
+def _vocab(towers: Towers, tokenizer: Path | None) -> int:
+    """Ids the text tower embeds and its tokenizer makes: open_clip's BPE (49,408; our configs
+    have one more row, the [MASK] id, which no tokenizer produces) or the shipped file's."""
+    embedding: Any = towers.text.token_embedding
+    rows = int(embedding.num_embeddings)
+    if tokenizer is None:
+        return min(rows, VOCAB_SIZE)
+    return min(rows, _load_tokenizer(tokenizer).get_vocab_size())
+
+
+def _pad_id(tokenizer: Path | None) -> int:
+    """The padding id: open_clip's BPE pads with 0; a shipped tokenizer.json says its own."""
+    if tokenizer is None:
+        return PAD_ID
+    loaded = _load_tokenizer(tokenizer)
+    padding = loaded.padding
+    if padding is not None:
+        return int(padding["pad_id"])
+    ids = (loaded.token_to_id(token) for token in _PAD_TOKENS)
+    return next((int(i) for i in ids if i is not None), PAD_ID)
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for unreadable files
+        raise ExportError(f"{path} is not a valid tokenizer.json: {error}") from None
+
+
+def _write_tokenizer(target: Path, text: TextSpec, tokenizer: Path | None) -> None:
+    """open_clip's BPE as tokenizer.json, or the given file, cut to the context length (the
+    runtime checks that the file truncates where the text model ends)."""
+    if tokenizer is None:
+        write_tokenizer_json(target, text.context_length)
+        return
+    loaded = _load_tokenizer(tokenizer)
+    loaded.enable_truncation(text.context_length)
+    loaded.save(str(target))
+
+
 def _precisions(options: ExportOptions) -> list[Precision]:
     wanted: dict[Precision, bool] = {"fp32": True, "fp16": options.fp16, "int8": options.int8}
     return [precision for precision, on in wanted.items() if on]
 
 
 def _write_models(
-    work: Path, towers: Towers, specs: Specs, model_name: str, options: ExportOptions
+    work: Path,
+    towers: Towers,
+    specs: Specs,
+    model_name: str,
+    options: ExportOptions,
+    tokenizer: Path | None,
 ) -> dict[Modality, dict[Precision, str]]:
     """The ONNX models of every modality and precision, and tokenizer.json."""
     precisions = _precisions(options)
@@ -201,7 +308,7 @@ def _write_models(
                 models[modality][precision] = target.name
                 steps.update()
         steps.set_postfix_str("tokenizer")
-        write_tokenizer_json(work / "tokenizer.json", specs.text.context_length)
+        _write_tokenizer(work / "tokenizer.json", specs.text, tokenizer)
         steps.update()
     return models
 
@@ -242,20 +349,25 @@ def _example_input(modality: Modality, specs: Specs) -> tuple[torch.Tensor, dict
         return torch.randn(2, specs.video.frames, 3, size, size), {0: batch}
     context = specs.text.context_length
     if not specs.text.trim_padding:
-        return _random_tokens(torch.Generator().manual_seed(0), 2, context), {0: batch}
+        return _random_tokens(torch.Generator().manual_seed(0), 2, context, specs.vocab), {0: batch}
     length = torch.export.Dim("length", min=2, max=context)
-    return _random_tokens(torch.Generator().manual_seed(0), 2, context - 1), {0: batch, 1: length}
+    tokens = _random_tokens(torch.Generator().manual_seed(0), 2, context - 1, specs.vocab)
+    return tokens, {0: batch, 1: length}
 
 
-def _random_tokens(generator: torch.Generator, batch: int, length: int) -> torch.Tensor:
-    """[batch, length] ids as the tokenizer makes them (start, BPE ids, end of text, zero
-    padding), with the first row ending exactly at ``length``."""
-    tokens = torch.randint(1, 49406, (batch, length), generator=generator)
-    tokens[:, 0] = 49406
+def _random_tokens(
+    generator: torch.Generator, batch: int, length: int, vocab: int = VOCAB_SIZE
+) -> torch.Tensor:
+    """[batch, length] ids as open_clip's BPE makes them (start, BPE ids, end of text, zero
+    padding; start and end are the last two ids), with the first row ending exactly at
+    ``length``. Other vocabularies get the same shape of ids from their own range."""
+    start, end = vocab - 2, vocab - 1
+    tokens = torch.randint(1, start, (batch, length), generator=generator)
+    tokens[:, 0] = start
     ends = torch.randint(1, length, (batch,), generator=generator)
     ends[0] = length - 1
     tokens[torch.arange(length) > ends[:, None]] = 0
-    tokens[torch.arange(batch), ends] = 49407
+    tokens[torch.arange(batch), ends] = end
     return tokens
 
 
@@ -293,10 +405,17 @@ def _convert(fp32: Path, target: Path, precision: Precision) -> None:
 
 
 def _check_bundle(
-    work: Path, towers: Towers, specs: Specs, config: TrainConfig, options: ExportOptions
+    work: Path,
+    towers: Towers,
+    specs: Specs,
+    config: TrainConfig,
+    options: ExportOptions,
+    source: _Source,
 ) -> dict[str, float]:
     """Min cosine ORT vs torch per (precision, case); raises ExportError below the bounds."""
-    cases = [*_random_cases(towers, specs), *_corpus_cases(towers, specs, config, options)]
+    cases = _random_cases(towers, specs)
+    if source.corpus_check:
+        cases += _corpus_cases(towers, specs, config, options, work / "tokenizer.json", source)
     checks: dict[str, float] = {}
     failures = []
     for precision in tqdm(_precisions(options), desc="parity", disable=not options.progress):
@@ -329,9 +448,9 @@ def _random_cases(towers: Towers, specs: Specs) -> list[_Case]:
     videos = torch.randn(2, specs.video.frames, 3, size, size, generator=generator)
     # Texts padded to the context length as training pads them; the runtime gets the batch cut
     # to its longest text, which shows that trimming the padding changes nothing.
-    short = _random_tokens(generator, 7, context // 2)
+    short = _random_tokens(generator, 7, context // 2, specs.vocab)
     padded = nn.functional.pad(short, (0, context - short.shape[1]))
-    full = _random_tokens(generator, 3, context)
+    full = _random_tokens(generator, 3, context, specs.vocab)
     return [
         _Case("image/random", _np(towers.encode_image(pixels)), _run("image", pixels)),
         _Case(
@@ -345,10 +464,16 @@ def _random_cases(towers: Towers, specs: Specs) -> list[_Case]:
 
 
 def _corpus_cases(
-    towers: Towers, specs: Specs, config: TrainConfig, options: ExportOptions
+    towers: Towers,
+    specs: Specs,
+    config: TrainConfig,
+    options: ExportOptions,
+    tokenizer_json: Path,
+    source: _Source,
 ) -> list[_Case]:
     """Real items through each side's own pipeline: the training transform and tokenizer for
-    torch; the runtime's preprocessing and tokenizer.json for ORT."""
+    torch; the runtime's preprocessing and tokenizer.json for ORT. A shipped tokenizer.json is
+    the only tokenizer there is, so then both sides tokenise with it."""
     corpus = Path(options.corpus or config.data.train)
     if not corpus.is_file():
         raise ExportError(
@@ -371,6 +496,10 @@ def _corpus_cases(
         raise ExportError(f"cannot read corpus {corpus} for the parity check: {error}") from None
     if not captions:
         raise ExportError(f"corpus {corpus} has no usable items for the parity check")
+    if source.tokenizer is None:
+        tokens = tokenize(captions, specs.text.context_length)
+    else:
+        tokens = torch.from_numpy(TextTokenizer.from_file(tokenizer_json, specs.text)(captions))
     cases = [
         _Case(
             "image/corpus",
@@ -379,7 +508,7 @@ def _corpus_cases(
         ),
         _Case(
             "text/corpus",
-            _np(towers.encode_text(tokenize(captions, specs.text.context_length))),
+            _np(towers.encode_text(tokens)),
             lambda encoder: encoder.encode_texts(captions),
         ),
     ]

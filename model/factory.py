@@ -85,7 +85,13 @@ class Towers(nn.Module):
 
     @property
     def image_width(self) -> int:
-        transformer: Any = self.visual.transformer
+        """The width of the image tower's patch tokens (ViT towers only)."""
+        transformer: Any = getattr(self.visual, "transformer", None)
+        if transformer is None:
+            raise ModelError(
+                f"{type(self.visual).__name__} image towers have no patch tokens; COOKIE and "
+                "masked vision modeling need a ViT image tower"
+            )
         return int(transformer.width)
 
     @property
@@ -98,7 +104,12 @@ class Towers(nn.Module):
         [B, T, 3, S, S] -> (global [B, D], frame features [B, T, D])."""
         if images.ndim == 5:
             return self._video_features(images)
-        pooled, tokens = self.visual(images)
+        output = self.visual(images)
+        if isinstance(output, tuple):
+            pooled, tokens = output
+        else:
+            # A ResNet tower (RN50) pools with attention and returns no tokens: [B, 0, D].
+            pooled, tokens = output, output.new_zeros(output.shape[0], 0, output.shape[1])
         if self.head is not None:
             pooled = pooled + self.head(tokens, "image")
         return pooled, tokens
@@ -172,9 +183,20 @@ class Towers(nn.Module):
 
     @property
     def trims_padding(self) -> bool:
-        """Whether :meth:`text_tower` accepts batches shorter than the context length."""
+        """Whether cutting the padding off a batch leaves the text embeddings unchanged, so
+        that :meth:`text_tower` (and the exported text model) accepts shorter batches.
+
+        Only a causal tower that pools at the end-of-text token qualifies: its state there has
+        never seen the padding. A bidirectional tower (SigLIP's ``no_causal_mask``) attends to
+        the padding, a class token (CoCa) is appended after it, and ``last``/``first`` pooling
+        reads a position that moves when the padding goes; those run at full length.
+        """
         text: Any = self.text
-        return text.cls_emb is None and text.pool_type in ("argmax", "eos")
+        return (
+            getattr(text, "attn_mask", None) is not None
+            and getattr(text, "cls_emb", None) is None
+            and getattr(text, "pool_type", None) in ("argmax", "eos")
+        )
 
     def add_text_head(
         self, pooled: torch.Tensor, states: torch.Tensor, tokens: torch.Tensor
@@ -244,7 +266,24 @@ def create_towers(name: str, pretrained: str | None = None) -> Towers:
     reachable hub) or a local checkpoint file, loaded with ``weights_only=True``. A full
     open_clip CLIP checkpoint works: its text weights are converted to the separate text tower.
     """
+    return towers_of(load_open_clip(name, pretrained), name)
+
+
+def towers_of(clip: nn.Module, name: str) -> Towers:
+    """The two towers of a built open_clip model."""
     config = model_config(name)
+    return Towers(clip.visual, clip.text, embed_dim=int(config["embed_dim"]))  # type: ignore[arg-type]
+
+
+def load_open_clip(name: str, pretrained: str | None = None) -> nn.Module:
+    """open_clip's model ``name`` with its weights (see :func:`create_towers`)."""
+    config = model_config(name)
+    if "hf_model_name" in config.get("text_cfg", {}):
+        raise ModelError(
+            f"{name} has a Hugging Face text tower ({config['text_cfg']['hf_model_name']}), "
+            "which needs the transformers package and that model's files from a model hub; "
+            "COTS Search supports open_clip's own text towers (CLIP's, SigLIP's)"
+        )
     if pretrained and not Path(pretrained).is_file():
         known = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in known:
@@ -253,19 +292,21 @@ def create_towers(name: str, pretrained: str | None = None) -> Towers:
                 f"(tags: {', '.join(known) or 'none'})"
             )
     try:
-        clip = open_clip.create_model(
+        clip: nn.Module = open_clip.create_model(
             name, pretrained=pretrained or None, force_custom_text=True, weights_only=True
         )
-    except RuntimeError as error:
-        raise ModelError(f"cannot load weights {pretrained!r} into {name}: {error}") from error
     except Exception as error:
         if pretrained and not Path(pretrained).is_file():
+            # A tag: open_clip downloads (or finds in its cache) the weights first, and a
+            # failed download surfaces as a RuntimeError like a bad file does.
             raise ModelError(
                 f"could not fetch open_clip weights {name}/{pretrained}: {error}. Without a "
                 "network, pass a local checkpoint file instead."
             ) from error
+        if isinstance(error, RuntimeError):
+            raise ModelError(f"cannot load weights {pretrained!r} into {name}: {error}") from error
         raise
-    return Towers(clip.visual, clip.text, embed_dim=int(config["embed_dim"]))
+    return clip
 
 
 def build_towers(config: TrainConfig, *, pretrained: bool = True) -> Towers:

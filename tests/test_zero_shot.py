@@ -1,0 +1,260 @@
+"""Zero-shot bundles: ``cots export --model NAME --pretrained FILE`` with no training.
+
+Small open_clip architectures (a ViT with CLIP's text tower, a bidirectional SigLIP-style text
+tower, a ResNet image tower, a model whose tokenizer comes from a model hub) are registered
+from configs this module writes, built with random weights and saved the way open_clip saves
+checkpoints. The bundles are compared with open_clip's own ``encode_image``/``encode_text`` of
+the same weights, through the serving runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from cots.cli import cli
+from indexer.bundle import read_manifest
+from indexer.encoder import Encoder
+from model.config import DataConfig, PreprocessConfig
+from model.data.synth import SynthConfig, generate_corpus
+from model.factory import create_towers
+from model.preprocess import to_tensor_batch
+from model.tokenizer import tokenize
+from model.training_data import csv_reader
+
+pytestmark = pytest.mark.slow
+
+_VISION = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}
+_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "test-zs-vit": {"embed_dim": 24, "vision_cfg": _VISION, "text_cfg": _TEXT},
+    # SigLIP's text tower: bidirectional, pools at the last position.
+    "test-zs-bidir": {
+        "embed_dim": 24,
+        "vision_cfg": _VISION,
+        "text_cfg": {**_TEXT, "no_causal_mask": True, "pool_type": "last"},
+    },
+    # Bidirectional but pooling at the end-of-text token: trimming would still change it.
+    "test-zs-bidir-argmax": {
+        "embed_dim": 24,
+        "vision_cfg": _VISION,
+        "text_cfg": {**_TEXT, "no_causal_mask": True},
+    },
+    "test-zs-rn": {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": _TEXT,
+    },
+    "test-zs-hubtok": {
+        "embed_dim": 24,
+        "vision_cfg": _VISION,
+        "text_cfg": {
+            **_TEXT,
+            "vocab_size": 64,
+            "hf_tokenizer_name": "example/hub-only-tokenizer",
+            "no_causal_mask": True,
+            "pool_type": "last",
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.factory import _register_configs
+
+    _register_configs()
+    folder = tmp_path_factory.mktemp("configs")
+    for name, config in CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(config), encoding="utf-8")
+    open_clip.add_model_config(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zs-corpus")
+    config = SynthConfig(seed=5, n_images=24, n_videos=0, image_size=32)
+    generate_corpus(root, config, workers=1)
+    return root / "images.csv"
+
+
+def _saved(name: str, folder: Path) -> tuple[Any, Path]:
+    """open_clip's model ``name`` with random weights, saved as open_clip saves checkpoints."""
+    torch.manual_seed(0)
+    clip: Any = open_clip.create_model(name, force_custom_text=True).eval()
+    path = folder / f"{name}.pt"
+    torch.save({"state_dict": clip.state_dict()}, path)
+    return clip, path
+
+
+def _export(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["export", "--no-fp16", "--quiet", *args])
+
+
+def _zero_shot(name: str, folder: Path) -> tuple[Any, Encoder]:
+    """(open_clip's model, the runtime of its zero-shot fp32 bundle)."""
+    clip, weights = _saved(name, folder)
+    bundle = folder / "bundle"
+    result = _export("--model", name, "--pretrained", str(weights), "--out", str(bundle))
+    assert result.exit_code == 0, result.output
+    return clip, Encoder(bundle, providers=["cpu"], precision="fp32")
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+@torch.no_grad()
+def test_zero_shot_bundle_reproduces_open_clip(
+    registered: Path, corpus: Path, tmp_path: Path
+) -> None:
+    clip, weights = _saved("test-zs-vit", tmp_path)
+    bundle = tmp_path / "bundle"
+    result = _export(
+        "--model",
+        "test-zs-vit",
+        "--pretrained",
+        str(weights),
+        "--out",
+        str(bundle),
+        "--corpus",
+        str(corpus),
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(bundle)
+    assert manifest.source == {"pretrained": str(weights), "zero_shot": True}
+    assert manifest.model_name == "test-zs-vit"
+    assert manifest.image.size == 32
+    assert manifest.text.context_length == 16
+    assert manifest.text.trim_padding  # causal CLIP text tower, pooled at end of text
+    assert {"fp32/image/corpus", "fp32/text/corpus", "fp32/text/random"} <= set(manifest.checks)
+
+    samples = list(csv_reader(DataConfig(train=corpus, split_key=None), None).samples())[:12]
+    images = [s.image for s in samples]
+    captions = [s.captions[0] for s in samples]
+    pre = PreprocessConfig(image_size=32)
+    expected_images = clip.encode_image(to_tensor_batch(images, pre), normalize=True).numpy()
+    expected_texts = clip.encode_text(tokenize(captions, 16), normalize=True).numpy()
+    encoder = Encoder(bundle, providers=["cpu"], precision="fp32")
+    assert _min_cosine(encoder.encode_images(images), expected_images) >= 0.9999
+    assert _min_cosine(encoder.encode_texts(captions), expected_texts) >= 0.9999
+
+
+def test_padding_is_trimmed_exactly_when_that_is_lossless(registered: Path) -> None:
+    assert create_towers("test-zs-vit").trims_padding
+    assert not create_towers("test-zs-bidir").trims_padding
+    assert not create_towers("test-zs-bidir-argmax").trims_padding
+    # Evidence, not just the rule: cutting the padding changes a bidirectional tower's output
+    # and leaves a causal one's unchanged.
+    tokens = tokenize(["a small red circle", "a big blue star on the left"], 16)
+    short = tokens[:, : int((tokens != 0).sum(1).max())]
+    with torch.no_grad():
+        for name, lossless in (("test-zs-vit", True), ("test-zs-bidir-argmax", False)):
+            towers = create_towers(name).eval()
+            same = torch.allclose(towers.encode_text(tokens), towers.encode_text(short), atol=1e-5)
+            assert same is lossless, name
+
+
+@torch.no_grad()
+def test_a_bidirectional_text_tower_is_exported_at_full_length(
+    registered: Path, tmp_path: Path
+) -> None:
+    clip, encoder = _zero_shot("test-zs-bidir", tmp_path)
+    assert not encoder.manifest.text.trim_padding
+    captions = ["a small red circle", "two big stars, one green, one blue"]
+    ids = encoder.tokenizer(captions)
+    assert ids.shape == (2, 16)  # padded to the context length, as the tower was trained
+    expected = clip.encode_text(tokenize(captions, 16), normalize=True).numpy()
+    assert _min_cosine(encoder.encode_texts(captions), expected) >= 0.9999
+
+
+@torch.no_grad()
+def test_a_resnet_image_tower_exports(registered: Path, tmp_path: Path) -> None:
+    clip, encoder = _zero_shot("test-zs-rn", tmp_path)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    expected = clip.encode_image(pixels, normalize=True).numpy()
+    assert _min_cosine(encoder.run("image", pixels.numpy()), expected) >= 0.9999
+    pooled, tokens = create_towers("test-zs-rn").image_features(pixels)
+    assert pooled.shape == (3, 24)
+    assert tokens.shape == (3, 0, 24)
+
+
+_WORDS = ("a", "small", "big", "red", "blue", "green", "circle", "star", "on", "the", "left")
+_QUERY = ("a", "big", "red", "star", "on", "the", "left")
+
+
+def _word_tokenizer(path: Path) -> list[str]:
+    words = ["<pad>", "<unk>", *_WORDS]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return words
+
+
+@torch.no_grad()
+def test_a_hub_tokenizer_is_refused_without_a_local_file_and_used_as_given(
+    registered: Path, tmp_path: Path
+) -> None:
+    clip, weights = _saved("test-zs-hubtok", tmp_path)
+    bundle = tmp_path / "bundle"
+    args = ["--model", "test-zs-hubtok", "--pretrained", str(weights), "--out", str(bundle)]
+    refused = _export(*args)
+    assert refused.exit_code != 0
+    assert "example/hub-only-tokenizer" in refused.output
+    assert "--tokenizer" in refused.output
+    assert not bundle.exists()
+
+    words = _word_tokenizer(tmp_path / "tokenizer.json")
+    result = _export(*args, "--tokenizer", str(tmp_path / "tokenizer.json"))
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(bundle)
+    assert not manifest.text.trim_padding
+    assert manifest.text.pad_id == 0
+    encoder = Encoder(bundle, providers=["cpu"], precision="fp32")
+    ids = encoder.tokenizer(["a big red star on the left"])
+    assert ids[0, :7].tolist() == [words.index(w) for w in _QUERY]
+    assert ids.shape == (1, 16)
+    assert ids[0, 7:].tolist() == [0] * 9
+    expected = clip.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+    assert _min_cosine(encoder.encode_texts(["a big red star on the left"]), expected) >= 0.9999
+
+
+def test_bad_requests_fail_clearly(registered: Path, tmp_path: Path) -> None:
+    _, weights = _saved("test-zs-vit", tmp_path)
+    out = str(tmp_path / "bundle")
+    cases = {
+        ("--model", "no-such-model", "--pretrained", str(weights)): "unknown model config",
+        ("--model", "test-zs-vit", "--pretrained", "laion9b_nope"): "neither a file nor",
+        ("--model", "test-zs-rn", "--pretrained", str(weights)): "cannot load weights",
+        ("--model", "test-zs-vit"): "--model and --pretrained",
+        ("--checkpoint", str(weights), "--model", "test-zs-vit", "--pretrained", "x"): "not both",
+    }
+    for args, message in cases.items():
+        result = _export(*args, "--out", out)
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert not Path(out).exists()
+
+
+def test_a_known_tag_without_a_network_names_the_way_out(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "cots.cli", "export", "--model", "ViT-B-32"]
+    command += ["--pretrained", "openai", "--out", str(tmp_path / "b"), "--quiet"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "could not fetch open_clip weights ViT-B-32/openai" in result.stderr
+    assert "pass a local checkpoint file" in result.stderr
+    assert "Traceback" not in result.stderr
