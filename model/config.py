@@ -233,6 +233,14 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=2, description="per process, per micro-batch")
     accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step")
     lr: float = Field(1e-3, gt=0.0)
+    pretrained_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="learning-rate factor of the towers' own weights when they start from "
+        "--pretrained (e.g. 0.1 to fine-tune gently); new parts (heads, temperature, video "
+        "pooling) learn at lr",
+    )
     weight_decay: float = Field(0.1, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
     # 1.0: the unclipped default COTS run's gradient norm jumped from ~10 to 137 right after the

@@ -58,8 +58,17 @@ class RunResult:
 
 
 def resolve_image_size(config: TrainConfig) -> TrainConfig:
-    """Fill preprocess.image_size from the model; refuse a size the model was not built for."""
-    image_size = int(model_config(config.model)["vision_cfg"]["image_size"])
+    """Fill preprocess.image_size from the model; refuse a size the model was not built for,
+    and a model whose text tower needs another tokenizer than the one training uses."""
+    open_clip_config = model_config(config.model)
+    hub_tokenizer = open_clip_config.get("text_cfg", {}).get("hf_tokenizer_name")
+    if hub_tokenizer:
+        raise ModelError(
+            f"training tokenises with open_clip's BPE, but {config.model} reads ids of the "
+            f"tokenizer {hub_tokenizer!r}; fine-tune a model with CLIP's text tower, or export "
+            "this one zero-shot (cots export --model ... --tokenizer FILE)"
+        )
+    image_size = int(open_clip_config["vision_cfg"]["image_size"])
     wanted = config.preprocess.image_size
     if wanted is not None and wanted != image_size:
         raise ModelError(
@@ -76,18 +85,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on gains, biases, embeddings' positions and the temperature."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
+# The towers' own weights: what --pretrained loads (the COOKIE head and video pooling are new).
+_PRETRAINED_PREFIXES = ("towers.visual.", "towers.text.")
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, pretrained_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """No weight decay on gains, biases, embeddings' positions and the temperature; with
+    ``pretrained_lr``, the towers' own weights learn at that rate, the rest at ``lr``."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or "positional_embedding" in name or "class_embedding" in name
-        (no_decay if skip else decay).append(param)
+        pretrained = pretrained_lr is not None and name.startswith(_PRETRAINED_PREFIXES)
+        groups.setdefault((pretrained, skip), []).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": params,
+            "weight_decay": 0.0 if skip else weight_decay,
+            "lr": pretrained_lr if pretrained and pretrained_lr is not None else lr,
+        }
+        for (pretrained, skip), params in sorted(groups.items())
     ]
 
 
@@ -264,7 +284,11 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(online, device_ids=device_ids)
-    optimizer = torch.optim.AdamW(param_groups(online, config.weight_decay), lr=config.lr)
+    scaled = config.pretrained is not None and config.pretrained_lr_scale != 1.0
+    pretrained_lr = config.lr * config.pretrained_lr_scale if scaled else None
+    optimizer = torch.optim.AdamW(
+        param_groups(online, config.weight_decay, config.lr, pretrained_lr), lr=config.lr
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.warmup_steps, total_steps)
     )

@@ -1,15 +1,14 @@
 """Zero-shot bundles: ``cots export --model NAME --pretrained FILE`` with no training.
 
-Small open_clip architectures (a ViT with CLIP's text tower, a bidirectional SigLIP-style text
-tower, a ResNet image tower, a model whose tokenizer comes from a model hub) are registered
-from configs this module writes, built with random weights and saved the way open_clip saves
+Small open_clip architectures (``tests/open_clip_archs.py``: a ViT with CLIP's text tower, a
+bidirectional SigLIP-style text tower, a ResNet image tower, a model whose tokenizer comes from
+a model hub) are registered, built with random weights and saved as open_clip saves
 checkpoints. The bundles are compared with open_clip's own ``encode_image``/``encode_text`` of
 the same weights, through the serving runtime.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
@@ -32,54 +30,14 @@ from model.factory import create_towers
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
 from model.training_data import csv_reader
+from tests.open_clip_archs import register_architectures, saved_weights
 
 pytestmark = pytest.mark.slow
-
-_VISION = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8}
-_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-CONFIGS: dict[str, dict[str, Any]] = {
-    "test-zs-vit": {"embed_dim": 24, "vision_cfg": _VISION, "text_cfg": _TEXT},
-    # SigLIP's text tower: bidirectional, pools at the last position.
-    "test-zs-bidir": {
-        "embed_dim": 24,
-        "vision_cfg": _VISION,
-        "text_cfg": {**_TEXT, "no_causal_mask": True, "pool_type": "last"},
-    },
-    # Bidirectional but pooling at the end-of-text token: trimming would still change it.
-    "test-zs-bidir-argmax": {
-        "embed_dim": 24,
-        "vision_cfg": _VISION,
-        "text_cfg": {**_TEXT, "no_causal_mask": True},
-    },
-    "test-zs-rn": {
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
-        "text_cfg": _TEXT,
-    },
-    "test-zs-hubtok": {
-        "embed_dim": 24,
-        "vision_cfg": _VISION,
-        "text_cfg": {
-            **_TEXT,
-            "vocab_size": 64,
-            "hf_tokenizer_name": "example/hub-only-tokenizer",
-            "no_causal_mask": True,
-            "pool_type": "last",
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.factory import _register_configs
-
-    _register_configs()
-    folder = tmp_path_factory.mktemp("configs")
-    for name, config in CONFIGS.items():
-        (folder / f"{name}.json").write_text(json.dumps(config), encoding="utf-8")
-    open_clip.add_model_config(folder)
-    return folder
+    return register_architectures(tmp_path_factory.mktemp("configs"))
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +48,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "images.csv"
 
 
-def _saved(name: str, folder: Path) -> tuple[Any, Path]:
-    """open_clip's model ``name`` with random weights, saved as open_clip saves checkpoints."""
-    torch.manual_seed(0)
-    clip: Any = open_clip.create_model(name, force_custom_text=True).eval()
-    path = folder / f"{name}.pt"
-    torch.save({"state_dict": clip.state_dict()}, path)
-    return clip, path
-
-
 def _export(*args: str) -> Any:
     return CliRunner().invoke(cli, ["export", "--no-fp16", "--quiet", *args])
 
 
 def _zero_shot(name: str, folder: Path) -> tuple[Any, Encoder]:
     """(open_clip's model, the runtime of its zero-shot fp32 bundle)."""
-    clip, weights = _saved(name, folder)
+    clip, weights = saved_weights(name, folder)
     bundle = folder / "bundle"
     result = _export("--model", name, "--pretrained", str(weights), "--out", str(bundle))
     assert result.exit_code == 0, result.output
@@ -120,7 +69,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_zero_shot_bundle_reproduces_open_clip(
     registered: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    clip, weights = _saved("test-zs-vit", tmp_path)
+    clip, weights = saved_weights("test-zs-vit", tmp_path)
     bundle = tmp_path / "bundle"
     result = _export(
         "--model",
@@ -207,7 +156,7 @@ def _word_tokenizer(path: Path) -> list[str]:
 def test_a_hub_tokenizer_is_refused_without_a_local_file_and_used_as_given(
     registered: Path, tmp_path: Path
 ) -> None:
-    clip, weights = _saved("test-zs-hubtok", tmp_path)
+    clip, weights = saved_weights("test-zs-hubtok", tmp_path)
     bundle = tmp_path / "bundle"
     args = ["--model", "test-zs-hubtok", "--pretrained", str(weights), "--out", str(bundle)]
     refused = _export(*args)
@@ -232,7 +181,7 @@ def test_a_hub_tokenizer_is_refused_without_a_local_file_and_used_as_given(
 
 
 def test_bad_requests_fail_clearly(registered: Path, tmp_path: Path) -> None:
-    _, weights = _saved("test-zs-vit", tmp_path)
+    _, weights = saved_weights("test-zs-vit", tmp_path)
     out = str(tmp_path / "bundle")
     cases = {
         ("--model", "no-such-model", "--pretrained", str(weights)): "unknown model config",
