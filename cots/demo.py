@@ -331,5 +331,11 @@ def demo(
         f"bundle: {bundle}; collections: {indices}"
     )
     click.echo(f"build steps done in {time.monotonic() - started:.0f} s")
+    click.echo(
+        "your own photos, with a pretrained open_clip model now and fine-tuning later:\n"
+        "  cots export --model ViT-B-32 --pretrained WEIGHTS.pt --out my-bundle\n"
+        "  cots index build --bundle my-bundle --corpus my-photos.csv --collection photos\n"
+        "  cots train --model ViT-B-32 --pretrained WEIGHTS.pt --data my-photos.csv"
+    )
     if serve:
         serve_demo(bundle, indices, corpus, host, port, queries)

@@ -28,7 +28,13 @@ import click
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="uvicorn worker processes (each loads the model and indices).",
+    help="uvicorn worker processes (each loads the model and indices); unless COTS_THREADS or "
+    "COTS_FAISS_THREADS say otherwise, each gets an equal share of the cores.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+    help="Query encoder precision [COTS_PRECISION; default auto: fp16 on a GPU, else fp32].",
 )
 @click.option("--no-batching", is_flag=True, help="Encode and search every query alone.")
 @click.option("--hash-key", metavar="KEY", help="Print the SHA-256 of KEY for COTS_API_KEYS, exit.")
@@ -40,6 +46,7 @@ def serve(
     host: str,
     port: int,
     workers: int,
+    precision: str | None,
     no_batching: bool,
     hash_key: str | None,
 ) -> None:
@@ -65,7 +72,9 @@ def serve(
         "COTS_COLLECTIONS": json.dumps(list(collections)) if collections else None,
         "COTS_REDIS_URL": redis_url,
         "COTS_BATCH__ENABLED": "false" if no_batching else None,
+        "COTS_PRECISION": precision,
     }
+    overrides |= _thread_shares(workers)
     # Settings travel by environment so that every uvicorn worker process reads the same.
     os.environ.update({key: value for key, value in overrides.items() if value is not None})
     from pydantic import ValidationError
@@ -94,3 +103,13 @@ def serve(
         log_level="info",
         access_log=False,
     )
+
+
+def _thread_shares(workers: int) -> dict[str, str | None]:
+    """COTS_THREADS and COTS_FAISS_THREADS for ``workers`` processes that split the cores
+    (each would otherwise start a thread per core, and N workers would oversubscribe N-fold);
+    settings already in the environment win."""
+    if workers == 1:
+        return {}
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    return {key: share for key in ("COTS_THREADS", "COTS_FAISS_THREADS") if key not in os.environ}

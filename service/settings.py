@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="Redis for cache, jobs and hot swap")
     providers: list[str] = Field(default_factory=list, description="ONNX Runtime providers")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto",
+        description="query encoder precision: auto is fp16 on a GPU provider, fp32 on the CPU; "
+        "int8 (bundles exported with --int8) is faster on the CPU once its recall has been "
+        "measured for the model (cots bench encode; deploy/README.md)",
+    )
     threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core)"
     )

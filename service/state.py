@@ -41,6 +41,7 @@ class ServiceState:
         encoder = Encoder(
             settings.bundle,
             providers=settings.providers or None,
+            precision=settings.precision,
             threads=settings.threads,
             max_pixels=settings.limits.max_image_pixels,
             spin=settings.spin,

@@ -207,3 +207,24 @@ def test_a_known_tag_without_a_network_names_the_way_out(tmp_path: Path) -> None
     assert "could not fetch open_clip weights ViT-B-32/openai" in result.stderr
     assert "pass a local checkpoint file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_encode_measures_an_open_clip_model_zero_shot(
+    registered: Path, corpus: Path, tmp_path: Path
+) -> None:
+    _, weights = saved_weights("test-zs-vit", tmp_path)
+    args = ["bench", "encode", "--model", "test-zs-vit", "--pretrained", str(weights)]
+    result = CliRunner().invoke(cli, [*args, "--data", str(corpus), "--int8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
+        for line in result.output.splitlines()
+        if line.startswith(("| torch", "| onnx"))
+    }
+    assert set(rows) == {"torch fp32", "onnx fp32", "onnx int8"}
+    assert all(cell > 0 for cells in rows.values() for cell in cells[:8])
+    assert rows["torch fp32"][10:] == pytest.approx([1.0, 1.0], abs=1e-4)
+    assert all(0.9 < cosine < 0.99999 for cosine in rows["onnx int8"][10:])
+    missing = CliRunner().invoke(cli, args)
+    assert missing.exit_code != 0
+    assert "--model needs --data" in missing.output
