@@ -30,6 +30,8 @@ from model.factory import create_towers
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
 from model.training_data import csv_reader
+from service.settings import Settings
+from tests.live_server import live_server
 from tests.open_clip_archs import register_architectures, saved_weights
 
 pytestmark = pytest.mark.slow
@@ -99,6 +101,56 @@ def test_zero_shot_bundle_reproduces_open_clip(
     encoder = Encoder(bundle, providers=["cpu"], precision="fp32")
     assert _min_cosine(encoder.encode_images(images), expected_images) >= 0.9999
     assert _min_cosine(encoder.encode_texts(captions), expected_texts) >= 0.9999
+
+
+@torch.no_grad()
+def test_a_zero_shot_bundle_is_indexed_and_served_unchanged(
+    registered: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """``cots index build`` and ``cots serve`` take a zero-shot bundle as they take a trained
+    one: the server's scores are open_clip's own cosines of the same weights."""
+    clip, weights = saved_weights("test-zs-vit", tmp_path)
+    bundle = tmp_path / "bundle"
+    exported = _export("--model", "test-zs-vit", "--pretrained", str(weights), "--out", str(bundle))
+    assert exported.exit_code == 0, exported.output
+    root = tmp_path / "indices"
+    for name, kind in (("images", "image"), ("captions", "caption")):
+        where = ["--root", str(root), "--collection", name, "--bundle", str(bundle)]
+        what = ["--corpus", str(corpus), "--kind", kind, "--workers", "0"]
+        built = CliRunner().invoke(cli, ["index", "build", *where, *what])
+        assert built.exit_code == 0, built.output
+
+    samples = list(csv_reader(DataConfig(train=corpus, split_key=None), None).samples())
+    pre = PreprocessConfig(image_size=32)
+    images = clip.encode_image(to_tensor_batch([s.image for s in samples], pre), normalize=True)
+    query = samples[3].captions[0]
+    text = clip.encode_text(tokenize([query], 16), normalize=True)
+    expected = np.sort((images @ text.T).numpy()[:, 0])[::-1][:3]
+
+    settings = Settings(bundle=bundle, index_root=root, rate_limit_per_minute=0)
+    with live_server(settings) as server, server.client() as http:
+        found = http.post("/v1/collections/images/search", json={"text": query, "k": 3})
+        assert found.status_code == 200, found.text
+        scores = [hit["score"] for hit in found.json()["hits"]]
+        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+
+        png = samples[5].image
+        upload = {"image": ("query.png", _png_bytes(png), "image/png")}
+        similar = http.post("/v1/collections/images/search/upload", files=upload, data={"k": "1"})
+        assert similar.status_code == 200, similar.text
+        assert similar.json()["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+        captions = http.post("/v1/collections/captions/search", json={"text": query, "k": 1})
+        assert captions.status_code == 200, captions.text
+        assert captions.json()["hits"][0]["caption"] == query
+
+
+def _png_bytes(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_padding_is_trimmed_exactly_when_that_is_lossless(registered: Path) -> None:
