@@ -276,7 +276,8 @@ def test_bench_encode_measures_an_open_clip_model_zero_shot(
     assert set(rows) == {"torch fp32", "onnx fp32", "onnx int8"}
     assert all(cell > 0 for cells in rows.values() for cell in cells[:8])
     assert rows["torch fp32"][10:] == pytest.approx([1.0, 1.0], abs=1e-4)
-    assert all(0.9 < cosine < 0.99999 for cosine in rows["onnx int8"][10:])
+    # int8 is close to fp32, not equal; printed to 4 decimals, a tiny model's can round to 1
+    assert all(0.9 < cosine <= 1.0 for cosine in rows["onnx int8"][10:])
     missing = CliRunner().invoke(cli, args)
     assert missing.exit_code != 0
     assert "--model needs --data" in missing.output
