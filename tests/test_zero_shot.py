@@ -33,6 +33,7 @@ from model.training_data import csv_reader
 from service.settings import Settings
 from tests.live_server import live_server
 from tests.open_clip_archs import register_architectures, saved_weights
+from tests.test_readers import png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -109,10 +110,8 @@ def test_a_zero_shot_bundle_is_indexed_and_served_unchanged(
 ) -> None:
     """``cots index build`` and ``cots serve`` take a zero-shot bundle as they take a trained
     one: the server's scores are open_clip's own cosines of the same weights."""
-    clip, weights = saved_weights("test-zs-vit", tmp_path)
+    clip, _ = _zero_shot("test-zs-vit", tmp_path)
     bundle = tmp_path / "bundle"
-    exported = _export("--model", "test-zs-vit", "--pretrained", str(weights), "--out", str(bundle))
-    assert exported.exit_code == 0, exported.output
     root = tmp_path / "indices"
     for name, kind in (("images", "image"), ("captions", "caption")):
         where = ["--root", str(root), "--collection", name, "--bundle", str(bundle)]
@@ -134,8 +133,7 @@ def test_a_zero_shot_bundle_is_indexed_and_served_unchanged(
         scores = [hit["score"] for hit in found.json()["hits"]]
         assert scores == pytest.approx(expected.tolist(), abs=1e-4)
 
-        png = samples[5].image
-        upload = {"image": ("query.png", _png_bytes(png), "image/png")}
+        upload = {"image": ("query.png", png_bytes(samples[5].image), "image/png")}
         similar = http.post("/v1/collections/images/search/upload", files=upload, data={"k": "1"})
         assert similar.status_code == 200, similar.text
         assert similar.json()["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
@@ -143,14 +141,6 @@ def test_a_zero_shot_bundle_is_indexed_and_served_unchanged(
         captions = http.post("/v1/collections/captions/search", json={"text": query, "k": 1})
         assert captions.status_code == 200, captions.text
         assert captions.json()["hits"][0]["caption"] == query
-
-
-def _png_bytes(image: Any) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_padding_is_trimmed_exactly_when_that_is_lossless(registered: Path) -> None:
