@@ -10,6 +10,10 @@ The wait is only worth it when company can come: ``others_in_flight()`` says whe
 other than those already queued are being handled (parsed, decoded, looked up in the cache).
 When none are, a batch runs at once, so a lone query pays nothing for batching.
 
+The batch function may put an exception in a query's slot of its results: that query fails
+with it, the others of the batch get their answers (a filter one collection refuses fails the
+queries of that collection only).
+
 The queue is bounded: a query arriving when ``max_queue`` are already waiting is refused with
 :class:`~service.errors.OverloadedError` (HTTP 503 with Retry-After), never queued without limit.
 """
@@ -34,8 +38,9 @@ log = logging.getLogger("cots.batching")
 P = TypeVar("P")
 R = TypeVar("R")
 
-# Runs one batch: (group key, payloads) -> one result per payload, in order.
-BatchFunction = Callable[[Hashable, Sequence[P]], Sequence[R]]
+# Runs one batch: (group key, payloads) -> one result (or the exception to raise) per payload,
+# in order.
+BatchFunction = Callable[[Hashable, Sequence[P]], Sequence[R | BaseException]]
 
 
 @dataclass
@@ -55,8 +60,12 @@ class Batcher(Generic[P, R]):
         max_queue: int,
         metrics: Metrics,
         others_in_flight: Callable[[int], bool] = lambda queued: True,
+        observe_batch_size: bool = True,
     ) -> None:
         self.name = name
+        # Off for a batch function that observes its own calls' sizes (one batch of queries
+        # may become several encoder and FAISS calls).
+        self.observe_batch_size = observe_batch_size
         self.others_in_flight = others_in_flight
         self.run = run
         self.max_batch = max_batch
@@ -140,7 +149,8 @@ class Batcher(Generic[P, R]):
             live = [(payload, future) for payload, future in batch if not future.cancelled()]
             if not live:
                 continue
-            self.metrics.batch_size.labels(self.name).observe(len(live))
+            if self.observe_batch_size:
+                self.metrics.batch_size.labels(self.name).observe(len(live))
             payloads = [payload for payload, _ in live]
             self._running = [future for _, future in live]
             try:
@@ -153,5 +163,9 @@ class Batcher(Generic[P, R]):
                         future.set_exception(error)
                 continue
             for (_, future), result in zip(live, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
