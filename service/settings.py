@@ -80,10 +80,12 @@ class Settings(BaseSettings):
         "measured for the model (cots bench encode; deploy/README.md)",
     )
     threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core)"
+        None,
+        ge=1,
+        description="ONNX Runtime intra-op threads (unset: one per core this process may use)",
     )
     faiss_threads: int | None = Field(
-        None, ge=1, description="FAISS (OpenMP) threads (unset: one per core)"
+        None, ge=1, description="FAISS (OpenMP) threads (unset: one per core this process may use)"
     )
     spin: bool = Field(
         False,

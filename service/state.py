@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import faiss
@@ -36,13 +37,17 @@ class ServiceState:
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> ServiceState:
-        if settings.faiss_threads is not None:
-            faiss.omp_set_num_threads(settings.faiss_threads)
+        # Unset thread counts follow the cores this process may use (taskset, a container's
+        # cpuset), not the machine's: a pool wider than its cores only contends with itself.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        faiss_threads = settings.faiss_threads or cores
+        if faiss_threads is not None:
+            faiss.omp_set_num_threads(faiss_threads)
         encoder = Encoder(
             settings.bundle,
             providers=settings.providers or None,
             precision=settings.precision,
-            threads=settings.threads,
+            threads=settings.threads or cores,
             max_pixels=settings.limits.max_image_pixels,
             spin=settings.spin,
         )
