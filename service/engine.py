@@ -1,10 +1,17 @@
 """The query path: a query in, hits out, in as few model and FAISS calls as load allows.
 
-``query -> (cache) -> encode batcher -> search batcher -> hits``. Texts are tokenised and
-encoded together per batch; images are decoded and preprocessed in the request's own thread
-(so a bad image fails alone, early) and encoded together; vectors for one collection and one
-filter are searched together with the largest k+offset of the batch, then hydrated with one
-metadata query.
+``query -> (cache) -> search batcher: [encode -> search -> hydrate] -> hits``. A search is
+checked and prepared in the request (text limits; an image decoded and preprocessed in the
+request's own thread, so a bad image fails alone, early), looked up in the embedding cache,
+then handed to the search batcher as one job: the text or pixels to encode, or the vector
+when the cache (or the client) already has it. One batch is one trip to the worker thread:
+there its texts are tokenised and encoded together, its images together, then its vectors
+are searched per collection and filter with the largest k+offset of each group and hydrated
+with one metadata query per group. One thread hop per batch, not one per stage: on a loaded
+server each hop costs a wake-up of the event loop and a GIL hand-over (issue 18).
+
+``embed_text``/``embed_image`` (the embed API, the demo) use the encode batcher alone;
+``search`` takes a vector and skips the encoder.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import json
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -23,7 +30,7 @@ from indexer.encoder import Encoder
 from indexer.images import ACCEPTED_FORMATS, preprocess_images
 from model.data.images import ImageDecodeError, decode_image
 from service.batching import Batcher
-from service.cache import EmbeddingCache, QueryKind, cache_key
+from service.cache import EmbeddingCache, cache_key
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.registry import CollectionRegistry
@@ -33,6 +40,7 @@ log = logging.getLogger("cots.engine")
 
 EncodeKey = Literal["text", "image"]
 SearchKey = tuple[str, str]  # (collection, filters as canonical JSON)
+SEARCH_GROUP: Final = "queries"  # one group: a batch splits by modality and collection itself
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,33 @@ class Page:
     collection: Collection
     hits: list[Hit]  # this page only
     more: bool  # whether a next page may exist
+
+
+@dataclass(frozen=True)
+class Query:
+    """A checked search query, not yet encoded: text or preprocessed pixels for the encoder,
+    or a unit vector (``embedding``). ``cache_key``: where its vector is cached (None: never)."""
+
+    kind: Literal["text", "image", "embedding"]
+    payload: Any
+    cache_key: str | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One query of a search batch: what to encode (None: ``vector`` is known)."""
+
+    key: SearchKey
+    wanted: int  # k + offset
+    encode: tuple[EncodeKey, Any] | None
+    vector: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _Found:
+    vector: np.ndarray
+    collection: Collection
+    hits: list[Hit]
 
 
 class QueryEngine:
@@ -67,17 +102,17 @@ class QueryEngine:
             metrics=metrics,
             others_in_flight=lambda queued: metrics.in_flight > queued,
         )
-        # No wait before FAISS: an encoder batch hands its queries on together, and a wait
-        # here would only add latency.
-        self.search_batcher: Batcher[tuple[np.ndarray, int], tuple[Collection, list[Hit]]] = (
-            Batcher(
-                "search",
-                self._search_batch,
-                max_batch=max_batch,
-                max_wait_s=0.0,
-                max_queue=batch.max_queue,
-                metrics=metrics,
-            )
+        # Encodes and searches in one worker call; it observes the size of each encoder and
+        # FAISS call itself (as batcher "encode" and "search").
+        self.search_batcher: Batcher[_Job, _Found] = Batcher(
+            "search",
+            self._search_batch,
+            max_batch=max_batch,
+            max_wait_s=batch.max_wait_ms / 1000 if batch.enabled else 0.0,
+            max_queue=batch.max_queue,
+            metrics=metrics,
+            others_in_flight=lambda queued: metrics.in_flight > queued,
+            observe_batch_size=False,
         )
 
     def start(self) -> None:
@@ -134,25 +169,38 @@ class QueryEngine:
         if offset > limits.max_offset:
             raise ApiError(422, f"offset is {offset}; the limit is {limits.max_offset}")
 
+    def text_query(self, text: str) -> Query:
+        key = cache_key(self.encoder.bundle_id, "text", self.check_text(text))
+        return Query("text", text, key)
+
+    def image_query(self, data: bytes, pixels: np.ndarray) -> Query:
+        """The query of an image already checked by prepare_image; cached by its bytes."""
+        return Query("image", pixels, cache_key(self.encoder.bundle_id, "image", data))
+
+    def embedding_query(self, values: Sequence[float]) -> Query:
+        return Query("embedding", self.check_embedding(values))
+
     # Embedding --------------------------------------------------------------------------------
 
     async def embed_text(self, text: str) -> tuple[np.ndarray, bool]:
         """(unit vector, came from the cache) of one query text."""
-        return await self._embed("text", text, self.check_text(text))
+        return await self.embed(self.text_query(text))
 
     async def embed_image(self, data: bytes, pixels: np.ndarray) -> tuple[np.ndarray, bool]:
         """(unit vector, came from the cache) of an image already checked by prepare_image."""
-        return await self._embed("image", data, pixels)
+        return await self.embed(self.image_query(data, pixels))
 
-    async def _embed(
-        self, kind: QueryKind, query: str | bytes, payload: Any
-    ) -> tuple[np.ndarray, bool]:
-        key = cache_key(self.encoder.bundle_id, kind, query)
-        cached = await self.cache.get(key)
-        if cached is not None:
-            return cached, True
-        vector = await self.encode_batcher.submit(kind, payload)
-        await self.cache.put(key, vector)
+    async def embed(self, query: Query) -> tuple[np.ndarray, bool]:
+        """(unit vector, came from the cache) of a query, through the encode batcher."""
+        if query.kind == "embedding":
+            return query.payload, False
+        if query.cache_key is not None:
+            cached = await self.cache.get(query.cache_key)
+            if cached is not None:
+                return cached, True
+        vector = await self.encode_batcher.submit(query.kind, query.payload)
+        if query.cache_key is not None:
+            await self.cache.put(query.cache_key, vector)
         return vector, False
 
     def _encode_batch(self, key: Hashable, payloads: Sequence[Any]) -> list[np.ndarray]:
@@ -187,25 +235,88 @@ class QueryEngine:
         offset: int = 0,
         filters: dict[str, Any] | None = None,
     ) -> Page:
+        """A page of hits for a unit vector (no encoder, no cache)."""
+        page, _ = await self.find(
+            name, Query("embedding", vector), k=k, offset=offset, filters=filters
+        )
+        return page
+
+    async def find(
+        self,
+        name: str,
+        query: Query,
+        *,
+        k: int,
+        offset: int = 0,
+        filters: dict[str, Any] | None = None,
+    ) -> tuple[Page, bool]:
+        """(a page of hits, whether the query's vector came from the cache)."""
         self.check_page(k, offset)
         key: SearchKey = (name, json.dumps(filters or {}, sort_keys=True))
-        collection, hits = await self.search_batcher.submit(key, (vector, k + offset))
-        page = hits[offset : offset + k]
-        return Page(collection, page, more=len(hits) == k + offset)
+        vector = None
+        if query.kind == "embedding":
+            vector = query.payload
+        elif query.cache_key is not None:
+            vector = await self.cache.get(query.cache_key)
+        cached = vector is not None and query.kind != "embedding"
+        encode = None if vector is not None else (cast(EncodeKey, query.kind), query.payload)
+        found = await self.search_batcher.submit(
+            SEARCH_GROUP, _Job(key, k + offset, encode, vector)
+        )
+        if encode is not None and query.cache_key is not None:
+            await self.cache.put(query.cache_key, found.vector)
+        page = found.hits[offset : offset + k]
+        return Page(found.collection, page, more=len(found.hits) == k + offset), cached
 
-    def _search_batch(
-        self, key: Hashable, payloads: Sequence[tuple[np.ndarray, int]]
-    ) -> list[tuple[Collection, list[Hit]]]:
-        name, filters_json = cast(SearchKey, key)
+    def _search_batch(self, group: Hashable, jobs: Sequence[_Job]) -> list[_Found | Exception]:
+        """Worker thread: encode what needs it (per modality), then search and hydrate (per
+        collection and filter). A failure fails the queries it concerns, not the batch."""
+        failed: dict[int, Exception] = {}
+        vectors = [job.vector for job in jobs]
+        for modality in ("text", "image"):
+            chosen = [i for i, job in enumerate(jobs) if job.encode and job.encode[0] == modality]
+            if not chosen:
+                continue
+            self.metrics.batch_size.labels("encode").observe(len(chosen))
+            try:
+                encoded = self._encode_batch(modality, [jobs[i].encode[1] for i in chosen])  # type: ignore[index]
+            except Exception as error:
+                failed.update((i, error) for i in chosen)
+                continue
+            for i, vector in zip(chosen, encoded, strict=True):
+                vectors[i] = vector
+        by_key: dict[SearchKey, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if i not in failed:
+                by_key.setdefault(job.key, []).append(i)
+        results: list[_Found | Exception | None] = [failed.get(i) for i in range(len(jobs))]
+        for key, chosen in by_key.items():
+            self.metrics.batch_size.labels("search").observe(len(chosen))
+            queries = np.stack([cast(np.ndarray, vectors[i]) for i in chosen])
+            try:
+                collection, hits = self._search_group(
+                    key, queries, [jobs[i].wanted for i in chosen]
+                )
+            except Exception as error:
+                for i in chosen:
+                    results[i] = error
+                continue
+            for i, row, vector in zip(chosen, hits, queries, strict=True):
+                results[i] = _Found(vector, collection, row)
+        return cast(list[_Found | Exception], results)
+
+    def _search_group(
+        self, key: SearchKey, queries: np.ndarray, wanted: Sequence[int]
+    ) -> tuple[Collection, list[list[Hit]]]:
+        name, filters_json = key
         collection = self.collection(name)  # the version live now: a swap may have happened
         filters = json.loads(filters_json) or None
-        wanted = max(n for _, n in payloads)
-        queries = np.stack([vector for vector, _ in payloads])
+        most = max(wanted)
         with self.metrics.stage("search"):
             try:
-                scores, ids = collection.nearest(queries, wanted, filters=filters)
+                scores, ids = collection.nearest(queries, most, filters=filters)
             except ValueError as error:  # a filter the store refuses
                 raise ApiError(422, str(error)) from None
         with self.metrics.stage("hydrate"):
-            hits = collection.hydrate(scores, ids, wanted)
-        return [(collection, row[:n]) for row, (_, n) in zip(hits, payloads, strict=True)]
+            hits = collection.hydrate(scores, ids, most)
+        return collection, [row[:n] for row, n in zip(hits, wanted, strict=True)]

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.engine import QueryEngine
+from service.engine import Query, QueryEngine
 from service.errors import ApiError
 from service.settings import Settings
 
@@ -67,6 +67,25 @@ async def fetch_image(url: str, settings: Settings) -> bytes:
     return b"".join(chunks)
 
 
+async def search_query(
+    engine: QueryEngine,
+    *,
+    text: str | None = None,
+    image: bytes | None = None,
+    embedding: list[float] | None = None,
+) -> Query:
+    """The checked query of exactly one given input (an image decoded and preprocessed in a
+    worker thread), not yet encoded: ``QueryEngine.find`` encodes it in its search batch."""
+    if text is not None:
+        return engine.text_query(text)
+    if image is not None:
+        pixels = await run_in_threadpool(engine.prepare_image, image)
+        return engine.image_query(image, pixels)
+    if embedding is not None:
+        return engine.embedding_query(embedding)
+    raise ApiError(422, "give exactly one of text, image, image_url, embedding")
+
+
 async def query_vector(
     engine: QueryEngine,
     *,
@@ -75,13 +94,6 @@ async def query_vector(
     embedding: list[float] | None = None,
 ) -> tuple[np.ndarray, bool, QueryKind]:
     """(unit vector, from the cache, what the query was) of exactly one given input."""
-    if text is not None:
-        vector, cached = await engine.embed_text(text)
-        return vector, cached, "text"
-    if image is not None:
-        pixels = await run_in_threadpool(engine.prepare_image, image)
-        vector, cached = await engine.embed_image(image, pixels)
-        return vector, cached, "image"
-    if embedding is not None:
-        return engine.check_embedding(embedding), False, "embedding"
-    raise ApiError(422, "give exactly one of text, image, image_url, embedding")
+    query = await search_query(engine, text=text, image=image, embedding=embedding)
+    vector, cached = await engine.embed(query)
+    return vector, cached, query.kind
