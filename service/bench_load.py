@@ -1,27 +1,26 @@
-"""The load side of ``cots bench serve``: a ``cots serve`` child process, a closed-loop
-``httpx`` load against it, and the Prometheus scrapes and CPU readings around each level."""
+"""The server side of ``cots bench serve``: a ``cots serve`` child process pinned to its
+cores, a correctness check of its answers, and the Prometheus scrapes and CPU readings taken
+around each measured level (the load itself is wrk's, ``service/load_wrk.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import click
 
 COLLECTION: Final = "bench"
 READY_TIMEOUT_S: Final = 300.0
 REQUEST_TIMEOUT_S: Final = 60.0
-KEEPALIVE_EXPIRY_S: Final = 2.0
 
 
 def free_port() -> int:
@@ -48,9 +47,12 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 @contextmanager
-def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
+def running_server(
+    env: dict[str, str], log: Path, cores: Sequence[int] | None = None
+) -> Iterator[Server]:
     """``cots serve`` on a free loopback port until the block ends, yielded once ``/readyz``
-    answers 200. Its output goes to ``log``; a failed start raises with the log's tail."""
+    answers 200. Its output goes to ``log``; a failed start raises with the log's tail.
+    ``cores``: the CPUs the server (every thread it starts) may run on; None: any."""
     import httpx
 
     port = free_port()
@@ -69,7 +71,14 @@ def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
     with log.open("wb") as out:
         # cwd: the work dir, so no .env of the caller's checkout is read by the settings.
         process = subprocess.Popen(
-            command, env=env, cwd=log.parent, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            command,
+            env=env,
+            cwd=log.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            # Set in the child before exec, so every thread it ever starts inherits it.
+            preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores),
         )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -95,9 +104,10 @@ def running_server(env: dict[str, str], log: Path) -> Iterator[Server]:
 
 
 def scrape(text: str) -> dict[str, float]:
-    """The counters a level needs from a ``/metrics`` page: batch size sum and count per
-    batcher (``batch_sum:encode``, ``batch_count:search``...) and cache results summed over
-    backends (``cache:hit``, ``cache:miss``, ``cache:error``)."""
+    """The counters a level needs from a ``/metrics`` page: batch size sum, count and
+    cumulative buckets per batcher (``batch_sum:encode``, ``batch_count:search``,
+    ``batch_le:encode:8``...), seconds per pipeline stage (``stage_sum:encode``...) and cache
+    results summed over backends (``cache:hit``, ``cache:miss``, ``cache:error``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values: dict[str, float] = {}
@@ -106,6 +116,10 @@ def scrape(text: str) -> dict[str, float]:
             if sample.name in ("cots_batch_size_sum", "cots_batch_size_count"):
                 what = "batch_sum" if sample.name.endswith("sum") else "batch_count"
                 key = f"{what}:{sample.labels['batcher']}"
+            elif sample.name == "cots_batch_size_bucket":
+                key = f"batch_le:{sample.labels['batcher']}:{sample.labels['le']}"
+            elif sample.name == "cots_stage_seconds_sum":
+                key = f"stage_sum:{sample.labels['stage']}"
             elif sample.name == "cots_cache_total":
                 key = f"cache:{sample.labels['result']}"
             else:
@@ -114,91 +128,27 @@ def scrape(text: str) -> dict[str, float]:
     return values
 
 
-@dataclass
-class Drive:
-    """What one closed-loop run saw: latencies of the 200s with a full page, other outcomes."""
-
-    latencies_s: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    wall_s: float = 0.0
-
-
-async def _drive(
-    client: Any, texts: Sequence[str], concurrency: int, k: int, tick: Callable[[], object]
-) -> Drive:
-    found = Drive()
-    pending = iter(texts)  # shared by the workers: next() never yields to the loop
-    path = f"/v1/collections/{COLLECTION}/search"
-
-    async def worker() -> None:
-        import httpx
-
-        for text in pending:
-            start = time.perf_counter()
-            try:
-                response = await client.post(path, json={"text": text, "k": k})
-            except httpx.HTTPError as error:
-                found.errors[type(error).__name__] += 1
-            else:
-                elapsed = time.perf_counter() - start
-                if response.status_code != 200:
-                    found.errors[f"HTTP {response.status_code}"] += 1
-                elif len(response.json()["hits"]) != k:
-                    found.errors["short page"] += 1
-                else:
-                    found.latencies_s.append(elapsed)
-            tick()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    found.wall_s = time.perf_counter() - start
-    return found
-
-
-@dataclass
-class Level:
-    """One concurrency level: warm-up and measured runs, metrics around the measured one, and
-    the CPU seconds the server and this client spent on it (None where /proc is missing)."""
-
-    warmed: Drive
-    drive: Drive
-    before: dict[str, float]
-    after: dict[str, float]
-    server_cpu_s: float | None
-    client_cpu_s: float
-
-
-async def run_level(
-    server: Server,
-    warm: Sequence[str],
-    measured: Sequence[str],
-    concurrency: int,
-    k: int,
-    tick: Callable[[], object],
-) -> Level:
-    """Warm up (also opening the connections), then measure between two metrics scrapes."""
+def check_answers(server: Server, texts: Sequence[str], k: int) -> Counter[str]:
+    """Sends each text once and checks the answer (200, a full page of k hits): wrk counts
+    statuses but reads no body, so this is what says the measured server answers right."""
     import httpx
 
-    # Idle connections close on our side before uvicorn's 5 s keep-alive timeout closes them
-    # on its side: a connection left idle while the warm-up's stragglers finish would otherwise
-    # fail the first measured request sent on it (a ReadError that no real client would see
-    # more often than its own pool's expiry allows).
-    limits = httpx.Limits(
-        max_connections=concurrency,
-        max_keepalive_connections=concurrency,
-        keepalive_expiry=KEEPALIVE_EXPIRY_S,
-    )
-    async with httpx.AsyncClient(
-        base_url=server.url, timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False
-    ) as client:
-        warmed = await _drive(client, warm, concurrency, k, tick)
-        before = scrape((await client.get("/metrics")).text)
-        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
-        drive = await _drive(client, measured, concurrency, k, tick)
-        server_after, client_cpu = cpu_seconds(server.pid), time.process_time() - client_cpu
-        after = scrape((await client.get("/metrics")).text)
-    server_s = None if server_cpu is None or server_after is None else server_after - server_cpu
-    return Level(warmed, drive, before, after, server_s, client_cpu)
+    problems: Counter[str] = Counter()
+    path = f"/v1/collections/{COLLECTION}/search"
+    with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S, trust_env=False) as client:
+        for text in texts:
+            response = client.post(path, json={"text": text, "k": k})
+            if response.status_code != 200:
+                problems[f"HTTP {response.status_code}"] += 1
+            elif len(response.json()["hits"]) != k:
+                problems["short page"] += 1
+    return problems
+
+
+def read_metrics(server: Server) -> dict[str, float]:
+    import httpx
+
+    return scrape(httpx.get(f"{server.url}/metrics", timeout=10, trust_env=False).text)
 
 
 def metric_ratio(

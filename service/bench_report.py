@@ -1,76 +1,133 @@
 """The report of ``cots bench serve``: one row per case and concurrency, and the markdown
-table with its header lines."""
+table with its header lines.
+
+A row holds wrk's figures (p50/p99, QPS, errors), the server's CPU seconds per request (from
+/proc, around the measured run only) and what ``/metrics`` says happened in between: mean and
+distribution of encoder and FAISS batch sizes, the cache hit rate, and the server's own
+encode + search + hydrate seconds per request (its stage timers), which is the part of the
+end-to-end time that is model and index work rather than HTTP and scheduling.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
-import numpy as np
-
-from service.bench_load import Level, metric_ratio
+from service.bench_load import metric_ratio
+from service.load_wrk import WrkResult
 
 CASE_NAMES: Final = {
+    "healthz": "GET /healthz (the HTTP floor)",
     "batch-miss": "batching on, cache miss",
     "batch-hit": "batching on, cache hit",
     "nobatch-miss": "batching off, cache miss",
     "nobatch-hit": "batching off, cache hit",
 }
+STAGES: Final = ("tokenise", "encode", "search", "hydrate")
+BATCH_EDGES: Final = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0")
 
 HEADER: Final = (
     "| case | concurrency | requests | p50 ms | p99 ms | QPS | errors | mean encode batch "
-    "| mean search batch | cache hits | server CPU ms/req | client CPU ms/req | load |"
+    "| mean search batch | cache hits | server CPU ms/req | model+index ms/req | load |"
 )
 
 
-def level_row(case: str, concurrency: int, level: Level) -> dict[str, Any]:
-    drive, before, after = level.drive, level.before, level.after
-    latencies_ms = np.asarray(drive.latencies_s) * 1000
-    requests = len(drive.latencies_s) + sum(drive.errors.values())
-    hits = after.get("cache:hit", 0.0) - before.get("cache:hit", 0.0)
-    looked_up = sum(
-        after.get(f"cache:{r}", 0.0) - before.get(f"cache:{r}", 0.0)
-        for r in ("hit", "miss", "error")
-    )
+@dataclass(frozen=True)
+class Measured:
+    """One level: wrk's warm-up and measured runs, /metrics around the measured one, and the
+    server's CPU seconds during it (None where /proc is missing)."""
+
+    warmup: WrkResult
+    result: WrkResult
+    before: dict[str, float]
+    after: dict[str, float]
+    server_cpu_s: float | None
+
+
+def _delta(level: Measured, key: str) -> float:
+    return level.after.get(key, 0.0) - level.before.get(key, 0.0)
+
+
+def batch_distribution(level: Measured, batcher: str) -> dict[str, int] | None:
+    """Calls per batch-size bucket ("<=1", "<=2", ... "<=256", ">256") during the level."""
+    counts, below = {}, 0.0
+    for edge in BATCH_EDGES:
+        cumulative = _delta(level, f"batch_le:{batcher}:{edge}")
+        counts[f"<={int(float(edge))}"] = int(cumulative - below)
+        below = cumulative
+    counts[f">{int(float(BATCH_EDGES[-1]))}"] = int(_delta(level, f"batch_count:{batcher}") - below)
+    return counts if below or any(counts.values()) else None
+
+
+def level_row(case: str, concurrency: int, level: Measured) -> dict[str, Any]:
+    result = level.result
+    hits = _delta(level, "cache:hit")
+    looked_up = sum(_delta(level, f"cache:{r}") for r in ("hit", "miss", "error"))
+    work_s = sum(_delta(level, f"stage_sum:{stage}") for stage in STAGES)
     return {
         "case": case,
         "batching": case.startswith("batch"),
-        "cache": case.split("-")[1],
+        "cache": case.split("-")[1] if "-" in case else None,
         "concurrency": concurrency,
-        "requests": requests,
-        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 2) if len(latencies_ms) else None,
-        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 2) if len(latencies_ms) else None,
-        "qps": round(requests / drive.wall_s, 1) if drive.wall_s else 0.0,
-        "errors": sum(drive.errors.values()),
-        "error_kinds": dict(drive.errors),
-        "warmup_errors": sum(level.warmed.errors.values()),
+        "requests": result.requests,
+        "duration_s": round(result.duration_s, 2),
+        "p50_ms": round(result.p50_ms, 2),
+        "p90_ms": round(result.p90_ms, 2),
+        "p99_ms": round(result.p99_ms, 2),
+        "qps": round(result.qps, 1),
+        "errors": result.errors,
+        "warmup_errors": level.warmup.errors,
         "mean_encode_batch": _round(
-            metric_ratio(after, before, "batch_sum:encode", "batch_count:encode")
+            metric_ratio(level.after, level.before, "batch_sum:encode", "batch_count:encode")
         ),
         "mean_search_batch": _round(
-            metric_ratio(after, before, "batch_sum:search", "batch_count:search")
+            metric_ratio(level.after, level.before, "batch_sum:search", "batch_count:search")
         ),
+        "encode_batches": batch_distribution(level, "encode"),
+        "search_batches": batch_distribution(level, "search"),
         "cache_hit_rate": round(hits / looked_up, 3) if looked_up else None,
-        # CPU per request shows which side saturates the shared cores first.
-        "server_cpu_ms_per_request": per_request(level.server_cpu_s, requests),
-        "client_cpu_ms_per_request": per_request(level.client_cpu_s, requests),
+        "server_cpu_ms_per_request": per_request(level.server_cpu_s, result.requests),
+        "model_index_ms_per_request": per_request(work_s, result.requests) if work_s else None,
     }
 
 
 def per_request(seconds: float | None, requests: int) -> float | None:
-    return None if seconds is None or not requests else round(seconds * 1000 / requests, 2)
+    return None if seconds is None or not requests else round(seconds * 1000 / requests, 3)
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def e2e_ratio(rows: Sequence[dict[str, Any]], in_process: dict[str, Any]) -> float | None:
-    """End-to-end p50 at concurrency 1, batching on, cache miss over in-process encode+search."""
+def _row(rows: list[dict[str, Any]], case: str, concurrency: int) -> dict[str, Any] | None:
     for row in rows:
-        if row["case"] == "batch-miss" and row["concurrency"] == 1 and row["p50_ms"]:
-            return round(row["p50_ms"] / in_process["encode_search_ms_p50"], 2)
+        if row["case"] == case and row["concurrency"] == concurrency:
+            return row
     return None
+
+
+def targets(rows: list[dict[str, Any]], in_process: dict[str, Any]) -> dict[str, Any]:
+    """The issue-18 checks, each None when the rows it needs were not run: the c=1 overhead
+    over in-process work, the c=32 speed-up over c=1 (batching on) and over batching off at
+    c=32, the c=32 p99/p50, and whether any request failed."""
+    one, many = _row(rows, "batch-miss", 1), _row(rows, "batch-miss", 32)
+    off = _row(rows, "nobatch-miss", 32)
+    found: dict[str, Any] = {
+        "c1_overhead_ms": None,
+        "c32_over_c1_qps": None,
+        "c32_over_nobatch_qps": None,
+        "c32_p99_over_p50": None,
+        "errors": sum(row["errors"] for row in rows),
+    }
+    if one:
+        found["c1_overhead_ms"] = round(one["p50_ms"] - in_process["single_ms_p50"], 2)
+    if one and many and one["qps"]:
+        found["c32_over_c1_qps"] = round(many["qps"] / one["qps"], 2)
+    if many and off and off["qps"]:
+        found["c32_over_nobatch_qps"] = round(many["qps"] / off["qps"], 2)
+    if many and many["p50_ms"]:
+        found["c32_p99_over_p50"] = round(many["p99_ms"] / many["p50_ms"], 2)
+    return found
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -78,31 +135,34 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def table_line(row: dict[str, Any]) -> str:
-    errors = str(row["errors"])
-    if row["error_kinds"]:
-        errors += " (" + ", ".join(f"{k} {v}" for k, v in row["error_kinds"].items()) + ")"
     hit_rate = row["cache_hit_rate"]
     cells = [
         CASE_NAMES[row["case"]],
         str(row["concurrency"]),
         str(row["requests"]),
-        _cell(row["p50_ms"], ".1f"),
-        _cell(row["p99_ms"], ".1f"),
+        _cell(row["p50_ms"], ".2f"),
+        _cell(row["p99_ms"], ".2f"),
         f"{row['qps']:,.0f}",
-        errors,
+        str(row["errors"]),
         _cell(row["mean_encode_batch"], ".1f"),
         _cell(row["mean_search_batch"], ".1f"),
         "-" if hit_rate is None else f"{hit_rate:.0%}",
-        _cell(row["server_cpu_ms_per_request"], ".1f"),
-        _cell(row["client_cpu_ms_per_request"], ".1f"),
+        _cell(row["server_cpu_ms_per_request"], ".2f"),
+        _cell(row["model_index_ms_per_request"], ".2f"),
         f"{row['load_1min']:.1f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
+def _distribution(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return "-"
+    return ", ".join(f"{edge}: {n}" for edge, n in counts.items() if n)
+
+
 def render(result: dict[str, Any]) -> str:
-    """The markdown report: what ran, the table, the in-process comparison."""
-    machine, batch = result["machine"], result["batch_settings"]
+    """The markdown report: what ran, the table, batch sizes, the in-process comparison."""
+    machine, batch, load = result["machine"], result["batch_settings"], result["load"]
     lines = [
         f"{result['items']:,} items ({result['factory']}, recall@10 {result['recall_at_10']:.3f}),"
         f" {result['model']} dim {result['dim']}, bundle {result['bundle_id'][:12]}; "
@@ -110,27 +170,51 @@ def render(result: dict[str, Any]) -> str:
         f"{batch['max_batch']}, max_wait_ms {batch['max_wait_ms']}",
         f"{machine['cpu_count']} cores ({machine['cpu']}), onnxruntime {machine['onnxruntime']}, "
         f"faiss {machine['faiss']}, uvicorn {machine['uvicorn']} ({machine['uvicorn_loop']}, "
-        f"{machine['uvicorn_http']}), httpx {machine['httpx']} "
-        f"(client and server on the same cores); providers {', '.join(result['providers'])}, "
-        f"ONNX Runtime threads {result['threads'] or 'default'}, FAISS threads "
-        f"{result['faiss_threads'] or 'default'}; "
-        f"1-min load {result['load_average_start_end'][0]} at start, "
+        f"{machine['uvicorn_http']}); load: {load['generator']} pinned to cores "
+        f"{load['generator_cores']}, server pinned to cores {load['server_cores']}, "
+        f"{load['duration_s']:g} s per level after a {load['warmup_s']:g} s warm-up; providers "
+        f"{', '.join(result['providers'])}, ONNX Runtime threads {result['threads'] or 'default'}"
+        f", FAISS threads {result['faiss_threads'] or 'default'}; 1-min load "
+        f"{result['load_average_start_end'][0]} at start, "
         f"{result['load_average_start_end'][1]} at end",
         "",
         HEADER,
         "|---" * 13 + "|",
         *(table_line(row) for row in result["rows"]),
         "",
+        "Batch sizes from /metrics (calls per size bucket) during each batching-on level:",
+        "",
+        "| case | concurrency | encoder calls | FAISS calls |",
+        "|---|---|---|---|",
     ]
+    for row in result["rows"]:
+        if row["batching"]:
+            lines.append(
+                f"| {CASE_NAMES[row['case']]} | {row['concurrency']} | "
+                f"{_distribution(row['encode_batches'])} | "
+                f"{_distribution(row['search_batches'])} |"
+            )
     ip = result["in_process"]
-    lines.append(
-        f"In process, medians of {ip['queries']} unique queries: encode_texts([q]) "
-        f"{ip['encode_ms_p50']:.2f} ms, Collection.search(k={result['k']}) "
-        f"{ip['search_ms_p50']:.2f} ms, the two together {ip['encode_search_ms_p50']:.2f} ms."
-    )
-    ratio = result["ratio_e2e_p50_to_in_process"]
-    if ratio is not None:
+    lines += [
+        "",
+        f"In process (a child pinned to the server's cores, medians of {ip['queries']} unique "
+        f"queries one at a time): tokenise+encode {ip['encode_ms_p50']:.2f} ms, FAISS search "
+        f"{ip['search_ms_p50']:.2f} ms, hydrate {ip['hydrate_ms_p50']:.2f} ms, the three "
+        f"together {ip['single_ms_p50']:.2f} ms; the encoder alone on batches of "
+        f"{ip['batch']}: {ip['batched_encode_qps']:,.0f} texts/s.",
+    ]
+    checks = result["targets"]
+    if checks["c1_overhead_ms"] is not None:
         lines.append(
-            f"End-to-end p50 at concurrency 1 (batching on, cache miss) / in process: {ratio:.2f}x"
+            f"End-to-end p50 at concurrency 1 (batching on, cache miss) minus in process: "
+            f"{checks['c1_overhead_ms']:+.2f} ms"
         )
+    if checks["c32_over_c1_qps"] is not None:
+        lines.append(f"QPS at concurrency 32 / concurrency 1: {checks['c32_over_c1_qps']:.2f}x")
+    if checks["c32_over_nobatch_qps"] is not None:
+        lines.append(
+            f"QPS at concurrency 32, batching on / off: {checks['c32_over_nobatch_qps']:.2f}x"
+        )
+    if checks["c32_p99_over_p50"] is not None:
+        lines.append(f"p99 / p50 at concurrency 32: {checks['c32_p99_over_p50']:.2f}")
     return "\n".join(lines)

@@ -1,29 +1,35 @@
-"""``cots bench serve``: text → image search latency through the real HTTP server.
+"""``cots bench serve``: text → image search through the real HTTP server, under wrk.
 
 The collection is real FAISS + SQLite at full size, but its vectors are seeded random unit
 vectors (clustered like embeddings) rather than encoded images: search and hydrate cost what
 they cost on a real collection of that size and dim (the factory is chosen the normal way),
-without encoding 100k images first. The server runs as ``cots serve`` in a child process,
-configured by ``COTS_*`` variables, and is loaded from this process with ``httpx.AsyncClient``:
-a closed loop of ``concurrency`` workers, each sending its next request as soon as the last
-one is answered.
+without encoding 100k images first.
 
-Cases: batching on or off (the server restarts between), and cache miss (every text unique
-after the cache's normalisation) or hit (a few texts, all cached during the warm-up). The
-encode and search batchers' mean batch sizes and the cache hit rate come from ``/metrics``
-deltas around each measured level, so a "miss" row that hit the cache would show it.
+Flow: build or reuse the collection -> measure the same kind of queries in process (a child
+process pinned to the server's cores: tokenise+encode, FAISS, hydrate one query at a time,
+and the encoder's batched throughput) -> for batching on, then off: start ``cots serve`` as a
+child pinned to all cores but the last, check a few answers with a Python client, then per
+case and concurrency run wrk (compiled, pinned to the last core; ``service/load_wrk.py``)
+for a warm-up and a measured run, with ``/metrics`` scraped and the server's CPU read around
+the measured one. A Python load generator on the same cores measured itself, not the server.
+
+Cases: the ``/healthz`` floor; batching on or off (the server restarts between); cache miss
+(every text unique in the run) or hit (a few texts, all cached during the warm-up). The
+batchers' batch sizes and the cache hit rate come from ``/metrics`` deltas, so a "miss" row
+that hit the cache would show it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import secrets
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,15 +42,20 @@ from tqdm import tqdm
 
 from service.bench_load import (
     COLLECTION,
-    run_level,
+    Server,
+    check_answers,
+    cpu_seconds,
+    read_metrics,
     running_server,
 )
-from service.bench_report import e2e_ratio, level_row, render, table_line
+from service.bench_report import Measured, level_row, render, table_line, targets
+from service.load_wrk import find_wrk, run_wrk, split_cores, write_get_script, write_script
 
 ROOT: Final = Path(__file__).resolve().parents[1]
-CASES: Final = ("batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
-MIN_REQUESTS: Final = 1000
-MIN_WARMUP: Final = 20
+CASES: Final = ("healthz", "batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
+WARMUP_QUERIES: Final = 20
+CHECKED_ANSWERS: Final = 8
+SCRIPT_TEXTS: Final = 256  # captions a miss level's tags are appended to
 # Clustered like real embeddings: IVF lists as uneven, and recall as meaningful, as on a real
 # collection (uniform random vectors would make every list equal and recall look broken).
 VECTORS: Final = "clustered random unit vectors (indexer.bench_index.Mixture)"
@@ -92,8 +103,8 @@ class ServeBenchConfig:
     work: Path
     items: int = 100_000
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
-    requests: int | None = None  # per level; None: max(MIN_REQUESTS, 8 x concurrency)
-    warmup: int | None = None  # per level; None: max(MIN_WARMUP, 2 x concurrency)
+    duration_s: float = 10.0  # per measured level
+    warmup_s: float = 2.0  # per level, before it
     cases: tuple[str, ...] = CASES
     k: int = 10
     hit_texts: int = 32
@@ -104,12 +115,6 @@ class ServeBenchConfig:
     threads: int | None = None
     faiss_threads: int | None = None  # None: FAISS's default (every core)
     seed: int = 0
-
-    def requests_at(self, concurrency: int) -> int:
-        return self.requests or max(MIN_REQUESTS, 8 * concurrency)
-
-    def warmup_at(self, concurrency: int) -> int:
-        return self.warmup if self.warmup is not None else max(MIN_WARMUP, 2 * concurrency)
 
 
 # The collection ---------------------------------------------------------------------------
@@ -206,21 +211,39 @@ def server_env(config: ServeBenchConfig, root: Path, *, batching: bool) -> dict[
     return env
 
 
-# Load -------------------------------------------------------------------------------------
-
-
 # Runs -------------------------------------------------------------------------------------
 
 
-def _level_texts(
-    texts: QueryTexts, cache: str, hot: Sequence[str], warmup: int, requests: int
-) -> tuple[list[str], list[str]]:
-    """(warm-up, measured) texts of one level. Miss: all fresh. Hit: the hot texts first, so
-    every one is cached before the measured requests cycle through them."""
-    if cache == "miss":
-        return texts.fresh(warmup), texts.fresh(requests)
-    warm = list(hot) + [hot[i % len(hot)] for i in range(warmup)]
-    return warm, [hot[i % len(hot)] for i in range(requests)]
+@dataclass(frozen=True)
+class Cores:
+    """Which cores the server (and the in-process measurement) and wrk run on."""
+
+    server: list[int]
+    generator: list[int]
+
+    @classmethod
+    def of_this_process(cls) -> Cores:
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        server, generator = split_cores(available)
+        return cls(server, generator)
+
+
+def measure_level(
+    wrk: str,
+    server: Server,
+    scripts: tuple[Path, Path],
+    concurrency: int,
+    config: ServeBenchConfig,
+    cores: Cores,
+) -> Measured:
+    """A warm-up run, then the measured run between two scrapes and CPU readings."""
+    warmup, script = scripts
+    warm = run_wrk(wrk, server.url, warmup, concurrency, config.warmup_s, cores.generator)
+    before, cpu = read_metrics(server), cpu_seconds(server.pid)
+    result = run_wrk(wrk, server.url, script, concurrency, config.duration_s, cores.generator)
+    cpu_after, after = cpu_seconds(server.pid), read_metrics(server)
+    used = None if cpu is None or cpu_after is None else cpu_after - cpu
+    return Measured(warm, result, before, after, used)
 
 
 def run_server_cases(
@@ -228,73 +251,126 @@ def run_server_cases(
     root: Path,
     batching: bool,
     texts: QueryTexts,
+    wrk: str,
+    cores: Cores,
     bar: tqdm,  # type: ignore[type-arg]
 ) -> list[dict[str, Any]]:
-    """The chosen cases of one batching mode, on one server: cache misses, then hits."""
+    """The chosen cases of one batching mode, on one server: the floor (batching on only),
+    cache misses, then hits."""
     prefix = "batch" if batching else "nobatch"
-    caches = [case.split("-")[1] for case in config.cases if case.split("-")[0] == prefix]
-    if not caches:
+    chosen = [case for case in config.cases if case.split("-")[0] == prefix]
+    if batching and "healthz" in config.cases:
+        chosen.insert(0, "healthz")
+    if not chosen:
         return []
     rows = []
+    scripts = config.work / "scripts"
+    scripts.mkdir(parents=True, exist_ok=True)
     env = server_env(config, root, batching=batching)
-    with running_server(env, config.work / f"server-{prefix}.log") as server:
-        for cache in caches:
-            hot = texts.fresh(config.hit_texts) if cache == "hit" else []
-            for concurrency in config.concurrency:
-                bar.set_postfix_str(f"{prefix}-{cache} @{concurrency}")
-                warm, measured = _level_texts(
-                    texts,
-                    cache,
-                    hot,
-                    config.warmup_at(concurrency),
-                    config.requests_at(concurrency),
-                )
-                outcome = asyncio.run(
-                    run_level(server, warm, measured, concurrency, config.k, bar.update)
-                )
-                rows.append(level_row(f"{prefix}-{cache}", concurrency, outcome))
-                # Other work on the machine shows here: the client and server share its cores.
+    with running_server(env, config.work / f"server-{prefix}.log", cores.server) as server:
+        problems = check_answers(server, texts.fresh(CHECKED_ANSWERS), config.k)
+        if problems:
+            raise click.ClickException(f"the server answered wrongly: {dict(problems)}")
+        for case in chosen:
+            levels = (1,) if case == "healthz" else config.concurrency
+            hot = texts.fresh(config.hit_texts) if case.endswith("hit") else []
+            for concurrency in levels:
+                bar.set_postfix_str(f"{case} @{concurrency}")
+                pair = _scripts(scripts, case, config, texts, hot)
+                level = measure_level(wrk, server, pair, concurrency, config, cores)
+                rows.append(level_row(case, concurrency, level))
+                # Other work on the machine shows here: it shares the cores.
                 rows[-1]["load_1min"] = round(os.getloadavg()[0], 2)
                 tqdm.write(table_line(rows[-1]), file=sys.stderr)
+                bar.update(1)
     return rows
 
 
-def measure_in_process(config: ServeBenchConfig, root: Path, texts: QueryTexts) -> dict[str, Any]:
-    """Median ms of ``Encoder.encode_texts([q])`` and ``Collection.search(vector, k)`` over
-    unique queries, in this process, with the server's providers, threads and FAISS device."""
+def _scripts(
+    folder: Path, case: str, config: ServeBenchConfig, texts: QueryTexts, hot: Sequence[str]
+) -> tuple[Path, Path]:
+    """wrk's (warm-up, measured) scripts of one level. Miss: each with a fresh salt, so no run
+    repeats another's texts; hit: the hot texts both, which the warm-up run caches."""
+    if case == "healthz":
+        script = write_get_script(folder / "healthz.lua", "/healthz")
+        return script, script
+    search = f"/v1/collections/{COLLECTION}/search"
+    if case.endswith("hit"):
+        script = write_script(folder / f"{case}.lua", search, list(hot), config.k, 0, unique=False)
+        return script, script
+    captions = texts.fresh(SCRIPT_TEXTS)
+    made = []
+    for phase in ("warmup", "measured"):
+        salt = secrets.randbelow(10**9)
+        path = folder / f"{case}-{phase}.lua"
+        made.append(write_script(path, search, captions, config.k, salt, unique=True))
+    return made[0], made[1]
+
+
+def measure_in_process(
+    config: ServeBenchConfig, root: Path, cores: Sequence[int], salt: int
+) -> dict[str, Any]:
+    """What the server's cores do for one query without HTTP: in a fresh child process pinned
+    to ``cores`` (so its thread pools are sized and placed as the server's are)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_in_process_child, config, root, list(cores), salt).result()
+
+
+def _in_process_child(
+    config: ServeBenchConfig, root: Path, cores: list[int], salt: int
+) -> dict[str, Any]:
+    """Medians of tokenise+encode, FAISS search and hydrate, one unique query at a time
+    (alternating, as a lone request does), and the encoder's throughput on full batches;
+    threads as the server would size them."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)  # before any thread pool exists
     import faiss
 
     from indexer.collection import Collection
     from indexer.encoder import Encoder
     from indexer.faiss_index import to_serving_device
+    from service.settings import BatchSettings
 
-    if config.faiss_threads is not None:
-        faiss.omp_set_num_threads(config.faiss_threads)
-    encoder = Encoder(
-        config.bundle, providers=list(config.providers) or None, threads=config.threads
-    )
+    threads = config.threads or len(cores)
+    faiss.omp_set_num_threads(config.faiss_threads or len(cores))
+    encoder = Encoder(config.bundle, providers=list(config.providers) or None, threads=threads)
     collection = Collection.open(root, COLLECTION, bundle_id=encoder.bundle_id)
     collection.index = to_serving_device(collection.index, config.gpu_faiss)
-    encode_s, search_s = [], []
+    texts = QueryTexts(config.seed + 1, salt)
+    times: dict[str, list[float]] = {"encode": [], "search": [], "hydrate": []}
+    batch = BatchSettings().max_batch
     try:
-        for text in texts.fresh(MIN_WARMUP):  # first runs allocate and pick kernels
+        for text in texts.fresh(WARMUP_QUERIES):  # first runs allocate and pick kernels
             collection.search(encoder.encode_texts([text]), config.k)
-        queries = texts.fresh(config.in_process_queries)
-        for text in tqdm(queries, desc="in process", unit="query", leave=False):
+        for text in tqdm(texts.fresh(config.in_process_queries), desc="in process", leave=False):
             start = time.perf_counter()
             vector = encoder.encode_texts([text])
             encoded = time.perf_counter()
-            collection.search(vector, config.k)
-            encode_s.append(encoded - start)
-            search_s.append(time.perf_counter() - encoded)
+            scores, ids = collection.nearest(vector, config.k)
+            searched = time.perf_counter()
+            collection.hydrate(scores, ids, config.k)
+            times["encode"].append(encoded - start)
+            times["search"].append(searched - encoded)
+            times["hydrate"].append(time.perf_counter() - searched)
+        batches = [texts.fresh(batch) for _ in range(max(3, config.in_process_queries // batch))]
+        start = time.perf_counter()
+        for chunk in batches:
+            encoder.encode_texts(chunk)
+        batched_qps = batch * len(batches) / (time.perf_counter() - start)
     finally:
         collection.close()
-    encode_ms, search_ms = np.asarray(encode_s) * 1000, np.asarray(search_s) * 1000
+    ms = {name: np.asarray(values) * 1000 for name, values in times.items()}
+    total = ms["encode"] + ms["search"] + ms["hydrate"]
     return {
-        "queries": len(encode_s),
-        "encode_ms_p50": round(float(np.median(encode_ms)), 3),
-        "search_ms_p50": round(float(np.median(search_ms)), 3),
-        "encode_search_ms_p50": round(float(np.median(encode_ms + search_ms)), 3),
+        "queries": len(total),
+        "cores": cores,
+        "encode_ms_p50": round(float(np.median(ms["encode"])), 3),
+        "search_ms_p50": round(float(np.median(ms["search"])), 3),
+        "hydrate_ms_p50": round(float(np.median(ms["hydrate"])), 3),
+        "single_ms_p50": round(float(np.median(total)), 3),
+        "batch": batch,
+        "batched_encode_qps": round(batched_qps, 1),
     }
 
 
@@ -342,20 +418,22 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
         raise ValueError(f"unknown cases {', '.join(unknown)}; known: {', '.join(CASES)}")
     started = time.perf_counter()
     load_start = os.getloadavg()[0]  # other work on the machine skews every timing
+    wrk = find_wrk()
+    cores = Cores.of_this_process()
     config.work.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(config.bundle)
     collection = ensure_collection(config.bundle, config.work, config.items, config.seed)
     texts = QueryTexts(config.seed, salt=secrets.randbelow(10**6))
-    in_process = measure_in_process(config, collection.root, texts)
-    total = sum(
-        config.requests_at(c) + config.warmup_at(c) + (config.hit_texts if "hit" in case else 0)
+    in_process = measure_in_process(config, collection.root, cores.server, texts.salt)
+    levels = sum(
+        1 if case == "healthz" else len(config.concurrency)
         for case in config.cases
-        for c in config.concurrency
+        if case != "healthz" or any(c.startswith("batch-") for c in config.cases)
     )
     rows: list[dict[str, Any]] = []
-    with tqdm(total=total, desc="requests", unit="req") as bar:
+    with tqdm(total=levels, desc="levels", unit="level") as bar:
         for batching in (True, False):
-            rows += run_server_cases(config, collection.root, batching, texts, bar)
+            rows += run_server_cases(config, collection.root, batching, texts, wrk, cores, bar)
     return {
         "machine": machine_info(),
         "bundle_id": manifest.bundle_id,
@@ -375,12 +453,27 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
         "batch_settings": _batch_defaults(),
         "hit_texts": config.hit_texts,
         "query_salt": texts.salt,
+        "load": {
+            "generator": _wrk_version(wrk),
+            "generator_cores": cores.generator,
+            "server_cores": cores.server,
+            "duration_s": config.duration_s,
+            "warmup_s": config.warmup_s,
+        },
         "in_process": in_process,
-        "ratio_e2e_p50_to_in_process": e2e_ratio(rows, in_process),
+        "targets": targets(rows, in_process),
         "rows": rows,
         "load_average_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "duration_s": round(time.perf_counter() - started, 1),
     }
+
+
+def _wrk_version(wrk: str) -> str:
+    import subprocess
+
+    done = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=30)
+    first = (done.stdout or done.stderr).splitlines()
+    return first[0].split(" Copyright")[0] if first else "wrk"
 
 
 def _batch_defaults() -> dict[str, Any]:
@@ -426,14 +519,18 @@ def _cases(value: str) -> tuple[str, ...]:
 @click.option("--items", type=click.IntRange(min=100), default=100_000, show_default=True)
 @click.option("--concurrency", default="1,8,32,128", show_default=True, help="Comma-separated.")
 @click.option(
-    "--requests",
-    type=click.IntRange(min=1),
-    help=f"Measured requests per level [default: max({MIN_REQUESTS}, 8 x concurrency)].",
+    "--duration",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_default=True,
+    help="Seconds of each measured level (wrk rounds to whole seconds).",
 )
 @click.option(
     "--warmup",
-    type=click.IntRange(min=0),
-    help=f"Warm-up requests per level [default: max({MIN_WARMUP}, 2 x concurrency)].",
+    type=click.FloatRange(min=1),
+    default=2.0,
+    show_default=True,
+    help="Seconds of wrk warm-up before each level (opens connections, fills the cache).",
 )
 @click.option("--cases", default=",".join(CASES), show_default=True, help="Comma-separated.")
 @click.option("--k", type=click.IntRange(min=1), default=10, show_default=True)
@@ -466,8 +563,8 @@ def serve_bench(
     work: Path,
     items: int,
     concurrency: str,
-    requests: int | None,
-    warmup: int | None,
+    duration: float,
+    warmup: float,
     cases: str,
     k: int,
     hit_texts: int,
@@ -480,16 +577,20 @@ def serve_bench(
     seed: int,
     json_out: Path | None,
 ) -> None:
-    """Text → image search latency through cots serve: p50/p99, QPS, errors and batch sizes
-    at each concurrency, batching on/off, cache miss/hit; and the end-to-end p50 against
-    encode + search in process."""
+    """Text → image search through cots serve under wrk: p50/p99, QPS, errors, server CPU per
+    request and batch sizes at each concurrency, batching on/off, cache miss/hit, beside the
+    /healthz floor and the same work in process.
+
+    wrk comes from $COTS_WRK or PATH, or the bench installs Debian's package (unpacked into
+    ~/.cache/cots/wrk without root); the server gets every core but the last, wrk the last
+    (both share a one-core machine)."""
     config = ServeBenchConfig(
         bundle=bundle,
         work=work,
         items=items,
         concurrency=_ints(concurrency),
-        requests=requests,
-        warmup=warmup,
+        duration_s=duration,
+        warmup_s=warmup,
         cases=_cases(cases),
         k=k,
         hit_texts=hit_texts,

@@ -46,6 +46,10 @@ def test_scrape_reads_batch_sizes_and_cache_results() -> None:
     assert values["batch_count:search"] == 1
     assert values["cache:hit"] == 3
     assert values["cache:miss"] == 5
+    assert values["batch_le:encode:1.0"] == 1  # cumulative buckets: 1 | 3, 4 | -
+    assert values["batch_le:encode:4.0"] == 3
+    metrics.stages.labels("encode").observe(0.25)
+    assert scrape(generate_latest(metrics.registry).decode())["stage_sum:encode"] == 0.25
 
 
 def test_server_env_drops_the_callers_cots_settings(
@@ -68,7 +72,7 @@ def test_serve_bench_runs_every_case_through_the_server(micro_bundle: Path, tmp_
     out = tmp_path / "serve.json"
     args = [
         "bench", "serve", "--bundle", str(micro_bundle), "--work", str(tmp_path / "work"),
-        "--items", "2000", "--concurrency", "1,4", "--requests", "12", "--warmup", "4",
+        "--items", "2000", "--concurrency", "1,4", "--duration", "1", "--warmup", "1",
         "--hit-texts", "4", "--in-process-queries", "10", "--json", str(out),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
@@ -81,16 +85,23 @@ def test_serve_bench_runs_every_case_through_the_server(micro_bundle: Path, tmp_
     assert data["machine"]["cpu_count"] >= 1
     assert data["machine"]["onnxruntime"]
     assert data["in_process"]["queries"] == 10
-    assert data["ratio_e2e_p50_to_in_process"] > 0
+    assert data["in_process"]["single_ms_p50"] > 0
+    assert data["in_process"]["batched_encode_qps"] > 0
+    assert data["load"]["generator"].startswith("wrk")
+    assert data["targets"]["errors"] == 0
+    assert data["targets"]["c1_overhead_ms"] is not None
     rows = data["rows"]
-    assert [(r["case"], r["concurrency"]) for r in rows] == [
-        (case, c) for case in CASES for c in (1, 4)
+    assert [(r["case"], r["concurrency"]) for r in rows] == [("healthz", 1)] + [
+        (case, c) for case in CASES if case != "healthz" for c in (1, 4)
     ]
-    for row in rows:
+    assert "| GET /healthz (the HTTP floor) | 1 |" in result.output
+    for row in rows[1:]:
         assert row["errors"] == 0, row
         assert row["warmup_errors"] == 0, row
-        assert row["requests"] == 12
+        assert row["requests"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["model_index_ms_per_request"] > 0
+        assert row["server_cpu_ms_per_request"] > 0
         assert row["qps"] > 0
         # A miss row that hit the cache (or a hit row that missed) would measure the wrong path.
         assert row["cache_hit_rate"] == (1.0 if row["cache"] == "hit" else 0.0), row
@@ -101,6 +112,8 @@ def test_serve_bench_runs_every_case_through_the_server(micro_bundle: Path, tmp_
         if not row["batching"]:
             assert row["mean_encode_batch"] in (None, 1.0)
             assert row["mean_search_batch"] == 1.0
+        else:  # the distribution from /metrics adds up to the calls made
+            assert sum(row["search_batches"].values()) >= row["requests"] / 32
 
     again = ensure_collection(micro_bundle, tmp_path / "work", 2000, seed=0)
     assert again.reused
