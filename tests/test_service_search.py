@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -244,3 +245,39 @@ def test_concurrent_queries_are_batched_and_answered_separately(server: LiveServ
     )
     assert queries == len(texts)
     assert calls < len(texts) / 2, f"{len(texts)} concurrent queries took {calls} encoder calls"
+
+
+def test_a_lone_query_is_not_delayed_by_the_batcher(
+    micro_bundle: Path, served_root: tuple[Path, Path]
+) -> None:
+    """With a batch wait of a whole second, queries sent one after another are still answered
+    at once: the batcher waits only while other requests are in flight. (Each must come back
+    well inside the wait it would otherwise have paid; the margin is the wait itself, not a
+    speed goal.)"""
+    settings = Settings(
+        bundle=micro_bundle,
+        index_root=served_root[1],
+        rate_limit_per_minute=0,
+        batch={"max_wait_ms": 1000, "max_batch": 64},
+    )
+    with live_server(settings) as running, running.client() as client:
+        client.post("/v1/collections/images/search", json={"text": "warm up", "k": 5})
+        before = client.get("/metrics").text
+        took = []
+        for i in range(5):
+            start = time.perf_counter()
+            response = client.post(
+                "/v1/collections/images/search", json={"text": f"a lone red circle {i}", "k": 5}
+            )
+            took.append(time.perf_counter() - start)
+            assert response.status_code == 200, response.text
+            assert response.json()["cached"] is False
+        after = client.get("/metrics").text
+    assert max(took) < 0.5, f"lone queries took {took} s against a 1 s batch wait"
+    encoded = _metric(after, 'cots_batch_size_sum{batcher="encode"}') - _metric(
+        before, 'cots_batch_size_sum{batcher="encode"}'
+    )
+    calls = _metric(after, 'cots_batch_size_count{batcher="encode"}') - _metric(
+        before, 'cots_batch_size_count{batcher="encode"}'
+    )
+    assert encoded == calls == 5  # five batches of one: nothing waited for company
