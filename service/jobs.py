@@ -5,6 +5,11 @@ to every replica) when Redis is configured; otherwise they run here, in process,
 removes always do. A job run here makes this replica load the result at once and, when Redis is
 up, announces it to the other replicas too. Jobs run one at a time per replica: they write
 versions of collections, and each takes the collection's lock anyway.
+
+With Redis, the status of a job run here is also written there (``cots:local-job:<id>``, kept
+as long as queued jobs' results), so any replica or worker process can answer ``GET
+/v1/jobs/{id}``: behind a load balancer, or with ``cots serve --workers N``, the poll for a job
+rarely reaches the process that runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from indexer.jobs import (
+    RESULT_TTL_S,
     UPDATES_CHANNEL,
     JobError,
     connect,
@@ -35,6 +41,7 @@ log = logging.getLogger("cots.jobs")
 
 JobKind = Literal["add", "remove", "reindex"]
 _KEEP_FINISHED = 1000
+_SHARED_KEY = "cots:local-job:"
 
 
 class JobRunner:
@@ -65,6 +72,7 @@ class JobRunner:
         with self._lock:
             self._jobs[job.id] = job
             self._forget_old()
+        self._share(job)
         self._executor.submit(self._run, job.id, collection, work)
         return job.model_copy()
 
@@ -104,7 +112,35 @@ class JobRunner:
             job = self._jobs[job_id]
             if "progress" in changes:
                 changes["progress"] = {**job.progress, **changes["progress"]}
-            self._jobs[job_id] = job.model_copy(update=changes)
+            job = self._jobs[job_id] = job.model_copy(update=changes)
+        self._share(job)
+
+    def _share(self, job: JobInfo) -> None:
+        """Write ``job`` to Redis for the other processes; a Redis that is down costs only
+        that (this process still answers for its own jobs)."""
+        if self.redis_url is None:
+            return
+        try:
+            client = connect(self.redis_url)
+            try:
+                client.set(_SHARED_KEY + job.id, job.model_dump_json(), ex=RESULT_TTL_S)
+            finally:
+                client.close()
+        except Exception as error:
+            log.warning("could not share the status of job %s: %s", job.id, error)
+
+    def _shared(self, job_id: str) -> JobInfo | None:
+        if self.redis_url is None:
+            return None
+        try:
+            client = connect(self.redis_url)
+            try:
+                found = client.get(_SHARED_KEY + job_id)
+            finally:
+                client.close()
+        except JobError as error:
+            raise ApiError(503, f"cannot look job {job_id!r} up: {error}") from None
+        return None if found is None else JobInfo.model_validate_json(found)
 
     def _forget_old(self) -> None:
         done = [key for key, job in self._jobs.items() if job.status in ("finished", "failed")]
@@ -115,7 +151,12 @@ class JobRunner:
         with self._lock:
             if job_id in self._jobs:
                 return self._jobs[job_id].model_copy()
-        if job_id.startswith("local-") or self.redis_url is None:
+        if job_id.startswith("local-"):
+            shared = self._shared(job_id)
+            if shared is None:
+                raise ApiError(404, f"no job {job_id!r} on this server")
+            return shared
+        if self.redis_url is None:
             raise ApiError(404, f"no job {job_id!r} on this server")
         try:
             found = job_status(self.redis_url, job_id)
