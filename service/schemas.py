@@ -204,6 +204,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "degraded", "unready"]
+    process: int = Field(
+        description="process id of the worker that answered (cots serve --workers)"
+    )
     model_bundle_id: str
     redis: Literal["ok", "down", "disabled"]
     collections: dict[str, int] = Field(description="served collections and their versions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from fastapi import APIRouter, Request
@@ -14,9 +15,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
     """The process is alive (says nothing of models or indices); names the replica, so that
-    whoever runs several behind a load balancer can see which one answered."""
+    whoever runs several behind a load balancer can see which one answered. (async: a plain
+    function would run in the threadpool, a hop the floor of ``cots bench serve`` should not
+    pay.)"""
     return Health(status="ok", replica=socket.gethostname())
 
 
@@ -28,6 +31,7 @@ def readyz(request: Request) -> JSONResponse:
     if state is None:
         body = Readiness(
             status="unready",
+            process=os.getpid(),
             model_bundle_id="",
             redis="disabled",
             collections={},
@@ -40,6 +44,7 @@ def readyz(request: Request) -> JSONResponse:
     status = "unready" if not ready else ("degraded" if state.link.state == "down" else "ready")
     body = Readiness(
         status=status,
+        process=os.getpid(),
         model_bundle_id=state.encoder.bundle_id,
         redis=state.link.state,
         collections={name: collection.version for name, collection in loaded.items()},
