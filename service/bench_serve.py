@@ -49,7 +49,14 @@ from service.bench_load import (
     running_server,
 )
 from service.bench_report import Measured, level_row, render, table_line, targets
-from service.load_wrk import find_wrk, run_wrk, split_cores, write_get_script, write_script
+from service.load_wrk import (
+    find_wrk,
+    run_wrk,
+    split_cores,
+    tagged,
+    write_get_script,
+    write_script,
+)
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 CASES: Final = ("healthz", "batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
@@ -95,6 +102,20 @@ class QueryTexts:
             self.count += 1
             texts.append(f"{_phrase(self.rng)}, photo {self.salt}-{self.count}")
         return texts
+
+    def captions(self, n: int) -> list[str]:
+        """``n`` captions without a tag: what a miss level's script tags per request."""
+        return [_phrase(self.rng) for _ in range(n)]
+
+    def as_sent(self, n: int, salt: int) -> list[str]:
+        """``n`` texts as a miss level's wrk script sends them (a caption and its tag), so
+        that in process times texts of the same length."""
+        out = []
+        for caption in self.captions(n):
+            self.count += 1
+            # Counters of 4 digits, as most of a measured level's requests carry.
+            out.append(tagged(caption, salt, 1, 1000 + self.count))
+        return out
 
 
 @dataclass(frozen=True)
@@ -298,10 +319,10 @@ def _scripts(
     if case.endswith("hit"):
         script = write_script(folder / f"{case}.lua", search, list(hot), config.k, 0, unique=False)
         return script, script
-    captions = texts.fresh(SCRIPT_TEXTS)
+    captions = texts.captions(SCRIPT_TEXTS)
     made = []
     for phase in ("warmup", "measured"):
-        salt = secrets.randbelow(10**9)
+        salt = 10**8 + secrets.randbelow(9 * 10**8)  # nine digits: every level's texts alike
         path = folder / f"{case}-{phase}.lua"
         made.append(write_script(path, search, captions, config.k, salt, unique=True))
     return made[0], made[1]
@@ -338,12 +359,14 @@ def _in_process_child(
     collection = Collection.open(root, COLLECTION, bundle_id=encoder.bundle_id)
     collection.index = to_serving_device(collection.index, config.gpu_faiss)
     texts = QueryTexts(config.seed + 1, salt)
+    tag = 10**8 + salt % (9 * 10**8)  # nine digits, as the scripts' salts
     times: dict[str, list[float]] = {"encode": [], "search": [], "hydrate": []}
     batch = BatchSettings().max_batch
     try:
-        for text in texts.fresh(WARMUP_QUERIES):  # first runs allocate and pick kernels
+        for text in texts.as_sent(WARMUP_QUERIES, tag):  # first runs allocate, pick kernels
             collection.search(encoder.encode_texts([text]), config.k)
-        for text in tqdm(texts.fresh(config.in_process_queries), desc="in process", leave=False):
+        queries = texts.as_sent(config.in_process_queries, tag)
+        for text in tqdm(queries, desc="in process", leave=False):
             start = time.perf_counter()
             vector = encoder.encode_texts([text])
             encoded = time.perf_counter()
@@ -353,7 +376,8 @@ def _in_process_child(
             times["encode"].append(encoded - start)
             times["search"].append(searched - encoded)
             times["hydrate"].append(time.perf_counter() - searched)
-        batches = [texts.fresh(batch) for _ in range(max(3, config.in_process_queries // batch))]
+        rounds = max(3, config.in_process_queries // batch)
+        batches = [texts.as_sent(batch, tag) for _ in range(rounds)]
         start = time.perf_counter()
         for chunk in batches:
             encoder.encode_texts(chunk)

@@ -139,12 +139,19 @@ def write_get_script(path: Path, request_path: str) -> Path:
     return path
 
 
+def tagged(text: str, salt: int, thread: int, counter: int) -> str:
+    """The text a unique-mode script sends: what its Lua ``request()`` builds, for whoever
+    must time the same texts in process (their length sets the encoder's cost)."""
+    return f"{text}, photo {salt}-{thread}-{counter}"
+
+
 def write_script(
     path: Path, request_path: str, texts: list[str], k: int, salt: int, unique: bool
 ) -> Path:
     """The Lua script: POST ``{"text": ..., "k": k}`` to ``request_path``. With ``unique``
     each request appends a "photo SALT-THREAD-N" tag to a text of ``texts`` (never the same
-    twice in a run); without, it cycles through ``texts`` as they are (the cache-hit case)."""
+    twice in a run; :func:`tagged` builds the same); without, it cycles through ``texts`` as
+    they are (the cache-hit case)."""
     table = ", ".join(_lua_string(text) for text in texts)
     path.write_text(
         f"""-- written by service/load_wrk.py for cots bench serve
