@@ -127,6 +127,11 @@ class Batcher(Generic[P, R]):
                 await self._wake.wait()
                 continue
             key, group = next(iter(self._groups.items()))
+            if not self.others_in_flight(self._pending):
+                # One turn of the event loop first: requests whose bytes have arrived but not
+                # been read yet (a closed-loop client answering a whole batch at once) are
+                # parsed in it and count as company. A lone query pays one loop turn.
+                await asyncio.sleep(0)
             # Wait for the oldest group to fill, but never past its first query's deadline.
             while len(group.entries) < self.max_batch and self.others_in_flight(self._pending):
                 left = group.first_at + self.max_wait_s - time.monotonic()
