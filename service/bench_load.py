@@ -46,6 +46,22 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_until_idle(pid: int, timeout_s: float = 60.0, window_s: float = 0.2) -> float:
+    """Seconds until process ``pid`` uses under a tenth of a core over ``window_s``. A closed
+    loop's client leaves its last requests in the server when it stops (wrk closes the
+    connections; the server still answers what it has queued): the next measured run must
+    not pay for them."""
+    start = time.monotonic()
+    last = cpu_seconds(pid)
+    while last is not None and time.monotonic() - start < timeout_s:
+        time.sleep(window_s)
+        now = cpu_seconds(pid)
+        if now is None or now - last < 0.1 * window_s:
+            break
+        last = now
+    return time.monotonic() - start
+
+
 @contextmanager
 def running_server(
     env: dict[str, str], log: Path, cores: Sequence[int] | None = None

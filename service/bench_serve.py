@@ -47,6 +47,7 @@ from service.bench_load import (
     cpu_seconds,
     read_metrics,
     running_server,
+    wait_until_idle,
 )
 from service.bench_report import Measured, level_row, render, table_line, targets
 from service.load_wrk import (
@@ -257,9 +258,11 @@ def measure_level(
     config: ServeBenchConfig,
     cores: Cores,
 ) -> Measured:
-    """A warm-up run, then the measured run between two scrapes and CPU readings."""
+    """A warm-up run, then (once the server has finished what the warm-up left queued) the
+    measured run between two scrapes and CPU readings."""
     warmup, script = scripts
     warm = run_wrk(wrk, server.url, warmup, concurrency, config.warmup_s, cores.generator)
+    wait_until_idle(server.pid)
     before, cpu = read_metrics(server), cpu_seconds(server.pid)
     result = run_wrk(wrk, server.url, script, concurrency, config.duration_s, cores.generator)
     cpu_after, after = cpu_seconds(server.pid), read_metrics(server)
