@@ -51,9 +51,14 @@ class JobRunner:
         self._jobs: dict[str, JobInfo] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cots-job")
+        # Status writes to Redis, in order, off the event loop (an add is accepted in an async
+        # route, and a Redis that does not answer takes its 5 s connect timeout) and off the
+        # job thread (a queued job's status must be readable before the job ahead ends).
+        self._sharing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cots-job-share")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sharing.shutdown(wait=False)
 
     def reindex(self, spec: BuildSpec) -> JobInfo:
         if self.redis_url is None:
@@ -99,11 +104,8 @@ class JobRunner:
             "bundle_id": self.registry.bundle_id,
         }
         try:
-            client = connect(self.redis_url)
-            try:
+            with connect(self.redis_url) as client:
                 client.publish(UPDATES_CHANNEL, json.dumps(message))
-            finally:
-                client.close()
         except Exception as error:  # the others find it by polling the version pointer
             log.warning("could not announce %s version %d: %s", collection, version, error)
 
@@ -116,16 +118,16 @@ class JobRunner:
         self._share(job)
 
     def _share(self, job: JobInfo) -> None:
-        """Write ``job`` to Redis for the other processes; a Redis that is down costs only
-        that (this process still answers for its own jobs)."""
-        if self.redis_url is None:
-            return
+        """Have ``job`` written to Redis for the other processes (on the sharing thread)."""
+        if self.redis_url is not None:
+            self._sharing.submit(self._write_shared, self.redis_url, job)
+
+    @staticmethod
+    def _write_shared(redis_url: str, job: JobInfo) -> None:
+        # A Redis that is down costs only this: the process still answers for its own jobs.
         try:
-            client = connect(self.redis_url)
-            try:
+            with connect(redis_url) as client:
                 client.set(_SHARED_KEY + job.id, job.model_dump_json(), ex=RESULT_TTL_S)
-            finally:
-                client.close()
         except Exception as error:
             log.warning("could not share the status of job %s: %s", job.id, error)
 
@@ -133,11 +135,8 @@ class JobRunner:
         if self.redis_url is None:
             return None
         try:
-            client = connect(self.redis_url)
-            try:
+            with connect(self.redis_url) as client:
                 found = client.get(_SHARED_KEY + job_id)
-            finally:
-                client.close()
         except JobError as error:
             raise ApiError(503, f"cannot look job {job_id!r} up: {error}") from None
         return None if found is None else JobInfo.model_validate_json(found)
