@@ -92,27 +92,20 @@ class QueryEngine:
         self.cache = cache
         self.metrics = metrics
         batch = settings.batch
-        max_batch = batch.max_batch if batch.enabled else 1
+        shared: dict[str, Any] = {
+            "max_batch": batch.max_batch if batch.enabled else 1,
+            "max_wait_s": batch.max_wait_ms / 1000 if batch.enabled else 0.0,
+            "max_queue": batch.max_queue,
+            "metrics": metrics,
+            "others_in_flight": lambda queued: metrics.in_flight > queued,
+        }
         self.encode_batcher: Batcher[Any, np.ndarray] = Batcher(
-            "encode",
-            self._encode_batch,
-            max_batch=max_batch,
-            max_wait_s=batch.max_wait_ms / 1000 if batch.enabled else 0.0,
-            max_queue=batch.max_queue,
-            metrics=metrics,
-            others_in_flight=lambda queued: metrics.in_flight > queued,
+            "encode", self._encode_batch, **shared
         )
         # Encodes and searches in one worker call; it observes the size of each encoder and
         # FAISS call itself (as batcher "encode" and "search").
         self.search_batcher: Batcher[_Job, _Found] = Batcher(
-            "search",
-            self._search_batch,
-            max_batch=max_batch,
-            max_wait_s=batch.max_wait_ms / 1000 if batch.enabled else 0.0,
-            max_queue=batch.max_queue,
-            metrics=metrics,
-            others_in_flight=lambda queued: metrics.in_flight > queued,
-            observe_batch_size=False,
+            "search", self._search_batch, observe_batch_size=False, **shared
         )
 
     def start(self) -> None:
@@ -192,16 +185,24 @@ class QueryEngine:
 
     async def embed(self, query: Query) -> tuple[np.ndarray, bool]:
         """(unit vector, came from the cache) of a query, through the encode batcher."""
-        if query.kind == "embedding":
-            return query.payload, False
-        if query.cache_key is not None:
-            cached = await self.cache.get(query.cache_key)
-            if cached is not None:
-                return cached, True
+        vector = await self._known_vector(query)
+        if vector is not None:
+            return vector, query.kind != "embedding"
         vector = await self.encode_batcher.submit(query.kind, query.payload)
+        await self._remember(query, vector)
+        return vector, False
+
+    async def _known_vector(self, query: Query) -> np.ndarray | None:
+        """The query's vector without the encoder: its own (an embedding) or the cache's."""
+        if query.kind == "embedding":
+            return cast(np.ndarray, query.payload)
+        if query.cache_key is None:
+            return None
+        return await self.cache.get(query.cache_key)
+
+    async def _remember(self, query: Query, vector: np.ndarray) -> None:
         if query.cache_key is not None:
             await self.cache.put(query.cache_key, vector)
-        return vector, False
 
     def _encode_batch(self, key: Hashable, payloads: Sequence[Any]) -> list[np.ndarray]:
         if key == "text":
@@ -253,18 +254,14 @@ class QueryEngine:
         """(a page of hits, whether the query's vector came from the cache)."""
         self.check_page(k, offset)
         key: SearchKey = (name, json.dumps(filters or {}, sort_keys=True))
-        vector = None
-        if query.kind == "embedding":
-            vector = query.payload
-        elif query.cache_key is not None:
-            vector = await self.cache.get(query.cache_key)
+        vector = await self._known_vector(query)
         cached = vector is not None and query.kind != "embedding"
         encode = None if vector is not None else (cast(EncodeKey, query.kind), query.payload)
         found = await self.search_batcher.submit(
             SEARCH_GROUP, _Job(key, k + offset, encode, vector)
         )
-        if encode is not None and query.cache_key is not None:
-            await self.cache.put(query.cache_key, found.vector)
+        if encode is not None:
+            await self._remember(query, found.vector)
         page = found.hits[offset : offset + k]
         return Page(found.collection, page, more=len(found.hits) == k + offset), cached
 
