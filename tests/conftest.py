@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.tools import free_port, tool_path
+from tests.tools import free_port, stop_process, tool_path
 
 _START_TIMEOUT_S = 10.0
 
@@ -72,12 +72,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.service_helpers import KEYS, WRITE_KEY, copy_root, wait_for_job
-from tests.tools import free_port
+from tests.tools import free_port, stop_process
 
 COTS = str(Path(sys.executable).with_name("cots"))
 SEARCH = "/v1/collections/images/search"
@@ -67,12 +67,7 @@ def two_workers(
     try:
         yield f"http://127.0.0.1:{port}", process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=30)
         log.close()
         if process.returncode not in (0, -15):
             print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])

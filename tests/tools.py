@@ -63,3 +63,13 @@ def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"{what} after {timeout_s:.0f} s\n{details()}", pytrace=False)
         time.sleep(interval_s)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
