@@ -30,8 +30,17 @@ def clean_lower(text: str) -> str:
     must follow them (an entity can decode to a space or a capital) and use Python's Unicode
     tables as training did, so the whole cleaning runs here, in open_clip's order.
     """
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if not _ftfy_leaves_alone(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+def _ftfy_leaves_alone(text: str) -> bool:
+    """Whether ftfy and both unescapes are sure no-ops: printable ASCII without ``&`` has no
+    mojibake, no entity, no control character, curly quote or ligature to fix, and is its own
+    NFC form. Most queries are such text, and ftfy costs more than hashing them (issue 18);
+    ``tests/test_text_cleaning.py`` checks the shortcut against ftfy."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 def check_texts(texts: Sequence[str]) -> None:

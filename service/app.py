@@ -11,11 +11,13 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute, APIRouter
 from fastapi.staticfiles import StaticFiles
 
 from cots import __version__
 from service.api import clip_retrieval, collections, embed, health, page, search
 from service.errors import install_error_handlers
+from service.fast_search import SEARCH_TEMPLATE, JsonSearchFastPath
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
 from service.settings import Settings
@@ -66,6 +68,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(files("service") / "static")), name="static")
 
+    if settings.fast_search:
+        app.add_middleware(JsonSearchFastPath, route=_route(search.router, SEARCH_TEMPLATE, "POST"))
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
+
+
+def _route(router: APIRouter, path: str, method: str) -> APIRoute:
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == path and method in (route.methods or ()):
+            return route
+    raise LookupError(f"no route {method} {path}")

@@ -98,6 +98,7 @@ class QueryEngine:
             "max_queue": batch.max_queue,
             "metrics": metrics,
             "others_in_flight": lambda queued: metrics.in_flight > queued,
+            "run_lone_inline": batch.lone_inline,
         }
         self.encode_batcher: Batcher[Any, np.ndarray] = Batcher(
             "encode", self._encode_batch, **shared

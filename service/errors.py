@@ -64,9 +64,10 @@ def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]
     return {"error": error}
 
 
-def _response(
+def error_response(
     status: int, message: str, headers: Mapping[str, str] | None = None, details: Any = None
 ) -> JSONResponse:
+    """The JSON error response every handler (and the search fast path) answers with."""
     return JSONResponse(error_body(status, message, details), status_code=status, headers=headers)
 
 
@@ -83,12 +84,12 @@ def _validation_message(errors: list[Any]) -> tuple[str, list[dict[str, Any]]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return _response(error.status, error.message, error.headers)
+        return error_response(error.status, error.message, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         message, details = _validation_message(list(error.errors()))
-        return _response(422, message, details=details)
+        return error_response(422, message, details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -99,9 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {k.lower(): v for k, v in (error.headers or {}).items()}
             allowed = headers.get("allow", "")
             message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
-        return _response(error.status_code, message, getattr(error, "headers", None))
+        return error_response(error.status_code, message, getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _response(500, "internal error; the server log has the details")
+        return error_response(500, "internal error; the server log has the details")

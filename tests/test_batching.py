@@ -20,10 +20,14 @@ def _batcher(
     company: bool = True,
     max_queue: int = 100,
     gate: threading.Event | None = None,
+    inline: bool = False,
+    threads: list[str] | None = None,
 ) -> Batcher[int, int]:
     def run(key: Hashable, payloads: Sequence[int]) -> list[int]:
         if gate is not None:
             gate.wait(10)
+        if threads is not None:
+            threads.append(threading.current_thread().name)
         calls.append((key, list(payloads)))
         return [p * 10 for p in payloads]
 
@@ -35,6 +39,7 @@ def _batcher(
         max_queue=max_queue,
         metrics=Metrics(),
         others_in_flight=lambda queued: company,
+        run_lone_inline=inline,
     )
 
 
@@ -66,6 +71,28 @@ def test_a_lone_query_does_not_wait() -> None:
         return took
 
     assert asyncio.run(main()) < 0.04  # well under max_wait_s (0.05)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_lone_query_runs_on_the_loop_thread_only_when_asked(inline: bool) -> None:
+    calls: list[tuple[Hashable, list[int]]] = []
+    threads: list[str] = []
+
+    async def main() -> tuple[int, list[int]]:
+        lone = _batcher(calls, company=False, inline=inline, threads=threads)
+        lone.start()
+        answer = await lone.submit("k", 2)
+        await lone.stop()
+        crowded = _batcher(calls, company=True, inline=inline, threads=threads)
+        crowded.start()
+        answers = await asyncio.gather(*(crowded.submit("k", i) for i in range(3)))
+        await crowded.stop()
+        return answer, list(answers)
+
+    assert asyncio.run(main()) == (20, [0, 10, 20])
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs in this thread
+    assert threads[0] == (loop_thread if inline else "batch-test_0")
+    assert threads[1:] == ["batch-test_0"]  # company, or a batch of several: the worker
 
 
 def test_a_full_queue_refuses_and_stop_answers_everyone() -> None:

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from indexer.collection import Hit
 from service.api import API_PREFIX
-from service.api.deps import SearchContextDep
+from service.api.deps import SearchContext, SearchContextDep
 from service.engine import Page
 from service.errors import ApiError
 from service.queries import QueryKind, decode_base64_image, fetch_image, search_query
@@ -69,7 +69,12 @@ async def search(body: SearchRequest, context: SearchContextDep) -> Response:
     Text → image/video/caption collections (a video hit carries its moment's start_s/end_s),
     image → caption collections (its captions) or image collections (similar images).
     """
-    start = time.perf_counter()
+    return await run_search(body, context, time.perf_counter())
+
+
+async def run_search(body: SearchRequest, context: SearchContext, start: float) -> Response:
+    """The search route's work once the body is valid and the caller allowed: shared with
+    :class:`service.fast_search.JsonSearchFastPath`, which reaches it without FastAPI's routing."""
     engine, settings = context.engine, context.settings
     name = context.collection.info.collection
     engine.check_page(body.k, body.offset)
