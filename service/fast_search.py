@@ -22,9 +22,9 @@ import re
 import time
 from typing import Final
 
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import API_PREFIX
@@ -34,7 +34,6 @@ from service.errors import ApiError, error_response
 from service.schemas import SearchRequest
 
 SEARCH_TEMPLATE: Final = f"{API_PREFIX}/collections/{{name}}/search"
-_PATH = re.compile(rf"^{re.escape(API_PREFIX)}/collections/([^/]+)/search$")
 _NAME = re.compile(COLLECTION_NAME)
 
 
@@ -62,15 +61,16 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 class JsonSearchFastPath:
     """Answers valid JSON searches itself; passes every other request to ``app``."""
 
-    def __init__(self, app: ASGIApp, route: BaseRoute) -> None:
+    def __init__(self, app: ASGIApp, route: APIRoute) -> None:
         self.app = app
-        self.route = route  # the FastAPI route it stands in for, for RequestMetrics' label
+        # The FastAPI route it stands in for: its path pattern, and RequestMetrics' label.
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            match = _PATH.match(scope["path"])
-        if match is None or not _NAME.match(match.group(1)) or not _is_json(scope):
+            match = self.route.path_regex.match(scope["path"])
+        if match is None or not _NAME.match(match["name"]) or not _is_json(scope):
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -91,7 +91,7 @@ class JsonSearchFastPath:
             return
         scope["route"] = self.route
         try:
-            context = await search_context(Request(scope, receive), match.group(1))
+            context = await search_context(Request(scope, receive), match["name"])
             response = await run_search(query, context, start)
         except ApiError as error:
             response = error_response(error.status, error.message, error.headers)
