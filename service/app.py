@@ -6,6 +6,7 @@ are built in the lifespan, never at import, and torn down after it.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -32,6 +33,17 @@ in the `X-API-Key` header. Every error is `{"error": {"status", "code", "message
 """
 
 
+def freeze_startup_heap() -> None:
+    """Move what start-up built (imports, routes, sessions, collections: it lives as long as
+    the server) out of the cyclic garbage collector's reach, so that its full passes walk only
+    what requests create. Unfrozen, a full pass walked the whole start-up heap, stopped the
+    event loop for ~70 ms and set the p99 under load (issue 18: c=32 p99 92 -> 38 ms on cache
+    misses, 71 -> 9 ms on hits). Reference counting still frees frozen objects; only a cycle
+    among them would stay, and start-up leaves none behind (collected first)."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
@@ -40,10 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await ServiceState.start(settings, metrics)
         app.state.service = state
+        freeze_startup_heap()
         try:
             yield
         finally:
             app.state.service = None
+            gc.unfreeze()
             await state.stop()
 
     app = FastAPI(

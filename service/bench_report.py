@@ -207,6 +207,14 @@ def render(result: dict[str, Any]) -> str:
         f"together {ip['single_ms_p50']:.2f} ms; the encoder alone on batches of "
         f"{ip['batch']}: {ip['batched_encode_qps']:,.0f} texts/s.",
     ]
+    if "model_ms_per_text_single" in ip:  # results recorded before 2026-12-04 lack it
+        gain = ip["model_ms_per_text_single"] / ip["model_ms_per_text_batched"]
+        lines.append(
+            f"The text model alone ({ip['tokens_per_text']:.0f} tokens a text): "
+            f"{ip['model_ms_per_text_single']:.3f} ms for one text, "
+            f"{ip['model_ms_per_text_batched']:.3f} ms per text in batches of {ip['batch']} "
+            f"(batching saves it {gain:.2f}x)."
+        )
     checks = result["targets"]
     if checks["c1_overhead_ms"] is not None:
         lines.append(

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import click
@@ -58,6 +58,9 @@ from service.load_wrk import (
     write_get_script,
     write_script,
 )
+
+if TYPE_CHECKING:
+    from indexer.encoder import Encoder
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 CASES: Final = ("healthz", "batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
@@ -385,6 +388,7 @@ def _in_process_child(
         for chunk in batches:
             encoder.encode_texts(chunk)
         batched_qps = batch * len(batches) / (time.perf_counter() - start)
+        model = model_batch_cost(encoder, queries, batches)
     finally:
         collection.close()
     ms = {name: np.asarray(values) * 1000 for name, values in times.items()}
@@ -398,6 +402,35 @@ def _in_process_child(
         "single_ms_p50": round(float(np.median(total)), 3),
         "batch": batch,
         "batched_encode_qps": round(batched_qps, 1),
+        **model,
+    }
+
+
+def model_batch_cost(
+    encoder: Encoder, singles: Sequence[str], batches: Sequence[Sequence[str]]
+) -> dict[str, Any]:
+    """The text model alone (token ids ready, no tokeniser, no normalising), per text: median
+    of one-text calls against median of full-batch calls, and the mean token count. Their ratio
+    is all that batching can save on the encoder: a model whose one-text call already fills the
+    cores gains nothing from company."""
+    one = [encoder.tokenizer([text]) for text in singles]
+    full = [encoder.tokenizer(chunk) for chunk in batches]
+    for ids in one[:WARMUP_QUERIES] + full[:1]:  # first calls of a shape pick kernels
+        encoder.run("text", ids)
+
+    def median_ms(inputs: Sequence[np.ndarray]) -> float:
+        spent = []
+        for ids in inputs:
+            start = time.perf_counter()
+            encoder.run("text", ids)
+            spent.append((time.perf_counter() - start) * 1000 / len(ids))
+        return float(np.median(spent))
+
+    single, batched = median_ms(one), median_ms(full)
+    return {
+        "model_ms_per_text_single": round(single, 3),
+        "model_ms_per_text_batched": round(batched, 3),
+        "tokens_per_text": round(float(np.mean([ids.shape[1] for ids in one])), 1),
     }
 
 

@@ -87,6 +87,10 @@ def test_serve_bench_runs_every_case_through_the_server(micro_bundle: Path, tmp_
     assert data["in_process"]["queries"] == 10
     assert data["in_process"]["single_ms_p50"] > 0
     assert data["in_process"]["batched_encode_qps"] > 0
+    # The model's own cost per text, alone and in full batches, with the token count.
+    assert data["in_process"]["model_ms_per_text_single"] > 0
+    assert data["in_process"]["model_ms_per_text_batched"] > 0
+    assert data["in_process"]["tokens_per_text"] >= 2
     assert data["load"]["generator"].startswith("wrk")
     assert data["targets"]["errors"] == 0
     assert data["targets"]["c1_overhead_ms"] is not None
