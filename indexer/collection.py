@@ -8,7 +8,6 @@ version was built by the model bundle the caller embeds queries with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,11 @@ import numpy as np
 from indexer.assemble import INDEX_FILE, METADATA, IndexInfo, read_info
 from indexer.errors import CollectionError
 from indexer.faiss_index import load_index, search, supports_remove
-from indexer.metadata import Item, MetadataStore
+from indexer.metadata import MetadataStore
+from indexer.segments import Hit
 from indexer.versions import current_dir, version_dir
 
 logger = logging.getLogger("cots.index")
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    score: float
-    item: Item
 
 
 class Collection:

@@ -1,0 +1,300 @@
+"""Immutable segments, and search across the segments of a version with a delete set.
+
+A segment folder holds one FAISS index over its vectors, ``ids.npy`` (ascending int64),
+``vectors.npy`` (float16 where the index does not keep exact floats, float32 where it does:
+the stored copy feeds compaction and exact completion of filtered searches), its items in
+``metadata.sqlite`` and ``segment.json``. Nothing in it changes after it is written: an add
+writes a new segment, a remove a new delete set (tombstones by id), a compaction merged
+segments. So a new version can list the segments of the old one without copying them.
+
+Segments cover disjoint id ranges (ids grow with each add; compaction merges neighbours), in
+ascending order:
+
+``queries [Q, d] -> per segment: one FAISS call -> drop tombstoned ids -> merge into top k``
+
+A segment with few tombstones is asked for ``k + tombstones`` and the deleted ids dropped
+after (what it returns beyond them is its true top k); one with many is searched with its live
+ids as an ID selector instead, so a heavily deleted segment never makes a query fetch
+thousands. A filter becomes the segment's matching ids minus the deleted ones, as a selector
+(``faiss_index.search`` completes short rows exhaustively). Hits are hydrated per segment: one
+metadata query for each segment the batch's ids fall in.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from indexer.faiss_index import build_index, load_index, save_index, search
+from indexer.metadata import Item, MetadataStore
+
+SEGMENT_JSON: Final = "segment.json"
+SEGMENT_INDEX: Final = "index.faiss"
+SEGMENT_IDS: Final = "ids.npy"
+SEGMENT_VECTORS: Final = "vectors.npy"
+SEGMENT_METADATA: Final = "metadata.sqlite"
+# Up to this many tombstones a segment is over-fetched (k + tombstones) and the deleted ids
+# dropped; beyond, its live ids become an ID selector (a few ms to build on 1M ids, cached
+# per opened version).
+OVERFETCH_TOMBSTONES: Final = 256
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    item: Item
+
+
+class SegmentInfo(BaseModel):
+    """``segment.json``: what a segment holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    count: int
+    first_id: int  # -1 for an empty segment
+    last_id: int
+    dim: int
+    factory: str
+    vectors_dtype: Literal["float32", "float16"]
+    created: str
+
+
+def new_segment_id() -> str:
+    """Unique across collections and machines: replicas key what they hold by it."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(6)}"
+
+
+def keeps_exact_floats(factory: str) -> bool:
+    """Whether the index's codes are the float32 vectors themselves (flat storage): then the
+    stored copy stays float32, as search and recall use it; else float16 halves the file."""
+    encoding = factory.split(",")[-1]
+    return encoding == "Flat" or (factory.startswith("HNSW") and "," not in factory)
+
+
+def write_segment(
+    folder: Path,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: Sequence[Item],
+    factory: str,
+) -> SegmentInfo:
+    """Index ``vectors`` [n, d] with ``ids`` and write a complete segment into ``folder`` (new,
+    empty). ``items`` are the ids' metadata rows."""
+    order = np.argsort(ids, kind="stable")
+    ids = np.asarray(ids, dtype=np.int64)[order]
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("a segment's ids must be distinct")
+    if sorted(item.id for item in items) != ids.tolist():
+        raise ValueError("a segment's items must be exactly its ids' rows")
+    folder.mkdir(parents=True, exist_ok=False)
+    if len(ids):
+        save_index(build_index(vectors, ids, factory), folder / SEGMENT_INDEX)
+    dtype: Literal["float32", "float16"] = "float32" if keeps_exact_floats(factory) else "float16"
+    np.save(folder / SEGMENT_IDS, ids)
+    np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
+    with MetadataStore.create(folder / SEGMENT_METADATA) as store:
+        store.add(list(items))
+    info = SegmentInfo(
+        id=folder.name,
+        count=len(ids),
+        first_id=int(ids[0]) if len(ids) else -1,
+        last_id=int(ids[-1]) if len(ids) else -1,
+        dim=vectors.shape[1],
+        factory=factory,
+        vectors_dtype=dtype,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    (folder / SEGMENT_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+class Segment:
+    """One opened segment: its index in RAM, ids, memory-mapped vectors, metadata read-only."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.info = SegmentInfo.model_validate(
+            json.loads((folder / SEGMENT_JSON).read_text(encoding="utf-8"))
+        )
+        self.ids: np.ndarray = np.load(folder / SEGMENT_IDS)
+        self.index: faiss.Index | None = (
+            load_index(folder / SEGMENT_INDEX) if self.info.count else None
+        )
+        self.store = MetadataStore.open(folder / SEGMENT_METADATA, readonly=True)
+        self._vectors: np.ndarray | None = None
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def vectors(self) -> np.ndarray:
+        """The stored vectors in id order (memory-mapped; float16 or float32)."""
+        if self._vectors is None:
+            self._vectors = np.load(self.folder / SEGMENT_VECTORS, mmap_mode="r")
+        return self._vectors
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of ``ids`` (all of them in this segment)."""
+        rows = np.searchsorted(self.ids, ids)
+        return np.asarray(self.vectors()[rows], dtype=np.float32)
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` (int64) are this segment's."""
+        rows = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
+        return (self.ids[rows] == ids) if len(self.ids) else np.zeros(len(ids), dtype=bool)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@dataclass
+class _Live:
+    """A segment seen through a version's delete set."""
+
+    segment: Segment
+    deleted: np.ndarray  # this segment's tombstoned ids, ascending
+    live_ids: np.ndarray | None = None  # built on first need (selector search)
+
+    def live(self) -> np.ndarray:
+        if self.live_ids is None:
+            self.live_ids = np.setdiff1d(self.segment.ids, self.deleted, assume_unique=True)
+        return self.live_ids
+
+
+class SegmentedIndex:
+    """The segments of one version and its delete set: search, filters and hydration that
+    answer as one index over the live items would."""
+
+    def __init__(self, segments: Sequence[Segment], deleted: np.ndarray) -> None:
+        ordered = sorted(segments, key=lambda s: s.info.first_id)
+        self.deleted = np.unique(np.asarray(deleted, dtype=np.int64))
+        self._parts = [
+            _Live(s, np.intersect1d(s.ids, self.deleted, assume_unique=True)) for s in ordered
+        ]
+        self.dim = ordered[0].info.dim if ordered else 0
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [part.segment for part in self._parts]
+
+    @property
+    def count(self) -> int:
+        """Vectors held, tombstoned ones included."""
+        return sum(part.segment.info.count for part in self._parts)
+
+    @property
+    def live(self) -> int:
+        return self.count - sum(len(part.deleted) for part in self._parts)
+
+    def ids_matching(self, filters: Mapping[str, Any]) -> np.ndarray:
+        """Live ids (ascending) whose fields match ``filters``, across segments."""
+        found = [
+            np.setdiff1d(p.segment.store.ids_matching(filters), p.deleted, assume_unique=True)
+            for p in self._parts
+        ]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def nearest(
+        self, queries: np.ndarray, k: int, *, filters: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` live (and, with ``filters``, matching) ids per query: (scores float32
+        [Q, k], ids int64 [Q, k]), best first, padded with -inf and -1."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        rows: list[tuple[np.ndarray, np.ndarray]] = []
+        for part in self._parts:
+            found = self._search_part(part, queries, k, filters)
+            if found is not None:
+                rows.append(found)
+        return _merge(rows, len(queries), k)
+
+    def _search_part(
+        self,
+        part: _Live,
+        queries: np.ndarray,
+        k: int,
+        filters: Mapping[str, Any] | None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        segment = part.segment
+        if segment.index is None:
+            return None
+        if filters:
+            matching = segment.store.ids_matching(filters)
+            allowed = np.setdiff1d(matching, part.deleted, assume_unique=True)
+        elif len(part.deleted) > OVERFETCH_TOMBSTONES:
+            allowed = part.live()
+        else:
+            wanted = min(k + len(part.deleted), segment.info.count)
+            scores, ids = search(segment.index, queries, wanted)
+            if len(part.deleted):
+                dead = np.isin(ids, part.deleted)
+                ids = np.where(dead, -1, ids)
+                scores = np.where(dead, np.float32(-np.inf), scores)
+            return scores, ids
+        if not len(allowed):
+            return None
+        return search(
+            segment.index, queries, min(k, len(allowed)), allowed=allowed, lookup=segment.lookup
+        )
+
+    def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to ``k`` hits per row of :meth:`nearest`'s result; one metadata
+        query per segment the ids fall in."""
+        found = self.items(np.unique(ids[ids >= 0]))
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, item_id in zip(row_scores, row_ids, strict=True):
+                item = found.get(int(item_id)) if item_id >= 0 else None
+                if item is not None:
+                    hits.append(Hit(int(item_id), float(score), item))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def items(self, ids: np.ndarray) -> dict[int, Item]:
+        """The live items of ``ids`` (unknown and tombstoned ones left out)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[~np.isin(ids, self.deleted)]
+        found: dict[int, Item] = {}
+        for part in self._parts:
+            mine = ids[part.segment.holds(ids)]
+            if len(mine):
+                items = part.segment.store.get(mine)
+                found.update((int(i), item) for i, item in zip(mine, items, strict=True) if item)
+        return found
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.segment.close()
+
+
+def _merge(
+    rows: Sequence[tuple[np.ndarray, np.ndarray]], count: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of each query's results over all segments, padded with -inf / -1."""
+    if not rows:
+        return np.full((count, k), -np.inf, np.float32), np.full((count, k), -1, np.int64)
+    scores = np.concatenate([r[0] for r in rows], axis=1)
+    ids = np.concatenate([r[1] for r in rows], axis=1)
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    # Stable on descending score: among equal scores the earlier segment (lower ids) wins.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
