@@ -1,9 +1,11 @@
 """The second half of a build: encoded shards -> a complete, published index bundle version.
 
-A version folder holds ``index.faiss``, ``vectors.npy`` + ``ids.npy`` (the float32 vectors in
-id order, so ``compact`` and a change of index type need no re-encoding), ``metadata.sqlite``
-and ``index.json``. It is written in a staging folder and published by
-:func:`indexer.versions.publish`, which makes it current.
+A version folder holds ``index.json`` (which segments it is made of, counts, the model bundle)
+and ``deleted.npy`` (its delete set: tombstoned ids, ascending). A build writes one segment
+(``indexer.segments``: FAISS index, ids, stored vectors so that compaction and a change of
+index type need no re-encoding, metadata) inside the staging folder; it is published by
+:func:`indexer.versions.publish`, which moves the segment beside the others and makes the
+version current. Format 1 versions (before segments) held those files themselves.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from indexer.bundle import BundleManifest, Modality
-from indexer.faiss_index import build_index, choose_factory, recall_at_k, save_index
-from indexer.metadata import Item, MetadataStore
+from indexer.faiss_index import choose_factory
+from indexer.metadata import Item
+from indexer.segments import new_segment_id, write_segment
 from indexer.spec_index import BuildSpec, CorpusKind
-from indexer.versions import publish, staging
+from indexer.versions import SEGMENTS, publish, staging
 
 INDEX_JSON: Final = "index.json"
 INDEX_FILE: Final = "index.faiss"
 VECTORS: Final = "vectors.npy"
 IDS: Final = "ids.npy"
 METADATA: Final = "metadata.sqlite"
-FORMAT_VERSION: Final = 1
-RECALL_QUERIES: Final = 200
+DELETED: Final = "deleted.npy"
+FORMAT_VERSION: Final = 2  # 2: segments and a delete set; 1: one folder of files per version
 
 
 class IndexInfo(BaseModel):
@@ -42,7 +45,7 @@ class IndexInfo(BaseModel):
     collection: str
     kind: CorpusKind
     modality: Modality  # what the vectors embed (image, text or video)
-    count: int  # vectors in the index (removed ones included until compacted)
+    count: int  # vectors in the segments (removed ones included until compacted)
     live: int
     dim: int
     factory: str
@@ -52,6 +55,9 @@ class IndexInfo(BaseModel):
     build: dict[str, Any]  # the BuildSpec of the first build, then what updates changed
     skipped: dict[str, int] = {}
     created: str
+    segments: list[str] = []  # segment ids, in ascending id ranges (format 2)
+    tombstones: int = 0  # ids in the delete set
+    max_id: int = -1  # the largest id ever given: new items get larger ones, even after compaction
 
     def write(self, folder: Path) -> None:
         (folder / INDEX_JSON).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -111,42 +117,31 @@ def write_version(
     folder: Path,
     ids: np.ndarray,
     vectors: np.ndarray,
-    items: Sequence[Item] | None,
+    items: Sequence[Item],
     factory: str,
     info: IndexInfo,
-    store: MetadataStore | None = None,
 ) -> IndexInfo:
-    """Build the FAISS index over ``vectors`` and write every file of a version to ``folder``.
-
-    ``items`` are added to a new metadata store unless ``store`` (already in ``folder``) is
-    given. Returns the final ``index.json`` content, recall measured.
-    """
-    order = np.argsort(ids, kind="stable")
-    ids, vectors = ids[order], np.ascontiguousarray(vectors[order])
-    index = build_index(vectors, ids, factory)
-    recall = measure_recall(index, ids, vectors)
-    save_index(index, folder / INDEX_FILE)
-    np.save(folder / VECTORS, vectors)
-    np.save(folder / IDS, ids)
-    if store is None:
-        with MetadataStore.create(folder / METADATA) as created:
-            created.add(list(items or []))
-            live = created.live_count()
-    else:
-        live = store.live_count()
+    """Write a version of one segment (``vectors`` indexed as ``factory``, ``items`` their
+    rows) and an empty delete set into the staging ``folder``. Returns its ``index.json``
+    content, recall measured."""
+    segment_id = new_segment_id()
+    segment = folder / SEGMENTS / segment_id
+    written = write_segment(segment, ids, vectors, items, factory)
     final = info.model_copy(
-        update={"factory": factory, "count": len(ids), "live": live, "recall_at_10": recall}
+        update={
+            "format_version": FORMAT_VERSION,
+            "factory": factory,
+            "count": written.count,
+            "live": written.count,
+            "recall_at_10": written.recall_at_10,
+            "segments": [segment_id],
+            "tombstones": 0,
+            "max_id": max(info.max_id, written.last_id),
+        }
     )
+    np.save(folder / DELETED, np.zeros(0, dtype=np.int64))
     final.write(folder)
     return final
-
-
-def measure_recall(index: Any, ids: np.ndarray, vectors: np.ndarray) -> float:
-    """Recall@10 against exact search, with a seeded sample of the collection's own vectors as
-    queries (what index.json records)."""
-    rng = np.random.default_rng(0)
-    sample = rng.choice(len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False)
-    return recall_at_k(index, vectors, ids, vectors[sample], k=10)
 
 
 def read_info(folder: Path) -> IndexInfo:

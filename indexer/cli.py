@@ -176,16 +176,59 @@ def remove(
 @_root_option
 @_collection_option
 @click.option("--keep-versions", type=click.IntRange(min=1), default=3, show_default=True)
-def compact(root: Path, collection: str, keep_versions: int) -> None:
-    """Rebuild the index without removed items (frees HNSW's tombstoned vectors)."""
-    from indexer.errors import CollectionError
-    from indexer.update import compact_collection
+@click.option("--full", is_flag=True, help="Merge every segment into one, whatever the policy.")
+@click.option(
+    "--tombstone-ratio",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.2,
+    show_default=True,
+    help="Rewrite a segment once this share of its items is removed.",
+)
+@click.option(
+    "--max-segments",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Beyond this many segments, merge the newest small ones.",
+)
+@click.option(
+    "--small-ratio",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="'Small': fewer items than this share of the largest segment.",
+)
+def compact(
+    root: Path,
+    collection: str,
+    keep_versions: int,
+    full: bool,
+    tombstone_ratio: float,
+    max_segments: int,
+    small_ratio: float,
+) -> None:
+    """Merge segments and drop removed items, as the policy says (see docs/index.md).
 
+    Each change adds a segment or a delete set; compaction merges neighbouring segments into
+    one (IVF centroids trained anew when the merged one is large) and publishes a new version.
+    A collection built before segments (index format 1) is rewritten whole."""
+    from indexer.compaction import CompactionPolicy, compact_collection
+    from indexer.errors import CollectionError
+
+    policy = CompactionPolicy(
+        full=full,
+        tombstone_ratio=tombstone_ratio,
+        max_segments=max_segments,
+        small_ratio=small_ratio,
+    )
     try:
-        version = compact_collection(root, collection, keep_versions=keep_versions)
+        version = compact_collection(root, collection, keep_versions=keep_versions, policy=policy)
     except CollectionError as error:
         raise _fail(error) from None
-    _echo_info(root, collection, f"compacted; now version {version}")
+    if version is None:
+        _echo_info(root, collection, "nothing to compact (the policy found no segment to merge)")
+    else:
+        _echo_info(root, collection, f"compacted; now version {version}")
 
 
 @index.command()
@@ -278,9 +321,10 @@ def _echo_info(root: Path, collection: str, what: str) -> None:
 
     info = read_info(current_dir(root, collection))
     skipped = sum(info.skipped.values())
+    segments = f", {len(info.segments)} segments" if info.segments else ""
     click.echo(
         f"{collection}: {what}; version {current_version(root, collection)}, {info.live:,} live "
-        f"of {info.count:,} {info.modality} vectors, {info.factory}, recall@10 "
+        f"of {info.count:,} {info.modality} vectors{segments}, {info.factory}, recall@10 "
         f"{info.recall_at_10:.3f}, model bundle {info.model_bundle_id[:12]}"
         + (f", {skipped} items skipped ({info.skipped})" if skipped else "")
     )

@@ -1,39 +1,56 @@
 """Reading a collection's live version: search with metadata, filters and tombstones.
 
-A :class:`Collection` is one version, opened whole (index, vectors' ids, metadata); the service
-keeps one per collection and swaps it when told a new version is live. Opening checks that the
-version was built by the model bundle the caller embeds queries with.
+A :class:`Collection` is one version: its ``index.json``, the segments it names and its delete
+set, searched as one index (``indexer.segments.SegmentedIndex``). The service keeps one per
+collection and swaps it when told a new version is live; opening the new one with
+``previous=`` the served one reuses the segments both name (same id: same immutable files),
+so a swap after an add loads only the added segment. Opening checks that the version was built
+by the model bundle the caller embeds queries with.
+
+Format-1 versions (written before segments: one folder holding every file) are served as one
+segment whose tombstones are in its metadata; changes to them are refused until
+``cots index compact`` rewrites them as segments.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
-from indexer.assemble import INDEX_FILE, METADATA, IndexInfo, read_info
+from indexer.assemble import DELETED, IndexInfo, read_info
 from indexer.errors import CollectionError
-from indexer.faiss_index import load_index, search, supports_remove
-from indexer.metadata import MetadataStore
-from indexer.segments import Hit
-from indexer.versions import current_dir, version_dir
+from indexer.faiss_index import to_serving_device
+from indexer.metadata import Item
+from indexer.segments import (
+    SEGMENT_IDS,
+    SEGMENT_INDEX,
+    SEGMENT_JSON,
+    SEGMENT_METADATA,
+    SEGMENT_VECTORS,
+    Hit,
+    Segment,
+    SegmentedIndex,
+)
+from indexer.versions import current_dir, segments_dir, version_dir
 
 logger = logging.getLogger("cots.index")
 
+__all__ = ["Collection", "Hit", "missing_files"]
+
 
 class Collection:
-    def __init__(self, folder: Path, info: IndexInfo, index: faiss.Index, store: MetadataStore):
+    def __init__(self, folder: Path, info: IndexInfo, segments: SegmentedIndex) -> None:
         self.folder = folder
         self.info = info
-        self.index = index
-        self.store = store
+        self.segments = segments
         self.version = int(folder.name)
-        # Removed items whose vectors are still in the index (types that cannot delete, such as
-        # HNSW): a search must ask for that many more. Flat and IVF dropped theirs.
-        self._tombstoned_in_index = 0 if supports_remove(index) else len(store.removed_ids())
+        # Segments this version loaded itself (the rest were reused from the previous one).
+        self.loaded: list[str] = []
+        self._size: int | None = None
 
     @classmethod
     def open(
@@ -43,9 +60,13 @@ class Collection:
         *,
         bundle_id: str | None = None,
         version: int | None = None,
+        previous: Collection | None = None,
+        use_gpu: bool | None = False,
     ) -> Collection:
         """The live version of ``name`` (or ``version``). With ``bundle_id``, a version built by
-        another model bundle is refused: its vectors live in another space."""
+        another model bundle is refused: its vectors live in another space. Segments that
+        ``previous`` holds are shared with it, not loaded again; new ones go to the GPU when
+        ``use_gpu`` says so (None: when FAISS sees one)."""
         folder = current_dir(root, name) if version is None else version_dir(root, name, version)
         if not (folder / "index.json").is_file():
             raise CollectionError(f"{folder} is not a complete index version (no index.json)")
@@ -56,12 +77,37 @@ class Collection:
                 f"{info.model_bundle_id[:12]}, but queries are embedded with {bundle_id[:12]}; "
                 "rebuild the collection with this bundle (cots index build) or serve the other one"
             )
-        index = load_index(folder / INDEX_FILE)
-        store = MetadataStore.open(folder / METADATA, readonly=True)
-        return cls(folder, info, index, store)
+        if info.format_version == 1:
+            segment = Segment.of_format_1(folder, info.dim, info.factory, info.recall_at_10)
+            _to_device(segment, use_gpu)
+            opened = cls(folder, info, SegmentedIndex([segment], segment.store.removed_ids()))
+            opened.loaded = [segment.id]
+            return opened
+        held = {s.id: s for s in previous.segments.segments} if previous is not None else {}
+        segments: list[Segment] = []
+        loaded: list[str] = []
+        try:
+            for segment_id in info.segments:
+                if segment_id in held:
+                    reused = held[segment_id]
+                    reused.users += 1
+                    segments.append(reused)
+                    continue
+                segment = Segment(segments_dir(root, name) / segment_id)
+                _to_device(segment, use_gpu)
+                segments.append(segment)
+                loaded.append(segment_id)
+            deleted = np.load(folder / DELETED)
+        except BaseException:
+            for segment in segments:
+                segment.close()
+            raise
+        opened = cls(folder, info, SegmentedIndex(segments, deleted))
+        opened.loaded = loaded
+        return opened
 
     def close(self) -> None:
-        self.store.close()
+        self.segments.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -76,9 +122,7 @@ class Collection:
 
         ``filters`` keep items whose fields equal the given values (``kind``, ``group_id``,
         ``uri`` or any metadata key); k results come back whenever k items match. Removed items
-        never appear: with a filter they are not among the allowed ids; without one, for index
-        types that keep removed vectors, the search asks for k more per removed item and drops
-        them.
+        never appear (see ``indexer.segments``).
         """
         scores, ids = self.nearest(queries, k, filters=filters)
         return self.hydrate(scores, ids, k)
@@ -86,35 +130,54 @@ class Collection:
     def nearest(
         self, queries: np.ndarray, k: int, *, filters: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The FAISS half of :meth:`search`: (scores, ids) [n, k'] with -1 padding, k' ≥ k
-        when removed vectors may be among them; :meth:`hydrate` turns them into hits."""
+        """The FAISS half of :meth:`search`: (scores, ids) [n, k] with -1 padding;
+        :meth:`hydrate` turns them into hits."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.info.dim:
             raise ValueError(f"queries must be [n, {self.info.dim}], got {queries.shape}")
-        if filters:
-            allowed = self.store.ids_matching(filters)
-            if len(allowed) == 0:
-                empty = np.zeros((len(queries), 0))
-                return empty.astype(np.float32), empty.astype(np.int64)
-            return search(self.index, queries, min(k, len(allowed)), allowed=allowed)
-        wanted = min(k + self._tombstoned_in_index, self.index.ntotal)
-        return search(self.index, queries, wanted)
+        return self.segments.nearest(queries, k, filters=filters)
 
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Up to ``k`` hits per row of :meth:`nearest`'s result, removed items dropped."""
-        # One metadata query for the whole batch; removed items come back as None.
-        flat = [int(i) for i in np.unique(ids[ids >= 0])]
-        found = dict(zip(flat, self.store.get(flat), strict=True))
-        results = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, item_id in zip(row_scores, row_ids, strict=True):
-                item = found.get(int(item_id)) if item_id >= 0 else None
-                if item is not None:
-                    hits.append(Hit(int(item_id), float(score), item))
-                if len(hits) == k:
-                    break
-            results.append(hits)
-        return results
+        return self.segments.hydrate(scores, ids, k)
+
+    def get(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
+        """The live items of ``ids`` in that order, None for unknown or removed ids."""
+        found = self.segments.items(np.asarray(ids, dtype=np.int64))
+        return [found.get(int(i)) for i in ids]
+
+    def ids_matching(self, filters: Mapping[str, Any]) -> np.ndarray:
+        """Live ids (ascending) whose fields equal ``filters``' values."""
+        return self.segments.ids_matching(filters)
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of the segments this version names and its own files (measured once:
+        they never change)."""
+        if self._size is None:
+            folders = {self.folder, *(s.folder for s in self.segments.segments)}
+            self._size = sum(p.stat().st_size for f in folders for p in f.iterdir() if p.is_file())
+        return self._size
+
+
+def missing_files(root: Path, name: str, folder: Path) -> list[str]:
+    """What a version folder lacks to be complete (its own files and the files of every
+    segment it names); empty for a complete one."""
+    if not (folder / "index.json").is_file():
+        return ["index.json"]
+    info = read_info(folder)
+    files = (SEGMENT_INDEX, SEGMENT_IDS, SEGMENT_VECTORS, SEGMENT_METADATA)
+    if info.format_version == 1:
+        wanted = [folder / n for n in files]
+    else:
+        wanted = [folder / DELETED]
+        for segment_id in info.segments:
+            segment = segments_dir(root, name) / segment_id
+            wanted += [segment / n for n in (*files, SEGMENT_JSON)]
+    return [str(path.relative_to(folder.parent.parent)) for path in wanted if not path.is_file()]
+
+
+def _to_device(segment: Segment, use_gpu: bool | None) -> None:
+    if segment.index is not None and use_gpu is not False:
+        segment.index = to_serving_device(segment.index, use_gpu)

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from indexer.faiss_index import build_index, load_index, save_index, search
+from indexer.faiss_index import build_index, load_index, recall_at_k, save_index, search
 from indexer.metadata import Item, MetadataStore
 
 SEGMENT_JSON: Final = "segment.json"
@@ -46,6 +46,7 @@ SEGMENT_METADATA: Final = "metadata.sqlite"
 # dropped; beyond, its live ids become an ID selector (a few ms to build on 1M ids, cached
 # per opened version).
 OVERFETCH_TOMBSTONES: Final = 256
+RECALL_QUERIES: Final = 200
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class SegmentInfo(BaseModel):
     dim: int
     factory: str
     vectors_dtype: Literal["float32", "float16"]
+    recall_at_10: float  # against exact search, on up to 200 of its own vectors
     created: str
 
 
@@ -99,8 +101,11 @@ def write_segment(
     if sorted(item.id for item in items) != ids.tolist():
         raise ValueError("a segment's items must be exactly its ids' rows")
     folder.mkdir(parents=True, exist_ok=False)
+    recall = 1.0
     if len(ids):
-        save_index(build_index(vectors, ids, factory), folder / SEGMENT_INDEX)
+        index = build_index(vectors, ids, factory)
+        recall = measure_recall(index, ids, vectors)
+        save_index(index, folder / SEGMENT_INDEX)
     dtype: Literal["float32", "float16"] = "float32" if keeps_exact_floats(factory) else "float16"
     np.save(folder / SEGMENT_IDS, ids)
     np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
@@ -114,26 +119,55 @@ def write_segment(
         dim=vectors.shape[1],
         factory=factory,
         vectors_dtype=dtype,
+        recall_at_10=recall,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     (folder / SEGMENT_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return info
 
 
+def measure_recall(index: Any, ids: np.ndarray, vectors: np.ndarray) -> float:
+    """Recall@10 against exact search, with a seeded sample of the segment's own vectors as
+    queries (what segment.json and index.json record)."""
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(ids), size=min(RECALL_QUERIES, len(ids)), replace=False)
+    return recall_at_k(index, vectors, ids, vectors[sample], k=10)
+
+
 class Segment:
     """One opened segment: its index in RAM, ids, memory-mapped vectors, metadata read-only."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, info: SegmentInfo | None = None) -> None:
         self.folder = folder
-        self.info = SegmentInfo.model_validate(
+        self.info = info or SegmentInfo.model_validate(
             json.loads((folder / SEGMENT_JSON).read_text(encoding="utf-8"))
         )
         self.ids: np.ndarray = np.load(folder / SEGMENT_IDS)
+        # Shared by the versions a replica serves at once (a swap reuses what it holds).
+        self.users = 1
         self.index: faiss.Index | None = (
             load_index(folder / SEGMENT_INDEX) if self.info.count else None
         )
         self.store = MetadataStore.open(folder / SEGMENT_METADATA, readonly=True)
         self._vectors: np.ndarray | None = None
+
+    @classmethod
+    def of_format_1(cls, folder: Path, dim: int, factory: str, recall: float) -> Segment:
+        """A version folder written before segments, read as its one segment (same file
+        names; its tombstones are in its metadata, see ``MetadataStore.removed_ids``)."""
+        ids = np.load(folder / SEGMENT_IDS, mmap_mode="r")
+        info = SegmentInfo(
+            id=f"format-1-{folder.parent.parent.name}-{folder.name}",
+            count=len(ids),
+            first_id=int(ids[0]) if len(ids) else -1,
+            last_id=int(ids[-1]) if len(ids) else -1,
+            dim=dim,
+            factory=factory,
+            vectors_dtype="float32",
+            recall_at_10=recall,
+            created="",
+        )
+        return cls(folder, info)
 
     @property
     def id(self) -> str:
@@ -156,7 +190,10 @@ class Segment:
         return (self.ids[rows] == ids) if len(self.ids) else np.zeros(len(ids), dtype=bool)
 
     def close(self) -> None:
-        self.store.close()
+        """Release one user; the last closes the metadata store."""
+        self.users -= 1
+        if self.users <= 0:
+            self.store.close()
 
 
 @dataclass
@@ -277,6 +314,31 @@ class SegmentedIndex:
                 items = part.segment.store.get(mine)
                 found.update((int(i), item) for i, item in zip(mine, items, strict=True) if item)
         return found
+
+    def live_rows(
+        self, positions: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[Item]]:
+        """(ids ascending, float32 vectors, items) of the live items of the segments at
+        ``positions`` (default: all), read from their stored copies."""
+        chosen = range(len(self._parts)) if positions is None else positions
+        ids, vectors, items = [], [], []
+        for i in chosen:
+            part = self._parts[i]
+            keep = ~np.isin(part.segment.ids, part.deleted)
+            ids.append(part.segment.ids[keep])
+            vectors.append(np.asarray(part.segment.vectors()[keep], dtype=np.float32))
+            wanted = set(ids[-1].tolist())
+            items += [item for item in part.segment.store.iter_items() if item.id in wanted]
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
+        return np.concatenate(ids), np.concatenate(vectors), items
+
+    def summary(self) -> list[tuple[Segment, int]]:
+        """(segment, its tombstone count), in id order."""
+        return [(part.segment, len(part.deleted)) for part in self._parts]
+
+    def tombstones_of(self, position: int) -> int:
+        return len(self._parts[position].deleted)
 
     def close(self) -> None:
         for part in self._parts:

@@ -1,14 +1,20 @@
 """Versions of a collection side by side, and the ``current`` pointer that readers follow.
 
-``root/<collection>/versions/000007/`` holds one complete index bundle; ``current`` is a
-symlink to one of them. A new version is written under a temporary name, renamed into place
-when complete, and only then does ``current`` move, by renaming a new symlink over the old one
-(atomic on POSIX), so a reader sees the old version or the new one, never half of one.
+``root/<collection>/versions/000007/`` holds one version's manifest (``index.json``, naming
+its segments, and ``deleted.npy``, its delete set); the immutable segments it names live in
+``root/<collection>/segments/<segment id>/`` and are shared by every version that names them.
+``current`` is a symlink to one version. A new version is staged under a temporary name with
+the segments it adds inside it (``<staging>/segments/<id>/``); :func:`publish` moves those
+into ``segments/``, renames the version into place, and only then moves ``current``, by
+renaming a new symlink over the old one (atomic on POSIX), so a reader sees the old version or
+the new one, never half of one. Then versions beyond ``keep`` are deleted, and the segments no
+kept version names. Versions written before segments (format 1) hold their files themselves.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -19,12 +25,17 @@ from pathlib import Path
 from indexer.errors import CollectionError
 
 VERSIONS = "versions"
+SEGMENTS = "segments"
 CURRENT = "current"
 _DIGITS = 6
 
 
 def collection_dir(root: Path, collection: str) -> Path:
     return Path(root) / collection
+
+
+def segments_dir(root: Path, collection: str) -> Path:
+    return collection_dir(root, collection) / SEGMENTS
 
 
 def version_dir(root: Path, collection: str, version: int) -> Path:
@@ -90,8 +101,17 @@ def _locked(root: Path, collection: str) -> Iterator[None]:
 
 def publish(root: Path, collection: str, staged: Path, keep: int) -> int:
     """Give the complete version in ``staged`` the next number, make it current, and delete
-    the oldest versions beyond ``keep`` (never the current one). Returns its number."""
+    the oldest versions beyond ``keep`` (never the current one) and the segments that no kept
+    version names. The segments staged with it move into ``segments/`` first. Returns its
+    number."""
     with _locked(root, collection):
+        shared = segments_dir(root, collection)
+        shared.mkdir(parents=True, exist_ok=True)
+        added = staged / SEGMENTS
+        if added.is_dir():
+            for segment in sorted(added.iterdir()):
+                segment.rename(shared / segment.name)
+            added.rmdir()
         version = max(list_versions(root, collection), default=0) + 1
         target = version_dir(root, collection, version)
         staged.rename(target)
@@ -103,4 +123,28 @@ def publish(root: Path, collection: str, staged: Path, keep: int) -> int:
         for old in list_versions(root, collection)[:-keep]:
             if old != version:
                 shutil.rmtree(version_dir(root, collection, old), ignore_errors=True)
+        collect_segments(root, collection)
     return version
+
+
+def named_segments(folder: Path) -> list[str]:
+    """The segment ids a version's ``index.json`` names (none for a format-1 version)."""
+    manifest = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    return [str(name) for name in manifest.get("segments", [])]
+
+
+def collect_segments(root: Path, collection: str) -> list[str]:
+    """Delete the segments no version on disk names; returns their ids. Run under the lock
+    (publish does): segments being written are still inside their staging folders then."""
+    shared = segments_dir(root, collection)
+    if not shared.is_dir():
+        return []
+    named: set[str] = set()
+    for version in list_versions(root, collection):
+        folder = version_dir(root, collection, version)
+        if (folder / "index.json").is_file():
+            named.update(named_segments(folder))
+    doomed = [p.name for p in shared.iterdir() if p.is_dir() and p.name not in named]
+    for name in doomed:
+        shutil.rmtree(shared / name, ignore_errors=True)
+    return sorted(doomed)

@@ -356,14 +356,14 @@ def _in_process_child(
 
     from indexer.collection import Collection
     from indexer.encoder import Encoder
-    from indexer.faiss_index import to_serving_device
     from service.settings import BatchSettings
 
     threads = config.threads or len(cores)
     faiss.omp_set_num_threads(config.faiss_threads or len(cores))
     encoder = Encoder(config.bundle, providers=list(config.providers) or None, threads=threads)
-    collection = Collection.open(root, COLLECTION, bundle_id=encoder.bundle_id)
-    collection.index = to_serving_device(collection.index, config.gpu_faiss)
+    collection = Collection.open(
+        root, COLLECTION, bundle_id=encoder.bundle_id, use_gpu=config.gpu_faiss
+    )
     texts = QueryTexts(config.seed + 1, salt)
     tag = 10**8 + salt % (9 * 10**8)  # nine digits, as the scripts' salts
     times: dict[str, list[float]] = {"encode": [], "search": [], "hydrate": []}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from indexer.collection import Collection
 from indexer.errors import CollectionError
-from indexer.faiss_index import IndexFileError, to_serving_device
+from indexer.faiss_index import IndexFileError
 from indexer.versions import CURRENT, current_version
 from service.metrics import Metrics
 
@@ -82,8 +82,15 @@ class CollectionRegistry:
         if served is not None and served.version == version:
             return False
         try:
-            opened = Collection.open(self.root, name, bundle_id=self.bundle_id, version=version)
-            opened.index = to_serving_device(opened.index, self.use_gpu)
+            # Segments the served version holds are shared, not loaded again.
+            opened = Collection.open(
+                self.root,
+                name,
+                bundle_id=self.bundle_id,
+                version=version,
+                previous=served,
+                use_gpu=self.use_gpu,
+            )
         except (CollectionError, IndexFileError, OSError, ValueError) as error:
             self.errors[name] = str(error)
             self.metrics.reloads.labels(name, "failed").inc()
@@ -96,7 +103,10 @@ class CollectionRegistry:
         if served is not None:
             self._retired.append((time.monotonic(), served))
             self.metrics.reloads.labels(name, "loaded").inc()
-            log.info("collection %s: version %d -> %d", name, served.version, version)
+            log.info(
+                "collection %s: version %d -> %d (loaded %d of its %d segments)",
+                name, served.version, version, len(opened.loaded), len(opened.info.segments),
+            )  # fmt: skip
         else:
             log.info("collection %s: serving version %d", name, version)
         return True

@@ -93,6 +93,13 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
 
 
+class SegmentInfo(BaseModel):
+    id: str
+    count: int = Field(description="vectors in the segment, removed ones included")
+    tombstones: int = Field(description="of them, removed (dropped at the next compaction)")
+    index_type: str = Field(description="FAISS factory string")
+
+
 class CollectionInfo(BaseModel):
     name: str
     kind: Literal["image", "caption", "video"]
@@ -106,6 +113,9 @@ class CollectionInfo(BaseModel):
     recall_at_10: float = Field(description="measured against exact search at build time")
     created: str
     versions: list[int] = Field(description="versions on disk")
+    segments: list[SegmentInfo] = Field(description="the immutable segments of this version")
+    tombstones: int = Field(description="removed items whose vectors await compaction")
+    size_bytes: int = Field(description="bytes on disk of this version and its segments")
 
 
 class CollectionList(BaseModel):

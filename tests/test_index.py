@@ -16,15 +16,17 @@ import pytest
 from click.testing import CliRunner
 
 from cots.cli import cli
-from indexer.assemble import IDS, VECTORS, read_info
+from indexer.assemble import read_info
 from indexer.build import build_collection
 from indexer.collection import Collection
+from indexer.compaction import compact_collection
 from indexer.encoder import Encoder
 from indexer.errors import CollectionError
-from indexer.update import add_to_collection, compact_collection, remove_from_collection
+from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions
 from model.data.synth import SynthConfig, generate_corpus
 from tests.micro import build_spec
+from tests.versions import version_content
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +126,9 @@ def test_a_killed_build_resumes_to_the_same_index(
     assert 4 <= finished < 15
     assert build_collection(killed) == 2
     a, b = current_dir(tmp_path / "straight", "photos"), current_dir(tmp_path / "killed", "photos")
-    assert np.array_equal(np.load(a / IDS), np.load(b / IDS))
-    assert np.allclose(np.load(a / VECTORS), np.load(b / VECTORS), atol=1e-6)
+    (ids_a, vectors_a, _), (ids_b, vectors_b, _) = version_content(a), version_content(b)
+    assert np.array_equal(ids_a, ids_b)
+    assert np.allclose(vectors_a, vectors_b, atol=1e-6)
     assert not builds.exists() or not any(builds.iterdir())
 
 
@@ -182,7 +185,8 @@ def test_hnsw_removal_uses_tombstones_until_compacted(
     with Collection.open(tmp_path, "photos") as collection:
         assert collection.version == version
         assert collection.info.count == collection.info.live == 60 - count
-        assert len(collection.store.removed_ids()) == 0
+        assert collection.info.tombstones == 0
+        assert len(collection.segments.deleted) == 0
         compacted = collection.search(query, 10)[0]
         assert [hit.id for hit in compacted] == [hit.id for hit in hits]
     assert top  # the first search saw train items too

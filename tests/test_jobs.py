@@ -27,6 +27,7 @@ from rq import Queue, SimpleWorker
 from rq.registry import StartedJobRegistry
 
 from indexer.bundle import read_manifest
+from indexer.collection import missing_files
 from indexer.jobs import (
     DEFAULT_QUEUE,
     UPDATES_CHANNEL,
@@ -37,17 +38,16 @@ from indexer.jobs import (
     run_build_inline,
     work_in_process,
 )
-from indexer.metadata import MetadataStore
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_version, list_versions, version_dir
 from indexer.worker_cli import worker
 from model.data.synth import SynthConfig, generate_corpus
+from tests.versions import version_content, version_files
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 40
 WORKER_TIMEOUT_S = 300
-VERSION_FILES = ("index.json", "index.faiss", "vectors.npy", "ids.npy", "metadata.sqlite")
 
 # A worker whose build pauses after each finished shard, so the test can kill it between
 # shards; the pause wraps the job's progress callback, which runs right after a shard is saved.
@@ -92,9 +92,7 @@ def _spec(assets: tuple[Path, Path], root: Path) -> BuildSpec:
 
 def _content(folder: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """(ids, vectors, metadata rows) of a version folder."""
-    with MetadataStore.open(folder / "metadata.sqlite") as store:
-        items = [item.model_dump() for item in store.iter_items()]
-    return np.load(folder / "ids.npy"), np.load(folder / "vectors.npy"), items
+    return version_content(folder)
 
 
 def _assert_same_content(folder: Path, reference: Path) -> None:
@@ -119,8 +117,7 @@ def reference(assets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 def test_inline_build_without_redis(reference: Path) -> None:
-    for name in VERSION_FILES:
-        assert (reference / name).is_file(), name
+    assert missing_files(reference.parents[2], reference.parents[1].name, reference) == []
     ids, vectors, items = _content(reference)
     assert sorted(ids.tolist()) == list(range(N_IMAGES))
     assert vectors.shape[0] == N_IMAGES
@@ -216,7 +213,7 @@ class _CurrentWatcher(threading.Thread):
             if version is not None:
                 self.seen.add(version)
                 folder = version_dir(self.root, self.collection, version)
-                missing = [name for name in VERSION_FILES if not (folder / name).is_file()]
+                missing = missing_files(self.root, self.collection, folder)
                 # A version past `keep_versions` may be deleted after a newer one went live.
                 if missing and current_version(self.root, self.collection) == version:
                     self.incomplete.append(f"{folder.name}: no {', '.join(missing)}")
@@ -228,7 +225,7 @@ class _CurrentWatcher(threading.Thread):
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+    return version_files(folder)
 
 
 @pytest.fixture

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import ray
 
-from indexer.assemble import IDS, METADATA, VECTORS, read_info
+from indexer.assemble import read_info
 from indexer.build import Shard, build_collection, encode_shards_locally, list_records
-from indexer.metadata import MetadataStore
 from indexer.ray_engine import encode_shards_with_ray
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from model.data.synth import SynthConfig, generate_corpus
 from tests.micro import build_spec
+from tests.versions import version_content
 
 pytestmark = [
     pytest.mark.slow,
@@ -91,13 +91,15 @@ def test_ray_builds_the_same_collection_as_local(
         current_dir(tmp_path / "local", "photos"),
         current_dir(tmp_path / "ray", "photos"),
     )
-    assert np.array_equal(np.load(local / IDS), np.load(distributed / IDS))
-    assert np.allclose(np.load(local / VECTORS), np.load(distributed / VECTORS), atol=1e-5)
-    with MetadataStore.open(local / METADATA) as a, MetadataStore.open(distributed / METADATA) as b:
-        items = list(a.iter_items())
-        assert items == list(b.iter_items())
+    (ids_l, vectors_l, items), (ids_d, vectors_d, items_d) = (
+        version_content(local),
+        version_content(distributed),
+    )
+    assert np.array_equal(ids_l, ids_d)
+    assert np.allclose(vectors_l, vectors_d, atol=1e-5)
+    assert items == items_d
     assert len(items) == 39
-    assert CORRUPT not in {item.id for item in items}
+    assert CORRUPT not in {item["id"] for item in items}
     want, got = read_info(local), read_info(distributed)
     assert (got.count, got.live, got.dim, got.factory) == (want.count, want.live, want.dim, "Flat")
     assert got.count == 39

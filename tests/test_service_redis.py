@@ -175,6 +175,48 @@ def test_writes_swap_versions_on_every_replica_under_load(
     assert load.versions == {1, 2, 3}
 
 
+def test_a_replica_loads_only_the_segment_an_add_wrote(
+    micro_bundle: Path, served_root: tuple[Path, Path], redis_db: str, tmp_path: Path
+) -> None:
+    root = copy_root(served_root[1], tmp_path)
+    settings = _settings(micro_bundle, root, redis_db, reload_poll_s=120)
+    write = {"X-API-Key": WRITE_KEY}
+    with (
+        live_server(settings) as first,
+        live_server(settings) as second,
+        first.client() as a,
+        second.client() as b,
+    ):
+        before = b.get("/v1/collections/images").json()
+        assert [s["count"] for s in before["segments"]] == [48]
+        held = second.state.registry.get("images")
+        image = corpus_images(served_root[0])[2]
+        added = a.post(
+            "/v1/collections/images/items",
+            json={"items": [{"image": b64(image), "caption": "one more"}]},
+            headers=write,
+        )
+        assert wait_for_job(a, added.json()["id"], WRITE_KEY)["status"] == "finished"
+        wait_for_version(b, "images", 2)
+        after = b.get("/v1/collections/images").json()
+        old, new = after["segments"]
+        assert old == before["segments"][0]
+        assert new["count"] == 1
+        assert after["count"] == after["live"] == 49
+        assert after["size_bytes"] > before["size_bytes"]
+        swapped = second.state.registry.get("images")
+        # The replica loaded the new segment alone and shares the old one with version 1.
+        assert swapped.loaded == [new["id"]]
+        assert swapped.segments.segments[0] is held.segments.segments[0]
+        removed = a.post("/v1/collections/images/items/remove", json={"ids": [0]}, headers=write)
+        assert wait_for_job(a, removed.json()["id"], WRITE_KEY)["status"] == "finished"
+        wait_for_version(b, "images", 3)
+        third = b.get("/v1/collections/images").json()
+        assert third["tombstones"] == 1
+        assert [s["tombstones"] for s in third["segments"]] == [1, 0]
+        assert second.state.registry.get("images").loaded == []  # a remove loads nothing
+
+
 def test_reindex_runs_on_the_queue_and_replicas_load_the_result(
     micro_bundle: Path, served_root: tuple[Path, Path], redis_db: str, tmp_path: Path
 ) -> None:

@@ -156,7 +156,7 @@ async def metadata(
         return []
     collection = _pick(engine, body.indice_name, None)
     name = collection.info.collection
-    items = collection.store.get(body.ids)
+    items = collection.get(body.ids)
     return [
         {"id": i, "metadata": _metadata(name, item, request)}
         for i, item in zip(body.ids, items, strict=True)

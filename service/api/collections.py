@@ -35,6 +35,7 @@ from service.schemas import (
     ReindexRequest,
     RemoveItemsRequest,
     SearchHit,
+    SegmentInfo,
 )
 from service.uploads import resolve_data_path, write_items_corpus
 
@@ -67,6 +68,12 @@ def describe(collection: Collection, root: Path) -> CollectionInfo:
         recall_at_10=info.recall_at_10,
         created=info.created,
         versions=list_versions(root, info.collection),
+        segments=[
+            SegmentInfo(id=s.id, count=s.info.count, tombstones=dead, index_type=s.info.factory)
+            for s, dead in collection.segments.summary()
+        ],
+        tombstones=len(collection.segments.deleted),
+        size_bytes=collection.size_bytes(),
     )
 
 
@@ -89,7 +96,7 @@ def get_collection(
 
 
 def _item(collection: Collection, item_id: int) -> SearchHit:
-    (item,) = collection.store.get([item_id])
+    (item,) = collection.get([item_id])
     if item is None:
         raise ApiError(404, f"no item {item_id} in collection {collection.info.collection!r}")
     return hit_model(collection.info.collection, Hit(item_id, 1.0, item))
@@ -146,7 +153,7 @@ def remove_items(
     name = collection.info.collection
     if body.filters:
         try:
-            collection.store.ids_matching(body.filters)
+            collection.ids_matching(body.filters)
         except ValueError as error:
             raise ApiError(422, str(error)) from None
     root = state.settings.index_root
