@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from indexer.bench_index import faiss_bench
+from indexer.bench_updates import updates_bench
 
 
 @click.command("build", context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,6 +102,7 @@ def build_bench(
 
 index_bench = click.Group(
     "index",
-    commands={"build": build_bench, "faiss": faiss_bench},
-    help="Indexing cost against the encoder (build) and FAISS QPS/recall/memory (faiss).",
+    commands={"build": build_bench, "faiss": faiss_bench, "updates": updates_bench},
+    help="Indexing cost against the encoder (build), FAISS QPS/recall/memory (faiss), and "
+    "what adds, removes, swaps and compaction cost on a segmented collection (updates).",
 )

@@ -62,11 +62,13 @@ class Collection:
         version: int | None = None,
         previous: Collection | None = None,
         use_gpu: bool | None = False,
+        with_indexes: bool = True,
     ) -> Collection:
         """The live version of ``name`` (or ``version``). With ``bundle_id``, a version built by
         another model bundle is refused: its vectors live in another space. Segments that
         ``previous`` holds are shared with it, not loaded again; new ones go to the GPU when
-        ``use_gpu`` says so (None: when FAISS sees one)."""
+        ``use_gpu`` says so (None: when FAISS sees one). ``with_indexes=False`` skips loading the
+        FAISS indexes, for changes that read ids and metadata only."""
         folder = current_dir(root, name) if version is None else version_dir(root, name, version)
         if not (folder / "index.json").is_file():
             raise CollectionError(f"{folder} is not a complete index version (no index.json)")
@@ -78,7 +80,9 @@ class Collection:
                 "rebuild the collection with this bundle (cots index build) or serve the other one"
             )
         if info.format_version == 1:
-            segment = Segment.of_format_1(folder, info.dim, info.factory, info.recall_at_10)
+            segment = Segment.of_format_1(
+                folder, info.dim, info.factory, info.recall_at_10, with_index=with_indexes
+            )
             _to_device(segment, use_gpu)
             opened = cls(folder, info, SegmentedIndex([segment], segment.store.removed_ids()))
             opened.loaded = [segment.id]
@@ -93,7 +97,7 @@ class Collection:
                     reused.users += 1
                     segments.append(reused)
                     continue
-                segment = Segment(segments_dir(root, name) / segment_id)
+                segment = Segment(segments_dir(root, name) / segment_id, with_index=with_indexes)
                 _to_device(segment, use_gpu)
                 segments.append(segment)
                 loaded.append(segment_id)

@@ -32,11 +32,18 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexer.assemble import DELETED, FORMAT_VERSION
+from indexer.assemble import FORMAT_VERSION, IndexInfo
 from indexer.collection import Collection
+from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
-from indexer.segments import new_segment_id, write_segment
-from indexer.versions import SEGMENTS, publish, staging
+from indexer.segments import SegmentInfo, new_segment_id, read_segment_info, write_segment
+from indexer.update import commit
+from indexer.versions import SEGMENTS, current_version, segments_dir, staging
+
+_CHANGED = (
+    "collection {collection!r} changed under the compaction (another compaction published "
+    "first); nothing was changed: run it again"
+)
 
 
 class CompactionPolicy(BaseModel):
@@ -86,7 +93,7 @@ def compact_collection(
 ) -> int | None:
     """Compact the live version as ``policy`` says; returns the new version, or None when
     there was nothing to do. A format-1 version is always rewritten whole."""
-    with Collection.open(root, collection) as live:
+    with Collection.open(root, collection, with_indexes=False) as live:
         info = live.info
         segments = live.segments.segments
         deleted = live.segments.deleted
@@ -101,44 +108,47 @@ def compact_collection(
         if not runs:  # an empty format-1 version: rewrite it anyway
             runs = [list(range(len(segments)))]
         merged_at = {run[0]: run for run in runs}
-        in_runs = {i for run in runs for i in run}
+        replaced = {segments[j].id for run in runs for j in run}
+        dropped = np.intersect1d(
+            deleted, np.concatenate([segments[j].ids for j in sorted(replaced_positions(runs))])
+        )
+        before = sum(segments[j].info.count for run in runs for j in run)
+        snapshot = (live.version, info.format_version, info.max_id)
         with staging(root, collection) as staged:
-            names: list[str] = []
-            recalls: list[float] = []
-            dropped: list[np.ndarray] = []
-            for i, segment in enumerate(segments):
-                if i in merged_at:
-                    ids, vectors, items = live.segments.live_rows(merged_at[i])
-                    dropped += [segments[j].ids for j in merged_at[i]]
-                    if not len(ids):
-                        continue
-                    segment_id = new_segment_id()
+            written: list[SegmentInfo] = []
+            for run in merged_at.values():
+                ids, vectors, items = live.segments.live_rows(run)
+                if len(ids):
+                    folder = staged / SEGMENTS / new_segment_id()
                     factory = choose_factory(len(ids), info.dim)
-                    written = write_segment(
-                        staged / SEGMENTS / segment_id, ids, vectors, items, factory
-                    )
-                    names.append(segment_id)
-                    recalls.append(written.recall_at_10)
-                elif i not in in_runs:
-                    names.append(segment.id)
-                    recalls.append(segment.info.recall_at_10)
-            gone = np.concatenate(dropped) if dropped else np.zeros(0, np.int64)
-            remaining = np.setdiff1d(deleted, gone)
-            np.save(staged / DELETED, remaining)
-            kept = [s for i, s in enumerate(segments) if i not in in_runs]
-            count = sum(s.info.count for s in kept) + sum(
-                segments[j].info.count - dead[j] for run in runs for j in run
-            )
-            changed = info.model_copy(
-                update={
-                    "format_version": FORMAT_VERSION,
-                    "segments": names,
-                    "count": count,
-                    "live": count - len(remaining),
-                    "tombstones": len(remaining),
-                    "recall_at_10": min(recalls, default=1.0),
-                    "max_id": max([info.max_id, *(s.info.last_id for s in segments)]),
-                }
-            )
-            changed.write(staged)
-            return publish(root, collection, staged, keep_versions)
+                    written.append(write_segment(folder, ids, vectors, items, factory))
+            last_id = max(s.info.last_id for s in segments) if segments else -1
+
+            def rebase(now: IndexInfo, now_deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
+                version, format_version, max_id = snapshot
+                if format_version < FORMAT_VERSION:
+                    if current_version(root, collection) != version:
+                        raise CollectionError(_CHANGED.format(collection=collection))
+                elif not replaced <= set(now.segments):
+                    raise CollectionError(_CHANGED.format(collection=collection))
+                kept = [name for name in now.segments if name not in replaced]
+                recalls = [read_segment_info(segments_dir(root, collection) / n) for n in kept]
+                changed = now.model_copy(
+                    update={
+                        "format_version": FORMAT_VERSION,
+                        "segments": kept + [w.id for w in written],
+                        "count": now.count - before + sum(w.count for w in written),
+                        "recall_at_10": min(
+                            [r.recall_at_10 for r in recalls] + [w.recall_at_10 for w in written],
+                            default=1.0,
+                        ),
+                        "max_id": max(now.max_id, max_id, last_id),
+                    }
+                )
+                return changed, np.setdiff1d(now_deleted, dropped)
+
+            return commit(root, collection, staged, keep_versions, rebase, format_1=True)
+
+
+def replaced_positions(runs: Sequence[Sequence[int]]) -> list[int]:
+    return [j for run in runs for j in run]

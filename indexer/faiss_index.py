@@ -272,6 +272,11 @@ def _native_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     return index if isinstance(index, faiss.IndexIVF) else None
 
 
+def is_gpu_index(index: faiss.Index) -> bool:
+    """Whether ``index`` lives on a GPU (where FAISS takes no ID selectors)."""
+    return _is_gpu(index)
+
+
 def _is_gpu(index: faiss.Index) -> bool:
     """Whether ``index`` (or what it wraps) lives on a GPU; always False with faiss-cpu."""
     gpu_base = getattr(faiss, "GpuIndex", None)
@@ -536,7 +541,7 @@ def search(
         scores, labels = _post_filtered(index, queries, k, allowed)
     else:
         selector = faiss.IDSelectorBatch(allowed)
-        params = _filter_params(index, selector)
+        params = filter_params(index, selector)
         scores, labels = index.search(queries, k, params=params)
     short = np.count_nonzero(labels >= 0, axis=1) < min(k, allowed.size)
     if short.any():
@@ -555,7 +560,7 @@ def _finish(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.where(labels >= 0, scores, np.float32(-np.inf)), labels
 
 
-def _filter_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+def filter_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
     """Search parameters carrying ``selector`` and the index's own nprobe/efSearch: FAISS reads
     these from the parameters object when one is passed (defaults nprobe 1, efSearch 16)."""
     inner = _unwrap(index)

@@ -21,18 +21,23 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.worker.base import BaseWorker
 
+from indexer.assemble import read_info
 from indexer.bundle import read_manifest
+from indexer.compaction import CompactionPolicy, compact_collection
 from indexer.spec_index import BuildSpec
+from indexer.versions import current_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +81,91 @@ def connect(redis_url: str) -> redis.Redis:
     return client
 
 
-def enqueue_build(redis_url: str, spec: BuildSpec, *, queue: str = DEFAULT_QUEUE) -> str:
-    """Queue a build of ``spec`` for ``cots worker``; returns the job id."""
+def _enqueue(
+    redis_url: str, work: Callable[[str], Any], argument: str, queue: str, what: str, **meta: Any
+) -> str:
+    """Queue ``work(argument)`` with the retries, timeouts and TTLs every index job gets."""
     connection = connect(redis_url)
     job = Queue(queue, connection=connection).enqueue(
-        run_build_job,
-        spec.model_dump_json(),
+        work,
+        argument,
         job_timeout=JOB_TIMEOUT_S,
         result_ttl=RESULT_TTL_S,
         failure_ttl=RESULT_TTL_S,
         retry=Retry(max=RETRIES),
-        description=f"build collection {spec.collection} from {spec.corpus}",
-        meta={"collection": spec.collection, "done": 0, "total": 0, "stage": "queued"},
+        description=what,
+        meta={**meta, "stage": "queued"},
     )
-    log.info("queued build of %s as job %s on %s", spec.collection, job.id, queue)
+    log.info("queued %s as job %s on %s", what, job.id, queue)
     return job.id
+
+
+def enqueue_build(redis_url: str, spec: BuildSpec, *, queue: str = DEFAULT_QUEUE) -> str:
+    """Queue a build of ``spec`` for ``cots worker``; returns the job id."""
+    what = f"build collection {spec.collection} from {spec.corpus}"
+    meta = {"collection": spec.collection, "done": 0, "total": 0}
+    return _enqueue(redis_url, run_build_job, spec.model_dump_json(), queue, what, **meta)
+
+
+class CompactionRequest(BaseModel):
+    """A compaction job's only argument (as JSON in Redis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path
+    collection: str = Field(min_length=1)
+    keep_versions: int = Field(3, ge=1)
+    policy: CompactionPolicy = Field(default_factory=CompactionPolicy)
+
+
+def enqueue_compaction(
+    redis_url: str, request: CompactionRequest, *, queue: str = DEFAULT_QUEUE
+) -> str:
+    """Queue a compaction for ``cots worker``; returns the job id."""
+    what = f"compact collection {request.collection}"
+    return _enqueue(
+        redis_url, run_compaction_job, request.model_dump_json(), queue, what,
+        collection=request.collection,
+    )  # fmt: skip
+
+
+def run_compaction_inline(request: CompactionRequest) -> tuple[int, bool]:
+    """(the live version after it, whether it published one)."""
+    version = compact_collection(
+        request.root,
+        request.collection,
+        keep_versions=request.keep_versions,
+        policy=request.policy,
+    )
+    if version is None:
+        live = current_dir(request.root, request.collection)
+        return int(live.name), False
+    return version, True
+
+
+def run_compaction_job(request_json: str) -> dict[str, Any]:
+    """The RQ job: compact, announce the new version (if one was published) on
+    :data:`UPDATES_CHANNEL`; returns the announcement and whether anything was merged. Killed
+    mid-way, it published nothing, and the retry does the same work again."""
+    request = CompactionRequest.model_validate_json(request_json)
+    job = get_current_job()
+    if job is None:
+        raise JobError("run_compaction_job runs inside an RQ worker; use compact_collection")
+    version, compacted = run_compaction_inline(request)
+    info = read_info(current_dir(request.root, request.collection))
+    update = {
+        "collection": request.collection,
+        "version": version,
+        "bundle_id": info.model_bundle_id,
+    }
+    if compacted:
+        job.connection.publish(UPDATES_CHANNEL, json.dumps(update))
+        log.info(
+            "collection %s version %d (compacted) is live and announced",
+            request.collection,
+            version,
+        )
+    return {**update, "compacted": compacted}
 
 
 class _MetaProgress:

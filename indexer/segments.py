@@ -13,11 +13,11 @@ ascending order:
 ``queries [Q, d] -> per segment: one FAISS call -> drop tombstoned ids -> merge into top k``
 
 A segment with few tombstones is asked for ``k + tombstones`` and the deleted ids dropped
-after (what it returns beyond them is its true top k); one with many is searched with its live
-ids as an ID selector instead, so a heavily deleted segment never makes a query fetch
-thousands. A filter becomes the segment's matching ids minus the deleted ones, as a selector
-(``faiss_index.search`` completes short rows exhaustively). Hits are hydrated per segment: one
-metadata query for each segment the batch's ids fall in.
+after (what it returns beyond them is its true top k); one with many is searched with an ID
+selector that skips them (built once per opened version), so a heavily deleted segment never
+makes a query fetch thousands. A filter becomes the segment's matching ids minus the deleted
+ones, as a selector (``faiss_index.search`` completes short rows exhaustively). Hits are
+hydrated per segment: one metadata query for each segment the batch's ids fall in.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from indexer.faiss_index import build_index, load_index, recall_at_k, save_index, search
+from indexer.faiss_index import (
+    build_index,
+    filter_params,
+    is_gpu_index,
+    load_index,
+    recall_at_k,
+    save_index,
+    search,
+)
 from indexer.metadata import Item, MetadataStore
 
 SEGMENT_JSON: Final = "segment.json"
@@ -43,8 +51,7 @@ SEGMENT_IDS: Final = "ids.npy"
 SEGMENT_VECTORS: Final = "vectors.npy"
 SEGMENT_METADATA: Final = "metadata.sqlite"
 # Up to this many tombstones a segment is over-fetched (k + tombstones) and the deleted ids
-# dropped; beyond, its live ids become an ID selector (a few ms to build on 1M ids, cached
-# per opened version).
+# dropped; beyond, its search skips them with an ID selector (built once per opened version).
 OVERFETCH_TOMBSTONES: Final = 256
 RECALL_QUERIES: Final = 200
 
@@ -70,6 +77,12 @@ class SegmentInfo(BaseModel):
     vectors_dtype: Literal["float32", "float16"]
     recall_at_10: float  # against exact search, on up to 200 of its own vectors
     created: str
+
+
+def read_segment_info(folder: Path) -> SegmentInfo:
+    return SegmentInfo.model_validate(
+        json.loads((folder / SEGMENT_JSON).read_text(encoding="utf-8"))
+    )
 
 
 def new_segment_id() -> str:
@@ -137,22 +150,25 @@ def measure_recall(index: Any, ids: np.ndarray, vectors: np.ndarray) -> float:
 class Segment:
     """One opened segment: its index in RAM, ids, memory-mapped vectors, metadata read-only."""
 
-    def __init__(self, folder: Path, info: SegmentInfo | None = None) -> None:
+    def __init__(
+        self, folder: Path, info: SegmentInfo | None = None, *, with_index: bool = True
+    ) -> None:
         self.folder = folder
-        self.info = info or SegmentInfo.model_validate(
-            json.loads((folder / SEGMENT_JSON).read_text(encoding="utf-8"))
-        )
+        self.info = info or read_segment_info(folder)
         self.ids: np.ndarray = np.load(folder / SEGMENT_IDS)
         # Shared by the versions a replica serves at once (a swap reuses what it holds).
         self.users = 1
+        # Without the index (a change that reads metadata only), searching it finds nothing.
         self.index: faiss.Index | None = (
-            load_index(folder / SEGMENT_INDEX) if self.info.count else None
+            load_index(folder / SEGMENT_INDEX) if self.info.count and with_index else None
         )
         self.store = MetadataStore.open(folder / SEGMENT_METADATA, readonly=True)
         self._vectors: np.ndarray | None = None
 
     @classmethod
-    def of_format_1(cls, folder: Path, dim: int, factory: str, recall: float) -> Segment:
+    def of_format_1(
+        cls, folder: Path, dim: int, factory: str, recall: float, *, with_index: bool = True
+    ) -> Segment:
         """A version folder written before segments, read as its one segment (same file
         names; its tombstones are in its metadata, see ``MetadataStore.removed_ids``)."""
         ids = np.load(folder / SEGMENT_IDS, mmap_mode="r")
@@ -167,7 +183,7 @@ class Segment:
             recall_at_10=recall,
             created="",
         )
-        return cls(folder, info)
+        return cls(folder, info, with_index=with_index)
 
     @property
     def id(self) -> str:
@@ -202,12 +218,21 @@ class _Live:
 
     segment: Segment
     deleted: np.ndarray  # this segment's tombstoned ids, ascending
-    live_ids: np.ndarray | None = None  # built on first need (selector search)
+    live_ids: np.ndarray | None = None  # built on first need (exhaustive completion)
+    excluding: Any = None  # (IDSelectorNot, the IDSelectorBatch it wraps), built on first need
 
     def live(self) -> np.ndarray:
         if self.live_ids is None:
             self.live_ids = np.setdiff1d(self.segment.ids, self.deleted, assume_unique=True)
         return self.live_ids
+
+    def without_deleted(self) -> faiss.IDSelector:
+        """A selector of every id but the tombstoned ones, built once per opened version (the
+        batch it wraps must outlive it: FAISS keeps a bare pointer)."""
+        if self.excluding is None:
+            batch = faiss.IDSelectorBatch(self.deleted)
+            self.excluding = (faiss.IDSelectorNot(batch), batch)
+        return self.excluding[0]
 
 
 class SegmentedIndex:
@@ -272,7 +297,7 @@ class SegmentedIndex:
             matching = segment.store.ids_matching(filters)
             allowed = np.setdiff1d(matching, part.deleted, assume_unique=True)
         elif len(part.deleted) > OVERFETCH_TOMBSTONES:
-            allowed = part.live()
+            return self._search_excluding(part, queries, k)
         else:
             wanted = min(k + len(part.deleted), segment.info.count)
             scores, ids = search(segment.index, queries, wanted)
@@ -286,6 +311,35 @@ class SegmentedIndex:
         return search(
             segment.index, queries, min(k, len(allowed)), allowed=allowed, lookup=segment.lookup
         )
+
+    @staticmethod
+    def _search_excluding(
+        part: _Live, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Many tombstones: the index's own search with a selector that skips them (the index's
+        nprobe/efSearch kept). Rows it leaves short, as approximate filtered search can, are
+        searched again over the live ids, exhaustively."""
+        segment = part.segment
+        assert segment.index is not None
+        live = segment.info.count - len(part.deleted)
+        if live <= 0:
+            return None
+        wanted = min(k, live)
+        if is_gpu_index(segment.index):  # no selectors on the GPU: the allowed-ids path
+            return search(
+                segment.index, queries, wanted, allowed=part.live(), lookup=segment.lookup
+            )
+        params = filter_params(segment.index, part.without_deleted())
+        scores, ids = segment.index.search(queries, wanted, params=params)
+        scores = np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        short = np.count_nonzero(ids >= 0, axis=1) < wanted
+        if short.any():
+            again = search(
+                segment.index, queries[short], wanted, allowed=part.live(), lookup=segment.lookup
+            )
+            scores[short], ids[short] = again
+        return scores, ids
 
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Up to ``k`` hits per row of :meth:`nearest`'s result; one metadata
@@ -316,22 +370,24 @@ class SegmentedIndex:
         return found
 
     def live_rows(
-        self, positions: Sequence[int] | None = None
+        self, positions: Sequence[int] | None = None, *, items: bool = True
     ) -> tuple[np.ndarray, np.ndarray, list[Item]]:
         """(ids ascending, float32 vectors, items) of the live items of the segments at
-        ``positions`` (default: all), read from their stored copies."""
+        ``positions`` (default: all), read from their stored copies (``items=False``: no
+        metadata read, an empty list)."""
         chosen = range(len(self._parts)) if positions is None else positions
-        ids, vectors, items = [], [], []
+        ids, vectors, rows = [], [], []
         for i in chosen:
             part = self._parts[i]
             keep = ~np.isin(part.segment.ids, part.deleted)
             ids.append(part.segment.ids[keep])
             vectors.append(np.asarray(part.segment.vectors()[keep], dtype=np.float32))
-            wanted = set(ids[-1].tolist())
-            items += [item for item in part.segment.store.iter_items() if item.id in wanted]
+            if items:
+                wanted = set(ids[-1].tolist())
+                rows += [item for item in part.segment.store.iter_items() if item.id in wanted]
         if not ids:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32), []
-        return np.concatenate(ids), np.concatenate(vectors), items
+        return np.concatenate(ids), np.concatenate(vectors), rows
 
     def summary(self) -> list[tuple[Segment, int]]:
         """(segment, its tombstone count), in id order."""

@@ -17,14 +17,14 @@ deleted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from indexer.assemble import DELETED
+from indexer.assemble import DELETED, IndexInfo, read_info
 from indexer.build import STRIDE, ShardEncoder, list_records, skipped_summary
 from indexer.bundle import read_manifest
 from indexer.collection import Collection
@@ -34,63 +34,60 @@ from indexer.faiss_index import choose_factory
 from indexer.metadata import Item
 from indexer.segments import new_segment_id, write_segment
 from indexer.spec_index import BuildSpec
-from indexer.versions import SEGMENTS, publish, staging
+from indexer.versions import SEGMENTS, current_dir, locked, publish, reserve_numbers, staging
+
+
+def _writable_info(info: IndexInfo, folder: Path) -> None:
+    if info.format_version < 2:
+        raise CollectionError(
+            f"collection {info.collection!r} version {folder.name} is in index format 1 "
+            f"(written before segments); run `cots index compact {info.collection}` once to "
+            "rewrite it as segments, then change it"
+        )
 
 
 def _writable(collection: Collection) -> None:
-    if collection.info.format_version < 2:
-        raise CollectionError(
-            f"collection {collection.info.collection!r} version {collection.version} is in index "
-            "format 1 (written before segments); run `cots index compact "
-            f"{collection.info.collection}` once to rewrite it as segments, then change it"
-        )
+    _writable_info(collection.info, collection.folder)
 
 
-def publish_change(
+# A change made on a snapshot of the live version, re-applied to whatever is live when it
+# publishes: (live index.json, live delete set) -> (new index.json, new delete set).
+Rebase = Callable[[IndexInfo, np.ndarray], tuple[IndexInfo, np.ndarray]]
+
+
+def commit(
     root: Path,
-    collection: Collection,
-    deleted: np.ndarray,
+    name: str,
+    staged: Path,
     keep_versions: int,
+    rebase: Rebase,
     *,
-    added: tuple[np.ndarray, np.ndarray, Sequence[Item], str] | None = None,
-    update: dict[str, Any] | None = None,
+    format_1: bool = False,
 ) -> int:
-    """Publish a version naming ``collection``'s segments (plus one written from ``added`` =
-    (ids, vectors, items, factory)) with the delete set ``deleted``; returns its number."""
-    info = collection.info
-    name = info.collection
-    segments = list(info.segments)
-    with staging(root, name) as staged:
-        count, recall, max_id = info.count, info.recall_at_10, info.max_id
-        if added is not None:
-            ids, vectors, items, factory = added
-            segment_id = new_segment_id()
-            written = write_segment(staged / SEGMENTS / segment_id, ids, vectors, items, factory)
-            segments.append(segment_id)
-            count += written.count
-            recall = min(recall, written.recall_at_10)
-            max_id = max(max_id, written.last_id)
+    """Publish ``staged`` (its new segments, if any, already in it) as ``rebase`` applied to
+    the version live at that moment, under the collection's lock: changes that ran at once
+    compose instead of the later one erasing the earlier. ``format_1``: the live version may
+    be one written before segments (compaction rewrites it). Returns the new version."""
+    with locked(root, name):
+        live = current_dir(root, name)
+        info = read_info(live)
+        if not format_1:
+            _writable_info(info, live)
+        had = np.load(live / DELETED) if (live / DELETED).is_file() else np.zeros(0, np.int64)
+        changed, deleted = rebase(info, had)
         deleted = np.unique(np.asarray(deleted, dtype=np.int64))
         np.save(staged / DELETED, deleted)
-        changed = info.model_copy(
-            update={
-                "segments": segments,
-                "count": count,
-                "live": count - len(deleted),
-                "tombstones": len(deleted),
-                "recall_at_10": recall,
-                "max_id": max_id,
-                **(update or {}),
-            }
+        changed = changed.model_copy(
+            update={"live": changed.count - len(deleted), "tombstones": len(deleted)}
         )
         changed.write(staged)
-        return publish(root, name, staged, keep_versions)
+        return publish(root, name, staged, keep_versions, held=True)
 
 
 def add_to_collection(spec: BuildSpec) -> int:
     """Embed ``spec.corpus`` and add it to the live version; returns the new version."""
     manifest = read_manifest(spec.bundle)
-    with Collection.open(spec.root, spec.collection) as live:
+    with Collection.open(spec.root, spec.collection, with_indexes=False) as live:
         info = live.info
         _writable(live)
         if info.model_bundle_id != manifest.bundle_id:
@@ -103,27 +100,65 @@ def add_to_collection(spec: BuildSpec) -> int:
                 f"collection {spec.collection!r} holds {info.kind} items, not {spec.kind}"
             )
         records, listing_skipped = list_records(spec)
-        first = info.max_id // STRIDE[spec.kind] + 1
-        numbered = [(first + i, record) for i, record in enumerate(records)]
-        # Verified just above by read_manifest.
-        encoder = Encoder(spec.bundle, batch_size=spec.batch_size, verify=False)
-        bar = tqdm(total=len(numbered), desc=f"adding to {spec.collection}", unit="item")
-        with bar, ShardEncoder(spec, encoder) as shards:
-            shard = shards.encode(numbered, bar)
-        skipped = Counter(info.skipped)
-        skipped.update(skipped_summary([shard], listing_skipped))
-        added = None
-        if len(shard.ids):
-            factory = choose_factory(len(shard.ids), info.dim)
-            added = (shard.ids, shard.vectors, shard.items, factory)
-        return publish_change(
-            spec.root,
-            live,
-            live.segments.deleted,
-            spec.keep_versions,
-            added=added,
-            update={"skipped": dict(skipped)},
-        )
+    first = reserve_numbers(
+        spec.root, spec.collection, len(records), info.max_id // STRIDE[spec.kind] + 1
+    )
+    numbered = [(first + i, record) for i, record in enumerate(records)]
+    # Verified just above by read_manifest.
+    encoder = Encoder(spec.bundle, batch_size=spec.batch_size, verify=False)
+    bar = tqdm(total=len(numbered), desc=f"adding to {spec.collection}", unit="item")
+    with bar, ShardEncoder(spec, encoder) as shards:
+        shard = shards.encode(numbered, bar)
+    skipped = skipped_summary([shard], listing_skipped)
+    return add_encoded(
+        spec.root,
+        spec.collection,
+        shard.ids,
+        shard.vectors,
+        shard.items,
+        keep_versions=spec.keep_versions,
+        skipped=skipped,
+    )
+
+
+def add_encoded(
+    root: Path,
+    collection: str,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: Sequence[Item],
+    *,
+    keep_versions: int = 3,
+    skipped: dict[str, int] | None = None,
+) -> int:
+    """Publish ``vectors`` (with ``ids`` from :func:`reserve_numbers`'s range, and their
+    ``items``) as a new segment of the live version; returns the new version."""
+    with staging(root, collection) as staged:
+        written = None
+        if len(ids):
+            dim = int(np.asarray(vectors).shape[1])
+            folder = staged / SEGMENTS / new_segment_id()
+            written = write_segment(folder, ids, vectors, items, choose_factory(len(ids), dim))
+
+        def rebase(live: IndexInfo, deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
+            merged = Counter(live.skipped)
+            merged.update(skipped or {})
+            update: dict[str, Any] = {"skipped": dict(merged)}
+            if written is not None:
+                if written.dim != live.dim:
+                    raise CollectionError(
+                        f"vectors of dim {written.dim} cannot join collection {collection!r} "
+                        f"of dim {live.dim}"
+                    )
+                update |= {
+                    "segments": [*live.segments, written.id],
+                    "count": live.count + written.count,
+                    "recall_at_10": min(live.recall_at_10, written.recall_at_10),
+                    "max_id": max(live.max_id, written.last_id),
+                }
+            return live.model_copy(update=update), deleted
+
+        return commit(root, collection, staged, keep_versions, rebase)
 
 
 def remove_from_collection(
@@ -137,7 +172,7 @@ def remove_from_collection(
     """Remove items by id and/or by filter; returns (new version, items removed)."""
     if not ids and not filters:
         raise ValueError("name the items to remove: ids, a filter, or both")
-    with Collection.open(root, collection) as live:
+    with Collection.open(root, collection, with_indexes=False) as live:
         _writable(live)
         named = np.asarray(list(ids), dtype=np.int64)
         found = live.get(named)
@@ -145,5 +180,10 @@ def remove_from_collection(
         if filters:
             doomed = np.union1d(doomed, live.ids_matching(filters))
         doomed = np.unique(doomed)
-        deleted = np.union1d(live.segments.deleted, doomed)
-        return publish_change(root, live, deleted, keep_versions), len(doomed)
+
+    def rebase(info: IndexInfo, deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
+        return info, np.union1d(deleted, doomed)
+
+    with staging(root, collection) as staged:
+        version = commit(root, collection, staged, keep_versions, rebase)
+    return version, len(doomed)

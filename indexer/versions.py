@@ -13,6 +13,7 @@ kept version names. Versions written before segments (format 1) hold their files
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -87,8 +88,10 @@ def staging(root: Path, collection: str) -> Iterator[Path]:
 
 
 @contextmanager
-def _locked(root: Path, collection: str) -> Iterator[None]:
-    # Two builds finishing together must not take the same number or race on `current`.
+def locked(root: Path, collection: str) -> Iterator[None]:
+    """The collection's publishing lock (an ``flock``, across processes): two changes finishing
+    together must not take the same number, race on ``current`` or lose each other's edits.
+    Not re-entrant: inside it, call :func:`publish` with ``held=True``."""
     folder = collection_dir(root, collection)
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("w") as lock:
@@ -99,12 +102,12 @@ def _locked(root: Path, collection: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def publish(root: Path, collection: str, staged: Path, keep: int) -> int:
+def publish(root: Path, collection: str, staged: Path, keep: int, *, held: bool = False) -> int:
     """Give the complete version in ``staged`` the next number, make it current, and delete
     the oldest versions beyond ``keep`` (never the current one) and the segments that no kept
     version names. The segments staged with it move into ``segments/`` first. Returns its
-    number."""
-    with _locked(root, collection):
+    number. ``held``: the caller holds :func:`locked` already."""
+    with contextlib.nullcontext() if held else locked(root, collection):
         shared = segments_dir(root, collection)
         shared.mkdir(parents=True, exist_ok=True)
         added = staged / SEGMENTS
@@ -131,6 +134,17 @@ def named_segments(folder: Path) -> list[str]:
     """The segment ids a version's ``index.json`` names (none for a format-1 version)."""
     manifest = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     return [str(name) for name in manifest.get("segments", [])]
+
+
+def reserve_numbers(root: Path, collection: str, count: int, floor: int) -> int:
+    """The first of ``count`` item numbers no other change has taken, at least ``floor``: two
+    adds encoding at once get disjoint id ranges, whichever publishes first."""
+    with locked(root, collection):
+        path = collection_dir(root, collection) / ".next-number"
+        taken = int(path.read_text(encoding="utf-8")) if path.is_file() else 0
+        first = max(taken, floor)
+        path.write_text(str(first + count), encoding="utf-8")
+    return first
 
 
 def collect_segments(root: Path, collection: str) -> list[str]:

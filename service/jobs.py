@@ -26,11 +26,14 @@ from typing import Any, Literal
 from indexer.jobs import (
     RESULT_TTL_S,
     UPDATES_CHANNEL,
+    CompactionRequest,
     JobError,
     connect,
     enqueue_build,
+    enqueue_compaction,
     job_status,
     run_build_inline,
+    run_compaction_inline,
 )
 from indexer.spec_index import BuildSpec
 from service.errors import ApiError
@@ -39,7 +42,7 @@ from service.schemas import JobInfo
 
 log = logging.getLogger("cots.jobs")
 
-JobKind = Literal["add", "remove", "reindex"]
+JobKind = Literal["add", "remove", "reindex", "compact"]
 _KEEP_FINISHED = 1000
 _SHARED_KEY = "cots:local-job:"
 
@@ -68,6 +71,21 @@ class JobRunner:
         except JobError as error:
             raise ApiError(503, f"cannot queue the re-index job: {error}") from None
         return JobInfo(id=job_id, status="queued", kind="reindex", collection=spec.collection)
+
+    def compact(self, request: CompactionRequest) -> JobInfo:
+        name = request.collection
+        if self.redis_url is None:
+
+            def work() -> tuple[int, dict[str, bool]]:
+                version, compacted = run_compaction_inline(request)
+                return version, {"compacted": compacted}
+
+            return self.run_here("compact", name, work)
+        try:
+            job_id = enqueue_compaction(self.redis_url, request)
+        except JobError as error:
+            raise ApiError(503, f"cannot queue the compaction job: {error}") from None
+        return JobInfo(id=job_id, status="queued", kind="compact", collection=name)
 
     def run_here(self, kind: JobKind, collection: str, work: Callable[[], Any]) -> JobInfo:
         """Run ``work`` (which returns the new version, or (version, detail)) in this process."""

@@ -167,10 +167,25 @@ class ReindexRequest(_Body):
     split: str | None = Field(None, min_length=1, max_length=100)
 
 
+class CompactRequest(_Body):
+    """When to merge segments (`docs/index.md`, "Compaction"); the defaults are the policy's."""
+
+    full: bool = Field(False, description="merge every segment into one")
+    tombstone_ratio: float = Field(
+        0.2, gt=0, le=1, description="rewrite a segment once this share of it is removed"
+    )
+    max_segments: int = Field(
+        10, ge=1, le=10_000, description="beyond this many segments, merge the newest small ones"
+    )
+    small_ratio: float = Field(
+        0.1, gt=0, le=1, description="'small': fewer items than this share of the largest"
+    )
+
+
 class JobInfo(BaseModel):
     id: str
     status: str
-    kind: Literal["add", "remove", "reindex"] | None = None
+    kind: Literal["add", "remove", "reindex", "compact"] | None = None
     collection: str | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
     result: Any = None

@@ -244,6 +244,45 @@ def test_reindex_runs_on_the_queue_and_replicas_load_the_result(
     assert load.outcomes["failed"] == 0, load.failures[:3]
 
 
+def test_compaction_runs_on_the_queue_and_replicas_load_the_result(
+    micro_bundle: Path, served_root: tuple[Path, Path], redis_db: str, tmp_path: Path
+) -> None:
+    root = copy_root(served_root[1], tmp_path)
+    settings = _settings(micro_bundle, root, redis_db, reload_poll_s=120)
+    admin, write = {"X-API-Key": ADMIN_KEY}, {"X-API-Key": WRITE_KEY}
+    with live_server(settings) as server, server.client() as client, Load([server]) as load:
+        removed = client.post(
+            "/v1/collections/images/items/remove", json={"ids": list(range(20))}, headers=write
+        )
+        assert wait_for_job(client, removed.json()["id"], WRITE_KEY)["status"] == "finished"
+        wait_for_version(client, "images", 2)
+        assert client.get("/v1/collections/images").json()["tombstones"] == 20
+        refused = client.post("/v1/collections/images/compact", json={"full": 1.5}, headers=admin)
+        assert_error(refused, 422, "full")
+        started = client.post("/v1/collections/images/compact", json={}, headers=admin)
+        assert started.status_code == 202, started.text
+        assert started.json()["kind"] == "compact"
+        connection = redis.Redis.from_url(redis_db)
+        worker = SimpleWorker([Queue(DEFAULT_QUEUE, connection=connection)], connection=connection)
+        assert work_in_process(worker, burst=True)
+        done = wait_for_job(client, started.json()["id"], ADMIN_KEY)
+        assert done["status"] == "finished", done
+        assert done["result"]["version"] == 3
+        assert done["result"]["compacted"] is True
+        wait_for_version(client, "images", 3)  # announced on the channel: no poll needed
+        info = client.get("/v1/collections/images").json()
+        assert info["tombstones"] == 0
+        assert info["count"] == info["live"] == 28
+        assert [s["count"] for s in info["segments"]] == [28]
+        # Nothing left to merge: the job says so and publishes nothing.
+        again = client.post("/v1/collections/images/compact", json={}, headers=admin)
+        assert work_in_process(worker, burst=True)
+        result = wait_for_job(client, again.json()["id"], ADMIN_KEY)["result"]
+        assert result["compacted"] is False
+        assert result["version"] == 3
+    assert load.outcomes["failed"] == 0, load.failures[:3]
+
+
 def test_without_redis_jobs_run_in_process(
     micro_bundle: Path, served_root: tuple[Path, Path], tmp_path: Path
 ) -> None:

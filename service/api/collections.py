@@ -11,7 +11,9 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from indexer.collection import Collection, Hit
+from indexer.compaction import CompactionPolicy
 from indexer.faiss_index import new_index
+from indexer.jobs import CompactionRequest
 from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import list_versions
@@ -31,6 +33,7 @@ from service.schemas import (
     AddItemsRequest,
     CollectionInfo,
     CollectionList,
+    CompactRequest,
     JobInfo,
     ReindexRequest,
     RemoveItemsRequest,
@@ -198,6 +201,19 @@ def reindex(
         except ValueError as error:
             raise ApiError(422, str(error)[:300]) from None
     return state.jobs.reindex(spec)
+
+
+@router.post("/{name}/compact", response_model=JobInfo, status_code=202)
+def compact(
+    body: CompactRequest, collection: CollectionDep, state: StateDep, caller: AdminCaller
+) -> JobInfo:
+    """Merge segments and drop removed items as the policy says, as a new version (when
+    there is anything to merge), on the Redis queue when there is one; returns the job."""
+    policy = CompactionPolicy(**body.model_dump())
+    request = CompactionRequest(
+        root=state.settings.index_root, collection=collection.info.collection, policy=policy
+    )
+    return state.jobs.compact(request)
 
 
 @jobs_router.get("/{job_id}", response_model=JobInfo)
