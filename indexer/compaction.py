@@ -17,11 +17,11 @@ The plan (:class:`CompactionPolicy`, defaults in brackets):
 
 Selected segments that are neighbours form a run; a run becomes one segment, indexed with what
 ``choose_factory`` picks for its live count: `Flat` below 50,000 vectors, else IVF with its
-centroids trained anew on the merged vectors. Segments cover disjoint id ranges and only
-neighbours merge, so they still do. The stored vectors are the source, so nothing is
-re-encoded; compaction publishes a version like any change, so readers never see a half state,
-and a compaction killed before it publishes leaves the old version live and can simply run
-again (same vectors, same seeded training: the same content).
+centroids trained anew on the merged vectors. The stored vectors are the source, so nothing is
+re-encoded. Compaction publishes a version like any change, re-applied to whatever is live
+then (an add that published meanwhile is kept), so readers never see a half state; one killed
+before it publishes leaves the old version live and can simply run again (same vectors, same
+seeded training: the same content).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the stored copy feeds compaction and exact completion of filtered searches), its
 writes a new segment, a remove a new delete set (tombstones by id), a compaction merged
 segments. So a new version can list the segments of the old one without copying them.
 
-Segments cover disjoint id ranges (ids grow with each add; compaction merges neighbours), in
-ascending order:
+Segments are ordered by their first id (ids grow with each add; compaction merges
+neighbours):
 
 ``queries [Q, d] -> per segment: one FAISS call -> drop tombstoned ids -> merge into top k``
 
