@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,18 +29,22 @@ from rq.registry import StartedJobRegistry
 
 from indexer.bundle import read_manifest
 from indexer.collection import missing_files
+from indexer.compaction import compact_collection
 from indexer.jobs import (
     DEFAULT_QUEUE,
     UPDATES_CHANNEL,
+    CompactionRequest,
     JobError,
     enqueue_build,
+    enqueue_compaction,
     job_status,
     listen_for_updates,
     run_build_inline,
     work_in_process,
 )
 from indexer.spec_index import BuildSpec
-from indexer.versions import current_version, list_versions, version_dir
+from indexer.update import remove_from_collection
+from indexer.versions import current_dir, current_version, list_versions, version_dir
 from indexer.worker_cli import worker
 from model.data.synth import SynthConfig, generate_corpus
 from tests.versions import version_content, version_files
@@ -334,6 +339,75 @@ def test_killed_work_horse_is_retried_by_its_worker(
     assert "resuming:" in output
     assert current_version(spec.root, spec.collection) == 1
     _assert_same_content(version_dir(spec.root, spec.collection, 1), reference)
+
+
+# A worker whose compaction stops after writing its merged segment, on the first attempt only
+# (the marker file says the first attempt got there), so the test can kill it at that point.
+SLOW_COMPACTION_WORKER = """
+import os, sys, time
+import indexer.compaction as compaction
+marker = os.environ["COTS_TEST_MARKER"]
+real = compaction.write_segment
+def slowly(*args, **kwargs):
+    written = real(*args, **kwargs)
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(120)
+    return written
+compaction.write_segment = slowly
+from cots.cli import main
+main()
+"""
+
+
+def test_a_work_horse_killed_mid_compaction_leaves_the_old_version_and_is_retried(
+    redis_db: str, assets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = _spec(assets, tmp_path / "collections")
+    run_build_inline(spec)
+    remove_from_collection(spec.root, spec.collection, ids=list(range(12)))
+    straight = tmp_path / "straight"
+    shutil.copytree(spec.root, straight, symlinks=True)
+    compact_collection(straight, spec.collection)
+    before = version_files(version_dir(spec.root, spec.collection, 2))
+    request = CompactionRequest(root=spec.root, collection=spec.collection)
+    job_id = enqueue_compaction(redis_db, request)
+    marker = tmp_path / "first-attempt"
+    command = [sys.executable, "-c", SLOW_COMPACTION_WORKER, "worker", "--burst"]
+    process = subprocess.Popen(
+        [*command, "--redis-url", redis_db],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COTS_TEST_MARKER": str(marker)},
+    )
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while not marker.exists():
+            assert process.poll() is None, "the worker exited before compacting"
+            assert time.monotonic() < deadline, "the compaction never wrote its segment"
+            time.sleep(0.05)
+        # Killed with its merged segment written and nothing published.
+        assert current_version(spec.root, spec.collection) == 2
+        assert version_files(version_dir(spec.root, spec.collection, 2)) == before
+        for pid in _descendants(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    status = job_status(redis_db, job_id)
+    assert status["status"] == "finished", (status, output)
+    assert status["retries_left"] == 1
+    assert status["result"]["compacted"] is True
+    assert current_version(spec.root, spec.collection) == 3
+    _assert_same_content(
+        version_dir(spec.root, spec.collection, 3), current_dir(straight, spec.collection)
+    )
+    assert version_files(version_dir(spec.root, spec.collection, 2)) == before
 
 
 def test_listener_skips_malformed_messages(redis_db: str) -> None:
