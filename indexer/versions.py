@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ VERSIONS = "versions"
 SEGMENTS = "segments"
 CURRENT = "current"
 _DIGITS = 6
+STALE_STAGING_S = 24 * 3600  # the longest a build or compaction job may run (jobs.JOB_TIMEOUT_S)
 
 
 def collection_dir(root: Path, collection: str) -> Path:
@@ -148,8 +150,9 @@ def reserve_numbers(root: Path, collection: str, count: int, floor: int) -> int:
 
 
 def collect_segments(root: Path, collection: str) -> list[str]:
-    """Delete the segments no version on disk names; returns their ids. Run under the lock
-    (publish does): segments being written are still inside their staging folders then."""
+    """Delete the segments no version on disk names (returns their ids), and staging folders
+    untouched for a day. Run under the lock (publish does): segments being written are still
+    inside their staging folders then."""
     shared = segments_dir(root, collection)
     if not shared.is_dir():
         return []
@@ -161,4 +164,10 @@ def collect_segments(root: Path, collection: str) -> list[str]:
     doomed = [p.name for p in shared.iterdir() if p.is_dir() and p.name not in named]
     for name in doomed:
         shutil.rmtree(shared / name, ignore_errors=True)
+    # Staging folders of changes killed before they published (with the segment they wrote):
+    # none is still being written after a day, the longest a job may run.
+    stale = time.time() - STALE_STAGING_S
+    for folder in (collection_dir(root, collection) / VERSIONS).glob(".staging-*"):
+        if folder.is_dir() and folder.stat().st_mtime < stale:
+            shutil.rmtree(folder, ignore_errors=True)
     return sorted(doomed)

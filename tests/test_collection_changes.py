@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -320,3 +321,19 @@ def test_the_updates_bench_reports_every_figure(tmp_path: Path) -> None:
     assert data["search_p50_ms_compacted"] > 0
     assert data["goals"]["search_10_over_compacted"] > 0
     assert "| full compaction |" in result.output
+
+
+def test_publishing_deletes_staging_folders_a_killed_change_left_a_day_ago(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(6)
+    build(tmp_path, unit(rng, 10))
+    versions = tmp_path / NAME / "versions"
+    old, fresh = versions / ".staging-old", versions / ".staging-fresh"
+    for folder in (old, fresh):
+        (folder / "segments" / "x").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    add(tmp_path, dict(enumerate(unit(rng, 10))), unit(rng, 2))
+    assert not old.exists()
+    assert fresh.exists()  # maybe a change still being written
