@@ -233,6 +233,12 @@ def _check_vectors(x: Any, name: str, dim: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def check_queries(queries: Any, dim: int) -> np.ndarray:
+    """``queries`` as :func:`search` takes them (float32 [Q, dim], finite, unit norm), or
+    ValueError; what :func:`search_checked` assumes."""
+    return _check_vectors(queries, "queries", dim)
+
+
 def _check_ids(ids: Any, count: int) -> np.ndarray:
     """``ids`` as int64 [count]: integers, non-negative (-1 pads results), unique."""
     if not isinstance(ids, np.ndarray):
@@ -546,6 +552,16 @@ def search(
     short = np.count_nonzero(labels >= 0, axis=1) < min(k, allowed.size)
     if short.any():
         scores[short], labels[short] = _exhaustive(index, queries[short], k, allowed, lookup)
+    return _finish(scores, labels)
+
+
+def search_checked(
+    index: faiss.Index, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` without a filter, for ``queries`` already checked (contiguous float32
+    [Q, d], finite) and ``k >= 1``: a caller searching many segments with one batch checks it
+    once (~10 us a call saved at 256 dims)."""
+    scores, labels = index.search(queries, k)
     return _finish(scores, labels)
 
 

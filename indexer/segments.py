@@ -36,12 +36,14 @@ from pydantic import BaseModel, ConfigDict
 
 from indexer.faiss_index import (
     build_index,
+    check_queries,
     filter_params,
     is_gpu_index,
     load_index,
     recall_at_k,
     save_index,
     search,
+    search_checked,
 )
 from indexer.metadata import Item, MetadataStore
 
@@ -276,6 +278,8 @@ class SegmentedIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._parts:  # checked once here, not once per segment
+            queries = check_queries(queries, self.dim)
         rows: list[tuple[np.ndarray, np.ndarray]] = []
         for part in self._parts:
             found = self._search_part(part, queries, k, filters)
@@ -300,7 +304,7 @@ class SegmentedIndex:
             return self._search_excluding(part, queries, k)
         else:
             wanted = min(k + len(part.deleted), segment.info.count)
-            scores, ids = search(segment.index, queries, wanted)
+            scores, ids = search_checked(segment.index, queries, wanted)
             if len(part.deleted):
                 dead = np.isin(ids, part.deleted)
                 ids = np.where(dead, -1, ids)
