@@ -321,7 +321,10 @@ def _echo_info(root: Path, collection: str, what: str) -> None:
 
     info = read_info(current_dir(root, collection))
     skipped = sum(info.skipped.values())
-    segments = f", {len(info.segments)} segments" if info.segments else ""
+    n = len(info.segments)
+    segments = f", {n} segment{'s' if n != 1 else ''}" if n else ""
+    if info.tombstones:
+        segments += f" ({info.tombstones:,} removed items awaiting compaction)"
     click.echo(
         f"{collection}: {what}; version {current_version(root, collection)}, {info.live:,} live "
         f"of {info.count:,} {info.modality} vectors{segments}, {info.factory}, recall@10 "
