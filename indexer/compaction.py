@@ -107,25 +107,22 @@ def compact_collection(
             return None
         if not runs:  # an empty format-1 version: rewrite it anyway
             runs = [list(range(len(segments)))]
-        merged_at = {run[0]: run for run in runs}
-        replaced = {segments[j].id for run in runs for j in run}
-        dropped = np.intersect1d(
-            deleted, np.concatenate([segments[j].ids for j in sorted(replaced_positions(runs))])
-        )
-        before = sum(segments[j].info.count for run in runs for j in run)
-        snapshot = (live.version, info.format_version, info.max_id)
+        merged = [segments[j] for run in runs for j in run]
+        replaced = {s.id for s in merged}
+        dropped = np.intersect1d(deleted, np.concatenate([s.ids for s in merged]))
+        before = sum(s.info.count for s in merged)
+        max_id = max([info.max_id, *(s.info.last_id for s in segments)])
+        version, format_version = live.version, info.format_version
         with staging(root, collection) as staged:
             written: list[SegmentInfo] = []
-            for run in merged_at.values():
+            for run in runs:
                 ids, vectors, items = live.segments.live_rows(run)
                 if len(ids):
                     folder = staged / SEGMENTS / new_segment_id()
                     factory = choose_factory(len(ids), info.dim)
                     written.append(write_segment(folder, ids, vectors, items, factory))
-            last_id = max(s.info.last_id for s in segments) if segments else -1
 
             def rebase(now: IndexInfo, now_deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
-                version, format_version, max_id = snapshot
                 if format_version < FORMAT_VERSION:
                     if current_version(root, collection) != version:
                         raise CollectionError(_CHANGED.format(collection=collection))
@@ -142,13 +139,9 @@ def compact_collection(
                             [r.recall_at_10 for r in recalls] + [w.recall_at_10 for w in written],
                             default=1.0,
                         ),
-                        "max_id": max(now.max_id, max_id, last_id),
+                        "max_id": max(now.max_id, max_id),
                     }
                 )
                 return changed, np.setdiff1d(now_deleted, dropped)
 
             return commit(root, collection, staged, keep_versions, rebase, format_1=True)
-
-
-def replaced_positions(runs: Sequence[Sequence[int]]) -> list[int]:
-    return [j for run in runs for j in run]

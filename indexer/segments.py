@@ -334,9 +334,7 @@ class SegmentedIndex:
                 segment.index, queries, wanted, allowed=part.live(), lookup=segment.lookup
             )
         params = filter_params(segment.index, part.without_deleted())
-        scores, ids = segment.index.search(queries, wanted, params=params)
-        scores = np.where(ids >= 0, scores, np.float32(-np.inf)).astype(np.float32)
-        ids = np.asarray(ids, dtype=np.int64)
+        scores, ids = search_checked(segment.index, queries, wanted, params)
         short = np.count_nonzero(ids >= 0, axis=1) < wanted
         if short.any():
             again = search(

@@ -87,19 +87,19 @@ def commit(
 def add_to_collection(spec: BuildSpec) -> int:
     """Embed ``spec.corpus`` and add it to the live version; returns the new version."""
     manifest = read_manifest(spec.bundle)
-    with Collection.open(spec.root, spec.collection, with_indexes=False) as live:
-        info = live.info
-        _writable(live)
-        if info.model_bundle_id != manifest.bundle_id:
-            raise CollectionError(
-                f"collection {spec.collection!r} was built with model bundle "
-                f"{info.model_bundle_id[:12]}; {spec.bundle} is {manifest.short_id}"
-            )
-        if info.kind != spec.kind:
-            raise CollectionError(
-                f"collection {spec.collection!r} holds {info.kind} items, not {spec.kind}"
-            )
-        records, listing_skipped = list_records(spec)
+    live = current_dir(spec.root, spec.collection)
+    info = read_info(live)
+    _writable_info(info, live)
+    if info.model_bundle_id != manifest.bundle_id:
+        raise CollectionError(
+            f"collection {spec.collection!r} was built with model bundle "
+            f"{info.model_bundle_id[:12]}; {spec.bundle} is {manifest.short_id}"
+        )
+    if info.kind != spec.kind:
+        raise CollectionError(
+            f"collection {spec.collection!r} holds {info.kind} items, not {spec.kind}"
+        )
+    records, listing_skipped = list_records(spec)
     first = reserve_numbers(
         spec.root, spec.collection, len(records), info.max_id // STRIDE[spec.kind] + 1
     )
