@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,31 @@ def test_failed_build_reports_its_error(
     assert current_version(spec.root, spec.collection) is None
 
 
+def _kill_work_horse_when(
+    command: list[str], ready: Callable[[], bool], what: str, env: dict[str, str] | None = None
+) -> str:
+    """Run a worker, SIGKILL the processes below it (its work horse) once ``ready()``, and
+    return the worker's output after it has run to the end; the worker itself must exit 0."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while not ready():
+            assert process.poll() is None, f"the worker exited before {what}"
+            assert time.monotonic() < deadline, f"the job never got to {what}"
+            time.sleep(0.05)
+        for pid in _descendants(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    return output
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (RQ's work horse runs in a process group of its own, so
     killing the worker's group would leave it running)."""
@@ -316,23 +341,11 @@ def test_killed_work_horse_is_retried_by_its_worker(
     spec = _spec(assets, tmp_path / "collections")
     job_id = enqueue_build(redis_db, spec)
     command = [sys.executable, "-c", SLOW_WORKER, "worker", "--burst", "--redis-url", redis_db]
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while (job_status(redis_db, job_id)["progress"]["done"] or 0) == 0:
-            assert process.poll() is None, "the worker exited before finishing a shard"
-            assert time.monotonic() < deadline, "the build never finished a shard"
-            time.sleep(0.05)
-        for pid in _descendants(process.pid):
-            os.kill(pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, output
+
+    def one_shard_done() -> bool:
+        return bool(job_status(redis_db, job_id)["progress"]["done"])
+
+    output = _kill_work_horse_when(command, one_shard_done, "finishing a shard")
     status = job_status(redis_db, job_id)
     assert status["status"] == "finished", (status, output)
     assert status["retries_left"] == 1
@@ -374,31 +387,24 @@ def test_a_work_horse_killed_mid_compaction_leaves_the_old_version_and_is_retrie
     job_id = enqueue_compaction(redis_db, request)
     marker = tmp_path / "first-attempt"
     command = [sys.executable, "-c", SLOW_COMPACTION_WORKER, "worker", "--burst"]
-    process = subprocess.Popen(
+    killed_at: list[tuple[int | None, dict[str, bytes]]] = []
+
+    def segment_written() -> bool:
+        if not marker.exists():
+            return False
+        # What is live at the moment of the kill.
+        version = current_version(spec.root, spec.collection)
+        killed_at.append((version, version_files(version_dir(spec.root, spec.collection, 2))))
+        return True
+
+    output = _kill_work_horse_when(
         [*command, "--redis-url", redis_db],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        segment_written,
+        "writing its merged segment",
         env={**os.environ, "COTS_TEST_MARKER": str(marker)},
     )
-    try:
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while not marker.exists():
-            assert process.poll() is None, "the worker exited before compacting"
-            assert time.monotonic() < deadline, "the compaction never wrote its segment"
-            time.sleep(0.05)
-        # Killed with its merged segment written and nothing published.
-        assert current_version(spec.root, spec.collection) == 2
-        assert version_files(version_dir(spec.root, spec.collection, 2)) == before
-        for pid in _descendants(process.pid):
-            os.kill(pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=WORKER_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, output
+    # It was killed with its merged segment written and nothing published.
+    assert killed_at == [(2, before)]
     status = job_status(redis_db, job_id)
     assert status["status"] == "finished", (status, output)
     assert status["retries_left"] == 1
