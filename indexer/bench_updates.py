@@ -3,7 +3,11 @@
 ``N synthetic vectors (as bench index faiss draws them) -> one-segment collection ->
 add M (time, disk) -> a replica opens the new version beside the old (time, segments loaded)
 -> remove M (time, disk) -> search p50 with 1, 10 and 50 segments -> full compaction (time)
--> search p50 on the one compacted segment``
+-> search p50 on the one compacted segment -> the 10-segment version (held open) and the
+compacted one searched side by side, query by query``
+
+The side-by-side pair gives the ratio the goal is checked on: the machine is shared, and two
+p50s measured minutes apart drift by more than the difference being measured.
 
 No encoder: an add here is what ``cots index add`` does after encoding (``reserve_numbers``
 + ``add_encoded``), so its time is what the issue's "plus the encoder's time" leaves. Disk is
@@ -62,17 +66,25 @@ def _added_bytes(vectors: np.ndarray, items: list[Item]) -> int:
     return int(vectors.astype(np.float32).nbytes) + sum(len(i.model_dump_json()) for i in items)
 
 
-def _search_p50_ms(root: Path, queries: np.ndarray, k: int) -> tuple[float, int]:
-    """Median ms of one query at a time through ``Collection.nearest``; the segment count."""
-    with Collection.open(root, NAME) as live:
-        for query in queries[:20]:
+def _p50_ms(collections: list[Collection], queries: np.ndarray, k: int) -> list[float]:
+    """Median ms of one query at a time through each of ``collections``' ``nearest``, the
+    collections taking turns on every query (so drift in the machine's load hits all alike)."""
+    for query in queries[:20]:
+        for live in collections:
             live.nearest(query[None], k)
-        spent = []
-        for query in queries:
+    spent: list[list[float]] = [[] for _ in collections]
+    for query in queries:
+        for live, times in zip(collections, spent, strict=True):
             start = time.perf_counter()
             live.nearest(query[None], k)
-            spent.append(time.perf_counter() - start)
-        return float(np.median(spent) * 1000), len(live.info.segments)
+            times.append(time.perf_counter() - start)
+    return [float(np.median(times) * 1000) for times in spent]
+
+
+def _search_p50_ms(root: Path, queries: np.ndarray, k: int) -> tuple[float, int]:
+    """Median ms of one query at a time on the current version; its segment count."""
+    with Collection.open(root, NAME) as live:
+        return _p50_ms([live], queries, k)[0], len(live.info.segments)
 
 
 def run_updates_bench(
@@ -138,11 +150,14 @@ def run_updates_bench(
 
     probes = mixture.sample(queries, seed=seed + 3)
     search: dict[str, float] = {}
+    ten: Collection | None = None
     for wanted in SEGMENT_COUNTS:
         while len(read_info(current_dir(root, NAME)).segments) < wanted:
             add(changes)
         p50, segments = _search_p50_ms(root, probes, k)
         search[str(segments)] = round(p50, 3)
+        if wanted == 10:
+            ten = Collection.open(root, NAME)  # held for the side-by-side pair
         bar.update()
     result["search_p50_ms"] = search
 
@@ -152,13 +167,18 @@ def run_updates_bench(
     p50, _ = _search_p50_ms(root, probes, k)
     result["search_p50_ms_compacted"] = round(p50, 3)
     result["compacted_factory"] = read_info(current_dir(root, NAME)).factory
+    side: dict[str, float] = {}
+    if ten is not None:
+        with ten, Collection.open(root, NAME) as compacted:
+            pair = _p50_ms([ten, compacted], probes, k)
+        side = {"10": round(pair[0], 3), "compacted": round(pair[1], 3)}
+    result["search_p50_ms_side_by_side"] = side
     bar.update()
     bar.close()
-    compacted = result["search_p50_ms_compacted"]
     result["goals"] = {
         "add_s": result["add_s"],
         "add_disk_over_data": round(result["add_disk_bytes"] / result["add_data_bytes"], 2),
-        "search_10_over_compacted": round(search["10"] / compacted, 2) if "10" in search else None,
+        "search_10_over_compacted": round(side["10"] / side["compacted"], 2) if side else None,
         "replica_swap_s": result["replica_swap_s"],
     }
     result["machine"] = {
@@ -229,7 +249,12 @@ def updates_bench(
         f"| search p50, one compacted segment ({result['compacted_factory']}) | "
         f"{result['search_p50_ms_compacted']:.3f} ms | |"
     )
-    click.echo(f"| search 10 segments / compacted | {g['search_10_over_compacted']}x | <= 1.3x |")
+    side = result["search_p50_ms_side_by_side"]
+    if side:
+        click.echo(
+            f"| side by side, query by query: 10 segments / compacted | {side['10']:.3f} / "
+            f"{side['compacted']:.3f} ms = {g['search_10_over_compacted']}x | <= 1.3x |"
+        )
     click.echo(f"| full compaction | {result['compact_s']:.1f} s | |")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

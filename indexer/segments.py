@@ -46,6 +46,7 @@ from indexer.faiss_index import (
     search_checked,
 )
 from indexer.metadata import Item, MetadataStore
+from indexer.tail import Tail, TailPart, assign_lists, is_flat, ivf_base
 
 SEGMENT_JSON: Final = "segment.json"
 SEGMENT_INDEX: Final = "index.faiss"
@@ -166,6 +167,8 @@ class Segment:
         )
         self.store = MetadataStore.open(folder / SEGMENT_METADATA, readonly=True)
         self._vectors: np.ndarray | None = None
+        # base segment id -> the inverted list of each vector under that base's centroids
+        self._lists: dict[str, np.ndarray] = {}
 
     @classmethod
     def of_format_1(
@@ -207,6 +210,16 @@ class Segment:
         rows = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
         return (self.ids[rows] == ids) if len(self.ids) else np.zeros(len(ids), dtype=bool)
 
+    def lists_on(self, base: Segment, ivf: faiss.IndexIVF) -> np.ndarray:
+        """The list of each of this segment's vectors (id order) under ``base``'s centroids,
+        computed once per base: a replica's swap then assigns only the new segments."""
+        lists = self._lists.get(base.id)
+        if lists is None:
+            lists = assign_lists(ivf, np.asarray(self.vectors(), dtype=np.float32))
+            # Only the newest base's lists are kept: an older base left with a compaction.
+            self._lists = {base.id: lists}
+        return lists
+
     def close(self) -> None:
         """Release one user; the last closes the metadata store."""
         self.users -= 1
@@ -222,6 +235,7 @@ class _Live:
     deleted: np.ndarray  # this segment's tombstoned ids, ascending
     live_ids: np.ndarray | None = None  # built on first need (exhaustive completion)
     excluding: Any = None  # (IDSelectorNot, the IDSelectorBatch it wraps), built on first need
+    in_tail: bool = False  # its live vectors are in the version's tail (unfiltered searches)
 
     def live(self) -> np.ndarray:
         if self.live_ids is None:
@@ -248,6 +262,29 @@ class SegmentedIndex:
             _Live(s, np.intersect1d(s.ids, self.deleted, assume_unique=True)) for s in ordered
         ]
         self.dim = ordered[0].info.dim if ordered else 0
+        self._base, self._tail = self._build_tail()
+
+    def _build_tail(self) -> tuple[_Live | None, Tail | None]:
+        """The largest CPU IVF segment and a tail of the live vectors of the ``Flat`` ones
+        (see ``indexer/tail.py``); (None, None) when there is no such base or nothing to put
+        in its tail."""
+        bases = [p for p in self._parts if ivf_base(p.segment.index) is not None]
+        if not bases:
+            return None, None
+        base = max(bases, key=lambda p: p.segment.info.count)
+        ivf = ivf_base(base.segment.index)
+        assert ivf is not None
+        parts = []
+        for part in self._parts:
+            if not is_flat(part.segment.index) or part.segment.info.dim != ivf.d:
+                continue
+            segment = part.segment
+            lists = segment.lists_on(base.segment, ivf)
+            keep = ~np.isin(segment.ids, part.deleted, assume_unique=True)
+            vectors = np.asarray(segment.vectors(), dtype=np.float32)
+            parts.append(TailPart(segment.ids[keep], vectors[keep], lists[keep]))
+            part.in_tail = True
+        return base, (Tail(ivf, parts) if parts else None)
 
     @property
     def segments(self) -> list[Segment]:
@@ -281,10 +318,21 @@ class SegmentedIndex:
         if self._parts:  # checked once here, not once per segment
             queries = check_queries(queries, self.dim)
         rows: list[tuple[np.ndarray, np.ndarray]] = []
+        # Unfiltered, the base and the tail share one quantizer pass; filtered searches go
+        # segment by segment (exact on the small ones).
+        coarse = None
+        if self._tail is not None and not filters and len(queries):
+            coarse = self._tail.assign(queries)
         for part in self._parts:
-            found = self._search_part(part, queries, k, filters)
+            if coarse is not None and part.in_tail:
+                continue
+            found = self._search_part(
+                part, queries, k, filters, coarse if part is self._base else None
+            )
             if found is not None:
                 rows.append(found)
+        if coarse is not None and self._tail is not None and self._tail.count:
+            rows.append(self._tail.search(queries, k, coarse))
         return _merge(rows, len(queries), k)
 
     def _search_part(
@@ -293,7 +341,10 @@ class SegmentedIndex:
         queries: np.ndarray,
         k: int,
         filters: Mapping[str, Any] | None,
+        coarse: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """One segment's top ``k`` live (matching) ids; ``coarse``: the base's quantizer
+        pass for ``queries``, already made."""
         segment = part.segment
         if segment.index is None:
             return None
@@ -301,10 +352,13 @@ class SegmentedIndex:
             matching = segment.store.ids_matching(filters)
             allowed = np.setdiff1d(matching, part.deleted, assume_unique=True)
         elif len(part.deleted) > OVERFETCH_TOMBSTONES:
-            return self._search_excluding(part, queries, k)
+            return self._search_excluding(part, queries, k, coarse)
         else:
             wanted = min(k + len(part.deleted), segment.info.count)
-            scores, ids = search_checked(segment.index, queries, wanted)
+            if coarse is not None and self._tail is not None:
+                scores, ids = self._tail.search_base(queries, wanted, coarse)
+            else:
+                scores, ids = search_checked(segment.index, queries, wanted)
             if len(part.deleted):
                 dead = np.isin(ids, part.deleted)
                 ids = np.where(dead, -1, ids)
@@ -316,13 +370,17 @@ class SegmentedIndex:
             segment.index, queries, min(k, len(allowed)), allowed=allowed, lookup=segment.lookup
         )
 
-    @staticmethod
     def _search_excluding(
-        part: _Live, queries: np.ndarray, k: int
+        self,
+        part: _Live,
+        queries: np.ndarray,
+        k: int,
+        coarse: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Many tombstones: the index's own search with a selector that skips them (the index's
-        nprobe/efSearch kept). Rows it leaves short, as approximate filtered search can, are
-        searched again over the live ids, exhaustively."""
+        nprobe/efSearch kept; on the base, the quantizer pass ``coarse`` reused). Rows it leaves
+        short, as approximate filtered search can, are searched again over the live ids,
+        exhaustively."""
         segment = part.segment
         assert segment.index is not None
         live = segment.info.count - len(part.deleted)
@@ -334,7 +392,10 @@ class SegmentedIndex:
                 segment.index, queries, wanted, allowed=part.live(), lookup=segment.lookup
             )
         params = filter_params(segment.index, part.without_deleted())
-        scores, ids = search_checked(segment.index, queries, wanted, params)
+        if coarse is not None and self._tail is not None:
+            scores, ids = self._tail.search_base(queries, wanted, coarse, params)
+        else:
+            scores, ids = search_checked(segment.index, queries, wanted, params)
         short = np.count_nonzero(ids >= 0, axis=1) < wanted
         if short.any():
             again = search(

@@ -319,8 +319,12 @@ def test_the_updates_bench_reports_every_figure(tmp_path: Path) -> None:
     assert data["add_disk_bytes"] > 0
     assert data["remove_disk_bytes"] < data["add_disk_bytes"]
     assert data["search_p50_ms_compacted"] > 0
-    assert data["goals"]["search_10_over_compacted"] > 0
+    side = data["search_p50_ms_side_by_side"]
+    assert side["10"] > 0
+    assert side["compacted"] > 0
+    assert data["goals"]["search_10_over_compacted"] == round(side["10"] / side["compacted"], 2)
     assert "| full compaction |" in result.output
+    assert "| side by side, query by query: 10 segments / compacted |" in result.output
 
 
 def test_publishing_deletes_staging_folders_a_killed_change_left_a_day_ago(

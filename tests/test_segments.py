@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,7 @@ from indexer.segments import (
     new_segment_id,
     write_segment,
 )
+from indexer.tail import ivf_base
 
 DIM = 16
 TAGS = ("red", "green", "blue")
@@ -127,6 +129,9 @@ class Model:
         for segment in self.segments:
             assert segment.index is not None
             original = np.stack([self.vectors[int(i)] for i in segment.ids])
+            if keeps_exact_floats(segment.info.factory):  # (an id-mapped Flat has no codec)
+                out.update(zip(segment.ids.tolist(), original, strict=True))
+                continue
             codes = segment.index.sa_decode(segment.index.sa_encode(original))
             out.update(zip(segment.ids.tolist(), codes, strict=True))
         return out
@@ -290,3 +295,68 @@ def test_a_segment_refuses_items_that_are_not_its_ids(tmp_path: Path) -> None:
         write_segment(tmp_path / "s", ids, vectors, items_for(ids[:3]), "Flat")
     with pytest.raises(ValueError, match="distinct"):
         write_segment(tmp_path / "t", np.array([1, 1, 2, 3]), vectors, items_for(ids), "Flat")
+
+
+def grow_on_ivf_base(
+    model: Model, rng: np.random.Generator, base_factory: str, base_removed: int = 7
+) -> None:
+    """A collection as it grows: one IVF segment built, then small exact segments added;
+    ``base_removed`` tombstones on the base (above OVERFETCH_TOMBSTONES: skipped by a
+    selector on the shared assignment, else over-fetched)."""
+    model.factory = base_factory
+    model.add(rng, 600)
+    model.factory = "Flat"
+    for n in (40, 25, 60):
+        model.add(rng, n)
+    base, small = model.segments[0].ids, model.segments[2].ids
+    model.deleted.update(int(i) for i in base[:base_removed])
+    model.deleted.update(int(i) for i in small[:10])  # left out of the tail
+
+
+@pytest.mark.parametrize("base_factory", ["IVF8,Flat", "IVF8,SQfp16", "IVF8,PQ4"])
+def test_small_segments_on_an_ivf_base_answer_like_exact_search_when_every_list_is_probed(
+    model: Model, base_factory: str
+) -> None:
+    rng = np.random.default_rng(11)
+    grow_on_ivf_base(model, rng, base_factory)
+    index = model.index()
+    assert index._tail is not None
+    assert index._tail.count == 40 + 15 + 60
+    exhaustive(index)  # nprobe = nlist on the base: the tail follows it
+    queries = unit(rng, 25)
+    lossy = not keeps_exact_floats(base_factory)
+    for k in (1, 10, 50):
+        assert_answers_like_exact(index, model, queries, k, decoded=lossy)
+        assert_answers_like_exact(index, model, queries, k, tag="red", decoded=lossy)
+
+
+@pytest.mark.parametrize("base_removed", [7, OVERFETCH_TOMBSTONES + 44])
+def test_small_segments_on_an_ivf_base_answer_like_one_ivf_index_with_its_centroids(
+    model: Model, base_removed: int
+) -> None:
+    """At the base's own nprobe the version answers exactly as one IVF-Flat index over all
+    its live items with the base's centroids would: what compacting it (lists kept) gives."""
+    rng = np.random.default_rng(12)
+    grow_on_ivf_base(model, rng, "IVF8,Flat", base_removed)
+    index = model.index()
+    base = ivf_base(model.segments[0].index)
+    assert base is not None
+    assert index._tail is not None
+    assert base.nprobe == 1  # default_nprobe(8): far from exhaustive
+    one = faiss.IndexIVFFlat(base.quantizer, DIM, base.nlist, faiss.METRIC_INNER_PRODUCT)
+    live = np.array(sorted(set(model.vectors) - model.deleted), dtype=np.int64)
+    one.add_with_ids(np.stack([model.vectors[int(i)] for i in live]), live)
+    one.nprobe = base.nprobe
+    queries = unit(rng, 40)
+    for k in (1, 10, 30):
+        want_scores, want_ids = one.search(queries, k)
+        scores, ids = index.nearest(queries, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores[ids >= 0], want_scores[want_ids >= 0], atol=1e-5)
+    # The small segments' lists are computed once per base: a new version over the same
+    # segments (a replica's swap) reuses them.
+    held = [s._lists[model.segments[0].id] for s in model.segments[1:]]
+    again = model.index()
+    assert [s._lists[model.segments[0].id] for s in model.segments[1:]] == held
+    assert again._tail is not None
+    assert again._tail.count == index._tail.count
