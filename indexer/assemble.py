@@ -20,9 +20,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from indexer.bundle import BundleManifest, Modality
+from indexer.digests import FileDigest, file_digest
 from indexer.faiss_index import choose_factory
 from indexer.metadata import Item
-from indexer.segments import new_segment_id, write_segment
+from indexer.segments import SEGMENT_JSON, new_segment_id, read_segment_info, write_segment
 from indexer.spec_index import BuildSpec, CorpusKind
 from indexer.versions import SEGMENTS, publish, staging
 
@@ -58,6 +59,10 @@ class IndexInfo(BaseModel):
     segments: list[str] = []  # segment ids, in ascending id ranges (format 2)
     tombstones: int = 0  # ids in the delete set
     max_id: int = -1  # the largest id ever given: new items get larger ones, even after compaction
+    # Every file the version reads -> its digest (``indexer.digests``): "deleted.npy" (in the
+    # version folder) and "segments/<id>/<file>" (in the collection folder). Empty for
+    # versions written before checksums: they are read unchecked.
+    files: dict[str, FileDigest] = {}
 
     def write(self, folder: Path) -> None:
         (folder / INDEX_JSON).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -140,8 +145,35 @@ def write_version(
         }
     )
     np.save(folder / DELETED, np.zeros(0, dtype=np.int64))
+    final = seal(final, folder)
     final.write(folder)
     return final
+
+
+def segment_file_key(segment_id: str, name: str) -> str:
+    return f"{SEGMENTS}/{segment_id}/{name}"
+
+
+def seal(info: IndexInfo, staged: Path) -> IndexInfo:
+    """``info`` with the digests of the files of the version staged in ``staged`` (its delete
+    set written): the entries of segments ``info`` already carries are kept (a segment is
+    hashed once in its life); a new segment's come from its ``segment.json`` (inside
+    ``staged``), plus that file's own digest."""
+    shared = staged.parent.parent / SEGMENTS
+    files = {DELETED: file_digest(staged / DELETED)}
+    for segment_id in info.segments:
+        prefix = segment_file_key(segment_id, "")
+        kept = {key: d for key, d in info.files.items() if key.startswith(prefix)}
+        if kept:
+            files |= kept
+            continue
+        folder = staged / SEGMENTS / segment_id
+        if not folder.is_dir():  # a segment of a version written before checksums
+            folder = shared / segment_id
+        files[segment_file_key(segment_id, SEGMENT_JSON)] = file_digest(folder / SEGMENT_JSON)
+        for name, digest in read_segment_info(folder).files.items():
+            files[segment_file_key(segment_id, name)] = digest
+    return info.model_copy(update={"files": files})
 
 
 def read_info(folder: Path) -> IndexInfo:

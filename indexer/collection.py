@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer.assemble import DELETED, IndexInfo, read_info
+from indexer.assemble import DELETED, IndexInfo, read_info, segment_file_key
+from indexer.digests import check_file
 from indexer.errors import CollectionError
 from indexer.faiss_index import to_serving_device
 from indexer.metadata import Item
@@ -35,7 +36,7 @@ from indexer.segments import (
     Segment,
     SegmentedIndex,
 )
-from indexer.versions import current_dir, segments_dir, version_dir
+from indexer.versions import collection_dir, current_dir, segments_dir, version_dir
 
 logger = logging.getLogger("cots.index")
 
@@ -90,13 +91,24 @@ class Collection:
         held = {s.id: s for s in previous.segments.segments} if previous is not None else {}
         segments: list[Segment] = []
         loaded: list[str] = []
+        if not info.files:
+            logger.warning(
+                "collection %s version %s carries no file checksums (written before them): "
+                "its files are read unchecked until it is rebuilt or compacted",
+                name,
+                folder.name,
+            )
         try:
+            _check(info, folder, DELETED, folder / DELETED, name)
             for segment_id in info.segments:
                 if segment_id in held:
                     reused = held[segment_id]
                     reused.users += 1
                     segments.append(reused)
                     continue
+                prefix = segment_file_key(segment_id, "")
+                for key in sorted(k for k in info.files if k.startswith(prefix)):
+                    _check(info, folder, key, collection_dir(root, name) / key, name)
                 segment = Segment(segments_dir(root, name) / segment_id, with_index=with_indexes)
                 _to_device(segment, use_gpu)
                 segments.append(segment)
@@ -180,6 +192,14 @@ def missing_files(root: Path, name: str, folder: Path) -> list[str]:
             segment = segments_dir(root, name) / segment_id
             wanted += [segment / n for n in (*files, SEGMENT_JSON)]
     return [str(path.relative_to(folder.parent.parent)) for path in wanted if not path.is_file()]
+
+
+def _check(info: IndexInfo, folder: Path, key: str, path: Path, name: str) -> None:
+    """Check one file against the digest ``index.json`` records for it (none recorded: a
+    version written before checksums, or a file it does not read)."""
+    expected = info.files.get(key)
+    if expected is not None:
+        check_file(path, expected, f"collection {name!r} version {folder.name}: {key}")
 
 
 def _to_device(segment: Segment, use_gpu: bool | None) -> None:

@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from indexer.digests import FileDigest, file_digest
 from indexer.faiss_index import (
     build_index,
     check_queries,
@@ -80,6 +81,9 @@ class SegmentInfo(BaseModel):
     vectors_dtype: Literal["float32", "float16"]
     recall_at_10: float  # against exact search, on up to 200 of its own vectors
     created: str
+    # Its other files' digests, taken as they were written (``indexer.digests``); empty for
+    # segments written before checksums.
+    files: dict[str, FileDigest] = {}
 
 
 def read_segment_info(folder: Path) -> SegmentInfo:
@@ -127,6 +131,7 @@ def write_segment(
     np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
     with MetadataStore.create(folder / SEGMENT_METADATA) as store:
         store.add(list(items))
+    files = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
     info = SegmentInfo(
         id=folder.name,
         count=len(ids),
@@ -137,6 +142,7 @@ def write_segment(
         vectors_dtype=dtype,
         recall_at_10=recall,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        files=files,
     )
     (folder / SEGMENT_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return info

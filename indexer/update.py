@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from indexer.assemble import DELETED, IndexInfo, read_info
+from indexer.assemble import DELETED, IndexInfo, read_info, seal
 from indexer.build import STRIDE, ShardEncoder, list_records, skipped_summary
 from indexer.bundle import read_manifest
 from indexer.collection import Collection
@@ -80,6 +80,7 @@ def commit(
         changed = changed.model_copy(
             update={"live": changed.count - len(deleted), "tombstones": len(deleted)}
         )
+        changed = seal(changed, staged)
         changed.write(staged)
         return publish(root, name, staged, keep_versions, held=True)
 

@@ -77,6 +77,12 @@ class Metrics:
             ["collection", "outcome"],
             registry=self.registry,
         )
+        self.collections_unavailable = Gauge(
+            "cots_collections_unavailable",
+            "Collections this replica cannot serve (damaged, missing or foreign files; "
+            "/readyz names each with its reason)",
+            registry=self.registry,
+        )
         self.redis_up = Gauge(
             "cots_redis_up", "1 when Redis answers, 0 when it does not", registry=self.registry
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_index import IndexFileError
+from indexer.metadata import MetadataStoreError
 from indexer.versions import CURRENT, current_version
 from service.metrics import Metrics
 
@@ -57,6 +58,11 @@ class CollectionRegistry:
     def loaded(self) -> dict[str, Collection]:
         return dict(self._live)
 
+    def unavailable(self) -> dict[str, str]:
+        """Collections not served at all, with the reason (a failed reload of a served one
+        keeps its old version serving and is not listed)."""
+        return {name: why for name, why in self.errors.items() if name not in self._live}
+
     def refresh(self, only: str | None = None) -> list[str]:
         """Load every collection whose live version differs from the one served; returns the
         names swapped. Safe to call from any thread, at any time."""
@@ -67,6 +73,7 @@ class CollectionRegistry:
                 if self._refresh_one(name):
                     swapped.append(name)
             self._close_retired()
+            self.metrics.collections_unavailable.set(len(self.unavailable()))
         return swapped
 
     def _refresh_one(self, name: str) -> bool:
@@ -91,10 +98,17 @@ class CollectionRegistry:
                 previous=served,
                 use_gpu=self.use_gpu,
             )
-        except (CollectionError, IndexFileError, OSError, ValueError) as error:
+        except (CollectionError, IndexFileError, MetadataStoreError, OSError, ValueError) as error:
             self.errors[name] = str(error)
             self.metrics.reloads.labels(name, "failed").inc()
             log.error("cannot load collection %s version %s: %s", name, version, error)
+            return False
+        except Exception as error:
+            # The fault boundary: whatever a damaged file makes a reader raise (sqlite3, numpy,
+            # FAISS), one collection must not stop the replica serving the others.
+            self.errors[name] = f"{type(error).__name__}: {error}"
+            self.metrics.reloads.labels(name, "failed").inc()
+            log.exception("cannot load collection %s version %s", name, version)
             return False
         self._live[name] = opened  # the swap: readers see the old or the new, whole
         self.errors.pop(name, None)

@@ -25,10 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import indexer.compaction as compaction
+import indexer.digests as digests
 from indexer.assemble import IndexInfo, read_info, write_version
 from indexer.bench_updates import updates_bench
 from indexer.collection import Collection, missing_files
 from indexer.compaction import CompactionPolicy, compact_collection, plan
+from indexer.digests import check_file
 from indexer.errors import CollectionError
 from indexer.metadata import Item
 from indexer.update import add_encoded, remove_from_collection
@@ -39,6 +41,7 @@ from indexer.versions import (
     reserve_numbers,
     segments_dir,
     staging,
+    version_dir,
 )
 from tests.versions import version_content, version_files
 
@@ -341,3 +344,83 @@ def test_publishing_deletes_staging_folders_a_killed_change_left_a_day_ago(
     add(tmp_path, dict(enumerate(unit(rng, 10))), unit(rng, 2))
     assert not old.exists()
     assert fresh.exists()  # maybe a change still being written
+
+
+def test_every_version_carries_the_digest_of_every_file_it_reads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    build(tmp_path, unit(rng, 50))
+    truth = dict(enumerate(unit(rng, 50)))
+    first = read_info(current_dir(tmp_path, NAME))
+    add(tmp_path, truth, unit(rng, 5))
+    remove_from_collection(tmp_path, NAME, ids=[1, 2], keep_versions=3)
+    for version in list_versions(tmp_path, NAME):
+        folder = version_dir(tmp_path, NAME, version)
+        info = read_info(folder)
+        assert set(info.files) == set(version_files(folder)) - {"index.json"}
+        for key, digest in info.files.items():
+            path = folder / key if key == "deleted.npy" else tmp_path / NAME / key
+            check_file(path, digest, key)
+    # The base segment was hashed once, when it was written: later versions copy its entries.
+    last = read_info(current_dir(tmp_path, NAME))
+    base = first.segments[0]
+    assert {k: v for k, v in last.files.items() if base in k} == {
+        k: v for k, v in first.files.items() if base in k
+    }
+    compact_collection(tmp_path, NAME, keep_versions=3, policy=CompactionPolicy(full=True))
+    compacted = current_dir(tmp_path, NAME)
+    assert set(read_info(compacted).files) == set(version_files(compacted)) - {"index.json"}
+
+
+def _flip_last_byte(path: Path, *, keep_mtime: bool) -> None:
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_damaged_file_is_refused_and_large_ones_are_trusted_on_size_and_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(8)
+    build(tmp_path, unit(rng, 50))
+    (segment,) = read_info(current_dir(tmp_path, NAME)).segments
+    vectors = segments_dir(tmp_path, NAME) / segment / "vectors.npy"
+    # Below the fast path's size every byte is read: a same-size change with the old mtime
+    # restored is still caught.
+    _flip_last_byte(vectors, keep_mtime=True)
+    with pytest.raises(CollectionError, match=r"vectors.npy does not match its SHA-256"):
+        Collection.open(tmp_path, NAME)
+    # At or above it, an unchanged size and mtime are trusted (the documented fast path) ...
+    monkeypatch.setattr(digests, "FAST_PATH_BYTES", 1)
+    Collection.open(tmp_path, NAME).close()
+    # ... and a rewrite, which moves the mtime, is hashed and refused.
+    _flip_last_byte(vectors, keep_mtime=False)
+    _flip_last_byte(vectors, keep_mtime=False)  # back to the damaged bytes, a newer mtime
+    with pytest.raises(CollectionError, match=r"vectors.npy does not match its SHA-256"):
+        Collection.open(tmp_path, NAME)
+    vectors.write_bytes(b"short")
+    with pytest.raises(CollectionError, match=r"has 5 bytes where index.json recorded"):
+        Collection.open(tmp_path, NAME)
+    vectors.unlink()
+    with pytest.raises(CollectionError, match=r"vectors.npy is missing"):
+        Collection.open(tmp_path, NAME)
+
+
+def test_a_version_written_before_checksums_is_read_unchecked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(9)
+    build(tmp_path, unit(rng, 20))
+    index_json = current_dir(tmp_path, NAME) / "index.json"
+    manifest = json.loads(index_json.read_text())
+    del manifest["files"]
+    index_json.write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="cots.index"), Collection.open(tmp_path, NAME) as old:
+        assert old.info.live == 20
+    assert "carries no file checksums" in caplog.text
+    # The next change seals it: the segment's own record is trusted from then on.
+    add(tmp_path, dict(enumerate(unit(rng, 20))), unit(rng, 3))
+    sealed = current_dir(tmp_path, NAME)
+    assert set(read_info(sealed).files) == set(version_files(sealed)) - {"index.json"}

@@ -42,7 +42,7 @@ def test_api_healthcheck_passes_once_ready_and_fails_without_a_server(
     assert "refused" in detail.lower()
 
 
-def test_api_healthcheck_fails_while_a_collection_cannot_be_served(
+def test_api_healthcheck_fails_while_no_collection_can_be_served(
     micro_bundle: Path, served_root: tuple[Path, Path]
 ) -> None:
     settings = Settings.model_validate(

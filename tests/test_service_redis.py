@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 from rq import Queue, SimpleWorker
 
@@ -332,12 +333,72 @@ def test_readyz_names_collections_it_cannot_serve(
     info_path.write_text(json.dumps(info))
     with live_server(_settings(micro_bundle, root, None)) as server, server.client() as client:
         ready = client.get("/readyz")
-        assert ready.status_code == 503
+        assert ready.status_code == 200  # degraded, still serving the others
         body = ready.json()
-        assert body["status"] == "unready"
+        assert body["status"] == "degraded"
         assert "videos" in body["unavailable"]
         assert "model bundle" in body["unavailable"]["videos"]
+        assert "cots_collections_unavailable 1.0" in client.get("/metrics").text
         assert_error(
             client.post("/v1/collections/videos/search", json={"text": "x"}), 503, "model bundle"
         )
         assert client.post(SEARCH, json={"text": "x"}).status_code == 200
+
+
+def _version_files(root: Path, name: str) -> list[Path]:
+    """The files one version of ``name`` reads: its own (index.json, deleted.npy) and its
+    segments' files."""
+    version = (root / name / "current").resolve()
+    files = sorted(p for p in version.iterdir() if p.is_file())
+    for segment in json.loads((version / "index.json").read_text())["segments"]:
+        files += sorted(p for p in (root / name / "segments" / segment).iterdir() if p.is_file())
+    return files
+
+
+# Every file of a version; those index.json does not describe are checked against the SHA-256s
+# it carries (vectors.npy is read only by compaction: without them its damage went unseen).
+DAMAGEABLE = (
+    "index.json",
+    "deleted.npy",
+    "segment.json",
+    "index.faiss",
+    "metadata.sqlite",
+    "ids.npy",
+    "vectors.npy",
+)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.unlink()  # (the copy shares nothing with the fixture's root, but be safe)
+    if how == "garbage":
+        path.write_bytes(b"\x00garbage" * 64)
+    else:  # one flipped byte near the end: same size, the header intact
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+
+
+@pytest.mark.parametrize(
+    ("damaged", "how"),
+    [(name, "garbage") for name in DAMAGEABLE] + [("ids.npy", "flip"), ("vectors.npy", "flip")],
+)
+def test_a_damaged_file_takes_only_its_collection_out(
+    micro_bundle: Path, served_root: tuple[Path, Path], tmp_path: Path, damaged: str, how: str
+) -> None:
+    root = copy_root(served_root[1], tmp_path)
+    targets = [p for p in _version_files(root, "videos") if p.name == damaged]
+    assert targets, f"no {damaged} in the version"
+    for target in targets:
+        _damage(target, how)
+    with live_server(_settings(micro_bundle, root, None)) as server, server.client() as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["status"] == "degraded"
+        assert set(body["unavailable"]) == {"videos"}
+        assert set(body["collections"]) == {"images", "captions"}
+        assert client.post(SEARCH, json={"text": "a red circle"}).status_code == 200
+        error = assert_error(
+            client.post("/v1/collections/videos/search", json={"text": "x"}), 503, "videos"
+        )
+        assert body["unavailable"]["videos"] in error["message"]
+        assert "cots_collections_unavailable 1.0" in client.get("/metrics").text

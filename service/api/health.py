@@ -25,8 +25,11 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> JSONResponse:
-    """Ready: the model bundle and every collection are loaded. Degraded: ready, but Redis is
-    configured and not answering (search works without the cache). 503 until ready."""
+    """Ready: the model bundle and every collection are loaded. Degraded (200, still serving):
+    some collection cannot be loaded (``unavailable`` names each and why), or Redis is
+    configured and not answering (search works without the cache). Unready (503): starting,
+    or no collection loads, so that a gateway keeps a replica with one bad collection out of
+    rotation only when it can serve nothing."""
     state = getattr(request.app.state, "service", None)
     if state is None:
         body = Readiness(
@@ -39,9 +42,10 @@ def readyz(request: Request) -> JSONResponse:
         )
         return JSONResponse(body.model_dump(), status_code=503)
     loaded = state.registry.loaded()
-    unavailable = {name: why for name, why in state.registry.errors.items() if name not in loaded}
-    ready = bool(loaded) and not unavailable
-    status = "unready" if not ready else ("degraded" if state.link.state == "down" else "ready")
+    unavailable = state.registry.unavailable()
+    ready = bool(loaded)
+    degraded = bool(unavailable) or state.link.state == "down"
+    status = "unready" if not ready else ("degraded" if degraded else "ready")
     body = Readiness(
         status=status,
         process=os.getpid(),
