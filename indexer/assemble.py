@@ -23,7 +23,13 @@ from indexer.bundle import BundleManifest, Modality
 from indexer.digests import FileDigest, file_digest
 from indexer.faiss_index import choose_factory
 from indexer.metadata import Item
-from indexer.segments import SEGMENT_JSON, new_segment_id, read_segment_info, write_segment
+from indexer.segments import (
+    SEGMENT_JSON,
+    index_fields,
+    new_segment_id,
+    read_segment_info,
+    write_segment,
+)
 from indexer.spec_index import BuildSpec, CorpusKind
 from indexer.versions import SEGMENTS, publish, staging
 
@@ -131,7 +137,7 @@ def write_version(
     content, recall measured."""
     segment_id = new_segment_id()
     segment = folder / SEGMENTS / segment_id
-    written = write_segment(segment, ids, vectors, items, factory)
+    written = write_segment(segment, ids, vectors, items, factory, index_fields(info.build))
     final = info.model_copy(
         update={
             "format_version": FORMAT_VERSION,

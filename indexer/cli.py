@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from indexer.filters import Filter, parse_where
 
 if TYPE_CHECKING:
     from indexer.spec_index import BuildSpec
@@ -100,6 +101,14 @@ def index() -> None:
     help="FAISS factory string (Flat, IVF1024,Flat, IVF1024,PQ32, HNSW32) or auto.",
 )
 @click.option("--memory-budget-mb", type=click.IntRange(min=1), help="Index memory for auto.")
+@click.option(
+    "--index-field",
+    "index_fields",
+    multiple=True,
+    metavar="KEY",
+    help="Metadata key to index for filters (repeatable), e.g. --index-field year; later adds "
+    "and compactions index it too.",
+)
 @click.option("--shard-size", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option(
     "--engine",
@@ -152,8 +161,9 @@ def _run_spec(action: Callable[[BuildSpec], int], options: dict[str, Any]) -> in
     "--where",
     "where",
     multiple=True,
-    metavar="FIELD=VALUE",
-    help="Remove the items whose field equals VALUE (JSON or text), e.g. --where split=test.",
+    metavar="CONDITION",
+    help="Remove the items that match, e.g. --where split=test --where 'year<2000' "
+    "(=, !=, >, >=, <, <=; a|b for one of; repeat to AND).",
 )
 @click.option("--keep-versions", type=click.IntRange(min=1), default=3, show_default=True)
 def remove(
@@ -258,7 +268,13 @@ def info(root: Path, collection: str, as_json: bool) -> None:
 @click.option("--text", "texts", multiple=True, help="Text query (repeatable).")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1, max=1000), default=5, show_default=True)
-@click.option("--where", multiple=True, metavar="FIELD=VALUE", help="Filter, e.g. split=test.")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="CONDITION",
+    help="Filter, e.g. --where split=test --where 'year>=2020' (=, !=, >, >=, <, <=; a|b for "
+    "one of; repeat to AND).",
+)
 def search(
     root: Path,
     collection: str,
@@ -294,25 +310,12 @@ def search(
             click.echo(f"  {hit.score:.3f}  {hit.item.uri}{moment}{caption}")
 
 
-_TEXT_FIELDS = frozenset({"kind", "uri", "group_id"})
-
-
-def parse_filters(where: tuple[str, ...]) -> dict[str, Any] | None:
-    """FIELD=VALUE pairs. Metadata values are parsed as JSON when they can be (numbers,
-    true/false); the text columns (kind, uri, group_id) are always taken as text."""
-    filters: dict[str, Any] = {}
-    for pair in where:
-        field, sep, value = pair.partition("=")
-        if not sep or not field:
-            raise click.BadParameter(f"{pair!r} is not FIELD=VALUE", param_hint="--where")
-        if field in _TEXT_FIELDS:
-            filters[field] = value
-            continue
-        try:
-            filters[field] = json.loads(value)
-        except json.JSONDecodeError:
-            filters[field] = value
-    return filters or None
+def parse_filters(where: tuple[str, ...]) -> Filter | None:
+    """``--where`` conditions as a filter (``indexer.filters.parse_where``), or a usage error."""
+    try:
+        return parse_where(where)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--where") from None
 
 
 def _echo_info(root: Path, collection: str, what: str) -> None:

@@ -25,6 +25,7 @@ from indexer.assemble import DELETED, IndexInfo, read_info, segment_file_key
 from indexer.digests import check_file
 from indexer.errors import CollectionError
 from indexer.faiss_index import to_serving_device
+from indexer.filters import Filter
 from indexer.metadata import Item
 from indexer.segments import (
     SEGMENT_IDS,
@@ -132,19 +133,20 @@ class Collection:
         self.close()
 
     def search(
-        self, queries: np.ndarray, k: int, *, filters: dict[str, Any] | None = None
+        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
     ) -> list[list[Hit]]:
         """Top ``k`` live items per query, best first, with their metadata.
 
-        ``filters`` keep items whose fields equal the given values (``kind``, ``group_id``,
-        ``uri`` or any metadata key); k results come back whenever k items match. Removed items
-        never appear (see ``indexer.segments``).
+        ``filters`` keep the items that match them (``indexer.filters``: equality, ``in``,
+        ``ne``, ranges, ``exists`` and ``any_of`` on ``kind``, ``group_id``, ``uri`` or any
+        metadata key); k results come back whenever k items match. Removed items never appear
+        (see ``indexer.segments``).
         """
         scores, ids = self.nearest(queries, k, filters=filters)
         return self.hydrate(scores, ids, k)
 
     def nearest(
-        self, queries: np.ndarray, k: int, *, filters: dict[str, Any] | None = None
+        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The FAISS half of :meth:`search`: (scores, ids) [n, k] with -1 padding;
         :meth:`hydrate` turns them into hits."""
@@ -164,8 +166,8 @@ class Collection:
         found = self.segments.items(np.asarray(ids, dtype=np.int64))
         return [found.get(int(i)) for i in ids]
 
-    def ids_matching(self, filters: Mapping[str, Any]) -> np.ndarray:
-        """Live ids (ascending) whose fields equal ``filters``' values."""
+    def ids_matching(self, filters: Filter | Mapping[str, Any] | None) -> np.ndarray:
+        """Live ids (ascending) that match ``filters``."""
         return self.segments.ids_matching(filters)
 
     def size_bytes(self) -> int:

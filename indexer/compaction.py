@@ -36,7 +36,13 @@ from indexer.assemble import FORMAT_VERSION, IndexInfo
 from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
-from indexer.segments import SegmentInfo, new_segment_id, read_segment_info, write_segment
+from indexer.segments import (
+    SegmentInfo,
+    index_fields,
+    new_segment_id,
+    read_segment_info,
+    write_segment,
+)
 from indexer.update import commit
 from indexer.versions import SEGMENTS, current_version, segments_dir, staging
 
@@ -120,7 +126,8 @@ def compact_collection(
                 if len(ids):
                     folder = staged / SEGMENTS / new_segment_id()
                     factory = choose_factory(len(ids), info.dim)
-                    written.append(write_segment(folder, ids, vectors, items, factory))
+                    fields = index_fields(info.build)
+                    written.append(write_segment(folder, ids, vectors, items, factory, fields))
 
             def rebase(now: IndexInfo, now_deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
                 if format_version < FORMAT_VERSION:

@@ -16,28 +16,22 @@ short, so serialising them costs little.
 from __future__ import annotations
 
 import json
-import math
-import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Final, Literal, Self, get_args
+from typing import Annotated, Any, Final, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from indexer.fields import Kind, field_index_sql
+from indexer.filters import Filter, as_filter, to_sql
+
 FORMAT: Final = "cots-metadata-store"
 SCHEMA_VERSION: Final = 1
 
-Kind = Literal["image", "caption", "video", "segment"]
-KINDS: Final[tuple[str, ...]] = get_args(Kind)
-
-# Filter keys that are columns; any other key is a top-level field of the metadata JSON.
-COLUMN_FILTERS: Final = frozenset({"kind", "group_id", "uri"})
-# Metadata keys become JSON paths ('$.key'); this alphabet cannot escape the path.
-_METADATA_KEY: Final = re.compile(r"[A-Za-z0-9_]+")
 
 _SCHEMA: Final = """
 CREATE TABLE meta (
@@ -112,43 +106,6 @@ def _item_from_row(row: _Row) -> Item:
     )
 
 
-def _filter_clause(key: str, value: Any) -> tuple[str, list[Any]]:
-    """One filter as SQL with its parameters; refuses unsafe keys and unsupported values."""
-    if not isinstance(value, str | int | float):  # bool is an int
-        raise ValueError(
-            f"filter {key!r}: value {value!r} is a {type(value).__name__}; "
-            "only str, int, float and bool are supported"
-        )
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"filter {key!r}: value {value!r} is not finite")
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        raise ValueError(f"filter {key!r}: value {value} is outside SQLite's 64-bit integers")
-    if key in COLUMN_FILTERS:
-        if not isinstance(value, str):
-            raise ValueError(f"filter {key!r}: value {value!r} must be a str")
-        if key == "kind" and value not in KINDS:
-            raise ValueError(f"filter 'kind': {value!r} is not one of {', '.join(KINDS)}")
-        return f"{key} = ?", [value]
-    if not _METADATA_KEY.fullmatch(key):
-        raise ValueError(f"filter key {key!r}: metadata keys may use only letters, digits and '_'")
-    path = f"$.{key}"
-    # json_extract gives 1/0 for true/false and the JSON text of objects, so the JSON type is
-    # checked too: True must not match 1, and "1" must not match 1.
-    if isinstance(value, bool):
-        return "json_type(metadata, ?) = ?", [path, "true" if value else "false"]
-    if isinstance(value, str):
-        return "(json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?)", [
-            path,
-            path,
-            value,
-        ]
-    return "(json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?)", [
-        path,
-        path,
-        value,
-    ]
-
-
 class MetadataStore:
     """An index bundle's item metadata in one SQLite file; see the module docstring."""
 
@@ -167,8 +124,9 @@ class MetadataStore:
         return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
 
     @classmethod
-    def create(cls, path: Path) -> MetadataStore:
-        """Create a new, empty, writable store at ``path`` (which must not exist)."""
+    def create(cls, path: Path, index_fields: Sequence[str] = ()) -> MetadataStore:
+        """Create a new, empty, writable store at ``path`` (which must not exist), with an
+        index over each metadata key of ``index_fields`` (for filters that name it)."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"metadata store {path} already exists")
@@ -180,6 +138,7 @@ class MetadataStore:
             conn.executescript(
                 "BEGIN;"
                 + _SCHEMA
+                + "".join(field_index_sql(key) + ";" for key in index_fields)
                 + "INSERT INTO meta (key, value) VALUES "
                 + f"('format', '{FORMAT}'), ('schema_version', '{SCHEMA_VERSION}');"
                 + "COMMIT;"
@@ -338,19 +297,12 @@ class MetadataStore:
         with self._lock:
             return self._conn.execute(sql).fetchone()[0]
 
-    def ids_matching(self, filters: Mapping[str, Any]) -> np.ndarray:
-        """Ids (ascending, int64) of live items whose fields all equal ``filters``' values.
-
-        ``kind``, ``group_id`` and ``uri`` are columns; any other key is a top-level field of
-        the item's metadata. No filters means every live item.
-        """
-        clauses = ["removed = 0"]
-        params: list[Any] = []
-        for key, value in filters.items():
-            clause, values = _filter_clause(key, value)
-            clauses.append(clause)
-            params.extend(values)
-        sql = f"SELECT id FROM items WHERE {' AND '.join(clauses)} ORDER BY id"
+    def ids_matching(self, filters: Filter | Mapping[str, Any] | None) -> np.ndarray:
+        """Ids (ascending, int64) of live items that match ``filters`` (``indexer.filters``;
+        a mapping is validated as one). No filter means every live item."""
+        parsed = as_filter(filters)
+        where, params = to_sql(parsed) if parsed is not None else ("1", [])
+        sql = f"SELECT id FROM items WHERE removed = 0 AND {where} ORDER BY id"
         with self._lock:
             rows = self._conn.execute(sql, params)
             return np.fromiter((r[0] for r in rows), dtype=np.int64)

@@ -46,6 +46,7 @@ from indexer.faiss_index import (
     search,
     search_checked,
 )
+from indexer.filters import Filter, as_filter
 from indexer.metadata import Item, MetadataStore
 from indexer.tail import Tail, TailPart, assign_lists, is_flat, ivf_base
 
@@ -86,6 +87,12 @@ class SegmentInfo(BaseModel):
     files: dict[str, FileDigest] = {}
 
 
+def index_fields(build: Mapping[str, Any]) -> list[str]:
+    """The metadata keys a collection indexes, from its ``index.json``'s ``build`` (the first
+    build's request): every segment written later indexes the same ones."""
+    return [str(key) for key in build.get("index_fields", [])]
+
+
 def read_segment_info(folder: Path) -> SegmentInfo:
     return SegmentInfo.model_validate(
         json.loads((folder / SEGMENT_JSON).read_text(encoding="utf-8"))
@@ -110,9 +117,11 @@ def write_segment(
     vectors: np.ndarray,
     items: Sequence[Item],
     factory: str,
+    index_fields: Sequence[str] = (),
 ) -> SegmentInfo:
     """Index ``vectors`` [n, d] with ``ids`` and write a complete segment into ``folder`` (new,
-    empty). ``items`` are the ids' metadata rows."""
+    empty). ``items`` are the ids' metadata rows; ``index_fields`` the metadata keys its
+    SQLite indexes for filters."""
     order = np.argsort(ids, kind="stable")
     ids = np.asarray(ids, dtype=np.int64)[order]
     vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])
@@ -129,7 +138,7 @@ def write_segment(
     dtype: Literal["float32", "float16"] = "float32" if keeps_exact_floats(factory) else "float16"
     np.save(folder / SEGMENT_IDS, ids)
     np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
-    with MetadataStore.create(folder / SEGMENT_METADATA) as store:
+    with MetadataStore.create(folder / SEGMENT_METADATA, index_fields) as store:
         store.add(list(items))
     files = {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
     info = SegmentInfo(
@@ -305,8 +314,9 @@ class SegmentedIndex:
     def live(self) -> int:
         return self.count - sum(len(part.deleted) for part in self._parts)
 
-    def ids_matching(self, filters: Mapping[str, Any]) -> np.ndarray:
-        """Live ids (ascending) whose fields match ``filters``, across segments."""
+    def ids_matching(self, filters: Filter | Mapping[str, Any] | None) -> np.ndarray:
+        """Live ids (ascending) that match ``filters`` (``indexer.filters``), across segments."""
+        filters = as_filter(filters)
         found = [
             np.setdiff1d(p.segment.store.ids_matching(filters), p.deleted, assume_unique=True)
             for p in self._parts
@@ -314,10 +324,11 @@ class SegmentedIndex:
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def nearest(
-        self, queries: np.ndarray, k: int, *, filters: Mapping[str, Any] | None = None
+        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` live (and, with ``filters``, matching) ids per query: (scores float32
         [Q, k], ids int64 [Q, k]), best first, padded with -inf and -1."""
+        filters = as_filter(filters)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -346,7 +357,7 @@ class SegmentedIndex:
         part: _Live,
         queries: np.ndarray,
         k: int,
-        filters: Mapping[str, Any] | None,
+        filters: Filter | None,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """One segment's top ``k`` live (matching) ids; ``coarse``: the base's quantizer
@@ -354,7 +365,7 @@ class SegmentedIndex:
         segment = part.segment
         if segment.index is None:
             return None
-        if filters:
+        if filters is not None:
             matching = segment.store.ids_matching(filters)
             allowed = np.setdiff1d(matching, part.deleted, assume_unique=True)
         elif len(part.deleted) > OVERFETCH_TOMBSTONES:

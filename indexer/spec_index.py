@@ -4,7 +4,7 @@ and the Ray engine all take, so a job queued in Redis is the same JSON a command
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,3 +34,8 @@ class BuildSpec(BaseModel):
     batch_size: int = Field(64, ge=1, description="items per encoder call")
     keep_versions: int = Field(3, ge=1, description="versions kept after a new one goes live")
     engine: Literal["local", "ray"] = "local"
+    index_fields: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="metadata keys to index for filters (each segment's SQLite gets an index)",
+    )

@@ -17,7 +17,7 @@ deleted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from indexer.collection import Collection
 from indexer.encoder import Encoder
 from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
+from indexer.filters import Filter, as_filter
 from indexer.metadata import Item
-from indexer.segments import new_segment_id, write_segment
+from indexer.segments import index_fields, new_segment_id, write_segment
 from indexer.spec_index import BuildSpec
 from indexer.versions import SEGMENTS, current_dir, locked, publish, reserve_numbers, staging
 
@@ -139,7 +140,9 @@ def add_encoded(
         if len(ids):
             dim = int(np.asarray(vectors).shape[1])
             folder = staged / SEGMENTS / new_segment_id()
-            written = write_segment(folder, ids, vectors, items, choose_factory(len(ids), dim))
+            factory = choose_factory(len(ids), dim)
+            build = read_info(current_dir(root, collection)).build
+            written = write_segment(folder, ids, vectors, items, factory, index_fields(build))
 
         def rebase(live: IndexInfo, deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
             merged = Counter(live.skipped)
@@ -167,18 +170,20 @@ def remove_from_collection(
     collection: str,
     *,
     ids: Sequence[int] = (),
-    filters: dict[str, Any] | None = None,
+    filters: Filter | Mapping[str, Any] | None = None,
     keep_versions: int = 3,
 ) -> tuple[int, int]:
-    """Remove items by id and/or by filter; returns (new version, items removed)."""
-    if not ids and not filters:
+    """Remove items by id and/or by filter (``indexer.filters``); returns (new version, items
+    removed)."""
+    filters = as_filter(filters)
+    if not ids and filters is None:
         raise ValueError("name the items to remove: ids, a filter, or both")
     with Collection.open(root, collection, with_indexes=False) as live:
         _writable(live)
         named = np.asarray(list(ids), dtype=np.int64)
         found = live.get(named)
         doomed = named[[item is not None for item in found]] if len(named) else named
-        if filters:
+        if filters is not None:
             doomed = np.union1d(doomed, live.ids_matching(filters))
         doomed = np.unique(doomed)
 

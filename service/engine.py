@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 
 from indexer.collection import Collection, Hit
 from indexer.encoder import Encoder
+from indexer.filters import Filter, as_filter
 from indexer.images import ACCEPTED_FORMATS, preprocess_images
 from model.data.images import ImageDecodeError, decode_image
 from service.batching import Batcher
@@ -235,7 +236,7 @@ class QueryEngine:
         *,
         k: int,
         offset: int = 0,
-        filters: dict[str, Any] | None = None,
+        filters: Filter | None = None,
     ) -> Page:
         """A page of hits for a unit vector (no encoder, no cache)."""
         page, _ = await self.find(
@@ -250,11 +251,12 @@ class QueryEngine:
         *,
         k: int,
         offset: int = 0,
-        filters: dict[str, Any] | None = None,
+        filters: Filter | None = None,
     ) -> tuple[Page, bool]:
         """(a page of hits, whether the query's vector came from the cache)."""
         self.check_page(k, offset)
-        key: SearchKey = (name, json.dumps(filters or {}, sort_keys=True))
+        canonical = filters.canonical() if filters is not None else {}
+        key: SearchKey = (name, json.dumps(canonical, sort_keys=True))
         vector = await self._known_vector(query)
         cached = vector is not None and query.kind != "embedding"
         encode = None if vector is not None else (cast(EncodeKey, query.kind), query.payload)
@@ -308,7 +310,7 @@ class QueryEngine:
     ) -> tuple[Collection, list[list[Hit]]]:
         name, filters_json = key
         collection = self.collection(name)  # the version live now: a swap may have happened
-        filters = json.loads(filters_json) or None
+        filters = as_filter(json.loads(filters_json))  # validated at the edge: cheap again
         most = max(wanted)
         with self.metrics.stage("search"):
             try:

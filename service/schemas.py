@@ -10,13 +10,16 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FilterValue = str | int | float | bool
+from indexer.filters import MAX_CONDITIONS, MAX_LIST, Filter
+
 ItemId = Annotated[int, Field(ge=0, lt=2**63)]
-Filters = dict[str, FilterValue]
 
 _FILTERS_DOC = (
-    "keep only items whose field equals the value: kind, group_id, uri or a metadata key "
-    '(e.g. {"split": "test"})'
+    "keep only the items that match, on kind, group_id, uri or a metadata key: "
+    '{"split": "test"} (equals), {"year": {"gte": 2020, "lt": 2024}} (numbers or ISO dates), '
+    '{"tag": {"in": ["a", "b"]}}, {"split": {"ne": "train"}}, {"caption": {"exists": true}}, '
+    '{"any_of": [{...}, {...}]} (OR); conditions AND together. At most '
+    f"{MAX_CONDITIONS} conditions, {MAX_LIST} values in one list (docs/service.md)"
 )
 
 
@@ -39,7 +42,7 @@ class SearchRequest(_Body):
     )
     k: int = Field(10, ge=1, le=10_000, description="results per page")
     offset: int = Field(0, ge=0, le=1_000_000, description="results to skip (paging)")
-    filters: Filters | None = Field(None, description=_FILTERS_DOC)
+    filters: Filter | None = Field(None, description=_FILTERS_DOC)
 
     @model_validator(mode="after")
     def _one_query(self) -> Self:
@@ -145,7 +148,7 @@ class AddItemsRequest(_Body):
 
 class RemoveItemsRequest(_Body):
     ids: list[ItemId] = Field(default_factory=list, max_length=100_000)
-    filters: Filters | None = Field(None, description=_FILTERS_DOC)
+    filters: Filter | None = Field(None, description=_FILTERS_DOC)
 
     @model_validator(mode="after")
     def _something(self) -> Self:

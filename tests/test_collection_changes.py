@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -424,3 +425,33 @@ def test_a_version_written_before_checksums_is_read_unchecked(
     add(tmp_path, dict(enumerate(unit(rng, 20))), unit(rng, 3))
     sealed = current_dir(tmp_path, NAME)
     assert set(read_info(sealed).files) == set(version_files(sealed)) - {"index.json"}
+
+
+def _indexed_fields(segment: Path) -> set[str]:
+    with sqlite3.connect(segment / "metadata.sqlite") as conn:
+        names = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+    return {
+        name.removeprefix("items_field_") for (name,) in names if name.startswith("items_field_")
+    }
+
+
+def test_fields_indexed_at_build_are_indexed_in_every_later_segment(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    ids = np.arange(30, dtype=np.int64)
+    info = IndexInfo(
+        collection=NAME, kind="image", modality="image", count=0, live=0, dim=DIM,
+        factory="Flat", model_bundle_id="b" * 64, recall_at_10=0.0,
+        build={"index_fields": ["odd"]}, created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )  # fmt: skip
+    with staging(tmp_path, NAME) as staged:
+        write_version(staged, ids, unit(rng, 30), items_for(ids), "Flat", info)
+        publish(tmp_path, NAME, staged, keep=2)
+    add(tmp_path, {}, unit(rng, 4))
+    compact_collection(tmp_path, NAME, keep_versions=2, policy=CompactionPolicy(full=True))
+    add(tmp_path, {}, unit(rng, 4))
+    segments = read_info(current_dir(tmp_path, NAME)).segments
+    assert len(segments) == 2
+    for segment in segments:
+        assert _indexed_fields(segments_dir(tmp_path, NAME) / segment) == {"odd"}
+    with Collection.open(tmp_path, NAME) as live:
+        assert live.ids_matching({"odd": {"in": [1]}}).tolist() == list(range(1, 38, 2))

@@ -7,8 +7,12 @@ import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as fuzz_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.settings import Settings
@@ -210,3 +214,62 @@ def test_full_queue_is_503_with_retry_after(micro_bundle: Path, served_root: tup
         if status == 503:
             assert headers["retry-after"] == "1"
             assert "busy" in json.loads(text)["error"]["message"]
+
+
+def test_oversized_and_odd_filters_are_422_naming_the_limit(server: LiveServer) -> None:
+    wide = {f"k{i}": 1 for i in range(1000)}
+    with server.client() as client:
+        for path, body in (
+            (SEARCH, {"text": "x", "filters": wide}),
+            ("/v1/collections/images/items/remove", {"filters": wide}),
+        ):
+            headers = {"X-API-Key": ADMIN_KEY}
+            error = assert_error(client.post(path, json=body, headers=headers), 422, "filters")
+            assert "at most 64 conditions; this one has 1000" in error["message"]
+        long_list = {"split": {"in": list(range(1001))}}
+        assert_error(
+            client.post(SEARCH, json={"text": "x", "filters": long_list}), 422, "at most 1000"
+        )
+        assert_error(
+            client.post(SEARCH, json={"text": "x", "filters": {"year": {"gte": "soon"}}}),
+            422,
+            "ISO 8601",
+        )
+        upload = client.post(
+            SEARCH + "/upload",
+            data={"filters": json.dumps(wide)},
+            files={"image": ("q.png", _png(16), "image/png")},
+        )
+        assert_error(upload, 422, "at most 64 conditions")
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**80), 2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["2020-01-01", "any_of", "in", "gte", "exists", "kind", "image"]),
+    lambda inner: (
+        st.lists(inner, max_size=6)
+        | st.dictionaries(
+            st.sampled_from(
+                ["split", "kind", "uri", "any_of", "in", "ne", "gte", "lt", "exists", "é"]
+            )
+            | st.text(max_size=6),
+            inner,
+            max_size=6,
+        )
+    ),
+    max_leaves=40,
+)
+
+
+@fuzz_settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(filters=JSON_VALUES)
+def test_no_filter_a_client_can_send_gets_a_5xx(server: LiveServer, filters: Any) -> None:
+    with server.client() as client:
+        response = client.post(SEARCH, json={"text": "a red circle", "k": 5, "filters": filters})
+    assert response.status_code in (200, 422), (filters, response.text)
+    if response.status_code == 422:
+        assert response.json()["error"]["message"].startswith("filters"), response.text

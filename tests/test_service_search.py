@@ -4,6 +4,7 @@ collection routes, and cross-request batching."""
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -68,6 +69,46 @@ def test_text_search_pages_and_filters(server: LiveServer) -> None:
         ).json()
         assert train["hits"]
         assert all(h["metadata"]["split"] == "train" for h in train["hits"])
+
+
+def test_the_filter_language_over_http(server: LiveServer) -> None:
+    def hits(filters: dict[str, object], k: int = 48) -> list[dict[str, object]]:
+        response = client.post(
+            "/v1/collections/images/search",
+            json={"text": "a red circle", "k": k, "filters": filters},
+        )
+        assert response.status_code == 200, response.text
+        return list(response.json()["hits"])
+
+    with server.client() as client:
+        every = hits({})
+        splits = {h["metadata"]["split"] for h in every}  # type: ignore[index]
+        assert len(splits) > 1
+        one_of = hits({"split": {"in": ["val", "test"]}})
+        assert one_of
+        assert {h["metadata"]["split"] for h in one_of} <= {"val", "test"}  # type: ignore[index]
+        either = hits({"any_of": [{"split": "val"}, {"split": "test"}]})
+        assert [h["id"] for h in either] == [h["id"] for h in one_of]
+        others = hits({"split": {"ne": "train"}})
+        assert all(h["metadata"]["split"] != "train" for h in others)  # type: ignore[index]
+        assert hits({"split": {"exists": False}}) == []
+        assert hits({"nope": {"exists": False}}) == every
+        # Exactly the matching items, best first, as the unfiltered ranking orders them.
+        matching = [h["id"] for h in every if h["metadata"]["split"] in {"val", "test"}]  # type: ignore[index]
+        assert [h["id"] for h in one_of][: len(matching)] == matching[: len(one_of)]
+        page = client.post(
+            "/v1/collections/images/search/upload",
+            data={"filters": json.dumps({"split": {"ne": "train"}}), "k": "5"},
+            files={"image": ("q.png", _red_png(), "image/png")},
+        )
+        assert page.status_code == 200, page.text
+        assert all(h["metadata"]["split"] != "train" for h in page.json()["hits"])
+
+
+def _red_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_text_to_video_hits_carry_their_moments(server: LiveServer) -> None:

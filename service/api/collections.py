@@ -154,11 +154,6 @@ def remove_items(
 ) -> JobInfo:
     """Remove items by id and/or filter, as a new version; returns the job."""
     name = collection.info.collection
-    if body.filters:
-        try:
-            collection.ids_matching(body.filters)
-        except ValueError as error:
-            raise ApiError(422, str(error)) from None
     root = state.settings.index_root
 
     def work() -> tuple[int, dict[str, int]]:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, File, Form, Response, UploadFile
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from indexer.collection import Hit
+from indexer.filters import Filter
 from service.api import API_PREFIX
 from service.api.deps import SearchContext, SearchContextDep
 from service.engine import Page
 from service.errors import ApiError
 from service.queries import QueryKind, decode_base64_image, fetch_image, search_query
-from service.schemas import ERROR_RESPONSES, Filters, SearchHit, SearchRequest, SearchResponse
+from service.schemas import ERROR_RESPONSES, SearchHit, SearchRequest, SearchResponse
 
 router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["search"], responses=ERROR_RESPONSES)
 
@@ -92,9 +92,6 @@ async def run_search(body: SearchRequest, context: SearchContext, start: float) 
     )
 
 
-_FILTERS = TypeAdapter(Filters)
-
-
 @router.post("/{name}/search/upload", response_model=SearchResponse)
 async def search_upload(
     image: Annotated[UploadFile, File(description="the query image")],
@@ -111,9 +108,11 @@ async def search_upload(
     parsed = None
     if filters:
         try:
-            parsed = _FILTERS.validate_python(json.loads(filters))
-        except (ValueError, ValidationError):
-            raise ApiError(422, "filters must be a JSON object of str/number/bool values") from None
+            parsed = Filter.model_validate_json(filters)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ApiError(422, f"filters{'.' + where if where else ''}: {first['msg']}") from None
     data = await image.read()
     query = await search_query(engine, image=data)
     page, cached = await engine.find(name, query, k=k, offset=offset, filters=parsed)
