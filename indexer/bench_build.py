@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from indexer.bench_filter import filter_bench
 from indexer.bench_index import faiss_bench
 from indexer.bench_updates import updates_bench
 
@@ -102,7 +103,13 @@ def build_bench(
 
 index_bench = click.Group(
     "index",
-    commands={"build": build_bench, "faiss": faiss_bench, "updates": updates_bench},
-    help="Indexing cost against the encoder (build), FAISS QPS/recall/memory (faiss), and "
-    "what adds, removes, swaps and compaction cost on a segmented collection (updates).",
+    commands={
+        "build": build_bench,
+        "faiss": faiss_bench,
+        "updates": updates_bench,
+        "filter": filter_bench,
+    },
+    help="Indexing cost against the encoder (build), FAISS QPS/recall/memory (faiss), what "
+    "adds, removes, swaps and compaction cost on a segmented collection (updates), and "
+    "filtered search against unfiltered (filter).",
 )

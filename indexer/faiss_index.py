@@ -26,6 +26,8 @@ from typing import Any, Final
 import faiss
 import numpy as np
 
+from indexer.allowed import AllowedIds
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX_COUNT: Final = 50_000
@@ -521,7 +523,7 @@ def search(
     queries: np.ndarray,
     k: int,
     *,
-    allowed: np.ndarray | None = None,
+    allowed: np.ndarray | AllowedIds | None = None,
     lookup: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``queries`` [Q, d]: (scores float32 [Q, k], ids int64 [Q, k]), best first,
@@ -534,24 +536,26 @@ def search(
     the allowed ids: exact vectors from ``lookup(ids) -> [len(ids), d]`` when given, else every
     inverted list for IVF (exact for IVF-Flat, the index's own codes otherwise), else a scan of
     the flat storage under HNSW. A row still short then has fewer allowed ids in the index.
+    An :class:`AllowedIds` brings its selector built (a cached filter's).
     """
     _check_k(k)
     queries = _check_vectors(queries, "queries", index.d)
     if allowed is None:
         scores, labels = index.search(queries, k)
         return _finish(scores, labels)
-    allowed = np.unique(np.asarray(allowed, dtype=np.int64).ravel())
-    if allowed.size == 0 or len(queries) == 0:
+    if not isinstance(allowed, AllowedIds):
+        allowed = AllowedIds(allowed)
+    ids = allowed.ids
+    if ids.size == 0 or len(queries) == 0:
         return _finish(*_empty(len(queries), k))
     if _is_gpu(index):
-        scores, labels = _post_filtered(index, queries, k, allowed)
+        scores, labels = _post_filtered(index, queries, k, ids)
     else:
-        selector = faiss.IDSelectorBatch(allowed)
-        params = filter_params(index, selector)
+        params = filter_params(index, allowed.selector())
         scores, labels = index.search(queries, k, params=params)
-    short = np.count_nonzero(labels >= 0, axis=1) < min(k, allowed.size)
+    short = np.count_nonzero(labels >= 0, axis=1) < min(k, ids.size)
     if short.any():
-        scores[short], labels[short] = _exhaustive(index, queries[short], k, allowed, lookup)
+        scores[short], labels[short] = _exhaustive(index, queries[short], k, ids, lookup)
     return _finish(scores, labels)
 
 

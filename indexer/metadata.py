@@ -302,10 +302,15 @@ class MetadataStore:
         a mapping is validated as one). No filter means every live item."""
         parsed = as_filter(filters)
         where, params = to_sql(parsed) if parsed is not None else ("1", [])
-        sql = f"SELECT id FROM items WHERE removed = 0 AND {where} ORDER BY id"
+        # Sorted here, not by ORDER BY id: with it SQLite walks the table in id order and
+        # ignores an index on the filtered field (a 1 % range over 1M items: 310 ms, against
+        # 27 ms through the index, docs/bench/filter.md).
+        sql = f"SELECT id FROM items WHERE removed = 0 AND {where}"
         with self._lock:
             rows = self._conn.execute(sql, params)
-            return np.fromiter((r[0] for r in rows), dtype=np.int64)
+            found = np.fromiter((r[0] for r in rows), dtype=np.int64)
+        found.sort()
+        return found
 
     def iter_items(self, batch: int = 10_000) -> Iterator[Item]:
         """Every live item, ordered by id, read ``batch`` rows at a time."""

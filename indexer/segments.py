@@ -15,8 +15,11 @@ neighbours):
 A segment with few tombstones is asked for ``k + tombstones`` and the deleted ids dropped
 after (what it returns beyond them is its true top k); one with many is searched with an ID
 selector that skips them (built once per opened version), so a heavily deleted segment never
-makes a query fetch thousands. A filter becomes the segment's matching ids minus the deleted
-ones, as a selector (``faiss_index.search`` completes short rows exhaustively). Hits are
+makes a query fetch thousands. A filter becomes each segment's matching ids minus the deleted
+ones with a bitmap selector over them, kept per opened version and filter
+(``indexer.allowed``: the SQL runs on the first query with that filter only); a segment
+none of whose items match is skipped, one with few is searched exactly over them
+(``faiss_index.search`` also completes short rows exhaustively). Hits are
 hydrated per segment: one metadata query for each segment the batch's ids fall in.
 """
 
@@ -34,10 +37,12 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from indexer.allowed import AllowedIds, FilterCache
 from indexer.digests import FileDigest, file_digest
 from indexer.faiss_index import (
     build_index,
     check_queries,
+    exact_search,
     filter_params,
     is_gpu_index,
     load_index,
@@ -58,6 +63,9 @@ SEGMENT_METADATA: Final = "metadata.sqlite"
 # Up to this many tombstones a segment is over-fetched (k + tombstones) and the deleted ids
 # dropped; beyond, its search skips them with an ID selector (built once per opened version).
 OVERFETCH_TOMBSTONES: Final = 256
+# Up to this many matching ids, a filtered search of a segment whose codes are its float32
+# vectors is exact over them: 4,096 x 256 floats is a fraction of a millisecond.
+EXACT_FILTER_IDS: Final = 4096
 RECALL_QUERIES: Final = 200
 
 
@@ -278,6 +286,8 @@ class SegmentedIndex:
         ]
         self.dim = ordered[0].info.dim if ordered else 0
         self._base, self._tail = self._build_tail()
+        # canonical filter -> each part's allowed ids (None: none match), for this version
+        self.filtered = FilterCache()
 
     def _build_tail(self) -> tuple[_Live | None, Tail | None]:
         """The largest CPU IVF segment and a tail of the live vectors of the ``Flat`` ones
@@ -323,6 +333,20 @@ class SegmentedIndex:
         ]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
+    def allowed(self, filters: Filter) -> list[AllowedIds | None]:
+        """Each part's live ids matching ``filters`` (None where none do), from the cache of
+        this version after the first query with that filter (``indexer.allowed``)."""
+
+        def compute() -> list[AllowedIds | None]:
+            found: list[AllowedIds | None] = []
+            for part in self._parts:
+                matching = part.segment.store.ids_matching(filters)
+                ids = np.setdiff1d(matching, part.deleted, assume_unique=True)
+                found.append(AllowedIds(ids, checked=True) if len(ids) else None)
+            return found
+
+        return list(self.filtered.get(json.dumps(filters.canonical(), sort_keys=True), compute))
+
     def nearest(
         self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -338,13 +362,16 @@ class SegmentedIndex:
         # Unfiltered, the base and the tail share one quantizer pass; filtered searches go
         # segment by segment (exact on the small ones).
         coarse = None
-        if self._tail is not None and not filters and len(queries):
+        if self._tail is not None and filters is None and len(queries):
             coarse = self._tail.assign(queries)
-        for part in self._parts:
+        allowed = self.allowed(filters) if filters is not None else [None] * len(self._parts)
+        for part, allowed_ids in zip(self._parts, allowed, strict=True):
             if coarse is not None and part.in_tail:
                 continue
+            if filters is not None and allowed_ids is None:
+                continue  # nothing in this segment matches
             found = self._search_part(
-                part, queries, k, filters, coarse if part is self._base else None
+                part, queries, k, allowed_ids, coarse if part is self._base else None
             )
             if found is not None:
                 rows.append(found)
@@ -357,18 +384,28 @@ class SegmentedIndex:
         part: _Live,
         queries: np.ndarray,
         k: int,
-        filters: Filter | None,
+        allowed: AllowedIds | None,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """One segment's top ``k`` live (matching) ids; ``coarse``: the base's quantizer
-        pass for ``queries``, already made."""
+        """One segment's top ``k`` live ids (only ``allowed`` ones, when filtered);
+        ``coarse``: the base's quantizer pass for ``queries``, already made."""
         segment = part.segment
         if segment.index is None:
             return None
-        if filters is not None:
-            matching = segment.store.ids_matching(filters)
-            allowed = np.setdiff1d(matching, part.deleted, assume_unique=True)
-        elif len(part.deleted) > OVERFETCH_TOMBSTONES:
+        if allowed is not None:
+            if len(allowed) <= EXACT_FILTER_IDS and keeps_exact_floats(segment.info.factory):
+                # Few matches: exact over their stored vectors (the index's own codes, as
+                # float32) costs less than scanning nprobe lists to reject nearly all of them.
+                vectors = segment.lookup(allowed.ids)
+                return exact_search(vectors, queries, min(k, len(allowed)), ids=allowed.ids)
+            return search(
+                segment.index,
+                queries,
+                min(k, len(allowed)),
+                allowed=allowed,
+                lookup=segment.lookup,
+            )
+        if len(part.deleted) > OVERFETCH_TOMBSTONES:
             return self._search_excluding(part, queries, k, coarse)
         else:
             wanted = min(k + len(part.deleted), segment.info.count)
@@ -381,11 +418,6 @@ class SegmentedIndex:
                 ids = np.where(dead, -1, ids)
                 scores = np.where(dead, np.float32(-np.inf), scores)
             return scores, ids
-        if not len(allowed):
-            return None
-        return search(
-            segment.index, queries, min(k, len(allowed)), allowed=allowed, lookup=segment.lookup
-        )
 
     def _search_excluding(
         self,

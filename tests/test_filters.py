@@ -5,15 +5,18 @@ index."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from indexer.bench_filter import filter_bench
 from indexer.fields import COLUMNS
 from indexer.filters import (
     MAX_CONDITIONS,
@@ -310,3 +313,21 @@ def test_the_text_form_reads_as_the_json_form() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             parse_where([bad])
+
+
+def test_the_filter_bench_reports_every_selectivity(tmp_path: Path) -> None:
+    out = tmp_path / "filter.json"
+    args = ["--count", "20000", "--dim", "16", "--queries", "20", "--work", str(tmp_path / "w")]
+    result = CliRunner().invoke(filter_bench, [*args, "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["filters"]) == {"50%", "1%", "0.01%"}
+    for row in data["filters"].values():
+        # The matches are what the synthetic field says they are, and every row is full.
+        assert row["matching"] == round(row["expected_share"] * 20000)
+        assert row["short_rows"] == 0
+        assert row["foreign_hits"] == 0
+        assert row["recall_at_10"] == 1.0  # Flat at 20,000: exact
+        assert row["p50_ms"] > 0
+    assert data["goals"]["short_rows"] == 0
+    assert "| 0.01% " in result.output

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import indexer.allowed as allowed_module
+from indexer.allowed import AllowedIds
 from indexer.faiss_index import get_search_params, recall_of, set_search_params
 from indexer.metadata import Item
 from indexer.segments import (
@@ -360,3 +362,32 @@ def test_small_segments_on_an_ivf_base_answer_like_one_ivf_index_with_its_centro
     assert [s._lists[model.segments[0].id] for s in model.segments[1:]] == held
     assert again._tail is not None
     assert again._tail.count == index._tail.count
+
+
+def test_a_filter_runs_its_sql_once_per_opened_version(model: Model) -> None:
+    rng = np.random.default_rng(11)
+    model.add(rng, 30)
+    model.add(rng, 30)
+    model.deleted.update({0, 3})
+    index = model.index()
+    queries = unit(rng, 4)
+    first = index.nearest(queries, 5, filters={"tag": "red"})
+    again = index.nearest(queries[::-1], 5, filters={"tag": {"in": ["red"]}})
+    same = index.nearest(queries, 5, filters={"tag": "red"})
+    assert (index.filtered.misses, index.filtered.hits) == (2, 1)  # two spellings, one reused
+    for got in (first, same):
+        np.testing.assert_array_equal(got[1], model.exact(queries, 5, tag="red")[1])
+    np.testing.assert_array_equal(again[1], model.exact(queries[::-1], 5, tag="red")[1])
+    assert not np.isin(first[1], [0, 3]).any()
+
+
+@pytest.mark.parametrize("bitmap_max", [2**27, 8])
+def test_allowed_ids_select_exactly_themselves(
+    bitmap_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allowed_module, "BITMAP_MAX_IDS", bitmap_max)
+    ids = np.array([3, 9, 10, 64, 1000], dtype=np.int64)
+    selector = AllowedIds(ids[::-1]).selector()
+    kind = "IDSelectorBitmap" if bitmap_max > 1000 else "IDSelectorBatch"
+    assert type(selector).__name__ == kind
+    assert [i for i in range(1100) if selector.is_member(i)]  # type: ignore[attr-defined]  # swig, untyped == ids.tolist()
