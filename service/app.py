@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cots import __version__
 from service.api import clip_retrieval, collections, embed, health, page, search
+from service.api.docs import install_docs
 from service.errors import install_error_handlers
 from service.fast_search import SEARCH_TEMPLATE, JsonSearchFastPath
 from service.metrics import Metrics
@@ -66,6 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Served from the package by install_docs: FastAPI's own pages need a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.metrics = metrics
     app.state.service = None
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(files("service") / "static")), name="static")
+    install_docs(app)
 
     if settings.fast_search:
         app.add_middleware(JsonSearchFastPath, route=_route(search.router, SEARCH_TEMPLATE, "POST"))

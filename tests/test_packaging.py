@@ -85,3 +85,14 @@ def test_a_copy_of_the_shipped_files_runs(tmp_path: Path) -> None:
     assert collect.returncode == 0, collect.stdout + collect.stderr
     for script in ("scripts/bootstrap.sh", "scripts/test.sh", "scripts/demo.sh", ".ci/run"):
         assert (copy / script).stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_the_api_docs_assets_are_installed() -> None:
+    """/docs and /redoc load these from the installed package; a missing one is a blank page
+    that only a browser would notice."""
+    from service.api.docs import ASSET_FILES, assets_directory
+
+    for name in ASSET_FILES:
+        path = Path(assets_directory()) / name
+        assert path.is_file(), f"{path} is missing"
+        assert path.stat().st_size > 1000, f"{path} is suspiciously small"

@@ -23,6 +23,7 @@ from playwright.sync_api import (
     FilePayload,
     Locator,
     Page,
+    Route,
     expect,
     sync_playwright,
 )
@@ -296,3 +297,101 @@ def test_invalid_upload_shows_the_api_error(tab: Tab, server: LiveServer) -> Non
     expect(tab.testid("page-info")).to_have_text("")
     # The failed request itself is a console error ("Failed to load resource"); nothing else.
     assert all("Failed to load resource" in error for error in tab.errors), tab.errors
+
+
+@dataclass
+class OfflineTab:
+    """A page whose every request off the server is refused and recorded: the test machines
+    have no network anyway, and this proves the page does not even try."""
+
+    page: Page
+    server_url: str
+    refused: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def route(self, route: Route) -> None:
+        url = route.request.url
+        if url.startswith((f"{self.server_url}/", "data:", "blob:")):
+            route.continue_()
+        else:
+            self.refused.append(url)
+            route.abort("internetdisconnected")
+
+
+@pytest.fixture
+def offline_tab(browser: Browser, server: LiveServer) -> Iterator[OfflineTab]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    opened = OfflineTab(page, server.url)
+    context.route("**/*", opened.route)
+    page.on("pageerror", lambda error: opened.errors.append(f"uncaught: {error}"))
+    page.on(
+        "console",
+        lambda message: opened.errors.append(message.text) if message.type == "error" else None,
+    )
+    try:
+        yield opened
+    finally:
+        context.close()
+
+
+def documented_operations(server: LiveServer) -> list[tuple[str, str, str]]:
+    """(METHOD, path, operationId) of every operation in /openapi.json."""
+    with server.client() as client:
+        spec = client.get("/openapi.json").json()
+    return [
+        (method.upper(), path, operation["operationId"])
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+    ]
+
+
+def test_swagger_ui_renders_every_operation_with_no_network(
+    offline_tab: OfflineTab, server: LiveServer
+) -> None:
+    operations = documented_operations(server)
+    assert len(operations) > 10
+    page = offline_tab.page
+    page.goto(f"{server.url}/docs")
+    blocks = page.locator(".opblock")
+    expect(blocks).to_have_count(len(operations))
+    rendered = set()
+    for index in range(blocks.count()):
+        block = blocks.nth(index)
+        method = block.locator(".opblock-summary-method").inner_text().strip()
+        path = block.locator(".opblock-summary-path").get_attribute("data-path")
+        rendered.add((method, path))
+    assert rendered == {(method, path) for method, path, _ in operations}
+    expect(page.locator(".info .title")).to_contain_text("COTS Search")
+    # An operation opens and shows its parameters: the page is live, not a static shell.
+    search = page.locator('.opblock-summary-path[data-path="/v1/collections/{name}/search"]')
+    search.first.click()
+    expect(page.locator(".opblock.is-open .opblock-section-header").first).to_be_visible()
+    assert offline_tab.refused == []
+    assert offline_tab.errors == []
+
+
+# ReDoc's side menu shows a logo whose address is fixed in its bundle; with no network the image
+# fails and ReDoc drops it (its own onError). It is the one request the page makes off the server.
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+def test_redoc_renders_every_operation_with_no_network(
+    offline_tab: OfflineTab, server: LiveServer
+) -> None:
+    operations = documented_operations(server)
+    page = offline_tab.page
+    page.goto(f"{server.url}/redoc")
+    # Each operation has a menu entry and a section, both carrying its id.
+    sections = page.locator('[data-section-id*="operation/"]')
+    expect(sections).to_have_count(2 * len(operations))
+    ids = sections.evaluate_all("(nodes) => nodes.map((node) => node.dataset.sectionId)")
+    assert {str(value).rsplit("operation/", 1)[1] for value in ids} == {
+        operation_id for _, _, operation_id in operations
+    }
+    expect(page.locator("h1").first).to_contain_text("COTS Search")
+    expect(page.locator('img[alt="redocly logo"]')).to_have_count(0)
+    assert set(offline_tab.refused) <= {REDOC_LOGO}
+    errors = offline_tab.errors
+    assert all("Failed to load resource" in error for error in errors), errors
