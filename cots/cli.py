@@ -24,6 +24,7 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "index": ("indexer.cli:index", "Build and change collections (versioned FAISS indexes)."),
     "worker": ("indexer.worker_cli:worker", "Run re-indexing jobs from the Redis queue."),
     "serve": ("service.cli:serve", "Serve the search API, the clip-retrieval API and the page."),
+    "search": ("cots.client.cli:search", "Search a running server from the terminal."),
     "train-tokenizer": (
         "model.tokenizer_train:train_tokenizer",
         "Train the VQ visual tokenizer for masked vision modeling.",

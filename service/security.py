@@ -4,8 +4,9 @@ Keys are stored as SHA-256 digests in settings, never in clear. A key goes in th
 header (or ``Authorization: Bearer``). Writes need scope ``write``, re-index jobs ``admin``;
 search is open unless ``search_requires_key``, but a key that is sent must be valid.
 
-The rate limit is a fixed one-minute window per key (anonymous callers: per client address),
-counted in Redis so every replica shares it, or in process when Redis is absent or down.
+The rate limit is a fixed window (a minute unless ``rate_limit_window_s``) per key (anonymous
+callers: per client address), counted in Redis so every replica shares it, or in process when
+Redis is absent or down.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from starlette.requests import Request
 from service.errors import ApiError
 from service.redis_link import RedisLink
 from service.settings import ApiKey, Scope, Settings
-
-_WINDOW_S = 60
 
 
 @dataclass(frozen=True)
@@ -70,24 +69,26 @@ def authorise(caller: Caller, scope: Scope, settings: Settings) -> None:
 
 
 class RateLimiter:
-    def __init__(self, link: RedisLink, per_minute: int) -> None:
+    def __init__(self, link: RedisLink, per_window: int, window_s: int = 60) -> None:
         self.link = link
-        self.per_minute = per_minute
+        self.per_window = per_window
+        self.window_s = window_s
         self._local: dict[str, tuple[int, int]] = {}  # caller -> (window, count)
 
     async def check(self, caller: Caller) -> None:
-        if self.per_minute == 0:
+        if self.per_window == 0:
             return
         now = time.time()
-        window = int(now // _WINDOW_S)
+        window = int(now // self.window_s)
         count = await self._count_redis(caller.name, window)
         if count is None:
             count = self._count_local(caller.name, window)
-        if count > self.per_minute:
-            retry = max(1, int((window + 1) * _WINDOW_S - now) + 1)
+        if count > self.per_window:
+            retry = max(1, int((window + 1) * self.window_s - now) + 1)
+            per = "minute" if self.window_s == 60 else f"{self.window_s} s"
             raise ApiError(
                 429,
-                f"rate limit of {self.per_minute} requests per minute reached for "
+                f"rate limit of {self.per_window} requests per {per} reached for "
                 f"{caller.name}; retry in {retry} s",
                 headers={"Retry-After": str(retry)},
             )
@@ -98,7 +99,7 @@ class RateLimiter:
         async def incr(client: aioredis.Redis) -> int:
             pipe = client.pipeline()
             pipe.incr(key)
-            pipe.expire(key, _WINDOW_S * 2)
+            pipe.expire(key, self.window_s * 2)
             count, _ = await pipe.execute()
             return int(count)
 

@@ -115,7 +115,16 @@ class Settings(BaseSettings):
     )
     search_requires_key: bool = Field(False, description="refuse anonymous searches")
     rate_limit_per_minute: int = Field(
-        600, ge=0, description="requests per key (or client address) per minute; 0: no limit"
+        600,
+        ge=0,
+        description="requests per key (or client address) per window (a minute unless "
+        "rate_limit_window_s says otherwise); 0: no limit",
+    )
+    rate_limit_window_s: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="the rate limit's window in seconds (a per-second burst limit: 1)",
     )
     cache_ttl_s: int = Field(24 * 3600, ge=1, description="query-embedding cache entry lifetime")
     local_cache_entries: int = Field(10_000, ge=0, description="in-process cache size")

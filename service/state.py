@@ -82,7 +82,7 @@ class ServiceState:
             link=link,
             cache=cache,
             engine=engine,
-            limiter=RateLimiter(link, settings.rate_limit_per_minute),
+            limiter=RateLimiter(link, settings.rate_limit_per_minute, settings.rate_limit_window_s),
             jobs=JobRunner(registry, settings.redis_url),
             watcher=watcher,
         )

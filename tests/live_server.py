@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -70,6 +71,14 @@ class LiveServer:
 
     def client(self, **options: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **options)  # type: ignore[arg-type]
+
+    def search(self, collection: str, **body: Any) -> dict[str, Any]:
+        """The JSON answer of one search sent by hand, to compare a client's with."""
+        with self.client() as client:
+            response = client.post(f"/v1/collections/{collection}/search", json=body)
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
 
 
 @contextmanager

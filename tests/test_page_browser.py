@@ -12,7 +12,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -151,14 +150,6 @@ def tab(browser: Browser, server: LiveServer) -> Iterator[Tab]:
         context.close()
 
 
-def api_search(server: LiveServer, collection: str, **body: Any) -> dict[str, Any]:
-    with server.client() as client:
-        response = client.post(f"/v1/collections/{collection}/search", json=body)
-    response.raise_for_status()
-    result: dict[str, Any] = response.json()
-    return result
-
-
 def api_upload(server: LiveServer, collection: str, name: str, data: bytes) -> httpx.Response:
     with server.client() as client:
         return client.post(
@@ -189,8 +180,8 @@ def test_page_lists_the_collections_with_their_kinds(tab: Tab) -> None:
 
 
 def test_text_query_shows_a_page_of_images_and_pages_through(tab: Tab, server: LiveServer) -> None:
-    first = api_search(server, "images", text=QUERY, k=PAGE_SIZE, offset=0)
-    second = api_search(server, "images", text=QUERY, k=PAGE_SIZE, offset=PAGE_SIZE)
+    first = server.search("images", text=QUERY, k=PAGE_SIZE, offset=0)
+    second = server.search("images", text=QUERY, k=PAGE_SIZE, offset=PAGE_SIZE)
 
     tab.search("images", QUERY)
     expect(tab.testid("hit")).to_have_count(PAGE_SIZE)
