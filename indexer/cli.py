@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from indexer.filters import Filter, parse_where
+from indexer.filters import Filter, parse_where, split_where
 
 if TYPE_CHECKING:
     from indexer.spec_index import BuildSpec
@@ -311,9 +311,10 @@ def search(
 
 
 def parse_filters(where: tuple[str, ...]) -> Filter | None:
-    """``--where`` conditions as a filter (``indexer.filters.parse_where``), or a usage error."""
+    """``--where`` conditions as a filter (``indexer.filters.parse_where``), or a usage error.
+    One ``--where`` may hold several, comma-separated, as the page's filter box does."""
     try:
-        return parse_where(where)
+        return parse_where([part for text in where for part in split_where(text)])
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--where") from None
 

@@ -359,12 +359,28 @@ def _one_of(path: str, values: list[Any], params: list[Any]) -> str:
 
 _WHERE: Final = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
 _TEXT_OPERATORS: Final = {"=": "eq", "!=": "ne", ">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
+# What reads as a number, written out (not Python's int() and float(), which also take
+# "1_000", "nan" and other scripts' digits) so that the page's copy (service/static/where.js)
+# reads every value the same way; tests/test_page_browser.py compares the two.
+_INTEGER: Final = re.compile(r"[+-]?[0-9]+")
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# A comma starts a new condition only where a FIELD and an operator follow, so that a value
+# may hold commas ("caption=red, round" is one condition).
+_NEXT_CONDITION: Final = re.compile(r",(?=\s*[A-Za-z0-9_]+\s*(?:>=|<=|!=|=|>|<))")
+# Integers beyond what a JSON reader in a browser holds exactly stay text on both sides.
+_SAFE_INTEGER: Final = 2**53 - 1
+
+
+def split_where(text: str) -> list[str]:
+    """The conditions of one line (``split=test, year>=2020``); empty parts are dropped."""
+    return [part.strip() for part in _NEXT_CONDITION.split(text) if part.strip()]
 
 
 def parse_where(conditions: list[str] | tuple[str, ...]) -> Filter | None:
     """``FIELD=VALUE``, ``FIELD!=VALUE``, ``FIELD>=VALUE`` (and ``>``, ``<``, ``<=``) and
-    ``FIELD=a|b|c`` (one of), ANDed. Metadata values that read as JSON numbers or booleans are
-    those; anything else (and every value of kind, group_id and uri) is text."""
+    ``FIELD=a|b|c`` (one of), ANDed. Metadata values that read as numbers (``_INTEGER``,
+    ``_DECIMAL``) or as ``true``/``false`` are those; anything else (and every value of kind,
+    group_id and uri) is text."""
     merged: dict[str, dict[str, Any]] = {}
     for condition in conditions:
         match = _WHERE.match(condition)
@@ -387,12 +403,10 @@ def _typed(key: str, text: str) -> Any:
         return text
     if text in ("true", "false"):
         return text == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return number if number == number and abs(number) != float("inf") else text
+    if _INTEGER.fullmatch(text):
+        number = int(text)
+        return number if abs(number) <= _SAFE_INTEGER else text
+    if _DECIMAL.fullmatch(text):
+        value = float(text)
+        return value if abs(value) != float("inf") else text
+    return text

@@ -25,6 +25,7 @@ from indexer.filters import (
     MAX_VALUES,
     Filter,
     parse_where,
+    split_where,
     to_sql,
 )
 from indexer.metadata import Item, MetadataStore
@@ -305,6 +306,19 @@ def test_the_text_form_reads_as_the_json_form() -> None:
         "w": {"eq": 1.5},
         "uri": {"eq": "7"},
     }
+    # Numbers are what a browser's JSON reads exactly; Python-only spellings stay text.
+    assert parse_where(["a=1_000", "b=nan", "c=inf", "d=9007199254740993", "e=.5"]).canonical() == {  # type: ignore[union-attr]
+        "a": {"eq": "1_000"},
+        "b": {"eq": "nan"},
+        "c": {"eq": "inf"},
+        "d": {"eq": "9007199254740993"},
+        "e": {"eq": 0.5},
+    }
+    assert split_where(" split=test , caption=red, round , year>=2020 ") == [
+        "split=test",
+        "caption=red, round",
+        "year>=2020",
+    ]
     for bad, message in (
         ("split", "is not FIELD=VALUE"),
         ("=x", "is not FIELD=VALUE"),

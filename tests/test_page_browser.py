@@ -8,15 +8,18 @@ none, rather than skip: a skipped browser test reads as a passed one.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import httpx
 import pytest
 from playwright.sync_api import (
     Browser,
+    BrowserContext,
     ConsoleMessage,
     Error,
     FilePayload,
@@ -27,8 +30,10 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
+from indexer.filters import Filter, as_filter, parse_where, split_where
 from service.settings import Settings
 from tests.live_server import LiveServer, live_server
+from tests.service_helpers import KEYS, SEARCH_KEY
 from tests.tools import tool_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,19 +137,28 @@ class Tab:
         assert self.errors == []
 
 
-@pytest.fixture
-def tab(browser: Browser, server: LiveServer) -> Iterator[Tab]:
-    context = browser.new_context()
+def new_tab(context: BrowserContext) -> Tab:
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     opened = Tab(page)
     page.on("console", opened.on_console)
     page.on("pageerror", opened.on_page_error)
+    return opened
+
+
+def expect_collections_listed(tab: Tab) -> None:
+    # The selector is filled once /v1/collections has answered.
+    options = tab.page.locator('[data-testid="collection"] option[data-kind]')
+    expect(options).to_have_count(len(KINDS))
+
+
+@pytest.fixture
+def tab(browser: Browser, server: LiveServer) -> Iterator[Tab]:
+    context = browser.new_context()
     try:
-        page.goto(server.url)
-        # The selector is filled once /v1/collections has answered.
-        options = page.locator('[data-testid="collection"] option[data-kind]')
-        expect(options).to_have_count(len(KINDS))
+        opened = new_tab(context)
+        opened.page.goto(server.url)
+        expect_collections_listed(opened)
         yield opened
     finally:
         context.close()
@@ -386,3 +400,220 @@ def test_redoc_renders_every_operation_with_no_network(
     assert set(offline_tab.refused) <= {REDOC_LOGO}
     errors = offline_tab.errors
     assert all("Failed to load resource" in error for error in errors), errors
+
+
+# ---- the filter box, linked searches and the API key ---------------------------------------
+
+WHERE_CASES = [
+    "",
+    "split=test",
+    "split = test ,  year>=2020",
+    "split!=train, year<2000",
+    "year>2019.5, year<=2.5e3",
+    "tag=a|b|c",
+    "tag=1|2|x",
+    "flag=true, other=false, third=True",
+    "n=+7, m=-3, big=12345678901234567890, almost=9007199254740991",
+    "x=1_000, y=.5, z=5., w=1e400, v=nan, u=inf, t=0x10",
+    "caption=red, round",
+    "caption=red, round, split=test",
+    "kind=image, group_id=img0000001, uri=a,b",
+    "kind=42",
+    "year",
+    "=5",
+    "year>=",
+    "a=b=c",
+    "a==b",
+    "x=1, y",
+    "any_of=1",
+    ",,split=test,,",
+    "a=\u00e9t\u00e9",
+]
+
+
+def random_where_texts(count: int) -> list[str]:
+    """Half free-form strings of the grammar's pieces (mostly not filters: the error paths),
+    half comma-joined conditions built from them (mostly filters: the typed values)."""
+    rng = random.Random(20)
+    fields = ["split", "year", "kind", "tag", "a_1", "group_id", "uri"]
+    operators = ["=", "!=", ">", ">=", "<", "<="]
+    values = ["1", "2.5", "-3", "1e3", "true", "x", "test", "image", ".", "+", "e", "1.", "a|b", ""]
+    pieces = [*fields, *operators, "|", ",", " ", "\t", *values]
+
+    def condition() -> str:
+        space = rng.choice(["", " "])
+        value = "|".join(rng.choice(values) for _ in range(rng.choice([1, 1, 2])))
+        return f"{rng.choice(fields)}{space}{rng.choice(operators)}{space}{value}"
+
+    texts = []
+    for _ in range(count // 2):
+        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))))
+        texts.append(", ".join(condition() for _ in range(rng.randint(1, 4))))
+    return texts
+
+
+def python_where(text: str) -> Filter | str | None:
+    try:
+        return parse_where(split_where(text))
+    except ValueError:
+        return "error"
+
+
+def test_the_filter_box_reads_text_as_the_command_line_does(tab: Tab) -> None:
+    texts = WHERE_CASES + random_where_texts(400)
+    answers = tab.page.evaluate(
+        """(texts) => texts.map((text) => {
+            try { return {filters: parseWhere(text)}; }
+            catch (error) { return {error: `${error.name}: ${error.message}`}; }
+        })""",
+        texts,
+    )
+    checked = 0
+    for text, answer in zip(texts, answers, strict=True):
+        wanted = python_where(text)
+        if "error" in answer:
+            assert answer["error"].startswith("WhereError"), (text, answer)
+            assert wanted == "error", (text, wanted)
+            continue
+        try:
+            # What the server makes of the page's JSON, as the service would read it.
+            got: Filter | str | None = as_filter(answer["filters"])
+        except ValueError:
+            got = "error"
+        assert got == wanted, (text, answer["filters"], wanted)
+        checked += got != "error"
+    assert checked > 50  # most inputs read, so the comparison covers values, not just errors
+    tab.assert_no_console_errors()
+
+
+def test_a_filter_narrows_the_hits_and_a_bad_one_says_why(tab: Tab, server: LiveServer) -> None:
+    wanted = server.search(
+        "images", text=QUERY, k=PAGE_SIZE, filters={"split": {"ne": "train"}, "kind": "image"}
+    )
+    assert 0 < len(wanted["hits"]) < PAGE_SIZE or wanted["next_offset"] is not None
+    tab.testid("filters").fill("split!=train, kind=image")
+    tab.search("images", QUERY)
+    assert tab.ids() == [hit["id"] for hit in wanted["hits"]]
+    assert "f=split%21%3Dtrain%2C+kind%3Dimage" in tab.page.url
+
+    requests: list[str] = []
+    tab.page.on("request", lambda request: requests.append(request.url))
+    tab.testid("filters").fill("year")
+    tab.testid("search").click()
+    expect(tab.testid("error")).to_contain_text("'year' is not FIELD=VALUE")
+    assert not [url for url in requests if "/search" in url], requests
+
+    # A filter the server refuses (kind is one of a closed set) shows the server's message.
+    tab.testid("filters").fill("kind=picture")
+    tab.testid("search").click()
+    expect(tab.testid("results")).to_have_attribute("data-state", "error")
+    expect(tab.testid("error")).to_contain_text("kind")
+
+
+def test_a_linked_search_opens_on_its_page_and_back_returns(
+    browser: Browser, server: LiveServer
+) -> None:
+    second = server.search("captions", text=QUERY, k=PAGE_SIZE, offset=PAGE_SIZE)
+    first_other = server.search("captions", text="a big green star", k=PAGE_SIZE)
+    context = browser.new_context()
+    try:
+        tab = new_tab(context)
+        link = f"{server.url}/?c=captions&q={quote_plus(QUERY)}&p=2"
+        tab.page.goto(link)
+        tab.wait_done()
+        assert tab.ids() == [hit["id"] for hit in second["hits"]]
+        expect(tab.testid("query")).to_have_value(QUERY)
+        expect(tab.testid("collection")).to_have_value("captions")
+        expect(tab.testid("page-info")).to_have_text(
+            f"results {PAGE_SIZE + 1}{DASH}{2 * PAGE_SIZE}"
+        )
+
+        # A new query in the same collection is one new history entry, on its first page.
+        tab.testid("query").fill("a big green star")
+        tab.testid("search").click()
+        tab.wait_done()
+        assert tab.ids() == [hit["id"] for hit in first_other["hits"]]
+        assert tab.page.url == f"{server.url}/?c=captions&q=a+big+green+star"
+        tab.page.go_back()
+        expect(tab.testid("query")).to_have_value(QUERY)
+        expect(tab.testid("page-info")).to_have_text(
+            f"results {PAGE_SIZE + 1}{DASH}{2 * PAGE_SIZE}"
+        )
+        tab.wait_done()
+        assert tab.ids() == [hit["id"] for hit in second["hits"]]
+        assert tab.page.url == link
+
+        tab.page.goto(f"{server.url}/?c=nosuch&q=x")
+        expect(tab.testid("error")).to_contain_text("No collection 'nosuch'")
+        tab.assert_no_console_errors()
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(micro_bundle: Path, served_root: tuple[Path, Path]) -> Iterator[LiveServer]:
+    settings = Settings(
+        bundle=micro_bundle,
+        index_root=served_root[1],
+        api_keys=KEYS,
+        search_requires_key=True,
+        rate_limit_per_minute=0,
+    )
+    with live_server(settings) as running:
+        yield running
+
+
+def test_the_key_field_opens_a_server_that_needs_a_key(
+    browser: Browser, keyed_server: LiveServer
+) -> None:
+    headers = {"X-API-Key": SEARCH_KEY}
+    with keyed_server.client(headers=headers) as client:
+        response = client.post(
+            "/v1/collections/images/search", json={"text": QUERY, "k": PAGE_SIZE}
+        )
+        wanted = response.json()
+    context = browser.new_context()
+    try:
+        tab = new_tab(context)
+        sent_keys: list[str | None] = []
+        tab.page.on("request", lambda request: sent_keys.append(request.headers.get("x-api-key")))
+        tab.page.goto(keyed_server.url)
+        expect(tab.testid("error")).to_contain_text("Could not list the collections")
+        expect(tab.testid("error")).to_contain_text("API key")
+
+        tab.testid("api-key").fill("not-the-key")
+        tab.testid("api-key").press("Enter")
+        expect(tab.testid("error")).to_contain_text("invalid API key")
+
+        tab.testid("api-key").fill(SEARCH_KEY)
+        tab.testid("api-key").press("Enter")
+        expect_collections_listed(tab)
+        expect(tab.testid("error")).to_be_hidden()
+        tab.search("images", QUERY)
+        assert tab.ids() == [hit["id"] for hit in wanted["hits"]]
+        # Images came through the key too (an <img> cannot send it: the page fetches them).
+        tab.assert_images_loaded(PAGE_SIZE)
+        assert SEARCH_KEY in sent_keys
+        assert tab.page.evaluate("() => sessionStorage.getItem('cots.apiKey')") == SEARCH_KEY
+        assert SEARCH_KEY not in tab.page.url
+
+        # A reload of the tab keeps the key; a new tab (another session) does not have it.
+        tab.page.reload()
+        expect(tab.testid("api-key")).to_have_value(SEARCH_KEY)
+        tab.wait_done()  # the URL's search ran again, with the key
+        assert tab.ids() == [hit["id"] for hit in wanted["hits"]]
+        fresh = new_tab(browser.new_context())
+        fresh.page.goto(keyed_server.url)
+        expect(fresh.testid("api-key")).to_have_value("")
+        expect(fresh.testid("error")).to_contain_text("API key")
+        fresh.page.context.close()
+
+        # Video moments play through the key as well, with their time range kept.
+        tab.search("videos", "a ball")
+        tab.page.wait_for_function(ALL_VIDEOS_READY)
+        states = tab.page.evaluate(VIDEO_STATES)
+        assert states
+        assert all(state["src"].startswith("blob:") for state in states), states
+        assert all("#t=" in state["src"] for state in states), states
+    finally:
+        context.close()

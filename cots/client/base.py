@@ -44,4 +44,3 @@ def normalise_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
     return url.rstrip("/")
-

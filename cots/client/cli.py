@@ -12,7 +12,7 @@ import click
 from cots.client.base import DEFAULT_URL
 from cots.client.errors import ApiError, ClientError
 from cots.client.sync import Client
-from indexer.filters import parse_where
+from indexer.cli import parse_filters
 from service.schemas import SearchHit, SearchResponse
 
 
@@ -39,8 +39,8 @@ from service.schemas import SearchHit, SearchResponse
     "--where",
     multiple=True,
     metavar="COND",
-    help="Keep only matching items, e.g. --where split=test --where 'year>=2020' "
-    "(=, !=, >, >=, <, <=; a|b for one of). Repeat to AND.",
+    help="Keep only matching items, e.g. --where split=test --where 'year>=2020', or "
+    "--where 'split=test, year>=2020' (=, !=, >, >=, <, <=; a|b for one of). ANDed.",
 )
 @click.option(
     "--api-key",
@@ -76,10 +76,7 @@ def search(
     """
     if (text is None) == (image is None):
         raise click.UsageError("give a TEXT query or --image FILE (exactly one)")
-    try:
-        filters = parse_where(where)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--where") from None
+    filters = parse_filters(where)
     try:
         with Client(url, api_key=api_key, timeout_s=timeout) as client:
             page = client.search(collection, text, image=image, k=k, offset=offset, filters=filters)

@@ -1,14 +1,22 @@
 // The search page: plain DOM calls against the JSON API, no framework and no build step.
 // Every piece of data goes into the page as text nodes or attributes, never as HTML.
+//
+// State lives in the URL (?c=collection&q=text&f=filters&p=page), so that a search can be
+// linked and the browser's back button steps through searches; the API key lives in
+// sessionStorage (this tab only, never the URL) and goes out as X-API-Key. The filter box's
+// text is read by where.js.
 "use strict";
 
 const PAGE_SIZE = 12;
+const KEY_STORAGE = "cots.apiKey";
 
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 const ui = {
   form: $("search-form"),
   collection: $("collection"),
   query: $("query"),
+  filters: $("filters"),
+  apiKey: $("api-key"),
   upload: $("upload"),
   queryImage: $("query-image"),
   error: $("error"),
@@ -19,12 +27,14 @@ const ui = {
   pageInfo: $("page-info"),
 };
 
-// The query being paged through: {text} or {file}; null before the first search.
+// The query being paged through: {text, filters} or {file, filters}; null before the first.
 let current = null;
 let offset = 0;
 let nextOffset = null;
 // Only the latest request may draw: an older one that answers late is aborted instead.
 let inFlight = null;
+// blob: URLs of media fetched with the key (an <img> cannot send a header); revoked on redraw.
+let mediaUrls = [];
 
 class ApiError extends Error {}
 
@@ -39,8 +49,17 @@ function el(tag, attrs = {}, children = []) {
   return node;
 }
 
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) ?? "";
+}
+
+function withKey(headers = {}) {
+  const key = apiKey();
+  return key ? { ...headers, "X-API-Key": key } : headers;
+}
+
 async function api(path, init = {}) {
-  const response = await fetch(path, init);
+  const response = await fetch(path, { ...init, headers: withKey(init.headers) });
   let body = null;
   try {
     body = await response.json();
@@ -69,8 +88,9 @@ async function loadCollections() {
   try {
     body = await api("/v1/collections");
   } catch (error) {
+    ui.collection.replaceChildren(el("option", { value: "", disabled: true }, "no collections"));
     showError(`Could not list the collections: ${error.message}`);
-    return;
+    return false;
   }
   const options = body.collections.map((c) =>
     el("option", { value: c.name, "data-kind": c.kind },
@@ -81,17 +101,43 @@ async function loadCollections() {
   if (!body.collections.length) {
     options.unshift(el("option", { value: "", disabled: true }, "no collections served"));
   }
+  const chosen = ui.collection.value;
   ui.collection.replaceChildren(...options);
+  if (chosen && body.collections.some((c) => c.name === chosen)) ui.collection.value = chosen;
+  clearError();
+  return true;
 }
 
 function formatSeconds(seconds) {
   return Number(seconds).toFixed(1);
 }
 
+function noPreview(node, className) {
+  node.replaceWith(el("div", { class: `${className} missing` }, "no preview"));
+}
+
+// Without a key the browser fetches media itself (and caches it). With one, the page fetches
+// it with the header and hands the element a blob: URL; `fragment` keeps a video's moment.
+function setMedia(node, url, className, fragment = "") {
+  if (!apiKey()) {
+    node.setAttribute("src", url + fragment);
+    return;
+  }
+  fetch(url, { headers: withKey() })
+    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.status))))
+    .then((blob) => {
+      const local = URL.createObjectURL(blob);
+      mediaUrls.push(local);
+      node.setAttribute("src", local + fragment);
+    })
+    .catch(() => noPreview(node, className));
+}
+
 function thumbnail(hit, className) {
-  const img = el("img", { src: hit.media_url, alt: hit.caption ?? `item ${hit.id}`, class: className });
+  const img = el("img", { alt: hit.caption ?? `item ${hit.id}`, class: className });
   // An item whose file is not on this server: a plain box says so instead of a broken icon.
-  img.addEventListener("error", () => img.replaceWith(el("div", { class: `${className} missing` }, "no preview")));
+  img.addEventListener("error", () => noPreview(img, className));
+  setMedia(img, hit.media_url, className);
   return img;
 }
 
@@ -100,8 +146,14 @@ function media(hit) {
   if (hit.kind === "caption") return thumbnail(hit, "thumb");
   // Video and segment: the media fragment makes the player start (and stop) at the moment.
   const timed = hit.start_s !== null && hit.end_s !== null;
-  const src = timed ? `${hit.media_url}#t=${hit.start_s},${hit.end_s}` : hit.media_url;
-  return el("video", { src, controls: true, muted: true, playsinline: true, preload: "metadata" });
+  const video = el("video", { controls: true, muted: true, playsinline: true, preload: "metadata" });
+  setMedia(video, hit.media_url, "video", timed ? `#t=${hit.start_s},${hit.end_s}` : "");
+  return video;
+}
+
+function revokeMedia() {
+  for (const url of mediaUrls) URL.revokeObjectURL(url);
+  mediaUrls = [];
 }
 
 function card(hit) {
@@ -127,6 +179,7 @@ function card(hit) {
 }
 
 function render(page) {
+  revokeMedia();
   offset = page.offset;
   nextOffset = page.next_offset;
   const hits = page.hits;
@@ -140,6 +193,7 @@ function render(page) {
 }
 
 function clearResults() {
+  revokeMedia();
   ui.results.replaceChildren();
   ui.pageInfo.textContent = "";
   ui.status.textContent = "";
@@ -155,23 +209,66 @@ function request(name, at) {
     form.append("image", current.file);
     form.append("k", String(PAGE_SIZE));
     form.append("offset", String(at));
+    if (current.filters) form.append("filters", JSON.stringify(current.filters));
     return api(`${path}/upload`, { method: "POST", body: form, signal });
   }
+  const body = { text: current.text, k: PAGE_SIZE, offset: at };
+  if (current.filters) body.filters = current.filters;
   return api(path, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ text: current.text, k: PAGE_SIZE, offset: at }),
+    body: JSON.stringify(body),
     signal,
   });
 }
 
-async function search(at) {
+// ---- the URL: ?c=collection&q=text&f=filters&p=page ------------------------------------------
+
+function stateFromUrl() {
+  const params = new URLSearchParams(window.location.search);
+  const page = Number.parseInt(params.get("p") ?? "1", 10);
+  return {
+    collection: params.get("c") ?? "",
+    text: params.get("q") ?? "",
+    filters: params.get("f") ?? "",
+    page: Number.isSafeInteger(page) && page >= 1 ? page : 1,
+  };
+}
+
+// An image query cannot go in a URL: its address keeps the collection and filters only.
+function saveUrl(at, how) {
+  if (how === "none") return;
+  const params = new URLSearchParams();
+  if (ui.collection.value) params.set("c", ui.collection.value);
+  if (current?.text) params.set("q", current.text);
+  const filters = ui.filters.value.trim();
+  if (filters) params.set("f", filters);
+  if (current?.text && at > 0) params.set("p", String(Math.floor(at / PAGE_SIZE) + 1));
+  const url = `${window.location.pathname}${params.size ? `?${params}` : ""}`;
+  if (url === `${window.location.pathname}${window.location.search}`) return;
+  if (how === "push") history.pushState(null, "", url);
+  else history.replaceState(null, "", url);
+}
+
+// The filter box read now, or null after showing why it does not read.
+function readFilters() {
+  try {
+    return { ok: true, filters: parseWhere(ui.filters.value) };
+  } catch (error) {
+    if (!(error instanceof WhereError)) throw error;
+    showError(`Filter: ${error.message}`);
+    return { ok: false, filters: null };
+  }
+}
+
+async function search(at, how = "push") {
   const name = ui.collection.value;
   if (!current) return;
   if (!name) {
     showError("Choose a collection to search.");
     return;
   }
+  saveUrl(at, how);
   inFlight?.abort();
   const controller = new AbortController();
   inFlight = controller;
@@ -219,7 +316,9 @@ ui.form.addEventListener("submit", (event) => {
     showError("Type a query, or choose an image to search with.");
     return;
   }
-  current = { text };
+  const { ok, filters } = readFilters();
+  if (!ok) return;
+  current = { text, filters };
   showQueryImage(null);
   search(0);
 });
@@ -227,7 +326,9 @@ ui.form.addEventListener("submit", (event) => {
 ui.upload.addEventListener("change", () => {
   const file = ui.upload.files[0];
   if (!file) return;
-  current = { file };
+  const { ok, filters } = readFilters();
+  if (!ok) return;
+  current = { file, filters };
   // Cleared, so choosing the same file again searches again; the File stays in `current`.
   ui.upload.value = "";
   ui.query.value = "";
@@ -235,10 +336,54 @@ ui.upload.addEventListener("change", () => {
   search(0);
 });
 
-ui.collection.addEventListener("change", () => search(0));
+ui.collection.addEventListener("change", () => {
+  if (current) search(0);
+  else saveUrl(0, "replace");
+});
 ui.prev.addEventListener("click", () => search(Math.max(0, offset - PAGE_SIZE)));
 ui.next.addEventListener("click", () => {
   if (nextOffset !== null) search(nextOffset);
 });
 
-loadCollections();
+// A new key may open what the old one could not: list the collections again, then redo the
+// search on screen.
+ui.apiKey.value = apiKey();
+ui.apiKey.addEventListener("change", async () => {
+  const key = ui.apiKey.value.trim();
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+  if (await loadCollections()) {
+    if (current) search(offset, "none");
+    else applyUrl();
+  }
+});
+
+// Put the URL's search on screen and run it (on load, and on the back and forward buttons).
+function applyUrl() {
+  const state = stateFromUrl();
+  const listed = [...ui.collection.options].some(
+    (option) => option.value === state.collection && !option.disabled);
+  if (listed) ui.collection.value = state.collection;
+  ui.query.value = state.text;
+  ui.filters.value = state.filters;
+  showQueryImage(null);
+  if (!state.text) {
+    current = null;
+    clearResults();
+    return;
+  }
+  if (state.collection && !listed) {
+    showError(`No collection '${state.collection}' is served here.`);
+    return;
+  }
+  const { ok, filters } = readFilters();
+  if (!ok) return;
+  current = { text: state.text, filters };
+  search((state.page - 1) * PAGE_SIZE, "none");
+}
+
+window.addEventListener("popstate", applyUrl);
+
+loadCollections().then((loaded) => {
+  if (loaded) applyUrl();
+});
