@@ -180,10 +180,10 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
 
 def _export(workdir: Path, run: Path, quiet: bool) -> Path:
     """Export the trained model; a bundle of the same checkpoint and step is reused."""
-    from indexer.bundle import read_manifest
-    from indexer.errors import BundleError
     from model.checkpoint import load_checkpoint
     from model.export import ExportOptions, export_bundle
+    from runtime.bundle import read_manifest
+    from runtime.errors import BundleError
 
     checkpoint = run / "checkpoint.pt"
     bundle = workdir / "bundle"
@@ -202,7 +202,7 @@ def _export(workdir: Path, run: Path, quiet: bool) -> Path:
 
 def _search_sample(bundle: Path, samples: list) -> None:
     """Text-to-image search over the contact sheet's images with the torch-free runtime."""
-    from indexer.encoder import Encoder
+    from runtime.encoder import Encoder
 
     encoder = Encoder(bundle)
     images = encoder.encode_images([sample.image for sample in samples])

@@ -21,12 +21,12 @@ DEMO_COLLECTIONS = {
 def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
     """[4/6] Build each demo collection, or reuse it when its live version was built from
     this corpus by this bundle."""
-    from indexer.assemble import read_info
     from indexer.build import build_collection
-    from indexer.bundle import read_manifest
     from indexer.errors import CollectionError
+    from indexer.index_bundle import read_info
     from indexer.spec_index import BuildSpec
     from indexer.versions import current_dir
+    from runtime.bundle import read_manifest
 
     root = workdir / "indices"
     bundle_id = read_manifest(bundle).bundle_id

@@ -10,18 +10,16 @@ version current. Format 1 versions (before segments) held those files themselves
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-from indexer.bundle import BundleManifest, Modality
-from indexer.digests import FileDigest, file_digest
+from indexer.digests import file_digest
 from indexer.faiss_index import choose_factory
+from indexer.index_bundle import DELETED, FORMAT_VERSION, SEGMENTS, IndexInfo, segment_file_key
 from indexer.metadata import Item
 from indexer.segments import (
     SEGMENT_JSON,
@@ -30,60 +28,20 @@ from indexer.segments import (
     read_segment_info,
     write_segment,
 )
-from indexer.spec_index import BuildSpec, CorpusKind
-from indexer.versions import SEGMENTS, publish, staging
-
-INDEX_JSON: Final = "index.json"
-INDEX_FILE: Final = "index.faiss"
-VECTORS: Final = "vectors.npy"
-IDS: Final = "ids.npy"
-METADATA: Final = "metadata.sqlite"
-DELETED: Final = "deleted.npy"
-FORMAT_VERSION: Final = 2  # 2: segments and a delete set; 1: one folder of files per version
-
-
-class IndexInfo(BaseModel):
-    """``index.json``: what a reader needs to trust and use a version."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    format: Literal["cots-index-bundle"] = "cots-index-bundle"
-    format_version: int = FORMAT_VERSION
-    collection: str
-    kind: CorpusKind
-    modality: Modality  # what the vectors embed (image, text or video)
-    count: int  # vectors in the segments (removed ones included until compacted)
-    live: int
-    dim: int
-    factory: str
-    metric: Literal["inner_product"] = "inner_product"
-    model_bundle_id: str
-    recall_at_10: float  # against exact search, on up to 200 of the collection's vectors
-    build: dict[str, Any]  # the BuildSpec of the first build, then what updates changed
-    skipped: dict[str, int] = {}
-    created: str
-    segments: list[str] = []  # segment ids, in ascending id ranges (format 2)
-    tombstones: int = 0  # ids in the delete set
-    max_id: int = -1  # the largest id ever given: new items get larger ones, even after compaction
-    # Every file the version reads -> its digest (``indexer.digests``): "deleted.npy" (in the
-    # version folder) and "segments/<id>/<file>" (in the collection folder). Empty for
-    # versions written before checksums: they are read unchecked.
-    files: dict[str, FileDigest] = {}
-
-    def write(self, folder: Path) -> None:
-        (folder / INDEX_JSON).write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+from indexer.spec_index import MODALITY, BuildSpec
+from indexer.versions import publish, staging
+from runtime.bundle import BundleManifest
 
 
 def assemble_version(
     spec: BuildSpec,
     manifest: BundleManifest,
     shards: Sequence[Any],
-    listing_skipped: dict[str, int],
+    skipped: dict[str, int],
     progress: Any = None,
 ) -> int:
-    """Index the shards' vectors, write the version in a staging folder, publish it."""
-    from indexer.build import MODALITY, skipped_summary
-
+    """Index the shards' vectors, write the version in a staging folder, publish it.
+    ``skipped`` counts the corpus items left out, per reason."""
     ids = np.concatenate([s.ids for s in shards]) if shards else np.zeros(0, np.int64)
     vectors = (
         np.concatenate([s.vectors for s in shards])
@@ -117,7 +75,7 @@ def assemble_version(
                 model_bundle_id=manifest.bundle_id,
                 recall_at_10=0.0,
                 build=spec.model_dump(mode="json"),
-                skipped=skipped_summary(shards, listing_skipped),
+                skipped=skipped,
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
             ),
         )
@@ -156,10 +114,6 @@ def write_version(
     return final
 
 
-def segment_file_key(segment_id: str, name: str) -> str:
-    return f"{SEGMENTS}/{segment_id}/{name}"
-
-
 def seal(info: IndexInfo, staged: Path) -> IndexInfo:
     """``info`` with the digests of the files of the version staged in ``staged`` (its delete
     set written): the entries of segments ``info`` already carries are kept (a segment is
@@ -180,7 +134,3 @@ def seal(info: IndexInfo, staged: Path) -> IndexInfo:
         for name, digest in read_segment_info(folder).files.items():
             files[segment_file_key(segment_id, name)] = digest
     return info.model_copy(update={"files": files})
-
-
-def read_info(folder: Path) -> IndexInfo:
-    return IndexInfo.model_validate(json.loads((folder / INDEX_JSON).read_text(encoding="utf-8")))

@@ -45,10 +45,10 @@ def build_bench(
     import numpy as np
 
     from indexer.build import build_collection
-    from indexer.encoder import Encoder
-    from indexer.images import preprocess_images
     from indexer.spec_index import BuildSpec
     from model.data.readers import load_image, open_image_corpus
+    from runtime.encoder import Encoder
+    from runtime.images import preprocess_images
 
     records = list(itertools.islice(open_image_corpus(corpus, split=split).records(), limit))
     paths = [r.path for r in records if r.path is not None]

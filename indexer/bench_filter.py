@@ -26,11 +26,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from indexer.assemble import IndexInfo, write_version
+from indexer.assemble import write_version
 from indexer.bench_index import Mixture
 from indexer.collection import Collection
 from indexer.faiss_index import choose_factory, exact_search, recall_of
 from indexer.filters import as_filter
+from indexer.index_bundle import IndexInfo
 from indexer.metadata import Item
 from indexer.versions import publish, staging
 

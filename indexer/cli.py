@@ -144,8 +144,9 @@ def add(**options: Any) -> None:
 def _run_spec(action: Callable[[BuildSpec], int], options: dict[str, Any]) -> int:
     """Validate the command's options as a BuildSpec and run ``action`` on it; failures
     become clear command errors."""
-    from indexer.errors import BundleError, CollectionError
+    from indexer.errors import CollectionError
     from indexer.spec_index import BuildSpec
+    from runtime.errors import BundleError
 
     try:
         return action(BuildSpec.model_validate({k: v for k, v in options.items() if v is not None}))
@@ -247,8 +248,8 @@ def compact(
 @click.option("--json", "as_json", is_flag=True, help="Print index.json of the live version.")
 def info(root: Path, collection: str, as_json: bool) -> None:
     """The live version of a collection: count, index type, recall@10, model bundle."""
-    from indexer.assemble import read_info
     from indexer.errors import CollectionError
+    from indexer.index_bundle import read_info
     from indexer.versions import current_dir
 
     try:
@@ -288,8 +289,9 @@ def search(
     import numpy as np
 
     from indexer.collection import Collection
-    from indexer.encoder import Encoder
-    from indexer.errors import BundleError, CollectionError, InputError
+    from indexer.errors import CollectionError
+    from runtime.encoder import Encoder
+    from runtime.errors import BundleError, InputError
 
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image query")
@@ -320,7 +322,7 @@ def parse_filters(where: tuple[str, ...]) -> Filter | None:
 
 
 def _echo_info(root: Path, collection: str, what: str) -> None:
-    from indexer.assemble import read_info
+    from indexer.index_bundle import read_info
     from indexer.versions import current_dir, current_version
 
     info = read_info(current_dir(root, collection))

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from indexer.assemble import DELETED, IndexInfo, read_info, segment_file_key
 from indexer.digests import check_file
 from indexer.errors import CollectionError
 from indexer.faiss_index import to_serving_device
 from indexer.filters import Filter
+from indexer.index_bundle import DELETED, IndexInfo, read_info, segment_file_key
 from indexer.metadata import Item
 from indexer.segments import (
     SEGMENT_IDS,

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexer.assemble import FORMAT_VERSION, IndexInfo
 from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
+from indexer.index_bundle import FORMAT_VERSION, SEGMENTS, IndexInfo
 from indexer.segments import (
     SegmentInfo,
     index_fields,
@@ -44,7 +44,7 @@ from indexer.segments import (
     write_segment,
 )
 from indexer.update import commit
-from indexer.versions import SEGMENTS, current_version, segments_dir, staging
+from indexer.versions import current_version, segments_dir, staging
 
 _CHANGED = (
     "collection {collection!r} changed under the compaction (another compaction published "

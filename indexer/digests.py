@@ -22,8 +22,8 @@ from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from indexer.bundle import file_sha256
 from indexer.errors import CollectionError
+from runtime.bundle import file_sha256
 
 # Files this large are trusted on size and modification time: hashing a million-item
 # segment's 500 MB of vectors would make a replica's cold start read every byte twice.

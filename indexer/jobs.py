@@ -33,11 +33,11 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.worker.base import BaseWorker
 
-from indexer.assemble import read_info
-from indexer.bundle import read_manifest
 from indexer.compaction import CompactionPolicy, compact_collection
+from indexer.index_bundle import read_info
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
+from runtime.bundle import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ What runs where:
   ``builds/<key>/`` the moment its last chunk comes back, so a killed build resumes as the local
   one does and ends with the same shard files (ids, vectors, items, skipped items);
 - CPU tasks (``map_batches``) decode and preprocess chunks with
-  :func:`indexer.build.prepare_chunk`;
+  :func:`indexer.shards.prepare_chunk`;
 - an actor pool (``map_batches`` with a callable class) embeds them: each actor loads one
-  :class:`indexer.encoder.Encoder` once. On a cluster with GPUs there is one actor per GPU
+  :class:`runtime.encoder.Encoder` once. On a cluster with GPUs there is one actor per GPU
   (install ``onnxruntime-gpu`` there); without, actors take one CPU each and the pool grows up
   to half the cluster's CPUs, leaving the rest to decoding. ``COTS_RAY_ENCODERS`` fixes the
   number of actors.
@@ -49,8 +49,8 @@ from typing import Any, Final
 
 from tqdm import tqdm
 
-from indexer.build import (
-    MODALITY,
+from indexer.errors import CollectionError
+from indexer.shards import (
     Progress,
     Record,
     Shard,
@@ -59,11 +59,10 @@ from indexer.build import (
     embed_chunk,
     prepare_chunk,
 )
-from indexer.bundle import BundleManifest, read_manifest
-from indexer.encoder import Encoder
-from indexer.errors import CollectionError
-from indexer.spec import ImageSpec, VideoSpec
-from indexer.spec_index import BuildSpec, CorpusKind
+from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
+from runtime.bundle import BundleManifest, read_manifest
+from runtime.encoder import Encoder
+from runtime.spec import ImageSpec, VideoSpec
 
 try:
     import pyarrow as pa

@@ -4,11 +4,19 @@ and the Ray engine all take, so a job queued in Redis is the same JSON a command
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.bundle import Modality
+
 CorpusKind = Literal["image", "caption", "video"]
+# What a collection of each kind embeds: images, captions (text) or videos.
+MODALITY: Final[dict[CorpusKind, Modality]] = {
+    "image": "image",
+    "caption": "text",
+    "video": "video",
+}
 
 
 class BuildSpec(BaseModel):

@@ -24,18 +24,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from indexer.assemble import DELETED, IndexInfo, read_info, seal
-from indexer.build import STRIDE, ShardEncoder, list_records, skipped_summary
-from indexer.bundle import read_manifest
+from indexer.assemble import seal
 from indexer.collection import Collection
-from indexer.encoder import Encoder
 from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
 from indexer.filters import Filter, as_filter
+from indexer.index_bundle import DELETED, SEGMENTS, IndexInfo, read_info
 from indexer.metadata import Item
 from indexer.segments import index_fields, new_segment_id, write_segment
+from indexer.shards import STRIDE, ShardEncoder, list_records, skipped_summary
 from indexer.spec_index import BuildSpec
-from indexer.versions import SEGMENTS, current_dir, locked, publish, reserve_numbers, staging
+from indexer.versions import current_dir, locked, publish, reserve_numbers, staging
+from runtime.bundle import read_manifest
+from runtime.encoder import Encoder
 
 
 def _writable_info(info: IndexInfo, folder: Path) -> None:

@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from indexer.errors import CollectionError
+from indexer.index_bundle import SEGMENTS
 
 VERSIONS = "versions"
-SEGMENTS = "segments"
 CURRENT = "current"
 _DIGITS = 6
 STALE_STAGING_S = 24 * 3600  # the longest a build or compaction job may run (jobs.JOB_TIMEOUT_S)

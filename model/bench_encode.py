@@ -100,10 +100,10 @@ def encode_bench(
     fp32's. Texts: the split's captions, 16-token queries and texts that fill the context."""
     import torch
 
-    from indexer.encoder import Encoder
-    from indexer.errors import BundleError
     from model.errors import ModelError
     from model.eval_splits import load_named_split
+    from runtime.encoder import Encoder
+    from runtime.errors import BundleError
 
     if (checkpoint is None) == (model_name is None or pretrained is None):
         raise click.UsageError("give --checkpoint, or --model with --pretrained (not both)")
@@ -201,7 +201,7 @@ class _RuntimeSide:
         self.encoder = encoder
 
     def pixels(self, images: list[Any]) -> np.ndarray:
-        from indexer.images import preprocess_images
+        from runtime.images import preprocess_images
 
         return preprocess_images(images, self.encoder.manifest.image)
 

@@ -232,9 +232,9 @@ def export(
     and context length of the model and its weights, and checks on corpus items only with
     --corpus.
     """
-    from indexer.bundle import read_manifest
     from model.errors import ModelError
     from model.export import ExportOptions, export_bundle, export_pretrained
+    from runtime.bundle import read_manifest
 
     zero_shot = model_name is not None or pretrained is not None or tokenizer is not None
     if checkpoint is not None and zero_shot:

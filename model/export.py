@@ -1,7 +1,7 @@
 """``cots export``: a training checkpoint -> a model bundle that serving runs without torch.
 
 The bundle holds ``image.onnx``, ``text.onnx`` and ``video.onnx`` (fp32, fp16 copies, int8 on
-request), ``tokenizer.json`` and ``bundle.json`` (see ``indexer.bundle``). The export checks
+request), ``tokenizer.json`` and ``bundle.json`` (see ``runtime.bundle``). The export checks
 itself before it publishes anything: the ONNX checker, then the bundle is loaded by the
 serving runtime and its embeddings compared with the torch model's, on random inputs and on
 items of the training corpus (decoded, tokenised and preprocessed by each side's own code).
@@ -28,21 +28,8 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from indexer.bundle import (
-    INPUT_NAMES,
-    MODALITIES,
-    OUTPUT_NAME,
-    Modality,
-    Precision,
-    write_manifest,
-)
-from indexer.encoder import Encoder
-from indexer.errors import BundleError
-from indexer.spec import ImageSpec, TextSpec, VideoSpec
-from indexer.text import TextTokenizer
-from indexer.video import load_video
 from model.config import TrainConfig
-from model.data.readers import BadItemError, read_video
+from model.data.readers import BadItemError
 from model.data.records import CorpusError
 from model.errors import ModelError
 from model.eval_splits import towers_from_checkpoint
@@ -53,6 +40,20 @@ from model.tokenizer import tokenize
 from model.training_data import csv_reader
 from model.video import TemporalPooling
 from model.video_data import video_csv_reader
+from runtime.bundle import (
+    INPUT_NAMES,
+    MODALITIES,
+    OUTPUT_NAME,
+    Modality,
+    Precision,
+    write_manifest,
+)
+from runtime.encoder import Encoder
+from runtime.errors import BundleError, VideoDecodeError
+from runtime.spec import ImageSpec, TextSpec, VideoSpec
+from runtime.text import TextTokenizer
+from runtime.video import load_video
+from runtime.video_decode import read_video
 
 logger = logging.getLogger("cots.export")
 
@@ -492,7 +493,7 @@ def _corpus_cases(
             captions = [s.captions[0] for s in samples]
             images = [s.image for s in samples]
             videos = []
-    except (CorpusError, BadItemError) as error:
+    except (CorpusError, BadItemError, VideoDecodeError) as error:
         raise ExportError(f"cannot read corpus {corpus} for the parity check: {error}") from None
     if not captions:
         raise ExportError(f"corpus {corpus} has no usable items for the parity check")

@@ -1,7 +1,7 @@
 """open_clip's text tokenizer as a Hugging Face ``tokenizers`` ``tokenizer.json`` (export time).
 
 The file reproduces ``open_clip.SimpleTokenizer`` token for token on text that has been through
-open_clip's ftfy + HTML cleaning (``indexer.text`` does that cleaning in Python first); on text
+open_clip's ftfy + HTML cleaning (``runtime.text`` does that cleaning in Python first); on text
 that cleaning leaves alone, the file alone is enough (see ``tests/test_tokenizer_parity.py`` for
 the few documented exceptions).
 

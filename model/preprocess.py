@@ -13,8 +13,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from model.config import PreprocessConfig
-from model.data.images import to_rgb
 from model.errors import ModelError
+from runtime.image_decode import to_rgb
 
 _INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -40,7 +40,7 @@ def image_pixels(config: PreprocessConfig) -> transforms.Compose:
         raise ModelError("preprocess.image_size is unset; resolve it from the model first")
     return transforms.Compose(
         [
-            # Shared with the serving side (indexer.images): one definition of the modes.
+            # Shared with the serving side (runtime.images): one definition of the modes.
             transforms.Lambda(to_rgb),
             transforms.Resize(size, interpolation=_INTERPOLATION[config.interpolation]),
             transforms.CenterCrop(size),

@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, VideoCsvReader
-from model.data.readers.video_csv import segment_centres
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
 from model.evaluate import embed_captions, retrieval_metrics
 from model.preprocess import _INTERPOLATION, normalise_pixels
 from model.training_data import caption_tensors
+from runtime.video_decode import segment_centres
 
 logger = logging.getLogger("cots.train")
 

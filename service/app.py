@@ -9,13 +9,13 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 from importlib.resources import files
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.staticfiles import StaticFiles
 
-from cots import __version__
 from service.api import clip_retrieval, collections, embed, health, page, search
 from service.api.docs import install_docs
 from service.errors import install_error_handlers
@@ -32,6 +32,15 @@ image → captions, image → similar images, with a two-tower COTS model (ONNX 
 Writes (add/remove items) need an API key with scope `write`, re-index jobs scope `admin`,
 in the `X-API-Key` header. Every error is `{"error": {"status", "code", "message"}}`.
 """
+
+
+def _installed_version() -> str:
+    """The distribution's version (written once, in pyproject.toml); the service imports
+    nothing of the ``cots`` command above it."""
+    try:
+        return version("cots-search")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 
 def freeze_startup_heap() -> None:
@@ -64,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="COTS Search",
-        version=__version__,
+        version=_installed_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         # Served from the package by install_docs: FastAPI's own pages need a CDN.

@@ -60,7 +60,7 @@ from service.load_wrk import (
 )
 
 if TYPE_CHECKING:
-    from indexer.encoder import Encoder
+    from runtime.encoder import Encoder
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 CASES: Final = ("healthz", "batch-miss", "batch-hit", "nobatch-miss", "nobatch-hit")
@@ -159,12 +159,13 @@ class BenchCollection:
 def ensure_collection(bundle: Path, work: Path, items: int, seed: int) -> BenchCollection:
     """The bench collection under ``work/indices``: the live version when it was made for this
     bundle, count and seed, else a new one (random unit vectors, real items), published."""
-    from indexer.assemble import IndexInfo, read_info, write_version
+    from indexer.assemble import write_version
     from indexer.bench_index import Mixture
-    from indexer.bundle import read_manifest
     from indexer.faiss_index import choose_factory
+    from indexer.index_bundle import IndexInfo, read_info
     from indexer.metadata import Item
     from indexer.versions import current_dir, current_version, publish, staging
+    from runtime.bundle import read_manifest
 
     manifest = read_manifest(bundle)
     root = work / "indices"
@@ -355,7 +356,7 @@ def _in_process_child(
     import faiss
 
     from indexer.collection import Collection
-    from indexer.encoder import Encoder
+    from runtime.encoder import Encoder
     from service.settings import BatchSettings
 
     threads = config.threads or len(cores)
@@ -471,7 +472,7 @@ def cache_backend(redis_url: str | None) -> str:
 
 def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
     """Every step of the bench; returns the results (what ``--json`` writes)."""
-    from indexer.bundle import read_manifest
+    from runtime.bundle import read_manifest
 
     unknown = sorted(set(config.cases) - set(CASES))
     if unknown:

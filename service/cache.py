@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from indexer.text import clean_lower
+from runtime.text import clean_lower
 from service.metrics import Metrics
 from service.redis_link import RedisLink
 

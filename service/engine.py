@@ -26,10 +26,11 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from indexer.collection import Collection, Hit
-from indexer.encoder import Encoder
 from indexer.filters import Filter, as_filter
-from indexer.images import ACCEPTED_FORMATS, preprocess_images
-from model.data.images import ImageDecodeError, decode_image
+from runtime.encoder import Encoder
+from runtime.errors import ImageDecodeError
+from runtime.image_decode import decode_image
+from runtime.images import ACCEPTED_FORMATS, preprocess_images
 from service.batching import Batcher
 from service.cache import EmbeddingCache, cache_key
 from service.errors import ApiError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import faiss
 
-from indexer.encoder import Encoder
+from runtime.encoder import Encoder
 from service.cache import EmbeddingCache
 from service.engine import QueryEngine
 from service.jobs import JobRunner

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cots.cli import cli as main
-from indexer.text import clean_lower
+from runtime.text import clean_lower
 from service.bench_load import scrape
 from service.bench_serve import (
     CASES,

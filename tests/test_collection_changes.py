@@ -27,12 +27,13 @@ from hypothesis import strategies as st
 
 import indexer.compaction as compaction
 import indexer.digests as digests
-from indexer.assemble import IndexInfo, read_info, write_version
+from indexer.assemble import write_version
 from indexer.bench_updates import updates_bench
 from indexer.collection import Collection, missing_files
 from indexer.compaction import CompactionPolicy, compact_collection, plan
 from indexer.digests import check_file
 from indexer.errors import CollectionError
+from indexer.index_bundle import IndexInfo, read_info
 from indexer.metadata import Item
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import (

@@ -21,10 +21,6 @@ import torch
 from click.testing import CliRunner
 
 from cots.cli import cli
-from indexer import encoder as encoder_module
-from indexer.bundle import MANIFEST, Precision, read_manifest
-from indexer.encoder import Encoder
-from indexer.errors import BundleError, InputError
 from model.data.synth import SynthConfig, generate_corpus
 from model.eval_splits import towers_from_checkpoint
 from model.export import ExportError, ExportOptions, export_bundle
@@ -32,6 +28,10 @@ from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
 from model.training_data import load_split
 from model.video_data import VideoPairDataset, load_video_split
+from runtime import encoder as encoder_module
+from runtime.bundle import MANIFEST, Precision, read_manifest
+from runtime.encoder import Encoder
+from runtime.errors import BundleError, InputError
 from tests.micro import train_micro
 
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def test_runtime_never_imports_torch(
     code = f"""
 import sys
 import indexer, service
-from indexer.encoder import Encoder
+from runtime.encoder import Encoder
 texts = Encoder({str(image_bundle)!r}).encode_texts(["a red circle", "a blue square"])
 images = Encoder({str(image_bundle)!r}).encode_images([__import__("pathlib").Path({str(image)!r})])
 videos = Encoder({str(video_bundle)!r}).encode_videos([{str(video)!r}])

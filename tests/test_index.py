@@ -16,15 +16,15 @@ import pytest
 from click.testing import CliRunner
 
 from cots.cli import cli
-from indexer.assemble import read_info
 from indexer.build import build_collection
 from indexer.collection import Collection
 from indexer.compaction import compact_collection
-from indexer.encoder import Encoder
 from indexer.errors import CollectionError
+from indexer.index_bundle import read_info
 from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions
 from model.data.synth import SynthConfig, generate_corpus
+from runtime.encoder import Encoder
 from tests.micro import build_spec
 from tests.versions import version_content
 
@@ -102,12 +102,13 @@ def test_a_killed_build_resumes_to_the_same_index(
     code = (
         "import sys, time\n"
         "import indexer.build as b\n"
+        "from indexer.shards import ShardEncoder\n"
         "from indexer.spec_index import BuildSpec\n"
-        "original = b.ShardEncoder.encode\n"
+        "original = ShardEncoder.encode\n"
         "def slow(self, *a, **k):\n"
         "    time.sleep(0.3)\n"
         "    return original(self, *a, **k)\n"
-        "b.ShardEncoder.encode = slow\n"
+        "ShardEncoder.encode = slow\n"
         "b.build_collection(BuildSpec.model_validate_json(sys.argv[1]))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code, killed.model_dump_json()])

@@ -27,7 +27,6 @@ from click.testing import CliRunner
 from rq import Queue, SimpleWorker
 from rq.registry import StartedJobRegistry
 
-from indexer.bundle import read_manifest
 from indexer.collection import missing_files
 from indexer.compaction import compact_collection
 from indexer.jobs import (
@@ -47,6 +46,7 @@ from indexer.update import remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions, version_dir
 from indexer.worker_cli import worker
 from model.data.synth import SynthConfig, generate_corpus
+from runtime.bundle import read_manifest
 from tests.versions import version_content, version_files
 
 pytestmark = pytest.mark.slow

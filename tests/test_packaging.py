@@ -15,7 +15,7 @@ def test_serving_side_packages_never_import_torch() -> None:
         "import sys\n"
         "import model, model.data, model.data.readers, model.data.synth, model.data.writers\n"
         "import indexer, service, cots.cli\n"
-        "import indexer.encoder, indexer.build, indexer.collection, indexer.update\n"
+        "import runtime, runtime.encoder, indexer.build, indexer.collection, indexer.update\n"
         "import indexer.cli, indexer.jobs, indexer.worker_cli, indexer.faiss_index\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"

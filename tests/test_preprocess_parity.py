@@ -3,7 +3,7 @@
 Real files of many sizes, modes and formats go through both paths: training's
 (``model.data.readers.load_image`` + ``model.preprocess.image_transform``, and
 ``load_video_split`` + ``VideoPairDataset`` for videos) and the indexer's
-(``indexer.images`` / ``indexer.video``); the normalised pixels must agree to 1e-5.
+(``runtime.images`` / ``runtime.video``); the normalised pixels must agree to 1e-5.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from av.video.stream import VideoStream
 from PIL import Image
 from torchvision.transforms.functional import _compute_resized_output_size
 
-from indexer.errors import InputError
-from indexer.images import load_image, preprocess_frames, preprocess_images, resized_size
-from indexer.spec import ImageSpec, VideoSpec
-from indexer.video import load_video
 from model.config import DataConfig, PreprocessConfig
-from model.data.images import ImageDecodeError, decode_image, to_rgb
 from model.data.readers import BadItemError
 from model.data.readers import load_image as train_load_image
 from model.data.records import ImageRecord
 from model.preprocess import image_transform
 from model.video_data import VideoPairDataset, load_video_split
+from runtime.errors import ImageDecodeError, InputError
+from runtime.image_decode import decode_image, to_rgb
+from runtime.images import load_image, preprocess_frames, preprocess_images, resized_size
+from runtime.spec import ImageSpec, VideoSpec
+from runtime.video import load_video
 
 TOLERANCE = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -478,6 +478,6 @@ def test_bad_videos_are_refused(tmp_path: Path) -> None:
 
 
 def test_the_serving_modules_never_import_torch() -> None:
-    code = "import sys, indexer.images, indexer.video; assert 'torch' not in sys.modules"
+    code = "import sys, runtime.images, runtime.video; assert 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import ray
 
-from indexer.assemble import read_info
-from indexer.build import Shard, build_collection, encode_shards_locally, list_records
+from indexer.build import build_collection
+from indexer.index_bundle import read_info
 from indexer.ray_engine import encode_shards_with_ray
+from indexer.shards import Shard, encode_shards_locally, list_records
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from model.data.synth import SynthConfig, generate_corpus

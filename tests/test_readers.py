@@ -30,11 +30,12 @@ from model.data.readers import (
     expand_braces,
     load_image,
     open_image_corpus,
-    read_video,
 )
 from model.data.records import CorpusError, ImageRecord, ImageSample
 from model.data.synth import SynthConfig, generate_corpus
 from model.data.writers import write_csv, write_folder, write_karpathy, write_webdataset
+from runtime.errors import VideoDecodeError
+from runtime.video_decode import read_video
 
 CAPTIONS = (
     "a red square",
@@ -634,7 +635,7 @@ def test_read_video_sampling(video_corpus: Path) -> None:
     twelve, _, _ = read_video(path, num_frames=12)  # shorter than asked: frames repeat
     expected = np.linspace(0, 7, 12).round().astype(int)
     assert nearest_colours(twelve) == [ORDERS["v2"][i] for i in expected]
-    with pytest.raises(BadItemError) as info:
+    with pytest.raises(VideoDecodeError) as info:
         read_video(video_corpus / "clips" / "corrupt.mp4")
     assert info.value.reason == "corrupt video"
 

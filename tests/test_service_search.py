@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.encoder import Encoder
+from runtime.encoder import Encoder
 from service.settings import Settings
 from tests.live_server import LiveServer, live_server
 from tests.service_helpers import b64, corpus_images

@@ -176,7 +176,7 @@ def test_captions_are_true_to_the_pixels(corpus: Path) -> None:
 
 def test_video_captions_follow_time_order(corpus: Path) -> None:
     """A video captioned as moving right has its object further right at the end, and back."""
-    from model.data.readers.video_csv import read_video
+    from runtime.video_decode import read_video
 
     checked = 0
     for row in read_rows(corpus / "videos.csv"):

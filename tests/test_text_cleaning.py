@@ -9,7 +9,7 @@ import ftfy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer.text import clean_lower
+from runtime.text import clean_lower
 
 
 def full_cleaning(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The exported ``tokenizer.json`` (with ``indexer.text``) equals open_clip's tokenizer exactly.
+"""The exported ``tokenizer.json`` (with ``runtime.text``) equals open_clip's tokenizer exactly.
 
 The corpus is generated from a fixed seed: every class of input the training tokenizer treats
 specially (cleaning, its split pattern, special-token strings, truncation) and every script.
@@ -30,9 +30,6 @@ import torch
 from open_clip.tokenizer import bytes_to_unicode
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
-from indexer.errors import BundleError, InputError
-from indexer.spec import TextSpec
-from indexer.text import TextTokenizer
 from model.hf_tokenizer import (
     EOT_ID,
     SOT_ID,
@@ -41,6 +38,9 @@ from model.hf_tokenizer import (
     write_tokenizer_json,
 )
 from model.tokenizer import get_tokenizer, tokenize
+from runtime.errors import BundleError, InputError
+from runtime.spec import TextSpec
+from runtime.text import TextTokenizer
 
 torch.set_num_threads(1)
 
@@ -720,7 +720,7 @@ def test_decoder_matches_open_clip(json_paths: dict[int, Path]) -> None:
 
 
 def test_indexer_text_is_torch_free() -> None:
-    code = "import sys, indexer.text; assert not {'torch', 'open_clip'} & set(sys.modules)"
+    code = "import sys, runtime.text; assert not {'torch', 'open_clip'} & set(sys.modules)"
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
         [sys.executable, "-c", code],

@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from model.config import DataConfig, PreprocessConfig
-from model.data.readers import read_video
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
 from model.preprocess import image_transform
@@ -31,6 +30,7 @@ from model.video_data import (
     load_video_split,
     sample_frame_indices,
 )
+from runtime.video_decode import read_video
 
 SIDE = 32  # frame side of the synthetic videos
 FRAMES = 16  # frames per synthetic video

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer.assemble import read_info
 from indexer.collection import Collection
+from indexer.index_bundle import read_info
 from indexer.versions import segments_dir
 
 

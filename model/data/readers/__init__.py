@@ -14,7 +14,7 @@ from model.data.readers.base import BadItemError, CorpusReader, ImageReader, loa
 from model.data.readers.csv_reader import CsvImageReader, GroupedCsv
 from model.data.readers.folder import FolderImageReader
 from model.data.readers.karpathy import KarpathyImageReader
-from model.data.readers.video_csv import VideoCsvReader, read_video, sample_indices
+from model.data.readers.video_csv import VideoCsvReader
 from model.data.readers.webdataset import WebDatasetImageReader, expand_braces, is_shard_pattern
 from model.data.records import CorpusError
 
@@ -31,8 +31,6 @@ __all__ = [
     "expand_braces",
     "load_image",
     "open_image_corpus",
-    "read_video",
-    "sample_indices",
 ]
 
 ACCEPTED_FORMS = (

@@ -15,8 +15,9 @@ from typing import Generic, Protocol, TypeVar
 
 from PIL import Image
 
-from model.data.images import ImageDecodeError, decode_image
 from model.data.records import ImageRecord, ImageSample, SkipReport
+from runtime.errors import ImageDecodeError
+from runtime.image_decode import decode_image
 
 logger = logging.getLogger("cots.data")
 

@@ -18,8 +18,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from indexer.errors import BundleError
-from indexer.spec import ImageSpec, TextSpec, VideoSpec
+from runtime.errors import BundleError
+from runtime.spec import ImageSpec, TextSpec, VideoSpec
 
 FORMAT: Final = "cots-model-bundle"
 FORMAT_VERSION: Final = 1

@@ -16,8 +16,8 @@ import numpy.typing as npt
 from tokenizers import Tokenizer, normalizers
 from tokenizers.normalizers import Normalizer
 
-from indexer.errors import BundleError, InputError
-from indexer.spec import TextSpec
+from runtime.errors import BundleError, InputError
+from runtime.spec import TextSpec
 
 # The shortest encoding is [sot, eot]: an empty batch has that width when padding is trimmed.
 _MIN_LENGTH = 2

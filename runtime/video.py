@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.errors import InputError
-from indexer.images import preprocess_frames
-from indexer.spec import ImageSpec, VideoSpec
-from model.data.readers.base import BadItemError
-from model.data.readers.video_csv import read_video, sample_indices, segment_centres
+from runtime.errors import InputError, VideoDecodeError
+from runtime.images import preprocess_frames
+from runtime.spec import ImageSpec, VideoSpec
+from runtime.video_decode import read_video, sample_indices, segment_centres
 
 
 def load_video(path: Path, video: VideoSpec, image: ImageSpec) -> np.ndarray:
@@ -27,12 +26,12 @@ def load_video(path: Path, video: VideoSpec, image: ImageSpec) -> np.ndarray:
     path = Path(path)
     try:
         frames, _fps, _seconds = read_video(path, video.decode_frames)
-    except BadItemError as error:
+    except VideoDecodeError as error:
         raise InputError(f"{path}: {error.reason}{_detail(error, path)}") from error
     return preprocess_frames(frames[segment_centres(len(frames), video.frames)], image)
 
 
-def _detail(error: BadItemError, path: Path) -> str:
+def _detail(error: VideoDecodeError, path: Path) -> str:
     # The reader's detail usually starts with the path, which the message already names.
     detail = error.detail.removeprefix(str(path)).removeprefix(": ")
     return f": {detail}" if detail else ""
@@ -48,7 +47,7 @@ def load_video_segments(
     path = Path(path)
     try:
         frames, fps, seconds = read_video(path)
-    except BadItemError as error:
+    except VideoDecodeError as error:
         raise InputError(f"{path}: {error.reason}{_detail(error, path)}") from error
     count = len(frames)
     # read_video(path, decode_frames) keeps these frames; then training's segment centres.

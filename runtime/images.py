@@ -1,7 +1,7 @@
 """Images (and decoded video frames) to model inputs with NumPy + Pillow, as training does.
 
 The pixels match ``model.preprocess.image_transform`` (torchvision on PIL images) to float
-rounding: the same decoding and mode handling (``model.data.images``), the same resize size
+rounding: the same decoding and mode handling (``runtime.image_decode``), the same resize size
 and filter, the same crop offsets, the same float32 arithmetic. Torch-free.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.errors import InputError
-from indexer.spec import ImageSpec
-from model.data.images import ImageDecodeError, decode_image, to_rgb
+from runtime.errors import ImageDecodeError, InputError
+from runtime.image_decode import decode_image, to_rgb
+from runtime.spec import ImageSpec
 
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 # What the runtime decodes: common web and camera formats, and none of Pillow's decoders that

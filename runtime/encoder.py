@@ -17,17 +17,17 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from indexer.bundle import (
+from runtime.bundle import (
     INPUT_NAMES,
     BundleManifest,
     Modality,
     Precision,
     read_manifest,
 )
-from indexer.errors import BundleError
-from indexer.images import load_image, preprocess_images
-from indexer.text import TextTokenizer, check_texts
-from indexer.video import load_video
+from runtime.errors import BundleError
+from runtime.images import load_image, preprocess_images
+from runtime.text import TextTokenizer, check_texts
+from runtime.video import load_video
 
 logger = logging.getLogger("cots.encoder")
 

@@ -12,23 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from runtime.errors import ImageDecodeError
+
 # Greyscale modes whose samples are wider than 8 bits: Pillow's own convert("RGB") clips them
 # at 255, which turns most of a 16-bit image white.
 _WIDE_INTEGER_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _WHITE = (255, 255, 255, 255)
-
-
-class ImageDecodeError(ValueError):
-    """Bytes that cannot become an image; ``reason`` is a short category, ``detail`` the rest.
-
-    Reasons: "corrupt image" (not an image, or undecodable), "truncated image" (data ends
-    early) and "image too large" (over the pixel limit).
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def decode_image(

@@ -1,0 +1,359 @@
+"""The encoding half of a build: a corpus listed into records, cut into shards, and each shard
+decoded (in worker processes) and encoded (here) into ids, vectors and metadata rows.
+
+``indexer.build`` runs it (or ``indexer.ray_engine``'s Ray pipeline, which reuses its chunking,
+preparing and embedding) and hands the saved shards to ``indexer.assemble``; ``indexer.update``
+encodes an add with the same :class:`ShardEncoder`.
+
+Item ids are ``record index * stride + sub-index``: an image is its record index; a caption
+adds its position among the image's captions (stride 1,024); a video is 0 and its segments
+1, 2, ... (stride 1,000,000). Ids thus never depend on which other items decoded, which is what
+lets shards be built, resumed and appended independently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+from tqdm import tqdm
+
+from indexer.errors import CollectionError
+from indexer.metadata import Item
+from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
+from model.data.readers import (
+    BadItemError,
+    ImageReader,
+    VideoCsvReader,
+    load_image,
+    open_image_corpus,
+)
+from model.data.records import CorpusError, ImageRecord, VideoRecord
+from runtime.bundle import Modality
+from runtime.encoder import Encoder
+from runtime.errors import InputError
+from runtime.images import preprocess_images
+from runtime.spec import ImageSpec, VideoSpec
+from runtime.video import load_video_segments
+
+logger = logging.getLogger("cots.index")
+
+STRIDE: Final[dict[CorpusKind, int]] = {"image": 1, "caption": 1024, "video": 1_000_000}
+Progress = Callable[[int, int, str], None]
+Record = ImageRecord | VideoRecord
+
+
+@dataclass
+class Chunk:
+    """Items of consecutive records ready for the encoder (inputs aligned with items)."""
+
+    items: list[Item] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)  # pixels [3,S,S], frames [T,3,S,S] or texts
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+
+
+# Listing ----------------------------------------------------------------------------------------
+
+
+def list_records(spec: BuildSpec) -> tuple[list[Record], dict[str, int]]:
+    """Every usable record of the corpus (split applied) in corpus order, and the items the
+    listing itself skipped (missing files, empty captions, ...) per reason."""
+    try:
+        reader: VideoCsvReader | ImageReader
+        if spec.kind == "video":
+            reader = VideoCsvReader(spec.corpus, split=spec.split, num_frames=None)
+        else:
+            reader = open_image_corpus(spec.corpus, split=spec.split)
+        records: list[Record] = list(reader.records())
+    except CorpusError as error:
+        raise CollectionError(f"cannot read corpus {spec.corpus}: {error}") from None
+    return records, dict(reader.report.skipped)
+
+
+# Preparing chunks (runs in worker processes) ------------------------------------------------------
+
+
+def prepare_chunk(
+    kind: CorpusKind,
+    numbered: Sequence[tuple[int, Record]],
+    image: ImageSpec,
+    video: VideoSpec,
+    segment_seconds: float,
+) -> Chunk:
+    """Decode and preprocess records (numbered by their record index) into encoder inputs."""
+    chunk = Chunk()
+    for number, record in numbered:
+        try:
+            if kind == "image":
+                _prepare_image(chunk, number, record, image)
+            elif kind == "caption":
+                _prepare_captions(chunk, number, record)
+            else:
+                _prepare_video(chunk, number, record, image, video, segment_seconds)
+        except (BadItemError, InputError) as error:
+            chunk.skipped.append((record.uri, str(error)))
+    return chunk
+
+
+def _metadata(record: Record) -> dict[str, Any]:
+    return {"split": record.split} if record.split else {}
+
+
+def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) -> None:
+    assert isinstance(record, ImageRecord)
+    pixels = preprocess_images([load_image(record)], image)[0]
+    caption = record.captions[0] if record.captions else None
+    chunk.items.append(
+        Item(
+            id=number,
+            kind="image",
+            uri=record.uri,
+            caption=caption,
+            group_id=record.group_id,
+            metadata=_metadata(record),
+        )
+    )
+    chunk.inputs.append(pixels)
+
+
+def _prepare_captions(chunk: Chunk, number: int, record: Record) -> None:
+    if len(record.captions) > STRIDE["caption"]:
+        raise BadItemError("too many captions", f"{len(record.captions)} > {STRIDE['caption']}")
+    for position, caption in enumerate(record.captions):
+        chunk.items.append(
+            Item(
+                id=number * STRIDE["caption"] + position,
+                kind="caption",
+                uri=record.uri,
+                caption=caption,
+                group_id=record.group_id,
+                metadata=_metadata(record),
+            )
+        )
+        chunk.inputs.append(caption)
+
+
+def _prepare_video(
+    chunk: Chunk,
+    number: int,
+    record: Record,
+    image: ImageSpec,
+    video: VideoSpec,
+    segment_seconds: float,
+) -> None:
+    assert isinstance(record, VideoRecord)
+    whole, segments, seconds = load_video_segments(record.path, video, image, segment_seconds)
+    if len(segments) >= STRIDE["video"]:
+        raise BadItemError("too long", f"{len(segments)} segments")
+    base = number * STRIDE["video"]
+    caption = record.captions[0] if record.captions else None
+    common = {"uri": record.uri, "group_id": record.group_id, "metadata": _metadata(record)}
+    chunk.items.append(
+        Item(id=base, kind="video", caption=caption, start_s=0.0, end_s=seconds, **common)
+    )
+    chunk.inputs.append(whole)
+    if len(segments) == 1:
+        return  # one segment spanning the video would only repeat it in every result list
+    for position, (start, end, frames) in enumerate(segments, start=1):
+        chunk.items.append(
+            Item(
+                id=base + position, kind="segment", caption=None, start_s=start, end_s=end, **common
+            )
+        )
+        chunk.inputs.append(frames)
+
+
+# Encoding shards --------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    ids: np.ndarray  # int64 [N]
+    vectors: np.ndarray  # float32 [N, D]
+    items: list[Item]
+    skipped: list[tuple[str, str]]
+
+    def save(self, path: Path) -> None:
+        """Atomically: a shard file exists only once it is complete."""
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as file:
+            np.savez(
+                file,
+                ids=self.ids,
+                vectors=self.vectors,
+                items=np.array(json.dumps([item.model_dump() for item in self.items])),
+                skipped=np.array(json.dumps(self.skipped)),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Shard:
+        with np.load(path) as data:
+            items = [Item.model_validate(i) for i in json.loads(str(data["items"]))]
+            skipped = [tuple(s) for s in json.loads(str(data["skipped"]))]
+            return cls(data["ids"], data["vectors"], items, skipped)  # type: ignore[arg-type]
+
+    @classmethod
+    def join(cls, parts: Sequence[Shard], dim: int) -> Shard:
+        """One shard from consecutive parts (chunks) in record order; logs their skipped items."""
+        items = [item for part in parts for item in part.items]
+        skipped = [entry for part in parts for entry in part.skipped]
+        for uri, reason in skipped:
+            logger.warning("skipped %s (%s)", uri, reason)
+        vectors = [part.vectors for part in parts if part.items]
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        return cls(np.array([item.id for item in items], dtype=np.int64), stacked, items, skipped)
+
+
+def chunk_records(
+    spec: BuildSpec, numbered: Sequence[tuple[int, Record]]
+) -> list[Sequence[tuple[int, Record]]]:
+    """The chunks both engines cut a shard into: a batch of records (an eighth for videos,
+    whose segments multiply the inputs)."""
+    size = max(1, spec.batch_size // (8 if spec.kind == "video" else 1))
+    return [numbered[i : i + size] for i in range(0, len(numbered), size)]
+
+
+def embed_chunk(encoder: Encoder, modality: Modality, chunk: Chunk, batch_size: int) -> Shard:
+    """A chunk's embeddings as a (partial) shard, the model called ``batch_size`` at a time."""
+    if not chunk.items:
+        vectors = np.zeros((0, encoder.dim), np.float32)
+    elif modality == "text":
+        vectors = encoder.encode_texts(chunk.inputs)
+    else:
+        vectors = np.concatenate(
+            [
+                encoder.run(modality, np.stack(chunk.inputs[start : start + batch_size]))
+                for start in range(0, len(chunk.inputs), batch_size)
+            ]
+        )
+    ids = np.array([item.id for item in chunk.items], dtype=np.int64)
+    return Shard(ids, vectors, chunk.items, chunk.skipped)
+
+
+class ShardEncoder:
+    """Turns numbered records into shards: decoding in worker processes, encoding here."""
+
+    def __init__(self, spec: BuildSpec, encoder: Encoder) -> None:
+        self.spec = spec
+        self.encoder = encoder
+        self.modality = MODALITY[spec.kind]
+        manifest = encoder.manifest
+        self._args = (spec.kind, manifest.image, manifest.video, spec.segment_seconds)
+        # Spawned, not forked: the parent holds ONNX Runtime threads, which do not survive fork.
+        self._pool = (
+            multiprocessing.get_context("spawn").Pool(spec.workers)
+            if spec.workers > 0 and spec.kind != "caption"
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def __enter__(self) -> ShardEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _chunks(self, numbered: Sequence[tuple[int, Record]]) -> Iterator[Chunk]:
+        """Prepared chunks in order; with a pool, at most 2 * workers chunks in flight, so
+        decoding runs ahead of encoding without holding a whole shard of pixels."""
+        parts = chunk_records(self.spec, numbered)
+        if self._pool is None:
+            for part in parts:
+                yield prepare_chunk(self._args[0], part, *self._args[1:])
+            return
+        pending: deque[Any] = deque()
+        for part in parts:
+            pending.append(
+                self._pool.apply_async(prepare_chunk, (self._args[0], part, *self._args[1:]))
+            )
+            if len(pending) >= 2 * self.spec.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def encode(self, numbered: Sequence[tuple[int, Record]], bar: tqdm | None = None) -> Shard:
+        parts = []
+        for chunk in self._chunks(numbered):
+            parts.append(embed_chunk(self.encoder, self.modality, chunk, self.spec.batch_size))
+            if bar is not None:
+                bar.update(len({item.uri for item in chunk.items}) + len(chunk.skipped))
+        return Shard.join(parts, self.encoder.dim)
+
+
+# Encoding a build's shards -------------------------------------------------------------------
+
+
+def shard_path(work: Path, index: int) -> Path:
+    return work / f"shard-{index:06d}.npz"
+
+
+def encode_shards_locally(
+    spec: BuildSpec, records: list[Record], work: Path, progress: Progress | None
+) -> list[Path]:
+    """Encode every shard not saved yet; returns all shard paths in order."""
+    numbered = list(enumerate(records))
+    plan = ShardPlan.scan(spec, len(numbered), work)
+    # build_collection has just hashed the bundle's files; hashing them again costs seconds for
+    # a large model and proves nothing new.
+    encoder = Encoder(spec.bundle, batch_size=spec.batch_size, verify=False)
+    bar = tqdm(total=plan.total, initial=plan.done, desc=f"indexing {spec.collection}", unit="item")
+    with bar, ShardEncoder(spec, encoder) as shards:
+        for shard in plan.pending:
+            start, end = plan.bounds(shard)
+            shards.encode(numbered[start:end], bar).save(plan.paths[shard])
+            if progress is not None:
+                progress(end, plan.total, "encoding")
+    return plan.paths
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which shards of a build exist already and which are still to encode."""
+
+    shard_size: int
+    total: int  # records
+    paths: list[Path]  # every shard, in order
+    pending: list[int]  # shards without a file yet
+
+    @classmethod
+    def scan(cls, spec: BuildSpec, total: int, work: Path) -> ShardPlan:
+        count = -(-total // spec.shard_size)
+        paths = [shard_path(work, i) for i in range(count)]
+        pending = [i for i, path in enumerate(paths) if not path.is_file()]
+        plan = cls(spec.shard_size, total, paths, pending)
+        if plan.done:
+            logger.info("resuming: %d of %d records already encoded", plan.done, total)
+        return plan
+
+    def bounds(self, shard: int) -> tuple[int, int]:
+        """Record indices [start, end) of a shard."""
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.total)
+
+    @property
+    def done(self) -> int:
+        """Records in the shards already saved."""
+        return self.total - sum(end - start for start, end in map(self.bounds, self.pending))
+
+
+def skipped_summary(
+    shards: Sequence[Shard], listed: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Skipped items per reason category (the text before the first colon), the listing's
+    skips included."""
+    counts = Counter(listed or {})
+    counts.update(reason.split(":")[0] for shard in shards for _, reason in shard.skipped)
+    return dict(counts)

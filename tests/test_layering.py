@@ -1,0 +1,136 @@
+"""The packages' layers point one way, and no module imports itself round a cycle.
+
+Every ``import`` in the source counts, at module level or inside a function: a function-level
+import delays loading (``cots serve`` never loads torch), it must not hide a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cots", "runtime", "model", "indexer", "service")
+
+# Layer -> the layers it may import. ``model.data`` (torch-free corpus readers) sits below the
+# indexer; the rest of ``model`` is training, which nothing but the ``cots`` command imports.
+ALLOWED: dict[str, set[str]] = {
+    "runtime": set(),
+    "model.data": {"runtime"},
+    "model": {"model.data", "runtime"},
+    "indexer": {"model.data", "runtime"},
+    "service": {"indexer", "model.data", "runtime"},
+    "cots": {"service", "indexer", "model", "model.data", "runtime"},
+}
+
+
+def module_files() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+MODULES = module_files()
+
+
+def _ours(name: str) -> str | None:
+    """The module of ours that ``name`` (a module, or a name inside one) lives in."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(path: Path) -> Iterator[str]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # ``from package import submodule`` depends on the submodule; the package's own
+            # __init__ runs first for any import below it, which is no dependency of ours.
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if (module := _ours(name)) is not None:
+                yield module
+
+
+def graph() -> dict[str, set[str]]:
+    return {name: set(imports_of(path)) - {name} for name, path in MODULES.items()}
+
+
+def layer(module: str) -> str:
+    return "model.data" if module.startswith("model.data") else module.split(".")[0]
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in edges:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_layers_point_one_way() -> None:
+    upward = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph().items()
+        for target in targets
+        if layer(target) != layer(module) and layer(target) not in ALLOWED[layer(module)]
+    )
+    assert upward == []
+
+
+def test_no_module_is_part_of_an_import_cycle() -> None:
+    assert cycles(graph()) == []
+
+
+def test_the_checks_see_what_they_should() -> None:
+    # The two checks above pass on an empty graph too: show they find real edges and cycles.
+    edges = graph()
+    assert "runtime.encoder" in edges["indexer.shards"]
+    assert "indexer.build" in edges["indexer.cli"]  # a function-level import counts
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
