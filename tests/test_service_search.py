@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from indexer.collection import Collection
 from runtime.encoder import Encoder
 from service.settings import Settings
 from tests.live_server import LiveServer, live_server
@@ -243,7 +244,26 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in metrics")
 
 
-def test_concurrent_queries_are_batched_and_answered_separately(server: LiveServer) -> None:
+def _answers_in_process(
+    bundle: Path, index_root: Path, texts: list[str], k: int
+) -> dict[str, list[tuple[int, float]]]:
+    """(id, score) of the top ``k`` images of each text, found without the server: each text
+    encoded alone by the bundle's Encoder and searched alone in the collection, so neither the
+    server's batching nor its embedding cache has a say."""
+    encoder = Encoder(bundle)
+    answers = {}
+    with Collection.open(index_root, "images") as images:
+        for text in texts:
+            [hits] = images.search(encoder.encode_texts([text]), k)
+            answers[text] = [(hit.id, hit.score) for hit in hits]
+    return answers
+
+
+def test_concurrent_queries_are_batched_and_answered_separately(
+    server: LiveServer, micro_bundle: Path, served_root: tuple[Path, Path]
+) -> None:
+    """Queries sent at once share encoder calls, and each still gets the answer of its own
+    text: every answer equals that text encoded and searched alone, in this process."""
     texts = [
         f"a {colour} {shape} number {i}"
         for i, (colour, shape) in enumerate(
@@ -251,33 +271,33 @@ def test_concurrent_queries_are_batched_and_answered_separately(server: LiveServ
         )
     ] * 2
     texts = [f"{text} {i}" for i, text in enumerate(texts)]  # all distinct: no cache hits
+    k = 5
+    expected = _answers_in_process(
+        micro_bundle, served_root[1], texts[:4] + [f"again {t}" for t in texts], k
+    )
+    # A query answered with a neighbour's embedding must show: no two texts share an answer.
+    assert len({tuple(answer) for answer in expected.values()}) == len(expected)
+
+    def check(text: str, answer: list[tuple[int, float]]) -> None:
+        want = expected[text]
+        assert [i for i, _ in answer] == [i for i, _ in want], text
+        np.testing.assert_allclose([s for _, s in answer], [s for _, s in want], atol=1e-5)
+
     with server.client() as client:
-        alone = {
-            t: _ids(client.post("/v1/collections/images/search", json={"text": t, "k": 5}).json())
-            for t in texts[:4]
-        }
-        before = client.get("/metrics").text
 
-        def ask(text: str) -> tuple[str, list[int]]:
-            response = client.post(
-                "/v1/collections/images/search", json={"text": f"again {text}", "k": 5}
-            )
+        def ask(text: str) -> tuple[str, list[tuple[int, float]]]:
+            response = client.post("/v1/collections/images/search", json={"text": text, "k": k})
             assert response.status_code == 200, response.text
-            return text, _ids(response.json())
+            return text, [(hit["id"], hit["score"]) for hit in response.json()["hits"]]
 
+        for text in texts[:4]:  # single queries work too
+            check(*ask(text))
+        before = client.get("/metrics").text
         with ThreadPoolExecutor(len(texts)) as pool:
-            answers = dict(pool.map(ask, texts))
+            answers = dict(pool.map(ask, [f"again {t}" for t in texts]))
         after = client.get("/metrics").text
-        again = {
-            t: _ids(
-                client.post(
-                    "/v1/collections/images/search", json={"text": f"again {t}", "k": 5}
-                ).json()
-            )
-            for t in texts
-        }
-    assert answers == again  # each query got its own answer back, not a neighbour's
-    assert alone  # and single queries work too
+    for text, answer in answers.items():  # each query got its own answer, not a neighbour's
+        check(text, answer)
     calls = _metric(after, 'cots_batch_size_count{batcher="encode"}') - _metric(
         before, 'cots_batch_size_count{batcher="encode"}'
     )
