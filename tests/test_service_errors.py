@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,10 @@ from tests.service_helpers import (
     WRITE_KEY,
     assert_error,
     b64,
+    copy_root,
     corpus_images,
+    wait_for_job,
+    wait_for_version,
 )
 
 SEARCH = "/v1/collections/images/search"
@@ -93,6 +97,8 @@ def test_missing_and_wrong_keys_are_401_and_missing_scopes_403(server: LiveServe
         assert_error(
             client.post(SEARCH, json={"image_url": "http://example.com/a.png"}), 403, "fetch"
         )
+        # No data root here: every path is refused for that (test_paths_that_leave_the_data_root
+        # checks the refusals of a server that has one).
         assert_error(
             client.post(
                 "/v1/collections/images/reindex",
@@ -102,6 +108,72 @@ def test_missing_and_wrong_keys_are_401_and_missing_scopes_403(server: LiveServe
             403,
             "COTS_DATA_ROOT",
         )
+
+
+def test_paths_that_leave_the_data_root_are_403(
+    micro_bundle: Path, served_root: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With a data root set, a re-index corpus or an item path that leaves it (by ``..``, as an
+    absolute path, or through a symlink inside the root) is refused with 403 naming the reason,
+    whether the file exists or not; paths inside the root, symlinks among them, still work."""
+    corpus, root = served_root
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data / "corpus")
+    outside = tmp_path / "outside"  # a whole readable corpus the server must not read
+    shutil.copytree(corpus, outside)
+    outside_image = corpus_images(outside)[0]
+    image = corpus_images(data / "corpus")[0].relative_to(data)
+    (data / "out").symlink_to(outside, target_is_directory=True)
+    (data / "escape.png").symlink_to(outside_image)
+    (data / "inside").symlink_to(data / "corpus", target_is_directory=True)
+    escaping_corpora = [
+        "../outside/images.csv",
+        "corpus/../../outside/images.csv",
+        "../nothing-here.csv",  # refused as outside, not as missing: existence is not told
+        str(outside / "images.csv"),
+        "out/images.csv",
+    ]
+    escaping_items = [
+        "../outside/" + outside_image.relative_to(outside).as_posix(),
+        "corpus/../../outside/" + outside_image.relative_to(outside).as_posix(),
+        str(outside_image),
+        "out/" + outside_image.relative_to(outside).as_posix(),
+        "escape.png",
+    ]
+    settings = Settings(
+        bundle=micro_bundle,
+        index_root=copy_root(root, tmp_path),
+        data_root=data,
+        api_keys=KEYS,
+        rate_limit_per_minute=0,
+    )
+    admin = {"X-API-Key": ADMIN_KEY}
+    reindex, add = "/v1/collections/images/reindex", "/v1/collections/images/items"
+    with live_server(settings) as running, running.client(headers=admin) as client:
+        for path in escaping_corpora:
+            refused = client.post(reindex, json={"corpus": path})
+            assert_error(refused, 403, "outside the data root", path[:40])
+        for path in escaping_items:
+            refused = client.post(add, json={"items": [{"path": path, "caption": "x"}]})
+            assert_error(refused, 403, "outside the data root", path[:40])
+        # One escaping item refuses the whole request, the good items before it included.
+        mixed = [{"path": image.as_posix()}, {"path": "escape.png"}]
+        assert_error(client.post(add, json={"items": mixed}), 403, "outside the data root")
+        assert client.get("/readyz").json()["collections"]["images"] == 1  # nothing ran
+        assert_error(
+            client.post(reindex, json={"corpus": "corpus/nothing-here.csv"}), 400, "not exist"
+        )
+        for body, url in (
+            ({"corpus": "corpus/images.csv"}, reindex),
+            ({"corpus": "inside/images.csv"}, reindex),
+            ({"items": [{"path": image.as_posix(), "caption": "a shape"}]}, add),
+            ({"items": [{"path": "inside/" + image.relative_to("corpus").as_posix()}]}, add),
+        ):
+            started = client.post(url, json=body)
+            assert started.status_code == 202, (body, started.text)
+            job = wait_for_job(client, started.json()["id"], ADMIN_KEY)
+            assert job["status"] == "finished", (body, job)
+        wait_for_version(client, "images", 5)  # each of the four made a version
 
 
 def test_unknown_things_are_404(server: LiveServer) -> None:
