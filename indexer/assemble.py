@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from indexer.digests import file_digest
+from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
 from indexer.index_bundle import DELETED, FORMAT_VERSION, SEGMENTS, IndexInfo, segment_file_key
 from indexer.metadata import Item
@@ -50,7 +51,7 @@ def assemble_version(
     )
     items = [item for shard in shards for item in shard.items]
     if len(ids) == 0:
-        raise ValueError("no item of the corpus could be encoded; see the skipped items above")
+        raise CollectionError("no item of the corpus could be encoded; see the skipped items above")
     if progress is not None:
         progress(len(ids), len(ids), "indexing")
     with staging(spec.root, spec.collection) as staged:

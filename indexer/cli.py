@@ -144,13 +144,15 @@ def add(**options: Any) -> None:
 def _run_spec(action: Callable[[BuildSpec], int], options: dict[str, Any]) -> int:
     """Validate the command's options as a BuildSpec and run ``action`` on it; failures
     become clear command errors."""
-    from indexer.errors import CollectionError
+    from pydantic import ValidationError
+
+    from indexer.errors import IndexerError
     from indexer.spec_index import BuildSpec
-    from runtime.errors import BundleError
+    from runtime.errors import BundleRuntimeError
 
     try:
         return action(BuildSpec.model_validate({k: v for k, v in options.items() if v is not None}))
-    except (BundleError, CollectionError, ValueError) as error:
+    except (IndexerError, BundleRuntimeError, ValidationError) as error:
         raise _fail(error) from None
 
 
@@ -171,14 +173,14 @@ def remove(
     root: Path, collection: str, ids: tuple[int, ...], where: tuple[str, ...], keep_versions: int
 ) -> None:
     """Remove items by id or by field; they never appear in results again."""
-    from indexer.errors import CollectionError
+    from indexer.errors import IndexerError
     from indexer.update import remove_from_collection
 
     try:
         version, count = remove_from_collection(
             root, collection, ids=ids, filters=parse_filters(where), keep_versions=keep_versions
         )
-    except (CollectionError, ValueError) as error:
+    except (IndexerError, ValueError) as error:  # ValueError: no ids and no filter
         raise _fail(error) from None
     _echo_info(root, collection, f"removed {count} items; now version {version}")
 
@@ -224,7 +226,7 @@ def compact(
     one (IVF centroids trained anew when the merged one is large) and publishes a new version.
     A collection built before segments (index format 1) is rewritten whole."""
     from indexer.compaction import CompactionPolicy, compact_collection
-    from indexer.errors import CollectionError
+    from indexer.errors import IndexerError
 
     policy = CompactionPolicy(
         full=full,
@@ -234,7 +236,7 @@ def compact(
     )
     try:
         version = compact_collection(root, collection, keep_versions=keep_versions, policy=policy)
-    except CollectionError as error:
+    except IndexerError as error:
         raise _fail(error) from None
     if version is None:
         _echo_info(root, collection, "nothing to compact (the policy found no segment to merge)")
@@ -248,13 +250,13 @@ def compact(
 @click.option("--json", "as_json", is_flag=True, help="Print index.json of the live version.")
 def info(root: Path, collection: str, as_json: bool) -> None:
     """The live version of a collection: count, index type, recall@10, model bundle."""
-    from indexer.errors import CollectionError
+    from indexer.errors import IndexerError
     from indexer.index_bundle import read_info
     from indexer.versions import current_dir
 
     try:
         folder = current_dir(root, collection)
-    except CollectionError as error:
+    except IndexerError as error:
         raise _fail(error) from None
     if as_json:
         click.echo(read_info(folder).model_dump_json(indent=2))
@@ -289,9 +291,9 @@ def search(
     import numpy as np
 
     from indexer.collection import Collection
-    from indexer.errors import CollectionError
+    from indexer.errors import IndexerError
     from runtime.encoder import Encoder
-    from runtime.errors import BundleError, InputError
+    from runtime.errors import BundleRuntimeError
 
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image query")
@@ -300,7 +302,7 @@ def search(
         queries = [encoder.encode_texts(list(texts)), encoder.encode_images(list(images))]
         with Collection.open(root, collection, bundle_id=encoder.bundle_id) as opened:
             results = opened.search(np.concatenate(queries), k, filters=parse_filters(where))
-    except (BundleError, CollectionError, InputError, ValueError) as error:
+    except (IndexerError, BundleRuntimeError) as error:
         raise _fail(error) from None
     for query, hits in zip([*texts, *map(str, images)], results, strict=True):
         click.echo(f"{query}")

@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from indexer.allowed import AllowedIds
+from indexer.errors import FactoryError, IndexFileError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ def _make(name: str, *args: Any, **fields: Any) -> Any:
     """``faiss.<name>(*args, **fields)``: the stubs bundled with faiss lack the keyword
     arguments of the SearchParameters classes and some constructors' overloads."""
     return getattr(faiss, name)(*args, **fields)
-
-
-class IndexFileError(RuntimeError):
-    """An index file cannot be read: corrupt, truncated, or not built for inner product."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +332,8 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
-        raise ValueError(f"FAISS cannot build factory {factory!r} at dim {dim}: {error}") from None
+        detail = f"FAISS cannot build factory {factory!r} at dim {dim}: {error}"
+        raise FactoryError(detail) from None
     # index_factory returns the concrete class already; a downcast_index proxy would not own
     # the index, which would be freed with this one.
     if not isinstance(index, faiss.IndexIVF | faiss.IndexIDMap | faiss.IndexIDMap2):
@@ -430,13 +428,13 @@ def build_index(
     if not index.is_trained:
         size = min(len(vectors), max(train_sample, MIN_TRAIN_PER_LIST * nlist))
         if size < max(nlist, 1):
-            raise ValueError(f"{factory} needs at least {nlist} vectors to train, got {size}")
+            raise FactoryError(f"{factory} needs at least {nlist} vectors to train, got {size}")
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(len(vectors), size=size, replace=False))
         try:
             index.train(vectors[sample])
         except RuntimeError as error:
-            raise ValueError(f"cannot train {factory} on {size} vectors: {error}") from None
+            raise FactoryError(f"cannot train {factory} on {size} vectors: {error}") from None
     add_vectors(index, vectors, ids, on_progress=on_progress, checked=True)
     return index
 

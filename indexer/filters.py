@@ -50,9 +50,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     Tag,
+    ValidationError,
     model_validator,
 )
 
+from indexer.errors import FilterError
 from indexer.fields import ANY_OF, COLUMNS, FIELD_NAME, KINDS, field_path
 
 MAX_CONDITIONS: Final = 64
@@ -72,7 +74,7 @@ def _iso_date(value: str) -> str:
     try:
         (datetime if "T" in value or " " in value else date).fromisoformat(value)
     except ValueError:
-        raise ValueError(
+        raise FilterError(
             f"range bound {value!r} is neither a number nor an ISO 8601 date or date-time"
         ) from None
     return value
@@ -142,12 +144,12 @@ class Condition(BaseModel):
     def _consistent(self) -> Self:
         given = self.operators()
         if not given:
-            raise ValueError(
+            raise FilterError(
                 "a condition needs at least one of eq, ne, in, gt, gte, lt, lte, exists"
             )
         bounds = [given[op] for op in _RANGES if op in given]
         if len({isinstance(b, str) for b in bounds}) > 1:
-            raise ValueError("the bounds of one range must all be numbers or all be dates")
+            raise FilterError("the bounds of one range must all be numbers or all be dates")
         return self
 
     def operators(self) -> dict[str, Any]:
@@ -172,7 +174,7 @@ def _measure(raw: Any, depth: int = 1) -> tuple[int, int]:
     if not isinstance(raw, Mapping):
         return 0, 0  # the type check says what is wrong
     if depth > MAX_DEPTH:
-        raise ValueError(f"any_of may be nested at most {MAX_DEPTH} deep")
+        raise FilterError(f"any_of may be nested at most {MAX_DEPTH} deep")
     conditions = values = 0
     for key, term in raw.items():
         if key == ANY_OF and isinstance(term, list):
@@ -200,21 +202,21 @@ class Filter(RootModel[dict[str, Term]]):
         if isinstance(raw, Filter):
             return raw.root
         if not isinstance(raw, Mapping):
-            raise ValueError("a filter is a JSON object of field: value or field: condition")
+            raise FilterError("a filter is a JSON object of field: value or field: condition")
         conditions, values = _measure(raw)
         if conditions > MAX_CONDITIONS:
-            raise ValueError(
+            raise FilterError(
                 f"a filter may have at most {MAX_CONDITIONS} conditions; this one has {conditions}"
             )
         if values > MAX_VALUES:
-            raise ValueError(
+            raise FilterError(
                 f"a filter may hold at most {MAX_VALUES} values; this one holds {values}"
             )
         for key, term in raw.items():
             if key == ANY_OF and (not isinstance(term, list) or not term):
-                raise ValueError("any_of takes a non-empty list of filters")
+                raise FilterError("any_of takes a non-empty list of filters")
             if key != ANY_OF and isinstance(term, list):
-                raise ValueError(
+                raise FilterError(
                     f"field {key!r}: a list is not a value; for one of several write "
                     f'{{"{key}": {{"in": [...]}}}}'
                 )
@@ -228,7 +230,9 @@ class Filter(RootModel[dict[str, Term]]):
             if key in COLUMNS:
                 _check_column(key, term)
             elif not FIELD_NAME.fullmatch(key):
-                raise ValueError(f"field {key!r}: metadata keys are 1 to 64 letters, digits or '_'")
+                raise FilterError(
+                    f"field {key!r}: metadata keys are 1 to 64 letters, digits or '_'"
+                )
         return self
 
     def canonical(self) -> dict[str, Any]:
@@ -243,24 +247,41 @@ def _check_column(key: str, term: Value | Condition) -> None:
     operators: dict[str, Any] = term.operators() if isinstance(term, Condition) else {"eq": term}
     unsupported = sorted(set(operators) - {"eq", "ne", "in"})
     if unsupported:
-        raise ValueError(
+        raise FilterError(
             f"field {key!r} is text and always present: use eq, ne or in, not "
             + ", ".join(unsupported)
         )
     values = [operators.get("eq"), operators.get("ne"), *(operators.get("in") or [])]
     for value in (v for v in values if v is not None):
         if not isinstance(value, str):
-            raise ValueError(f"field {key!r}: {value!r} must be a string")
+            raise FilterError(f"field {key!r}: {value!r} must be a string")
         if key == "kind" and value not in KINDS:
-            raise ValueError(f"field 'kind': {value!r} is not one of {', '.join(KINDS)}")
+            raise FilterError(f"field 'kind': {value!r} is not one of {', '.join(KINDS)}")
 
 
 def as_filter(filters: Filter | Mapping[str, Any] | None) -> Filter | None:
-    """A validated filter (None or ``{}``: no filter)."""
+    """A validated filter (None or ``{}``: no filter); :class:`FilterError` says what is
+    wrong with one that does not validate."""
     if filters is None:
         return None
-    parsed = filters if isinstance(filters, Filter) else Filter.model_validate(filters)
+    if isinstance(filters, Filter):
+        parsed = filters
+    else:
+        try:
+            parsed = Filter.model_validate(filters)
+        except ValidationError as error:
+            raise FilterError(_first_problem(error)) from None
     return parsed if parsed.root else None
+
+
+def _first_problem(error: ValidationError) -> str:
+    """The first thing pydantic found wrong, with where: ``year.gte: ...`` (and a count)."""
+    problems = error.errors()
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "root")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 # -- compiling -------------------------------------------------------------------------------
@@ -385,7 +406,7 @@ def parse_where(conditions: list[str] | tuple[str, ...]) -> Filter | None:
     for condition in conditions:
         match = _WHERE.match(condition)
         if match is None:
-            raise ValueError(
+            raise FilterError(
                 f"{condition!r} is not FIELD=VALUE (or !=, >, >=, <, <=; a|b for one of)"
             )
         key, symbol, text = match.groups()

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from indexer.digests import FileDigest
+from indexer.errors import CollectionError
 from indexer.spec_index import CorpusKind
 from runtime.bundle import Modality
 
@@ -63,4 +64,16 @@ def segment_file_key(segment_id: str, name: str) -> str:
 
 
 def read_info(folder: Path) -> IndexInfo:
-    return IndexInfo.model_validate(json.loads((folder / INDEX_JSON).read_text(encoding="utf-8")))
+    """A version's ``index.json``; :class:`CollectionError` if it is not one we can read
+    (damaged, or written by a newer format), ``OSError`` if it cannot be read at all."""
+    path = folder / INDEX_JSON
+    raw = path.read_bytes()
+    try:
+        return IndexInfo.model_validate(json.loads(raw))
+    except ValidationError as error:  # JSON, but not this schema (or a newer one)
+        first = error.errors()[0]
+        reason = f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        raise CollectionError(f"{path} is not a readable index.json: {reason}") from None
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+        reason = f"{type(error).__name__}: {error}"
+        raise CollectionError(f"{path} is not a readable index.json: {reason}") from None

@@ -29,11 +29,12 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue, Retry, get_current_job
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import NoSuchJobError as UnknownRqJob
 from rq.job import Job
 from rq.worker.base import BaseWorker
 
 from indexer.compaction import CompactionPolicy, compact_collection
+from indexer.errors import JobError, NoSuchJobError
 from indexer.index_bundle import read_info
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
@@ -50,10 +51,6 @@ RETRIES: Final = 2
 _META_EVERY_S: Final = 0.5  # job.meta writes are throttled to this interval
 
 Progress = Callable[[int, int, str], None]
-
-
-class JobError(Exception):
-    """A re-indexing job cannot be queued or looked up: Redis unreachable, unknown job id."""
 
 
 def redact(url: str) -> str:
@@ -254,8 +251,8 @@ def job_status(redis_url: str, job_id: str) -> dict[str, Any]:
     connection = connect(redis_url)
     try:
         job = Job.fetch(job_id, connection=connection)
-    except NoSuchJobError:
-        raise JobError(
+    except UnknownRqJob:
+        raise NoSuchJobError(
             f"no re-indexing job {job_id!r} in Redis (finished jobs are kept "
             f"{RESULT_TTL_S // 86400} days)"
         ) from None

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Final, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from indexer.errors import MetadataStoreError
 from indexer.fields import Kind, field_index_sql
 from indexer.filters import Filter, as_filter, to_sql
 
@@ -57,10 +58,6 @@ _COLUMNS: Final = "id, kind, uri, caption, group_id, metadata, start_s, end_s"
 _Row = tuple[int, str, str, str | None, str, str, float | None, float | None]
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-
-
-class MetadataStoreError(Exception):
-    """A metadata store cannot be used: missing, not ours, wrong version, opened read-only."""
 
 
 class Item(BaseModel):

@@ -9,7 +9,8 @@ import socket
 import click
 from rq import Worker
 
-from indexer.jobs import DEFAULT_QUEUE, JobError, connect, redact, work_in_process
+from indexer.errors import JobError
+from indexer.jobs import DEFAULT_QUEUE, connect, redact, work_in_process
 
 # RQ looks for jobs whose worker died (no heartbeat for ~90 s) when it runs its maintenance; its
 # default of every 10 minutes would leave a killed build waiting that long to be retried.

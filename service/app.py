@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api import clip_retrieval, collections, embed, health, page, search
 from service.api.docs import install_docs
-from service.errors import install_error_handlers
+from service.api.errors import install_error_handlers
 from service.fast_search import SEARCH_TEMPLATE, JsonSearchFastPath
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from indexer.collection import Collection, Hit
+from indexer.errors import FilterError
 from indexer.filters import Filter, as_filter
 from runtime.encoder import Encoder
 from runtime.errors import ImageDecodeError
@@ -33,7 +34,14 @@ from runtime.image_decode import decode_image
 from runtime.images import ACCEPTED_FORMATS, preprocess_images
 from service.batching import Batcher
 from service.cache import EmbeddingCache, cache_key
-from service.errors import ApiError
+from service.errors import (
+    InputTooLargeError,
+    InvalidInputError,
+    MalformedInputError,
+    NotFoundError,
+    UnavailableError,
+    UnsupportedMediaError,
+)
 from service.metrics import Metrics
 from service.registry import CollectionRegistry
 from service.settings import Settings
@@ -124,9 +132,9 @@ class QueryEngine:
     def check_text(self, text: str) -> str:
         limit = self.settings.limits.max_text_chars
         if len(text) > limit:
-            raise ApiError(422, f"text is {len(text):,} characters; the limit is {limit:,}")
+            raise InvalidInputError(f"text is {len(text):,} characters; the limit is {limit:,}")
         if not text.strip():
-            raise ApiError(422, "text is empty (only whitespace)")
+            raise InvalidInputError("text is empty (only whitespace)")
         return text
 
     def prepare_image(self, data: bytes) -> np.ndarray:
@@ -137,33 +145,31 @@ class QueryEngine:
                 image = decode_image(data, max_pixels=limit, formats=ACCEPTED_FORMATS)
             except ImageDecodeError as error:
                 if error.reason == "image too large":
-                    raise ApiError(413, f"image too large: {error.detail}") from None
+                    raise InputTooLargeError(f"image too large: {error.detail}") from None
                 if isinstance(error.__cause__, UnidentifiedImageError):
-                    raise ApiError(
-                        415,
+                    raise UnsupportedMediaError(
                         f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})",
                     ) from None
-                raise ApiError(400, f"unusable image: {error}") from None
+                raise MalformedInputError(f"unusable image: {error}") from None
             return preprocess_images([image], self.encoder.manifest.image)[0]
 
     def check_embedding(self, values: Sequence[float]) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float64)  # float64: no overflow in the norm
         if vector.shape != (self.encoder.dim,):
-            raise ApiError(
-                422,
+            raise InvalidInputError(
                 f"embedding has {vector.size} values; this model's vectors have {self.encoder.dim}",
             )
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
-            raise ApiError(422, "embedding must be finite and not all zeros")
+            raise InvalidInputError("embedding must be finite and not all zeros")
         return (vector / norm).astype(np.float32)
 
     def check_page(self, k: int, offset: int) -> None:
         limits = self.settings.limits
         if k > limits.max_k:
-            raise ApiError(422, f"k is {k}; the limit is {limits.max_k}")
+            raise InvalidInputError(f"k is {k}; the limit is {limits.max_k}")
         if offset > limits.max_offset:
-            raise ApiError(422, f"offset is {offset}; the limit is {limits.max_offset}")
+            raise InvalidInputError(f"offset is {offset}; the limit is {limits.max_offset}")
 
     def text_query(self, text: str) -> Query:
         key = cache_key(self.encoder.bundle_id, "text", self.check_text(text))
@@ -225,9 +231,9 @@ class QueryEngine:
         if found is None:
             why = self.registry.errors.get(name)
             if why:
-                raise ApiError(503, f"collection {name!r} is not available: {why}")
+                raise UnavailableError(f"collection {name!r} is not available: {why}")
             known = ", ".join(self.registry.loaded()) or "none"
-            raise ApiError(404, f"no collection {name!r} (served: {known})")
+            raise NotFoundError(f"no collection {name!r} (served: {known})")
         return found
 
     async def search(
@@ -316,8 +322,8 @@ class QueryEngine:
         with self.metrics.stage("search"):
             try:
                 scores, ids = collection.nearest(queries, most, filters=filters)
-            except ValueError as error:  # a filter the store refuses
-                raise ApiError(422, str(error)) from None
+            except FilterError as error:  # a filter the store refuses
+                raise InvalidInputError(str(error)) from None
         with self.metrics.stage("hydrate"):
             hits = collection.hydrate(scores, ids, most)
         return collection, [row[:n] for row, n in zip(hits, wanted, strict=True)]

@@ -10,7 +10,7 @@ stack, issue 18: route matching 0.16 ms, dependency solving 0.18 ms per request)
 Only the happy path is taken here. A request off it (another method, content type or name, a
 body that does not validate, a disconnect before the body is in) goes on to the FastAPI app,
 its body replayed byte for byte, so FastAPI stays the one source of validation errors and of
-the OpenAPI document, which still describes the route. ``ApiError``s of the work itself get the
+the OpenAPI document, which still describes the route. ``ServiceError``s of the work itself get the
 same body and headers the app's handler writes; anything else propagates to the app's error
 middleware, as it would from the route. The middleware sits inside ``BodyLimit`` (its 413s
 still apply) and ``RequestMetrics`` (labelled with the route's template, as routed requests).
@@ -29,8 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import API_PREFIX
 from service.api.deps import COLLECTION_NAME, search_context
+from service.api.errors import expected_error_response
 from service.api.search import run_search
-from service.errors import ApiError, error_response
+from service.errors import ServiceError
 from service.schemas import SearchRequest
 
 SEARCH_TEMPLATE: Final = f"{API_PREFIX}/collections/{{name}}/search"
@@ -93,6 +94,6 @@ class JsonSearchFastPath:
         try:
             context = await search_context(Request(scope, receive), match["name"])
             response = await run_search(query, context, start)
-        except ApiError as error:
-            response = error_response(error.status, error.message, error.headers)
+        except ServiceError as error:
+            response = expected_error_response(error)
         await response(scope, receive, send)

@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from indexer.errors import JobError, NoSuchJobError
 from indexer.jobs import (
     RESULT_TTL_S,
     UPDATES_CHANNEL,
     CompactionRequest,
-    JobError,
     connect,
     enqueue_build,
     enqueue_compaction,
@@ -36,7 +36,7 @@ from indexer.jobs import (
     run_compaction_inline,
 )
 from indexer.spec_index import BuildSpec
-from service.errors import ApiError
+from service.errors import NotFoundError, UnavailableError
 from service.registry import CollectionRegistry
 from service.schemas import JobInfo
 
@@ -69,7 +69,7 @@ class JobRunner:
         try:
             job_id = enqueue_build(self.redis_url, spec)
         except JobError as error:
-            raise ApiError(503, f"cannot queue the re-index job: {error}") from None
+            raise UnavailableError(f"cannot queue the re-index job: {error}") from None
         return JobInfo(id=job_id, status="queued", kind="reindex", collection=spec.collection)
 
     def compact(self, request: CompactionRequest) -> JobInfo:
@@ -84,7 +84,7 @@ class JobRunner:
         try:
             job_id = enqueue_compaction(self.redis_url, request)
         except JobError as error:
-            raise ApiError(503, f"cannot queue the compaction job: {error}") from None
+            raise UnavailableError(f"cannot queue the compaction job: {error}") from None
         return JobInfo(id=job_id, status="queued", kind="compact", collection=name)
 
     def run_here(self, kind: JobKind, collection: str, work: Callable[[], Any]) -> JobInfo:
@@ -156,7 +156,7 @@ class JobRunner:
             with connect(self.redis_url) as client:
                 found = client.get(_SHARED_KEY + job_id)
         except JobError as error:
-            raise ApiError(503, f"cannot look job {job_id!r} up: {error}") from None
+            raise UnavailableError(f"cannot look job {job_id!r} up: {error}") from None
         return None if found is None else JobInfo.model_validate_json(found)
 
     def _forget_old(self) -> None:
@@ -171,15 +171,16 @@ class JobRunner:
         if job_id.startswith("local-"):
             shared = self._shared(job_id)
             if shared is None:
-                raise ApiError(404, f"no job {job_id!r} on this server")
+                raise NotFoundError(f"no job {job_id!r} on this server")
             return shared
         if self.redis_url is None:
-            raise ApiError(404, f"no job {job_id!r} on this server")
+            raise NotFoundError(f"no job {job_id!r} on this server")
         try:
             found = job_status(self.redis_url, job_id)
+        except NoSuchJobError as error:
+            raise NotFoundError(str(error)) from None
         except JobError as error:
-            status = 404 if "no re-indexing job" in str(error) else 503
-            raise ApiError(status, str(error)) from None
+            raise UnavailableError(str(error)) from None
         return JobInfo(
             id=found["id"],
             status=found["status"],

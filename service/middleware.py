@@ -11,7 +11,7 @@ import time
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.api.errors import error_body
 from service.metrics import Metrics
 
 

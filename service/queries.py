@@ -13,7 +13,12 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service.engine import Query, QueryEngine
-from service.errors import ApiError
+from service.errors import (
+    ForbiddenError,
+    InputTooLargeError,
+    InvalidInputError,
+    MalformedInputError,
+)
 from service.settings import Settings
 
 QueryKind = Literal["text", "image", "embedding"]
@@ -24,30 +29,31 @@ def decode_base64_image(data: str, max_bytes: int) -> bytes:
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
-            raise ApiError(400, "a data: URL image must be base64 (data:image/png;base64,...)")
+            raise MalformedInputError(
+                "a data: URL image must be base64 (data:image/png;base64,...)"
+            )
     if len(data) * 3 // 4 > max_bytes:
-        raise ApiError(413, f"image over the limit of {max_bytes:,} bytes")
+        raise InputTooLargeError(f"image over the limit of {max_bytes:,} bytes")
     try:
         return base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "image is not valid base64") from None
+        raise MalformedInputError("image is not valid base64") from None
 
 
 async def fetch_image(url: str, settings: Settings) -> bytes:
     """An allow-listed image URL's bytes; 403 when fetching is off or the host is not allowed."""
     allowed = {host.lower() for host in settings.url_fetch_allowlist}
     if not allowed:
-        raise ApiError(
-            403,
+        raise ForbiddenError(
             "this server does not fetch URLs (COTS_URL_FETCH_ALLOWLIST is empty); "
             "send the image itself (base64 or upload)",
         )
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host:
-        raise ApiError(400, f"image_url must be an http(s) URL, got {url[:100]!r}")
+        raise MalformedInputError(f"image_url must be an http(s) URL, got {url[:100]!r}")
     if host not in allowed:
-        raise ApiError(403, f"host {host!r} is not in the URL allow-list")
+        raise ForbiddenError(f"host {host!r} is not in the URL allow-list")
     limit = settings.limits.max_body_bytes
     try:
         async with (
@@ -55,15 +61,15 @@ async def fetch_image(url: str, settings: Settings) -> bytes:
             client.stream("GET", url) as response,
         ):
             if response.status_code != 200:
-                raise ApiError(400, f"fetching {url[:100]} answered {response.status_code}")
+                raise MalformedInputError(f"fetching {url[:100]} answered {response.status_code}")
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"the image at {url[:100]} is over {limit:,} bytes")
+                    raise InputTooLargeError(f"the image at {url[:100]} is over {limit:,} bytes")
                 chunks.append(chunk)
     except httpx.HTTPError as error:
-        raise ApiError(400, f"cannot fetch {url[:100]}: {type(error).__name__}") from None
+        raise MalformedInputError(f"cannot fetch {url[:100]}: {type(error).__name__}") from None
     return b"".join(chunks)
 
 
@@ -83,7 +89,7 @@ async def search_query(
         return engine.image_query(image, pixels)
     if embedding is not None:
         return engine.embedding_query(embedding)
-    raise ApiError(422, "give exactly one of text, image, image_url, embedding")
+    raise InvalidInputError("give exactly one of text, image, image_url, embedding")
 
 
 async def query_vector(

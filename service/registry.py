@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from indexer.collection import Collection
-from indexer.errors import CollectionError
-from indexer.faiss_index import IndexFileError
-from indexer.metadata import MetadataStoreError
+from indexer.errors import IndexerError
 from indexer.versions import CURRENT, current_version
+from runtime.errors import BundleRuntimeError
 from service.metrics import Metrics
 
 log = logging.getLogger("cots.registry")
@@ -98,7 +97,7 @@ class CollectionRegistry:
                 previous=served,
                 use_gpu=self.use_gpu,
             )
-        except (CollectionError, IndexFileError, MetadataStoreError, OSError, ValueError) as error:
+        except (IndexerError, BundleRuntimeError, OSError) as error:
             self.errors[name] = str(error)
             self.metrics.reloads.labels(name, "failed").inc()
             log.error("cannot load collection %s version %s: %s", name, version, error)

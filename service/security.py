@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from starlette.requests import Request
 
-from service.errors import ApiError
+from service.errors import ForbiddenError, RateLimitedError, UnauthenticatedError
 from service.redis_link import RedisLink
 from service.settings import ApiKey, Scope, Settings
 
@@ -51,7 +51,7 @@ def identify(request: Request, keys: list[ApiKey]) -> Caller:
     for known in keys:
         if hmac.compare_digest(digest, known.sha256):
             return Caller(known.name, frozenset(known.scopes) | {"search"}, authenticated=True)
-    raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "ApiKey"})
+    raise UnauthenticatedError("invalid API key")
 
 
 def authorise(caller: Caller, scope: Scope, settings: Settings) -> None:
@@ -59,13 +59,11 @@ def authorise(caller: Caller, scope: Scope, settings: Settings) -> None:
         return
     if not caller.authenticated:
         hint = "" if settings.api_keys else " (this server has no keys: set COTS_API_KEYS)"
-        raise ApiError(
-            401,
+        raise UnauthenticatedError(
             f"this request needs an API key with scope {scope!r} in the X-API-Key header{hint}",
-            headers={"WWW-Authenticate": "ApiKey"},
         )
     if scope not in caller.scopes:
-        raise ApiError(403, f"API key {caller.name!r} lacks scope {scope!r}")
+        raise ForbiddenError(f"API key {caller.name!r} lacks scope {scope!r}")
 
 
 class RateLimiter:
@@ -86,11 +84,10 @@ class RateLimiter:
         if count > self.per_window:
             retry = max(1, int((window + 1) * self.window_s - now) + 1)
             per = "minute" if self.window_s == 60 else f"{self.window_s} s"
-            raise ApiError(
-                429,
+            raise RateLimitedError(
                 f"rate limit of {self.per_window} requests per {per} reached for "
                 f"{caller.name}; retry in {retry} s",
-                headers={"Retry-After": str(retry)},
+                retry_after=retry,
             )
 
     async def _count_redis(self, name: str, window: int) -> int | None:

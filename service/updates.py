@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from indexer.jobs import JobError, listen_for_updates
+from indexer.errors import JobError
+from indexer.jobs import listen_for_updates
 from service.registry import CollectionRegistry
 
 log = logging.getLogger("cots.updates")

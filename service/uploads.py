@@ -16,7 +16,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from service.errors import ApiError
+from service.errors import (
+    ForbiddenError,
+    InvalidInputError,
+    MalformedInputError,
+    UnsupportedMediaError,
+)
 from service.queries import decode_base64_image
 from service.schemas import NewItem
 from service.settings import Settings
@@ -34,8 +39,8 @@ _SUFFIX = {
 def resolve_data_path(relative: str, settings: Settings) -> Path:
     """``relative`` inside the data root, or 400/403 saying why not."""
     if settings.data_root is None:
-        raise ApiError(
-            403, "this server reads no files named by clients (COTS_DATA_ROOT is not set)"
+        raise ForbiddenError(
+            "this server reads no files named by clients (COTS_DATA_ROOT is not set)"
         )
     root = settings.data_root.resolve()
     shown = relative[:200]
@@ -44,11 +49,11 @@ def resolve_data_path(relative: str, settings: Settings) -> Path:
         inside = candidate.is_relative_to(root)
         exists = inside and candidate.exists()
     except (OSError, ValueError):  # a NUL byte, a name too long for the file system
-        raise ApiError(400, f"path {shown!r} is not a usable file name") from None
+        raise MalformedInputError(f"path {shown!r} is not a usable file name") from None
     if not inside:
-        raise ApiError(403, f"path {shown!r} is outside the data root")
+        raise ForbiddenError(f"path {shown!r} is outside the data root")
     if not exists:
-        raise ApiError(400, f"path {shown!r} does not exist under the data root")
+        raise MalformedInputError(f"path {shown!r} does not exist under the data root")
     return candidate
 
 
@@ -66,7 +71,7 @@ def _store_image(data: bytes, folder: Path) -> Path:
     except Exception:
         suffix = None
     if suffix is None:
-        raise ApiError(415, f"an item's image is not one of {', '.join(_SUFFIX)}")
+        raise UnsupportedMediaError(f"an item's image is not one of {', '.join(_SUFFIX)}")
     path = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
     if not path.exists():
         temporary = path.with_suffix(path.suffix + ".part")
@@ -88,7 +93,7 @@ def write_items_corpus(items: list[NewItem], collection: str, settings: Settings
             path = resolve_data_path(item.path, settings)
         caption = item.caption if item.caption is not None else path.stem
         if not caption.strip():
-            raise ApiError(422, f"item {number}: caption is empty")
+            raise InvalidInputError(f"item {number}: caption is empty")
         rows.append((str(path), caption))
     corpus = folder / f"add-{uuid.uuid4().hex}.csv"
     with corpus.open("w", newline="", encoding="utf-8") as handle:

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from indexer import bench_index, faiss_index
 from indexer.bench_index import Mixture, faiss_bench
+from indexer.errors import IndexFileError
 from indexer.faiss_index import (
-    IndexFileError,
     build_index,
     choose_factory,
     estimate_memory_bytes,

@@ -29,11 +29,11 @@ from rq.registry import StartedJobRegistry
 
 from indexer.collection import missing_files
 from indexer.compaction import compact_collection
+from indexer.errors import JobError
 from indexer.jobs import (
     DEFAULT_QUEUE,
     UPDATES_CHANNEL,
     CompactionRequest,
-    JobError,
     enqueue_build,
     enqueue_compaction,
     job_status,

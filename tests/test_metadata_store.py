@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from indexer.metadata import SCHEMA_VERSION, Item, MetadataStore, MetadataStoreError
+from indexer.errors import MetadataStoreError
+from indexer.metadata import SCHEMA_VERSION, Item, MetadataStore
 
 
 def _items(n: int, start: int = 0) -> list[Item]:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from indexer.collection import Collection
 from indexer.metadata import Item
 from service.api.deps import EngineDep, SearchCaller, SettingsDep, StateDep
-from service.errors import ApiError
+from service.api.errors import validation_message
+from service.errors import InvalidInputError, MalformedInputError, NotFoundError
 from service.queries import decode_base64_image, fetch_image, query_vector
 from service.schemas import ERROR_RESPONSES
 
@@ -65,16 +66,14 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw or b"null")
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
-        raise ApiError(400, "the body must be JSON (whatever the Content-Type)") from None
+        raise MalformedInputError("the body must be JSON (whatever the Content-Type)") from None
 
 
 def _parse(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ApiError(422, f"{where}: {first['msg']}") from None
+        raise InvalidInputError(validation_message(error.errors())[0]) from None
 
 
 def _pick(engine: EngineDep, name: str | None, modality: str | None) -> Collection:
@@ -86,13 +85,12 @@ def _pick(engine: EngineDep, name: str | None, modality: str | None) -> Collecti
             if modality is None or c.info.kind in _RESULT_KINDS[modality]
         ]
         if not fitting:
-            raise ApiError(404, "no collection is served")
+            raise NotFoundError("no collection is served")
         name = fitting[0]
     collection = engine.collection(name)
     if modality is not None and collection.info.kind not in _RESULT_KINDS[modality]:
         fitting = [n for n, c in sorted(loaded.items()) if c.info.kind in _RESULT_KINDS[modality]]
-        raise ApiError(
-            400,
+        raise MalformedInputError(
             f"indice {name!r} holds {collection.info.kind} items, not modality {modality!r} "
             f"results; indices that do: {', '.join(fitting) or 'none'}",
         )
@@ -125,7 +123,7 @@ async def knn_service(
     elif body.image_url:
         image = await fetch_image(body.image_url, settings)
     if not (body.text or image or body.embedding_input):
-        raise ApiError(400, "must fill one of text, image, image_url and embedding_input")
+        raise MalformedInputError("must fill one of text, image, image_url and embedding_input")
     vector, _, _ = await query_vector(
         engine, text=body.text or None, image=image, embedding=body.embedding_input or None
     )

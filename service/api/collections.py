@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from indexer.collection import Collection, Hit
 from indexer.compaction import CompactionPolicy
+from indexer.errors import FactoryError
 from indexer.faiss_index import new_index
 from indexer.jobs import CompactionRequest
 from indexer.spec_index import BuildSpec
@@ -26,8 +28,9 @@ from service.api.deps import (
     StateDep,
     WriteCaller,
 )
+from service.api.errors import validation_message
 from service.api.search import hit_model
-from service.errors import ApiError
+from service.errors import InvalidInputError, NotFoundError
 from service.schemas import (
     ERROR_RESPONSES,
     AddItemsRequest,
@@ -101,7 +104,7 @@ def get_collection(
 def _item(collection: Collection, item_id: int) -> SearchHit:
     (item,) = collection.get([item_id])
     if item is None:
-        raise ApiError(404, f"no item {item_id} in collection {collection.info.collection!r}")
+        raise NotFoundError(f"no item {item_id} in collection {collection.info.collection!r}")
     return hit_model(collection.info.collection, Hit(item_id, 1.0, item))
 
 
@@ -121,7 +124,7 @@ def get_media(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) 
     hit = _item(collection, item_id)
     path = Path(hit.uri)
     if path.suffix.lower() not in _MEDIA_SUFFIXES or not path.is_file():
-        raise ApiError(404, f"item {item_id} has no file on this server ({hit.uri[:200]})")
+        raise NotFoundError(f"item {item_id} has no file on this server ({hit.uri[:200]})")
     return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 
 
@@ -133,7 +136,7 @@ async def add_items(
     returns the job (poll /v1/jobs/{id})."""
     info = collection.info
     if info.kind == "video" and any(item.image is not None for item in body.items):
-        raise ApiError(422, "a video collection takes video files by path, not images")
+        raise InvalidInputError("a video collection takes video files by path, not images")
     corpus = await run_in_threadpool(
         write_items_corpus, body.items, info.collection, state.settings
     )
@@ -176,7 +179,7 @@ def reindex(
     elif "corpus" in recorded:
         corpus = str(recorded["corpus"])
     else:
-        raise ApiError(422, f"collection {info.collection!r} records no corpus; name one")
+        raise InvalidInputError(f"collection {info.collection!r} records no corpus; name one")
     try:
         spec = BuildSpec(
             collection=info.collection,
@@ -188,13 +191,13 @@ def reindex(
             factory=body.factory or recorded.get("factory", "auto"),
             segment_seconds=recorded.get("segment_seconds", 2.0),
         )
-    except ValueError as error:
-        raise ApiError(422, str(error)) from None
+    except ValidationError as error:
+        raise InvalidInputError(validation_message(error.errors())[0]) from None
     if spec.factory != "auto":
         try:  # refuse a bad factory now rather than as a failed job
             new_index(spec.factory, info.dim)
-        except ValueError as error:
-            raise ApiError(422, str(error)[:300]) from None
+        except FactoryError as error:
+            raise InvalidInputError(str(error)[:300]) from None
     return state.jobs.reindex(spec)
 
 

@@ -15,7 +15,7 @@ from fastapi import Depends, Path, Request
 
 from indexer.collection import Collection
 from service.engine import QueryEngine
-from service.errors import ApiError
+from service.errors import UnavailableError
 from service.security import Caller, authorise, identify
 from service.settings import Scope, Settings
 from service.state import ServiceState
@@ -26,7 +26,7 @@ COLLECTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 def state_of(request: Request) -> ServiceState:
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None:
-        raise ApiError(503, "the service is starting")
+        raise UnavailableError("the service is starting")
     return state
 
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, UploadFile
 
 from service.api import API_PREFIX
 from service.api.deps import EngineDep, SearchCaller, SettingsDep
-from service.errors import ApiError
+from service.errors import InvalidInputError
 from service.queries import QueryKind, decode_base64_image, query_vector
 from service.schemas import ERROR_RESPONSES, EmbedImagesRequest, EmbedResponse, EmbedTextsRequest
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix=f"{API_PREFIX}/embed", tags=["embed"], responses=ERROR
 def _check_count(count: int, settings: SettingsDep) -> None:
     limit = settings.limits.max_batch_inputs
     if count > limit:
-        raise ApiError(422, f"{count} inputs in one request; the limit is {limit}")
+        raise InvalidInputError(f"{count} inputs in one request; the limit is {limit}")
 
 
 async def _embed_all(

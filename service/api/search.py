@@ -13,8 +13,9 @@ from indexer.collection import Hit
 from indexer.filters import Filter
 from service.api import API_PREFIX
 from service.api.deps import SearchContext, SearchContextDep
+from service.api.errors import validation_message
 from service.engine import Page
-from service.errors import ApiError
+from service.errors import InvalidInputError
 from service.queries import QueryKind, decode_base64_image, fetch_image, search_query
 from service.schemas import ERROR_RESPONSES, SearchHit, SearchRequest, SearchResponse
 
@@ -110,9 +111,7 @@ async def search_upload(
         try:
             parsed = Filter.model_validate_json(filters)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise ApiError(422, f"filters{'.' + where if where else ''}: {first['msg']}") from None
+            raise InvalidInputError(validation_message(error.errors(), "filters")[0]) from None
     data = await image.read()
     query = await search_query(engine, image=data)
     page, cached = await engine.find(name, query, k=k, offset=offset, filters=parsed)
