@@ -260,8 +260,9 @@ class QueryEngine:
         offset: int = 0,
         filters: Filter | None = None,
     ) -> tuple[Page, bool]:
-        """(a page of hits, whether the query's vector came from the cache)."""
-        self.check_page(k, offset)
+        """(a page of hits, whether the query's vector came from the cache). ``k`` and
+        ``offset`` within the limits: the routes call :meth:`check_page` once, before any work
+        (decoding an image, fetching a URL), and the clip-retrieval route caps ``k`` itself."""
         canonical = filters.canonical() if filters is not None else {}
         key: SearchKey = (name, json.dumps(canonical, sort_keys=True))
         vector = await self._known_vector(query)

@@ -40,8 +40,10 @@ class SearchRequest(_Body):
     embedding: list[float] | None = Field(
         None, min_length=1, max_length=8192, description="a query vector in the model's space"
     )
-    k: int = Field(10, ge=1, le=10_000, description="results per page")
-    offset: int = Field(0, ge=0, le=1_000_000, description="results to skip (paging)")
+    # Capped by the server's limits (COTS_LIMITS__MAX_K, __MAX_OFFSET), checked once per
+    # request with a message naming the limit; a second, fixed cap here would disagree.
+    k: int = Field(10, ge=1, description="results per page (at most the server's max_k)")
+    offset: int = Field(0, ge=0, description="results to skip (at most the server's max_offset)")
     filters: Filter | None = Field(None, description=_FILTERS_DOC)
 
     @model_validator(mode="after")

@@ -221,6 +221,14 @@ def test_unsupported_media_is_415(server: LiveServer) -> None:
 def test_invalid_requests_are_422(server: LiveServer, served_root: tuple[Path, Path]) -> None:
     with server.client() as client:
         assert_error(client.post(SEARCH, json={"text": "x", "k": 51}), 422, "limit is 50")
+        # One cap, the server's: past any fixed schema bound the message still names it.
+        for k in (20_000, 2**40):
+            assert_error(client.post(SEARCH, json={"text": "x", "k": k}), 422, "limit is 50")
+            form = {"k": str(k)}
+            image = {"image": ("a.png", _png(8), "image/png")}
+            upload = client.post(f"{SEARCH}/upload", data=form, files=image)
+            assert_error(upload, 422, "limit is 50")
+        assert_error(client.post(SEARCH, json={"text": "x", "offset": 10**7}), 422, "offset")
         assert_error(client.post(SEARCH, json={"text": "x", "k": 0}), 422, "k")
         assert_error(client.post(SEARCH, json={"text": "x" * 201}), 422, "limit is 200")
         assert_error(client.post(SEARCH, json={"text": "   "}), 422, "empty")

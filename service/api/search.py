@@ -97,8 +97,8 @@ async def run_search(body: SearchRequest, context: SearchContext, start: float) 
 async def search_upload(
     image: Annotated[UploadFile, File(description="the query image")],
     context: SearchContextDep,
-    k: Annotated[int, Form(ge=1, le=10_000)] = 10,
-    offset: Annotated[int, Form(ge=0, le=1_000_000)] = 0,
+    k: Annotated[int, Form(ge=1, description="at most the server's max_k")] = 10,
+    offset: Annotated[int, Form(ge=0, description="at most the server's max_offset")] = 0,
     filters: Annotated[str | None, Form(description="filters as a JSON object")] = None,
 ) -> Response:
     """Search with an uploaded image file (multipart/form-data)."""
