@@ -79,12 +79,15 @@ def serve(
     os.environ.update({key: value for key, value in overrides.items() if value is not None})
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from service.settings import Settings, unknown_variables
 
     try:
         settings = Settings()
     except ValidationError as error:
         raise click.ClickException(f"invalid settings:\n{error}") from None
+    for variable, meant in unknown_variables(os.environ):
+        hint = f" (did you mean {meant}?)" if meant else ""
+        click.echo(f"warning: {variable} sets nothing and is ignored{hint}", err=True)
     for what, path in (("model bundle", settings.bundle), ("index root", settings.index_root)):
         if not Path(path).exists():
             raise click.ClickException(

@@ -3,9 +3,11 @@ variables (nested groups with ``__``, e.g. ``COTS_BATCH__MAX_WAIT_MS=2``) or a `
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,3 +137,60 @@ class Settings(BaseSettings):
     reload_poll_s: float = Field(
         5.0, gt=0, description="how often the live version pointers are re-read"
     )
+
+
+# COTS_* variables of the tools around the service (scripts, compose files, tests, the client),
+# which are no settings of it.
+OTHER_VARIABLES: Final = frozenset(
+    {
+        "COTS_API_KEY",
+        "COTS_CHROMIUM",
+        "COTS_COMPOSE",
+        "COTS_CONTAINER_ENGINE",
+        "COTS_CUDA_IMAGE",
+        "COTS_DEMO_OPTIONS",
+        "COTS_GATEWAY_IMAGE",
+        "COTS_GATEWAY_RESOLVER",
+        "COTS_GATEWAY_UPSTREAM",
+        "COTS_HEALTHCHECK_URL",
+        "COTS_IMAGE",
+        "COTS_PORT",
+        "COTS_PROMETHEUS_PORT",
+        "COTS_RAY_ENCODERS",
+        "COTS_REDIS_SERVER",
+        "COTS_TEST_MARKER",
+        "COTS_TRAINING_IMAGE",
+        "COTS_URL",
+        "COTS_VARIANT",
+        "COTS_VENV",
+        "COTS_WRK",
+    }
+)
+
+
+def setting_variables() -> list[str]:
+    """Every variable that sets something: COTS_<FIELD>, and COTS_<GROUP>__<FIELD> for the
+    fields of a group (batch, limits)."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        names.append(f"COTS_{name.upper()}")
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            names += [f"COTS_{name.upper()}__{inner.upper()}" for inner in group.model_fields]
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``COTS_*`` variables in ``environ`` that set nothing, each with the variable it most
+    likely meant (None: none is close): pydantic-settings ignores them, so a misspelt one
+    would pass unseen."""
+    known = setting_variables()
+    found = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("COTS_") or upper in OTHER_VARIABLES or upper in known:
+            continue
+        # Compared without the prefix every candidate shares, which would make all look alike.
+        close = difflib.get_close_matches(upper[5:], [name[5:] for name in known], 1, 0.75)
+        found.append((variable, f"COTS_{close[0]}" if close else None))
+    return found
