@@ -5,10 +5,7 @@ decoded (in worker processes) and encoded (here) into ids, vectors and metadata 
 preparing and embedding) and hands the saved shards to ``indexer.assemble``; ``indexer.update``
 encodes an add with the same :class:`ShardEncoder`.
 
-Item ids are ``record index * stride + sub-index``: an image is its record index; a caption
-adds its position among the image's captions (stride 1,024); a video is 0 and its segments
-1, 2, ... (stride 1,000,000). Ids thus never depend on which other items decoded, which is what
-lets shards be built, resumed and appended independently.
+Item ids follow ``indexer.item_ids``.
 """
 
 from __future__ import annotations
@@ -21,12 +18,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from indexer.errors import CollectionError
+from indexer.item_ids import STRIDE, item_id
 from indexer.metadata import Item
 from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
 from model.data.readers import (
@@ -46,7 +44,6 @@ from runtime.video import load_video_segments
 
 logger = logging.getLogger("cots.index")
 
-STRIDE: Final[dict[CorpusKind, int]] = {"image": 1, "caption": 1024, "video": 1_000_000}
 Progress = Callable[[int, int, str], None]
 Record = ImageRecord | VideoRecord
 
@@ -113,7 +110,7 @@ def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) 
     caption = record.captions[0] if record.captions else None
     chunk.items.append(
         Item(
-            id=number,
+            id=item_id("image", number),
             kind="image",
             uri=record.uri,
             caption=caption,
@@ -130,7 +127,7 @@ def _prepare_captions(chunk: Chunk, number: int, record: Record) -> None:
     for position, caption in enumerate(record.captions):
         chunk.items.append(
             Item(
-                id=number * STRIDE["caption"] + position,
+                id=item_id("caption", number, position),
                 kind="caption",
                 uri=record.uri,
                 caption=caption,
@@ -153,7 +150,7 @@ def _prepare_video(
     whole, segments, seconds = load_video_segments(record.path, video, image, segment_seconds)
     if len(segments) >= STRIDE["video"]:
         raise BadItemError("too long", f"{len(segments)} segments")
-    base = number * STRIDE["video"]
+    base = item_id("video", number)
     caption = record.captions[0] if record.captions else None
     common = {"uri": record.uri, "group_id": record.group_id, "metadata": _metadata(record)}
     chunk.items.append(
@@ -165,7 +162,12 @@ def _prepare_video(
     for position, (start, end, frames) in enumerate(segments, start=1):
         chunk.items.append(
             Item(
-                id=base + position, kind="segment", caption=None, start_s=start, end_s=end, **common
+                id=item_id("video", number, position),
+                kind="segment",
+                caption=None,
+                start_s=start,
+                end_s=end,
+                **common,
             )
         )
         chunk.inputs.append(frames)

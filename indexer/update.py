@@ -30,9 +30,10 @@ from indexer.errors import CollectionError
 from indexer.faiss_index import choose_factory
 from indexer.filters import Filter, as_filter
 from indexer.index_bundle import DELETED, SEGMENTS, IndexInfo, read_info
+from indexer.item_ids import next_record_number
 from indexer.metadata import Item
 from indexer.segments import index_fields, new_segment_id, write_segment
-from indexer.shards import STRIDE, ShardEncoder, list_records, skipped_summary
+from indexer.shards import ShardEncoder, list_records, skipped_summary
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir, locked, publish, reserve_numbers, staging
 from runtime.bundle import read_manifest
@@ -104,7 +105,7 @@ def add_to_collection(spec: BuildSpec) -> int:
         )
     records, listing_skipped = list_records(spec)
     first = reserve_numbers(
-        spec.root, spec.collection, len(records), info.max_id // STRIDE[spec.kind] + 1
+        spec.root, spec.collection, len(records), next_record_number(spec.kind, info.max_id)
     )
     numbered = [(first + i, record) for i, record in enumerate(records)]
     # Verified just above by read_manifest.
