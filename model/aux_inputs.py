@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.clip_tokens import SPECIAL_IDS
 from model.config import ObjectiveConfig
 from model.factory import CLIP_VOCAB, MASK_TOKEN_ID
 from model.masking import block_masks, mask_text_tokens
 
-SPECIAL_TEXT_IDS = (0, 49406, 49407)  # padding, start and end of text in open_clip's BPE
+SPECIAL_TEXT_IDS = SPECIAL_IDS  # never masked: padding, start and end of text
 
 
 @dataclass

@@ -60,6 +60,7 @@ def _measure(
     import torch
 
     from model.aux_inputs import make_aux_inputs
+    from model.clip_tokens import EOT_ID, SOT_ID
     from model.config import TrainConfig
     from model.distributed import DistInfo
     from model.factory import build_towers, model_config
@@ -99,8 +100,8 @@ def _measure(
     shape = (samples, frames) if video else (samples,)
     images = torch.randn(*shape, 3, image_size, image_size, generator=generator).to(device)
     tokens = torch.randint(1, 49000, (samples, context), generator=generator)
-    tokens[:, 0] = 49406
-    tokens[:, -1] = 49407  # end-of-text, which the text tower pools on
+    tokens[:, 0] = SOT_ID
+    tokens[:, -1] = EOT_ID
     tokens = tokens.to(device)
     groups = torch.arange(samples, device=device)
     grid = online.towers.patch_grid if tokenizer is not None else None

@@ -28,13 +28,14 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from model.clip_tokens import PAD_ID, VOCAB_SIZE
 from model.config import TrainConfig
 from model.data.readers import BadItemError
 from model.data.records import CorpusError
 from model.errors import ModelError
 from model.eval_splits import towers_from_checkpoint
 from model.factory import Towers
-from model.hf_tokenizer import PAD_ID, VOCAB_SIZE, write_tokenizer_json
+from model.hf_tokenizer import write_tokenizer_json
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
 from model.training_data import csv_reader

@@ -16,6 +16,7 @@ import torch
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from model.clip_tokens import VOCAB_SIZE
 from model.config import TrainConfig
 from model.cookie import SharedHead, text_valid_mask
 from model.errors import ModelError
@@ -48,7 +49,7 @@ def model_config(name: str) -> dict[str, Any]:
     return config
 
 
-CLIP_VOCAB = 49408  # open_clip's BPE: ids 0..49407, 49406/49407 = start/end of text
+CLIP_VOCAB = VOCAB_SIZE  # open_clip's BPE
 MASK_TOKEN_ID = CLIP_VOCAB  # one row past the BPE vocabulary, never produced by the tokenizer
 
 

@@ -33,12 +33,10 @@ from tokenizers import (
     processors,
 )
 
+from model.clip_tokens import EOT_ID, PAD_ID, SOT_ID, VOCAB_SIZE
+
 SOT: Final = "<start_of_text>"
 EOT: Final = "<end_of_text>"
-SOT_ID: Final = 49406
-EOT_ID: Final = 49407
-VOCAB_SIZE: Final = 49408
-PAD_ID: Final = 0
 END_OF_WORD: Final = "</w>"
 # SimpleTokenizer.pat, which it compiles with re.IGNORECASE.
 _CONTRACTIONS: Final = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
