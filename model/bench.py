@@ -59,12 +59,12 @@ def _measure(
 
     import torch
 
-    from model.aux_inputs import make_aux_inputs
     from model.clip_tokens import EOT_ID, SOT_ID
     from model.config import TrainConfig
     from model.distributed import DistInfo
     from model.factory import build_towers, model_config
     from model.objectives import OnlineModel, build_objective
+    from model.train import StepInputs, forward_loss
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
 
     if threads:
@@ -107,16 +107,8 @@ def _measure(
     grid = online.towers.patch_grid if tokenizer is not None else None
 
     def step(offset: int) -> None:
-        aux = make_aux_inputs(config.objective, images, tokens, grid, generator)
-        features = online(images, tokens, aux)
-        out = objective(
-            features,
-            groups + offset * samples,
-            online=online,
-            images=images,
-            tokens=tokens,
-            aux=aux,
-        )
+        batch = StepInputs(images, tokens, groups + offset * samples)
+        out = forward_loss(online, objective, config, batch, patch_grid=grid, generator=generator)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

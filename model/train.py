@@ -29,7 +29,7 @@ from model.errors import ModelError
 from model.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
 from model.evaluate import format_metrics
 from model.factory import Towers, build_towers, model_config
-from model.objectives import OnlineModel, build_objective
+from model.objectives import LossOutput, OnlineModel, build_objective
 from model.scene_eval import scene_query_check
 from model.tokenizer import tokenize
 from model.training_data import (
@@ -422,6 +422,45 @@ class _Throughput:
         return rate
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """One micro-batch: images (or frames), token ids, group ids (the same group: positives of
+    each other) and, on a corpus with injected noise, which pairs are noisy (for the filter's
+    recall and precision only)."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    groups: torch.Tensor
+    noisy: torch.Tensor | None = None
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    config: TrainConfig,
+    batch: StepInputs,
+    *,
+    patch_grid: tuple[int, int] | None,
+    generator: torch.Generator,
+) -> LossOutput:
+    """A micro-batch's forward pass and objective, as training and ``cots bench train`` both
+    run it: the masks drawn from ``generator``, the towers (``model``: the online model, or its
+    DDP wrapper), then the loss. The caller owns backward, the optimiser and autocast."""
+    online = model.module if isinstance(model, DistributedDataParallel) else model
+    aux = make_aux_inputs(config.objective, batch.images, batch.tokens, patch_grid, generator)
+    features = model(batch.images, batch.tokens, aux)
+    out: LossOutput = objective(
+        features,
+        batch.groups,
+        online=online,
+        images=batch.images,
+        tokens=batch.tokens,
+        noisy=batch.noisy,
+        aux=aux,
+    )
+    return out
+
+
 def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) -> None:
     """From the current step to the end of its epoch (or ``stop_at``): forward, objective,
     backward with accumulation, optimiser step, log, checkpoint."""
@@ -434,17 +473,14 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
     for batch in run.loader:
         images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch)
         generator = _aux_generator(config, run.step, micro % config.accum_steps)
-        aux = make_aux_inputs(config.objective, images, tokens, run.patch_grid, generator)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            features = run.model(images, tokens, aux)
-            out = run.objective(
-                features,
-                groups,
-                online=run.online,
-                images=images,
-                tokens=tokens,
-                noisy=noisy,
-                aux=aux,
+            out = forward_loss(
+                run.model,
+                run.objective,
+                config,
+                StepInputs(images, tokens, groups, noisy),
+                patch_grid=run.patch_grid,
+                generator=generator,
             )
         (out.loss / config.accum_steps).backward()
         micro += 1
