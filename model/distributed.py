@@ -47,6 +47,17 @@ def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_gather_keeping_grad(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """:func:`all_gather_cat`, with this rank's own rows the ``tensor`` itself, so that its
+    gradient flows (open_clip's ``gather_features`` without ``gather_with_grad``). Every rank
+    must hold as many rows."""
+    if not info.enabled:
+        return tensor
+    parts = list(all_gather_cat(tensor, info).split(len(tensor)))
+    parts[info.rank] = tensor
+    return torch.cat(parts, dim=0)
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -119,9 +119,19 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 
 
 def clip_loss(
-    image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, temperature: torch.Tensor
+    image: torch.Tensor,
+    text: torch.Tensor,
+    groups: torch.Tensor,
+    temperature: torch.Tensor,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CLIP baseline: in-batch InfoNCE both ways. Returns per-row (i2t, t2i) losses [B]."""
-    targets = multi_positive_targets(groups, groups)
-    logits = image @ text.t() / temperature
-    return soft_cross_entropy(logits, targets), soft_cross_entropy(logits.t(), targets)
+    """The CLIP baseline: InfoNCE both ways. Returns per-row (i2t, t2i) losses [B].
+
+    ``batch``: (images, texts, groups) of the whole global batch, which this rank's rows score
+    against (open_clip's ``ClipLoss`` with ``local_loss``: every rank's pairs are negatives);
+    None: this batch alone."""
+    all_image, all_text, all_groups = batch if batch is not None else (image, text, groups)
+    targets = multi_positive_targets(groups, all_groups)
+    i2t = soft_cross_entropy(image @ all_text.t() / temperature, targets)
+    t2i = soft_cross_entropy(text @ all_image.t() / temperature, targets)
+    return i2t, t2i

@@ -24,7 +24,7 @@ from torch import nn
 
 from model.aux_inputs import AuxInputs
 from model.config import ObjectiveConfig
-from model.distributed import DistInfo, all_gather_cat
+from model.distributed import DistInfo, all_gather_cat, all_gather_keeping_grad
 from model.errors import ModelError
 from model.factory import Towers
 from model.losses import (
@@ -263,6 +263,7 @@ class ClipObjective(nn.Module):
         anchor_tokens: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        self.dist = dist
         self.auxiliary = AuxiliaryLosses(config, tokenizer)
         anchor = config.text_anchor
         self.anchor_weight = anchor.weight
@@ -283,7 +284,15 @@ class ClipObjective(nn.Module):
     ) -> LossOutput:
         image = F.normalize(features.image.float(), dim=-1)
         text = F.normalize(features.text.float(), dim=-1)
-        i2t, t2i = clip_loss(image, text, groups, features.temperature)
+        # Under DDP every rank's pairs are negatives, as in open_clip's ClipLoss; each rank
+        # scores its own rows against the global batch (the ablation's baseline sees as many
+        # negatives as the COTS objective's in-batch keys do).
+        batch = (
+            all_gather_keeping_grad(image, self.dist),
+            all_gather_keeping_grad(text, self.dist),
+            all_gather_cat(groups, self.dist),
+        )
+        i2t, t2i = clip_loss(image, text, groups, features.temperature, batch)
         contrastive = (i2t.mean() + t2i.mean()) / 2
         keep = torch.ones(len(groups), device=groups.device)
         extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
