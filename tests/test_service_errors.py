@@ -225,8 +225,8 @@ def test_invalid_requests_are_422(server: LiveServer, served_root: tuple[Path, P
         for k in (20_000, 2**40):
             assert_error(client.post(SEARCH, json={"text": "x", "k": k}), 422, "limit is 50")
             form = {"k": str(k)}
-            image = {"image": ("a.png", _png(8), "image/png")}
-            upload = client.post(f"{SEARCH}/upload", data=form, files=image)
+            png = {"image": ("a.png", _png(8), "image/png")}
+            upload = client.post(f"{SEARCH}/upload", data=form, files=png)
             assert_error(upload, 422, "limit is 50")
         assert_error(client.post(SEARCH, json={"text": "x", "offset": 10**7}), 422, "offset")
         assert_error(client.post(SEARCH, json={"text": "x", "k": 0}), 422, "k")
