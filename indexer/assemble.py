@@ -19,7 +19,7 @@ import numpy as np
 
 from indexer.digests import file_digest
 from indexer.errors import CollectionError
-from indexer.faiss_index import choose_factory
+from indexer.faiss_choice import choose_factory
 from indexer.index_bundle import DELETED, FORMAT_VERSION, SEGMENTS, IndexInfo, segment_file_key
 from indexer.metadata import Item
 from indexer.segments import (

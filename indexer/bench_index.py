@@ -26,17 +26,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from indexer.faiss_index import (
-    HNSW_M,
-    build_index,
-    exact_search,
-    get_search_params,
-    index_bytes,
-    ivf_nlist,
-    pq_m_candidates,
-    recall_of,
-    search,
-)
+from indexer.faiss_choice import HNSW_M, ivf_nlist, pq_m_candidates
+from indexer.faiss_index import build_index, get_search_params, index_bytes
+from indexer.faiss_search import exact_search, recall_of, search
 
 KINDS: Final = ("flat", "ivf", "ivfpq", "hnsw")
 BATCHES: Final = (1, 64)

@@ -35,7 +35,7 @@ from indexer.assemble import write_version
 from indexer.bench_index import Mixture
 from indexer.collection import Collection
 from indexer.compaction import CompactionPolicy, compact_collection
-from indexer.faiss_index import choose_factory
+from indexer.faiss_choice import choose_factory
 from indexer.index_bundle import IndexInfo, read_info
 from indexer.metadata import Item
 from indexer.update import add_encoded, remove_from_collection

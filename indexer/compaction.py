@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from indexer.collection import Collection
 from indexer.errors import CollectionError
-from indexer.faiss_index import choose_factory
+from indexer.faiss_choice import choose_factory
 from indexer.index_bundle import FORMAT_VERSION, SEGMENTS, IndexInfo
 from indexer.segments import (
     SegmentInfo,

@@ -19,7 +19,7 @@ makes a query fetch thousands. A filter becomes each segment's matching ids minu
 ones with a bitmap selector over them, kept per opened version and filter
 (``indexer.allowed``: the SQL runs on the first query with that filter only); a segment
 none of whose items match is skipped, one with few is searched exactly over them
-(``faiss_index.search`` also completes short rows exhaustively). Hits are
+(``faiss_search.search`` also completes short rows exhaustively). Hits are
 hydrated per segment: one metadata query for each segment the batch's ids fall in.
 """
 
@@ -39,18 +39,8 @@ from pydantic import BaseModel, ConfigDict
 
 from indexer.allowed import AllowedIds, FilterCache
 from indexer.digests import FileDigest, file_digest
-from indexer.faiss_index import (
-    build_index,
-    check_queries,
-    exact_search,
-    filter_params,
-    is_gpu_index,
-    load_index,
-    recall_at_k,
-    save_index,
-    search,
-    search_checked,
-)
+from indexer.faiss_index import build_index, check_queries, is_gpu_index, load_index, save_index
+from indexer.faiss_search import exact_search, filter_params, recall_at_k, search, search_checked
 from indexer.filters import Filter, as_filter
 from indexer.metadata import Item, MetadataStore
 from indexer.tail import Tail, TailPart, assign_lists, is_flat, ivf_base

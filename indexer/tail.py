@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from indexer.faiss_index import is_gpu_index, search_checked
+from indexer.faiss_index import is_gpu_index
+from indexer.faiss_search import search_checked
 
 
 def ivf_base(index: faiss.Index | None) -> faiss.IndexIVF | None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from indexer.assemble import seal
 from indexer.collection import Collection
 from indexer.errors import CollectionError
-from indexer.faiss_index import choose_factory
+from indexer.faiss_choice import choose_factory
 from indexer.filters import Filter, as_filter
 from indexer.index_bundle import DELETED, SEGMENTS, IndexInfo, read_info
 from indexer.item_ids import next_record_number

@@ -161,7 +161,7 @@ def ensure_collection(bundle: Path, work: Path, items: int, seed: int) -> BenchC
     bundle, count and seed, else a new one (random unit vectors, real items), published."""
     from indexer.assemble import write_version
     from indexer.bench_index import Mixture
-    from indexer.faiss_index import choose_factory
+    from indexer.faiss_choice import choose_factory
     from indexer.index_bundle import IndexInfo, read_info
     from indexer.metadata import Item
     from indexer.versions import current_dir, current_version, publish, staging

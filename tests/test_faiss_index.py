@@ -12,26 +12,21 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer import bench_index, faiss_index
+from indexer import bench_index, faiss_index, faiss_search
 from indexer.bench_index import Mixture, faiss_bench
 from indexer.errors import IndexFileError
+from indexer.faiss_choice import choose_factory, estimate_memory_bytes, ivf_nlist
 from indexer.faiss_index import (
     build_index,
-    choose_factory,
-    estimate_memory_bytes,
-    exact_search,
     get_search_params,
     index_bytes,
-    ivf_nlist,
     load_index,
-    recall_at_k,
-    recall_of,
     remove_ids,
     save_index,
-    search,
     set_search_params,
     supports_remove,
 )
+from indexer.faiss_search import exact_search, recall_at_k, recall_of, search
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 
@@ -223,13 +218,13 @@ def test_filtered_search_returns_k_allowed_results(
     rows = np.sort(rng.choice(COUNT, size=15, replace=False))  # 15 of 10,000: very selective
     allowed = ids[rows]
     completions: list[int] = []
-    original = faiss_index._exhaustive
+    original = faiss_search._exhaustive
 
     def spy(index: faiss.Index, q: np.ndarray, *args: Any) -> tuple[np.ndarray, np.ndarray]:
         completions.append(len(q))
         return original(index, q, *args)
 
-    monkeypatch.setattr(faiss_index, "_exhaustive", spy)
+    monkeypatch.setattr(faiss_search, "_exhaustive", spy)
     scores, found = search(indexes[kind], queries, 10, allowed=allowed)
     assert found.shape == (len(queries), 10)
     assert np.isin(found, allowed).all()  # exactly 10 results, every one allowed
@@ -280,7 +275,7 @@ def test_post_filter_used_for_gpu_indexes(
     # GPU indexes take no ID selector: over-fetch and drop. Checked here on a CPU index.
     vectors, ids, queries = data
     allowed = np.sort(ids[::3])
-    scores, found = faiss_index._post_filtered(indexes["flat"], queries, 10, allowed)
+    scores, found = faiss_search._post_filtered(indexes["flat"], queries, 10, allowed)
     expected_scores, expected = exact_search(vectors[::3], queries, 10, ids=ids[::3])
     np.testing.assert_array_equal(found, expected)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)

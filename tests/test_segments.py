@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import indexer.allowed as allowed_module
 from indexer.allowed import AllowedIds
-from indexer.faiss_index import get_search_params, recall_of, set_search_params
+from indexer.faiss_index import get_search_params, set_search_params
+from indexer.faiss_search import recall_of
 from indexer.metadata import Item
 from indexer.segments import (
     OVERFETCH_TOMBSTONES,
