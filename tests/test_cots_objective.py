@@ -1,9 +1,12 @@
 """The COTS objective against hand computations: a hand-filled queue, the KL term over the
-queue columns alone, the filter keeping dropped pairs out of the queue, caption-level
-positives, momentum distillation and the schedules at their endpoints."""
+queue columns alone (its value, its zero and its gradient), the filter keeping dropped pairs out
+of the losses and the queue, its threshold and its warm-up, caption-level positives, momentum
+distillation and the schedules at their endpoints. The queues themselves: test_cots_queues.py."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 
 from model.config import FilterConfig, ObjectiveConfig
 from model.distributed import DistInfo
-from model.factory import create_towers
+from model.factory import Towers, create_towers
 from model.losses import (
     caption_ids,
     distilled_targets,
@@ -21,7 +24,7 @@ from model.losses import (
     multi_positive_targets,
 )
 from model.momentum import FeatureQueues
-from model.objectives import CotsObjective, OnlineModel
+from model.objectives import CotsObjective, Features, OnlineModel
 from model.schedules import linear_ramp, momentum_at
 
 BATCH, QUEUE, DIM = 4, 6, 64  # cots-micro's embedding is 64 wide
@@ -35,7 +38,9 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokens
 
 
-def _objective(total_steps: int = 10, **options: object) -> tuple[OnlineModel, CotsObjective]:
+def _objective(
+    total_steps: int = 10, dist: DistInfo | None = None, **options: object
+) -> tuple[OnlineModel, CotsObjective]:
     torch.manual_seed(0)
     # momentum 0 (unless asked): the momentum towers are an exact copy, so keys equal the
     # online features
@@ -54,7 +59,7 @@ def _objective(total_steps: int = 10, **options: object) -> tuple[OnlineModel, C
     }
     config = ObjectiveConfig.model_validate({**plain, **options})
     online = OnlineModel(create_towers("cots-micro"), config)
-    return online, CotsObjective(online, config, DistInfo(), total_steps=total_steps)
+    return online, CotsObjective(online, config, dist or DistInfo(), total_steps=total_steps)
 
 
 def _fill_queue(
@@ -267,3 +272,250 @@ def test_spread_measures_tell_a_cone_from_spread_features() -> None:
     assert effective_rank(spread) > 6.5
     assert effective_rank(torch.ones(8, 1) @ torch.randn(1, 8)) == pytest.approx(1.0, abs=0.05)
     assert not math.isnan(effective_rank(cone))
+
+
+# --- The KL alignment term and the filter, each against its definition. ---
+
+
+def _leaf_features(
+    online: OnlineModel, images: torch.Tensor, tokens: torch.Tensor, seed: int = 7
+) -> tuple[Features, torch.Tensor, torch.Tensor]:
+    """The online model's features with image and text [B, D] replaced by leaves of our own
+    (not normalised: the objective normalises them), so that their gradients can be read."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(BATCH, DIM, generator=generator).requires_grad_()
+    text = torch.randn(BATCH, DIM, generator=generator).requires_grad_()
+    return dataclasses.replace(online(images, tokens), image=image, text=text), image, text
+
+
+def _loss_by_hand(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    batch_keys: tuple[torch.Tensor, torch.Tensor],
+    queues: tuple[torch.Tensor, torch.Tensor],
+    temperature: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The objective's terms written out for B distinct images (the positive of row i is column
+    i) over the keys [batch ; queue]: InfoNCE both ways, and KL(p||q) + KL(q||p) of the two
+    softmaxes over the queue columns; each the mean over the kept rows."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    (image_m, text_m), (queue_image, queue_text) = batch_keys, queues
+    logits_i2t = image @ torch.cat([text_m, queue_text]).t() / temperature
+    logits_t2i = text @ torch.cat([image_m, queue_image]).t() / temperature
+    rows = torch.arange(len(image))
+    i2t = -F.log_softmax(logits_i2t, dim=1)[rows, rows]
+    t2i = -F.log_softmax(logits_t2i, dim=1)[rows, rows]
+    p = F.softmax(logits_i2t[:, len(image) :], dim=1)
+    q = F.softmax(logits_t2i[:, len(image) :], dim=1)
+    kl = (p * (p.log() - q.log())).sum(dim=1) + (q * (q.log() - p.log())).sum(dim=1)
+    kept = torch.ones(len(image), dtype=torch.bool) if keep is None else keep
+    return {"loss_i2t": i2t[kept].mean(), "loss_t2i": t2i[kept].mean(), "loss_kl": kl[kept].mean()}
+
+
+def _kl_by_hand(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    queue_image: torch.Tensor,
+    queue_text: torch.Tensor,
+    temperature: float,
+) -> list[float]:
+    """Per row, in plain floats: p_j ~ exp(image . text slot j / t) (image -> text retrieval
+    over the queue), q_j ~ exp(text . image slot j / t) (text -> image over the same slots), and
+    KL(p||q) + KL(q||p)."""
+    kls = []
+    for i in range(len(image)):
+        a = [float(image[i] @ queue_text[j]) / temperature for j in range(len(queue_text))]
+        b = [float(text[i] @ queue_image[j]) / temperature for j in range(len(queue_image))]
+        p = [math.exp(x) / sum(math.exp(y) for y in a) for x in a]
+        q = [math.exp(x) / sum(math.exp(y) for y in b) for x in b]
+        pairs = zip(p, q, strict=True)
+        kls.append(sum(pj * math.log(pj / qj) + qj * math.log(qj / pj) for pj, qj in pairs))
+    return kls
+
+
+def _perturb_momentum_towers(cots: CotsObjective) -> None:
+    """Move the momentum towers away from the online ones, so momentum keys and online features
+    differ."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in cots.momentum_towers.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+@torch.no_grad()
+def _keys_by_hand(
+    towers: Towers,
+    online: OnlineModel,
+    momentum: float,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``towers`` (our own copy of the momentum towers) one EMA step towards the online
+    towers, by the definition, and return its normalised keys: image [B, D], text [B, D]."""
+    for target, source in zip(towers.parameters(), online.towers.parameters(), strict=True):
+        target.copy_(momentum * target + (1.0 - momentum) * source)
+    towers.eval()
+    return towers.encode_image(images), towers.encode_text(tokens)
+
+
+def test_the_kl_term_is_the_symmetric_kl_of_the_two_retrieval_distributions_over_the_queue() -> (
+    None
+):
+    online, cots = _objective(kl_weight=1.0)
+    _fill_queue(cots.queues, [10, 11, 12, 13, 14, 15])
+    queue_image, queue_text = cots.queues.image.clone(), cots.queues.text.clone()
+    images, tokens = _batch()
+    features, image, text = _leaf_features(online, images, tokens)
+    out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+    with torch.no_grad():
+        image_n, text_n = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        t = float(features.temperature)
+        by_hand = _kl_by_hand(image_n, text_n, queue_image, queue_text, t)
+        # The queues the other way round (image against image slots): not the same number.
+        crossed = _kl_by_hand(image_n, text_n, queue_text, queue_image, t)
+    assert min(by_hand) > 1e-3
+    assert out.parts["loss_kl"] == pytest.approx(sum(by_hand) / BATCH, rel=1e-4)
+    assert abs(sum(crossed) - sum(by_hand)) / BATCH > 1e-2
+
+
+def test_the_kl_term_is_zero_when_the_two_distributions_agree() -> None:
+    # Swapping neighbouring coordinates is its own inverse: with text = swap(image) and the text
+    # queue = swap(image queue), image . text slot j == text . image slot j for every j, so the
+    # two retrieval distributions agree although image and text features differ.
+    swap = torch.arange(DIM).view(-1, 2).flip(1).flatten()
+    results = []
+    for aligned in (True, False):
+        online, cots = _objective(kl_weight=1.0)
+        _fill_queue(cots.queues, [10, 11, 12, 13, 14, 15])
+        if aligned:
+            cots.queues.text.copy_(cots.queues.image[:, swap])
+        images, tokens = _batch()
+        features, image, _ = _leaf_features(online, images, tokens)
+        features = dataclasses.replace(features, text=image.detach()[:, swap])
+        assert not torch.allclose(features.image, features.text)
+        results.append(
+            cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+        )
+    matched, unmatched = results
+    assert matched.parts["loss_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert matched.parts["loss_i2t"] > 0.1  # the other terms are not zero
+    assert unmatched.parts["loss_kl"] > 1e-2
+
+
+def test_the_kl_gradient_reaches_both_online_features_and_nothing_else() -> None:
+    images, tokens = _batch()
+    grads = []
+    for kl_weight in (0.0, 1.0):
+        online, cots = _objective(kl_weight=kl_weight)
+        _fill_queue(cots.queues, [10, 11, 12, 13, 14, 15])
+        queues = (cots.queues.image.clone(), cots.queues.text.clone())
+        features, image, text = _leaf_features(online, images, tokens)
+        out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+        grads.append(torch.autograd.grad(out.loss, [image, text, online.temperature]))
+        assert not cots.queues.image.requires_grad
+        assert not cots.queues.text.requires_grad
+        assert all(not p.requires_grad for p in cots.momentum_towers.parameters())
+    # The KL term's own gradient, by the definition, from the same leaves.
+    with torch.no_grad():
+        batch_keys = (online.towers.encode_image(images), online.towers.encode_text(tokens))
+    kl = _loss_by_hand(image, text, batch_keys, queues, online.temperature)["loss_kl"]
+    expected = torch.autograd.grad(kl, [image, text, online.temperature])
+    for without_kl, with_kl, by_hand in zip(*grads, expected, strict=True):
+        assert torch.allclose(with_kl - without_kl, by_hand, atol=1e-5, rtol=1e-4)
+    # Both distributions move: the image -> text one through the image features, the
+    # text -> image one through the text features.
+    assert float(expected[0].norm()) > 1e-3
+    assert float(expected[1].norm()) > 1e-3
+
+
+def test_pairs_the_filter_drops_are_left_out_of_every_loss_term() -> None:
+    online, cots = _objective(
+        kl_weight=0.5, filter=FilterConfig(enabled=True, alpha=0.0, ema=0.999, warmup_steps=0)
+    )
+    _fill_queue(cots.queues, [10, 11, 12, 13, 14, 15])
+    queues = (cots.queues.image.clone(), cots.queues.text.clone())
+    images, tokens = _batch(3)
+    with torch.no_grad():  # momentum 0: the momentum keys are the online towers' features
+        batch_keys = (online.towers.encode_image(images), online.towers.encode_text(tokens))
+        sims = (batch_keys[0] * batch_keys[1]).sum(dim=-1)
+    cots.filter.threshold.fill_(float(sims.median()) + 1e-6)
+    cots.filter.steps.fill_(1)
+    features, image, text = _leaf_features(online, images, tokens)
+    out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+    kept = sims >= cots.filter.threshold
+    assert 0 < int(kept.sum()) < BATCH
+    with torch.no_grad():
+        on_kept = _loss_by_hand(image, text, batch_keys, queues, features.temperature, kept)
+        on_all = _loss_by_hand(image, text, batch_keys, queues, features.temperature)
+    for name, value in on_kept.items():
+        assert out.parts[name] == pytest.approx(float(value), rel=1e-4), name
+        assert abs(float(on_all[name]) - float(value)) > 1e-3, name
+    expected = (on_kept["loss_i2t"] + on_kept["loss_t2i"]) / 2 + 0.5 * on_kept["loss_kl"]
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    # A dropped pair teaches nothing: its features get no gradient (the in-batch keys are the
+    # momentum keys here, so its features enter only its own rows).
+    grad_image, grad_text = torch.autograd.grad(out.loss, [image, text])
+    assert torch.equal(grad_image[~kept], torch.zeros_like(grad_image[~kept]))
+    assert torch.equal(grad_text[~kept], torch.zeros_like(grad_text[~kept]))
+    assert bool((grad_image[kept].norm(dim=1) > 0).all())
+    assert bool((grad_text[kept].norm(dim=1) > 0).all())
+
+
+def test_the_filter_threshold_is_a_moving_average_of_each_batch_momentum_similarities() -> None:
+    alpha, ema, momentum = 0.5, 0.6, 0.5
+    online, cots = _objective(
+        kl_weight=0.0,
+        momentum=momentum,
+        filter=FilterConfig(enabled=True, alpha=alpha, ema=ema, warmup_steps=0, max_drop=1.0),
+    )
+    _perturb_momentum_towers(cots)
+    towers = copy.deepcopy(cots.momentum_towers)
+    threshold: float | None = None
+    online_threshold: float | None = None
+    dropped = 0
+    for step in range(4):
+        images, tokens = _batch(step)
+        image_m, text_m = _keys_by_hand(towers, online, momentum, images, tokens)
+        sims = (image_m * text_m).sum(dim=-1)
+        stat = float(sims.mean() - alpha * sims.std(unbiased=False))
+        # the first batch sets the threshold, later ones move it by 1 - ema
+        threshold = stat if threshold is None else ema * threshold + (1 - ema) * stat
+        features, image, text = _features(online, images, tokens)
+        online_sims = (image * text).sum(dim=-1).detach()
+        online_stat = float(online_sims.mean() - alpha * online_sims.std(unbiased=False))
+        online_threshold = (
+            online_stat
+            if online_threshold is None
+            else ema * online_threshold + (1 - ema) * online_stat
+        )
+        out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+        assert out.parts["filter_threshold"] == pytest.approx(threshold, abs=1e-5), step
+        assert abs(online_threshold - threshold) > 1e-3  # the online similarities would not do
+        kept = sims >= threshold
+        assert out.parts["filtered_frac"] == pytest.approx(1 - float(kept.float().mean())), step
+        dropped += int((~kept).sum())
+    assert dropped > 0
+
+
+def test_nothing_is_dropped_during_the_filter_warm_up() -> None:
+    online, cots = _objective(
+        kl_weight=0.0, filter=FilterConfig(enabled=True, alpha=0.0, ema=0.5, warmup_steps=2)
+    )
+    filtered, enqueued, under = [], [], []
+    for step in range(3):
+        images, tokens = _batch(step)
+        filled = int(cots.queues.filled)
+        features, image, text = _features(online, images, tokens)
+        sims = (image * text).sum(dim=-1).detach()  # momentum 0: the momentum similarities
+        out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+        under.append(int((sims < cots.filter.threshold).sum()))
+        filtered.append(out.parts["filtered_frac"])
+        enqueued.append(int(cots.queues.filled) - filled)
+    # Every step has pairs under the threshold (alpha 0: the threshold is a mean) ...
+    assert all(count > 0 for count in under)
+    # ... but the two warm-up steps keep them all, in the loss and in the queue,
+    assert filtered[:2] == [0.0, 0.0]
+    assert enqueued[:2] == [BATCH, QUEUE - BATCH]  # the queue is full after the second
+    # and the first step after the warm-up drops them.
+    assert filtered[2] == pytest.approx(under[2] / BATCH)
