@@ -10,16 +10,19 @@ import pytest
 import torch
 
 from model.aux_inputs import AuxInputs, augment_view, make_aux_inputs
+from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.distributed import DistInfo
 from model.errors import ModelError
+from model.eval_splits import towers_state
 from model.evaluate import intra_modal_metrics
 from model.factory import MASK_TOKEN_ID, build_towers, create_towers, ensure_mask_token
 from model.masking import IGNORE_INDEX
 from model.objectives import AuxiliaryLosses, Features, OnlineModel, build_objective
 from model.train import train
 from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+from tests.run_start import RunStarts
 from tests.test_token_video import captions
 
 
@@ -242,25 +245,42 @@ def test_masked_run_resumes_exactly(av_corpus: Path, tmp_path: Path, tokenizer_f
 
 
 def test_video_run_starts_from_image_towers_and_evaluates_t2v(
-    av_corpus: Path, tmp_path: Path
+    av_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image_run = base_run(av_corpus, tmp_path / "image", objective={"kind": "clip"}, max_steps=2)
     train(image_run, progress=False)
+    source = towers_state(load_checkpoint(tmp_path / "image" / "checkpoint.pt")["model"])
+    starts = RunStarts(monkeypatch)
+    video_data = {
+        "modality": "video",
+        "train": str(av_corpus / "videos.csv"),
+        "group_key": "video_id",
+        "eval_splits": ["test"],
+    }
     video = base_run(
         av_corpus,
         tmp_path / "video",
-        data={
-            "modality": "video",
-            "train": str(av_corpus / "videos.csv"),
-            "group_key": "video_id",
-            "eval_splits": ["test"],
-        },
+        data=video_data,
         batch_size=8,
         max_steps=3,
         init_from=str(tmp_path / "image" / "checkpoint.pt"),
     )
     result = train(video, progress=False)
     assert {"t2v_R@1", "v2t_R@10", "t2v_medr"} <= set(result.evals["test"])
+    # The same video run without init_from, up to its first step.
+    fresh = base_run(av_corpus, tmp_path / "fresh", data=video_data, batch_size=8, max_steps=3)
+    train(fresh, stop_after_steps=1, progress=False)
+    loaded, unloaded = starts.weights
+    # Before its first step the video run holds every weight of the image run's towers; only
+    # what the image towers lack (the temporal model) starts fresh.
+    assert set(source) < set(loaded)
+    assert all(k.startswith("temporal.") for k in set(loaded) - set(source))
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    # A run without init_from starts elsewhere, in both towers: the comparison can tell.
+    for tower in ("visual.", "text."):
+        shared = [k for k in source if k.startswith(tower) and source[k].is_floating_point()]
+        assert shared
+        assert any(not torch.equal(unloaded[k], source[k]) for k in shared), tower
     bad = base_run(av_corpus, tmp_path / "bad", init_from=str(tmp_path / "missing.pt"))
     with pytest.raises(ModelError, match="init_from"):
         train(bad, progress=False)

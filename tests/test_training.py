@@ -20,6 +20,7 @@ from model.evaluate import evaluate
 from model.factory import create_towers
 from model.train import resolve_image_size, train
 from model.training_data import PairDataset, load_split
+from tests.run_start import RunStarts
 
 
 @pytest.fixture(scope="module")
@@ -383,11 +384,14 @@ def test_a_split_larger_than_the_cache_budget_is_decoded_per_use(corpus: Path) -
     assert load_split(never, "test", 48, preprocess=config.preprocess).pixels is None
 
 
-def test_frozen_towers_keep_the_weights_they_start_from(corpus: Path, tmp_path: Path) -> None:
+def test_init_from_starts_both_towers_from_the_checkpoint_and_frozen_ones_stay(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clip: dict[str, Any] = {"kind": "clip", "queue_size": 0}
     data: dict[str, Any] = {"val_split": None, "eval_splits": []}
     train(micro(corpus, tmp_path / "a", objective=clip, data=data, epochs=1), progress=False)
-    start = trained_towers(tmp_path / "a" / "checkpoint.pt").state_dict()
+    source = trained_towers(tmp_path / "a" / "checkpoint.pt").state_dict()
+    starts = RunStarts(monkeypatch)
     frozen = micro(
         corpus,
         tmp_path / "b",
@@ -398,14 +402,26 @@ def test_frozen_towers_keep_the_weights_they_start_from(corpus: Path, tmp_path: 
         init_from=str(tmp_path / "a" / "checkpoint.pt"),
     )
     train(frozen, progress=False)
-    after = trained_towers(tmp_path / "b" / "checkpoint.pt").state_dict()
-    visual = [k for k in start if k.startswith("visual.")]
-    text = [k for k in start if k.startswith("text.") and start[k].is_floating_point()]
+    # The same run without init_from, up to its first step.
+    fresh = micro(corpus, tmp_path / "c", objective=clip, data=data, epochs=1, freeze=["image"])
+    train(fresh, stop_after_steps=1, progress=False)
+    loaded, unloaded = starts.weights
+    visual = [k for k in source if k.startswith("visual.")]
+    text = [k for k in source if k.startswith("text.") and source[k].is_floating_point()]
     assert visual
-    assert all(torch.equal(start[k], after[k]) for k in visual)
-    assert any(not torch.equal(start[k], after[k]) for k in text)
+    assert text
+    # Before its first step, the run holds the checkpoint's towers, both of them, ...
+    assert loaded.keys() == source.keys()
+    assert all(torch.equal(loaded[k], source[k]) for k in source)
+    # ... which a run without init_from does not: the comparison can tell them apart.
+    assert any(not torch.equal(unloaded[k], source[k]) for k in visual)
+    assert any(not torch.equal(unloaded[k], source[k]) for k in text)
+    # After training, the frozen tower is still the checkpoint's; the other one moved.
+    after = trained_towers(tmp_path / "b" / "checkpoint.pt").state_dict()
+    assert all(torch.equal(source[k], after[k]) for k in visual)
+    assert any(not torch.equal(source[k], after[k]) for k in text)
     with pytest.raises(ValueError, match="freeze is for the CLIP objective"):
-        micro(corpus, tmp_path / "c", freeze=["image"])
+        micro(corpus, tmp_path / "d", freeze=["image"])
 
 
 def test_a_checkpoint_older_than_a_new_setting_at_its_default_still_resumes(
