@@ -154,19 +154,37 @@ def test_load_rejects_missing_and_foreign_files(tmp_path: Path) -> None:
         load_tokenizer(stale)
 
 
-def test_fit_tokenizer_reports_val_metrics_and_is_deterministic(corpus: Path) -> None:
+def test_fit_tokenizer_learns_more_than_the_mean_image_and_is_deterministic(
+    corpus: Path, train_images: torch.Tensor
+) -> None:
     data = DataConfig(train=corpus)
-    tokenizer, metrics = fit_tokenizer(data, SMALL, epochs=2, batch_size=32, seed=1, progress=False)
+    # 40 epochs of 3 steps, about 2 s. Over seeds 0-7 the val reconstruction error came to
+    # 0.63-0.68 of the mean image's (2.2-2.7 times it after 2 epochs, 0.79-0.85 after 20), with
+    # 69-94 % of the codes in use and a perplexity of 15-22.
+    tokenizer, metrics = fit_tokenizer(
+        data, SMALL, epochs=40, batch_size=32, seed=1, progress=False
+    )
     assert set(metrics) == METRICS
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 < metrics["usage"] <= 1
     assert 1 <= metrics["perplexity"] <= SMALL.codebook_size
-    assert metrics["reconstruction_mse"] > 0
     assert metrics["baseline_mse"] > 0
     assert metrics["train_s"] > 0
+    # What comes back through the codes is closer to the val images (mean squared error) than
+    # the train images' mean image is (a tokenizer that learned nothing), by a clear margin, ...
+    assert 0 < metrics["reconstruction_mse"] < 0.8 * metrics["baseline_mse"]
+    # ... through many codes, ...
+    assert metrics["usage"] > 0.5
+    assert metrics["perplexity"] > 8
+    # ... and tells the images apart: a train image's reconstruction is nearest to that image
+    # among all 96 far more often than chance (1/96; measured 0.24-0.36 over seeds 0-7).
+    reconstructions = tokenizer.decode(tokenizer.encode(train_images))
+    distances = torch.cdist(reconstructions.flatten(1), train_images.flatten(1))
+    own = distances.argmin(dim=1) == torch.arange(len(train_images))
+    assert float(own.float().mean()) > 0.1
     assert not tokenizer.training
     again, again_metrics = fit_tokenizer(
-        data, SMALL, epochs=2, batch_size=32, seed=1, progress=False
+        data, SMALL, epochs=40, batch_size=32, seed=1, progress=False
     )
     images = _images(data, "val", 32)
     assert torch.equal(again.encode(images), tokenizer.encode(images))
