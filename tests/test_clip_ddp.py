@@ -15,6 +15,7 @@ from model.distributed import DistInfo, all_gather_cat, all_gather_keeping_grad
 from model.factory import create_towers
 from model.losses import clip_loss
 from model.objectives import ClipObjective, Features, OnlineModel
+from tests.gloo import run_ranks, save_result
 
 HALF = 4
 DIM = 8
@@ -30,39 +31,27 @@ def _whole_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, text, groups
 
 
-def _rank_loss(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
-    )
-    try:
-        info = DistInfo(rank=rank, world_size=2)
-        image, text, groups = _whole_batch()
-        rows = slice(rank * HALF, (rank + 1) * HALF)
-        local_image = image[rows].clone().requires_grad_(True)
-        local_text = text[rows].clone().requires_grad_(True)
-        config = ObjectiveConfig(kind="clip")
-        objective = ClipObjective(OnlineModel(create_towers("cots-micro"), config), config, info)
-        empty = torch.zeros(HALF, 1, DIM)
-        features = Features(local_image, empty, local_text, empty, TEMPERATURE)
-        loss = objective(features, groups[rows], online=None, images=None).loss
-        loss.backward()
-        assert local_image.grad is not None
-        assert local_text.grad is not None
-        torch.save(
-            {"loss": loss.detach(), "image_grad": local_image.grad, "text_grad": local_text.grad},
-            Path(out) / f"rank{rank}.pt",
-        )
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_loss(rank: int, folder: Path) -> None:
+    info = DistInfo(rank=rank, world_size=2)
+    image, text, groups = _whole_batch()
+    rows = slice(rank * HALF, (rank + 1) * HALF)
+    local_image = image[rows].clone().requires_grad_(True)
+    local_text = text[rows].clone().requires_grad_(True)
+    config = ObjectiveConfig(kind="clip")
+    objective = ClipObjective(OnlineModel(create_towers("cots-micro"), config), config, info)
+    empty = torch.zeros(HALF, 1, DIM)
+    features = Features(local_image, empty, local_text, empty, TEMPERATURE)
+    loss = objective(features, groups[rows], online=None, images=None).loss
+    loss.backward()
+    assert local_image.grad is not None
+    assert local_text.grad is not None
+    result = {"loss": loss.detach(), "image_grad": local_image.grad, "text_grad": local_text.grad}
+    save_result(result, rank, folder)
 
 
 @pytest.mark.slow
 def test_two_ranks_score_their_pairs_against_the_whole_batch(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(
-        _rank_loss, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True
-    )
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    ranks = run_ranks(_rank_loss, tmp_path)
     image, text, groups = _whole_batch()
     i2t, t2i = clip_loss(image, text, groups, TEMPERATURE)
     whole = (i2t.mean() + t2i.mean()) / 2

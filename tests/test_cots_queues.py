@@ -15,6 +15,7 @@ import torch.multiprocessing
 from model.distributed import DistInfo
 from model.losses import caption_ids
 from model.noise_filter import AdaptiveMomentumFilter
+from tests.gloo import run_ranks, save_result
 from tests.test_cots_objective import (
     BATCH,
     QUEUE,
@@ -116,42 +117,32 @@ _RANK_KEEP = {
 }
 
 
-def _rank_steps(rank: int, store: str, out: str) -> None:
+def _rank_steps(rank: int, folder: Path) -> None:
     """One of two gloo processes: two objective steps on its own batches, then its features and
     queue buffers after each step, saved for the test to compare."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
-    )
-    try:
-        online, cots = _objective(kl_weight=0.5, dist=DistInfo(rank=rank, world_size=2))
-        cots.filter = _GivenKeep(copy.deepcopy(_RANK_KEEP[rank]))
-        record = []
-        for step in range(2):
-            images, tokens = _batch(10 * step + rank)
-            groups = torch.arange(BATCH) + 100 * rank + 10 * step
-            features, image, text = _features(online, images, tokens)
-            cots(features, groups, online=online, images=images, tokens=tokens)
-            record.append(
-                {
-                    "image": image.detach(),  # momentum 0: the momentum keys
-                    "text": text.detach(),
-                    "groups": groups,
-                    "captions": caption_ids(tokens),
-                    **{f"queues.{k}": v.clone() for k, v in cots.queues.state_dict().items()},
-                }
-            )
-        torch.save(record, Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+    online, cots = _objective(kl_weight=0.5, dist=DistInfo(rank=rank, world_size=2))
+    cots.filter = _GivenKeep(copy.deepcopy(_RANK_KEEP[rank]))
+    record = []
+    for step in range(2):
+        images, tokens = _batch(10 * step + rank)
+        groups = torch.arange(BATCH) + 100 * rank + 10 * step
+        features, image, text = _features(online, images, tokens)
+        cots(features, groups, online=online, images=images, tokens=tokens)
+        record.append(
+            {
+                "image": image.detach(),  # momentum 0: the momentum keys
+                "text": text.detach(),
+                "groups": groups,
+                "captions": caption_ids(tokens),
+                **{f"queues.{k}": v.clone() for k, v in cots.queues.state_dict().items()},
+            }
+        )
+    save_result(record, rank, folder)
 
 
 @pytest.mark.slow
 def test_two_ranks_enqueue_the_kept_keys_of_both_in_rank_order(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(
-        _rank_steps, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True
-    )
-    records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    records = run_ranks(_rank_steps, tmp_path)
     slots: dict[int, tuple[int, int, int]] = {}  # slot -> (rank, step, row) of the pair there
     ptr = 0
     for step in range(2):
