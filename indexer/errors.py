@@ -6,6 +6,8 @@ The runtime's own errors (``runtime.errors``: a bundle or an input that cannot b
 not indexer errors: they pass through unchanged.
 """
 
+from pydantic import ValidationError
+
 
 class IndexerError(Exception):
     """Base of every error the indexer raises on purpose."""
@@ -40,3 +42,14 @@ class JobError(IndexerError):
 
 class NoSuchJobError(JobError):
     """No job with that id is known (never queued, or its record expired)."""
+
+
+def first_problem(error: ValidationError) -> str:
+    """The first thing pydantic found wrong, with where (``year.gte: ...``) and how many more:
+    the message of an indexer error raised for a document that does not validate."""
+    problems = error.errors()
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "root")
+    message = str(first["msg"]).removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"

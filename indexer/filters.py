@@ -54,7 +54,7 @@ from pydantic import (
     model_validator,
 )
 
-from indexer.errors import FilterError
+from indexer.errors import FilterError, first_problem
 from indexer.fields import ANY_OF, COLUMNS, FIELD_NAME, KINDS, field_path
 
 MAX_CONDITIONS: Final = 64
@@ -270,18 +270,8 @@ def as_filter(filters: Filter | Mapping[str, Any] | None) -> Filter | None:
         try:
             parsed = Filter.model_validate(filters)
         except ValidationError as error:
-            raise FilterError(_first_problem(error)) from None
+            raise FilterError(first_problem(error)) from None
     return parsed if parsed.root else None
-
-
-def _first_problem(error: ValidationError) -> str:
-    """The first thing pydantic found wrong, with where: ``year.gte: ...`` (and a count)."""
-    problems = error.errors()
-    first = problems[0]
-    where = ".".join(str(part) for part in first["loc"] if part != "root")
-    message = str(first["msg"]).removeprefix("Value error, ")
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 # -- compiling -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from indexer.digests import FileDigest
-from indexer.errors import CollectionError
+from indexer.errors import CollectionError, first_problem
 from indexer.spec_index import CorpusKind
 from runtime.bundle import Modality
 
@@ -71,8 +71,7 @@ def read_info(folder: Path) -> IndexInfo:
     try:
         return IndexInfo.model_validate(json.loads(raw))
     except ValidationError as error:  # JSON, but not this schema (or a newer one)
-        first = error.errors()[0]
-        reason = f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        reason = first_problem(error)
         raise CollectionError(f"{path} is not a readable index.json: {reason}") from None
     except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
         reason = f"{type(error).__name__}: {error}"
