@@ -110,16 +110,9 @@ def publish(root: Path, collection: str, staged: Path, keep: int, *, held: bool 
     version names. The segments staged with it move into ``segments/`` first. Returns its
     number. ``held``: the caller holds :func:`locked` already."""
     with contextlib.nullcontext() if held else locked(root, collection):
-        shared = segments_dir(root, collection)
-        shared.mkdir(parents=True, exist_ok=True)
-        added = staged / SEGMENTS
-        if added.is_dir():
-            for segment in sorted(added.iterdir()):
-                segment.rename(shared / segment.name)
-            added.rmdir()
         version = max(list_versions(root, collection), default=0) + 1
         target = version_dir(root, collection, version)
-        staged.rename(target)
+        _move_in(staged, segments_dir(root, collection), target)
         link = collection_dir(root, collection) / CURRENT
         fresh = link.with_name(f".{CURRENT}.{os.getpid()}")
         fresh.unlink(missing_ok=True)
@@ -130,6 +123,29 @@ def publish(root: Path, collection: str, staged: Path, keep: int, *, held: bool 
                 shutil.rmtree(version_dir(root, collection, old), ignore_errors=True)
         collect_segments(root, collection)
     return version
+
+
+def _move_in(staged: Path, shared: Path, target: Path) -> None:
+    """The staged version's new segments into ``shared``, then the version folder to
+    ``target``. If either fails, the segments already moved go back into ``staged``: a segment
+    outside a staging folder is always named by a version on disk, and the failed change's
+    staging folder, deleted by :func:`staging`, takes its segments with it."""
+    shared.mkdir(parents=True, exist_ok=True)
+    added = staged / SEGMENTS
+    moved: list[str] = []
+    try:
+        if added.is_dir():
+            for segment in sorted(added.iterdir()):
+                segment.rename(shared / segment.name)
+                moved.append(segment.name)
+            added.rmdir()
+        staged.rename(target)
+    except BaseException:
+        if moved:
+            added.mkdir(exist_ok=True)
+            for name in moved:
+                (shared / name).rename(added / name)
+        raise
 
 
 def named_segments(folder: Path) -> list[str]:

@@ -26,6 +26,7 @@ from indexer.compaction import CompactionPolicy, compact_collection
 from indexer.errors import CollectionError
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import (
+    VERSIONS,
     current_version,
     list_versions,
     publish,
@@ -225,6 +226,16 @@ def _fail(failure: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     elif failure == "add, publishing":
         monkeypatch.setattr(update, "publish", disk_full)
         add_encoded(root, NAME, ids, unit(rng, 4), items_for(ids))
+    elif failure == "add, moving its version into place":  # its segment moved already
+        real_rename = Path.rename
+
+        def rename(self: Path, target: Path) -> Path:
+            if Path(target).parent.name == VERSIONS:
+                disk_full()
+            return real_rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", rename)
+        add_encoded(root, NAME, ids, unit(rng, 4), items_for(ids))
     elif failure == "remove, publishing":
         monkeypatch.setattr(update, "publish", disk_full)
         remove_from_collection(root, NAME, ids=[3, 4])
@@ -245,6 +256,7 @@ def _fail(failure: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("add, writing its segment", ValueError, "items must be exactly"),
         ("add, joining the live version", CollectionError, "cannot join"),
         ("add, publishing", OSError, "No space left"),
+        ("add, moving its version into place", OSError, "No space left"),
         ("remove, publishing", OSError, "No space left"),
         ("compact, after writing its merged segment", OSError, "No space left"),
     ],
