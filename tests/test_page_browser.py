@@ -55,8 +55,10 @@ KINDS = {"images": "image", "captions": "caption", "videos": "video"}
 QUERY = "a small red circle on a striped background"
 DASH = "\u2013"  # the page joins its ranges (results, seconds) with an en dash, not a hyphen
 
+# An <img> without a src counts as complete: with an API key the page sets it only once its
+# own fetch (with the key) has the bytes, so "done" needs the src as well.
 ALL_IMAGES_DONE = """() => [...document.querySelectorAll('[data-testid="hit"] img')]
-    .every((img) => img.complete)"""
+    .every((img) => img.hasAttribute("src") && img.complete)"""
 IMAGE_WIDTHS = """() => [...document.querySelectorAll('[data-testid="hit"] img')]
     .map((img) => img.naturalWidth)"""
 VIDEO_STATES = """() => [...document.querySelectorAll('[data-testid="hit"] video')]
