@@ -22,7 +22,6 @@ from typing import Final
 
 from indexer.assemble import assemble_version
 from indexer.errors import CollectionError
-from indexer.ray_engine import encode_shards_with_ray
 from indexer.shards import Progress, Shard, encode_shards_locally, list_records, skipped_summary
 from indexer.spec_index import BuildSpec
 from runtime.bundle import BundleManifest, read_manifest
@@ -45,7 +44,14 @@ def build_key(spec: BuildSpec, manifest: BundleManifest) -> str:
 
 def build_collection(spec: BuildSpec, *, progress: Progress | None = None) -> int:
     """Build ``spec.collection`` from ``spec.corpus``; returns the new, now current, version."""
-    encode_shards = encode_shards_with_ray if spec.engine == "ray" else encode_shards_locally
+    if spec.engine == "ray":
+        # Imported on use: it imports Ray Data, of the optional distributed extra, which the
+        # serving image lacks (tests/test_layering.py still sees this edge: it hides no cycle).
+        from indexer.ray_engine import encode_shards_with_ray
+
+        encode_shards = encode_shards_with_ray
+    else:
+        encode_shards = encode_shards_locally
     manifest = read_manifest(spec.bundle)
     records, listing_skipped = list_records(spec)
     if not records:

@@ -25,6 +25,28 @@ def test_serving_side_packages_never_import_torch() -> None:
     assert out.stdout.strip() == "ok"
 
 
+def test_serving_side_packages_import_without_ray() -> None:
+    """The serving image installs no distributed extra: everything it runs imports without
+    Ray or pyarrow (the Ray engine alone needs them, and says so when asked for)."""
+    code = (
+        "import sys\n"
+        "sys.modules.update({'ray': None, 'pyarrow': None})  # as if not installed\n"
+        "import indexer.build, indexer.jobs, indexer.update, indexer.compaction\n"
+        "import indexer.cli, indexer.worker_cli, service.app, cots.demo_serve\n"
+        "from indexer.errors import CollectionError\n"
+        "try:\n"
+        "    import indexer.ray_engine\n"
+        "except CollectionError as error:\n"
+        "    assert 'cots-search[distributed]' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('the Ray engine imported without Ray')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_a_copy_of_the_shipped_files_runs(tmp_path: Path) -> None:
     """Copy only what git ships (tracked or not ignored) and use it: catches a module that
     works here only because of an ignored or stray file."""
