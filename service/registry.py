@@ -31,6 +31,7 @@ class CollectionRegistry:
         names: list[str] | None = None,
         use_gpu: bool | None = None,
         grace_s: float = 30.0,
+        retry_failed_s: float = 60.0,
     ) -> None:
         self.root = Path(root)
         self.bundle_id = bundle_id
@@ -38,6 +39,10 @@ class CollectionRegistry:
         self.fixed_names = list(names or [])
         self.use_gpu = use_gpu
         self.grace_s = grace_s
+        self.retry_failed_s = retry_failed_s
+        # collection -> (version that failed to load, when): a damaged version is tried again
+        # after retry_failed_s, not on every poll (each try re-hashes its files and logs).
+        self._failed: dict[str, tuple[int, float]] = {}
         self._live: dict[str, Collection] = {}
         self.errors: dict[str, str] = {}  # collection -> why it is not served
         self._retired: list[tuple[float, Collection]] = []
@@ -87,6 +92,9 @@ class CollectionRegistry:
             return False
         if served is not None and served.version == version:
             return False
+        failed_version, failed_at = self._failed.get(name, (None, 0.0))
+        if failed_version == version and time.monotonic() - failed_at < self.retry_failed_s:
+            return False
         try:
             # Segments the served version holds are shared, not loaded again.
             opened = Collection.open(
@@ -100,6 +108,7 @@ class CollectionRegistry:
         except (IndexerError, BundleRuntimeError, OSError) as error:
             self.errors[name] = str(error)
             self.metrics.reloads.labels(name, "failed").inc()
+            self._failed[name] = (version, time.monotonic())
             log.error("cannot load collection %s version %s: %s", name, version, error)
             return False
         except Exception as error:
@@ -107,10 +116,12 @@ class CollectionRegistry:
             # FAISS), one collection must not stop the replica serving the others.
             self.errors[name] = f"{type(error).__name__}: {error}"
             self.metrics.reloads.labels(name, "failed").inc()
+            self._failed[name] = (version, time.monotonic())
             log.exception("cannot load collection %s version %s", name, version)
             return False
         self._live[name] = opened  # the swap: readers see the old or the new, whole
         self.errors.pop(name, None)
+        self._failed.pop(name, None)
         self.metrics.index_version.labels(name).set(version)
         self.metrics.index_items.labels(name).set(opened.info.live)
         if served is not None:

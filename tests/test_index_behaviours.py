@@ -20,10 +20,11 @@ import pytest
 
 import indexer.compaction as compaction
 import indexer.update as update
-from indexer.assemble import IndexInfo, write_version
+from indexer.assemble import write_version
 from indexer.collection import Collection, missing_files
 from indexer.compaction import CompactionPolicy, compact_collection
 from indexer.errors import CollectionError
+from indexer.index_bundle import IndexInfo
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import (
     VERSIONS,

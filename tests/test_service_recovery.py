@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from indexer.assemble import DELETED
+from indexer.index_bundle import DELETED
 from indexer.update import remove_from_collection
 from indexer.versions import publish, staging, version_dir
 from service.settings import Settings
@@ -104,6 +105,9 @@ def test_a_broken_new_version_keeps_the_old_one_serving_and_counts_a_failed_relo
             "no failed reload counted for the broken version",
             interval_s=0.05,
         )
+        # Not tried again on every poll (0.2 s here): each try re-hashes the files and logs.
+        time.sleep(1.5)
+        assert _metric(client, FAILED_RELOADS) == 1
         during = client.post(SEARCH, json=query)
         assert during.status_code == 200, during.text
         assert during.json()["version"] == 1
