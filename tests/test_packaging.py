@@ -10,6 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_prints_ok(code: str) -> None:
+    """``code`` run in a fresh interpreter (nothing imported yet) ends by printing ok."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_serving_side_packages_never_import_torch() -> None:
     code = (
         "import sys\n"
@@ -20,9 +27,7 @@ def test_serving_side_packages_never_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert_prints_ok(code)
 
 
 def test_serving_side_packages_import_without_ray() -> None:
@@ -42,9 +47,7 @@ def test_serving_side_packages_import_without_ray() -> None:
         "    raise AssertionError('the Ray engine imported without Ray')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert_prints_ok(code)
 
 
 def test_a_copy_of_the_shipped_files_runs(tmp_path: Path) -> None:
