@@ -74,6 +74,7 @@ def assemble_version(
                 dim=manifest.embed_dim,
                 factory=factory,
                 model_bundle_id=manifest.bundle_id,
+                model_bundle_path=str(Path(spec.bundle).resolve()),
                 recall_at_10=0.0,
                 build=spec.model_dump(mode="json"),
                 skipped=skipped,

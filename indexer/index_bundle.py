@@ -43,6 +43,9 @@ class IndexInfo(BaseModel):
     factory: str
     metric: Literal["inner_product"] = "inner_product"
     model_bundle_id: str
+    # Where that bundle was (resolved) when the collection was built, so `cots serve` and
+    # `cots index sync` can find it without --bundle; None for versions written before.
+    model_bundle_path: str | None = None
     recall_at_10: float  # against exact search, on up to 200 of the collection's vectors
     build: dict[str, Any]  # the BuildSpec of the first build, then what updates changed
     skipped: dict[str, int] = {}

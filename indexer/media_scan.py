@@ -1,0 +1,183 @@
+"""A folder of a user's own media, listed: which files are photos or videos, and why the rest
+are not items.
+
+The walk is the one thing a build from a folder, a sync and the quickstart share: it only
+stats files (no file is opened), so listing an unchanged 100,000-file folder costs the
+``stat`` calls alone. A file is an item when its extension names an image or video format we
+decode; everything else is counted by reason and never silently dropped:
+
+- hidden files and folders (``.DS_Store``, ``.thumbnails/``) — "hidden";
+- symlinks whose target lies outside the root (a sync must not wander the disk) — "symlink
+  leaves the root"; links inside the root are followed once (a looped link is not re-entered);
+- files that are not media (``notes.txt``) — "not media";
+- HEIC/HEIF/AVIF without the optional ``pillow-heif`` decoder — "needs pillow-heif";
+- folders that cannot be listed (permission denied) — "unreadable folder".
+
+Paths are returned sorted by their relative POSIX path, so ids follow the same order on every
+platform and every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+logger = logging.getLogger("cots.index")
+
+MediaKind = Literal["image", "video"]
+
+IMAGE_EXTENSIONS: Final = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+# Decoded through pillow-heif's Pillow plugin, an optional extra (`pip install
+# 'cots-search[heic]'`); without it these files are skipped with that reason.
+HEIF_EXTENSIONS: Final = frozenset({".heic", ".heif", ".avif"})
+VIDEO_EXTENSIONS: Final = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"})
+MAX_EXAMPLES: Final = 20
+
+
+def heif_available() -> bool:
+    """Whether HEIC/AVIF files can be decoded (pillow-heif's plugin registers with Pillow)."""
+    try:
+        import pillow_heif  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    if hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+    return True
+
+
+def media_kind(path: Path | str, *, heif: bool = True) -> MediaKind | None:
+    """``image`` or ``video`` by extension, or None for a file that is not media we decode."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix in IMAGE_EXTENSIONS or (heif and suffix in HEIF_EXTENSIONS):
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFile:
+    """One media file under the scanned root, as ``stat`` saw it during the scan."""
+
+    relpath: str  # POSIX, relative to the root: the item's stable name for a sync
+    path: Path  # root / relpath (not resolved: a link inside the root keeps its own name)
+    kind: MediaKind
+    size: int
+    mtime_ns: int
+
+    @property
+    def folder(self) -> str:
+        """The relative folder ("" for the root itself)."""
+        return self.relpath.rpartition("/")[0]
+
+
+@dataclass
+class MediaScan:
+    """What a scan found: media files in order, and every other entry counted by reason."""
+
+    root: Path
+    files: list[MediaFile] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def skip(self, path: Path, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append((str(path), reason))
+        logger.info("not an item: %s (%s)", path, reason)
+
+    def of_kind(self, kind: MediaKind) -> list[MediaFile]:
+        return [file for file in self.files if file.kind == kind]
+
+    def summary(self) -> str:
+        counts = Counter(file.kind for file in self.files)
+        text = f"{self.root}: {counts['image']:,} images, {counts['video']:,} videos"
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(self.skipped.items()))
+            text += f"; not items: {reasons}"
+        return text
+
+
+class MediaScanError(Exception):
+    """The root itself cannot be scanned (missing, not a folder, unreadable)."""
+
+
+def scan_media(root: Path | str, kinds: frozenset[MediaKind] | None = None) -> MediaScan:
+    """Every media file under ``root`` (recursively) of ``kinds`` (None: images and videos).
+
+    Files of a kind not asked for are not items here and are not counted as skipped (an image
+    collection's scan of a folder with videos in it does not report them).
+    """
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            what = "does not exist" if not root.exists() else "is not a folder"
+            raise MediaScanError(f"media folder {root} {what}")
+        real_root = root.resolve(strict=True)
+        os.listdir(root)
+    except PermissionError as error:
+        raise MediaScanError(f"media folder {root} cannot be read: {error.strerror}") from None
+    wanted = kinds if kinds is not None else frozenset(("image", "video"))
+    heif = heif_available()
+    scan = MediaScan(root=root)
+    seen_dirs = {real_root}
+    _walk(scan, root, "", real_root, wanted, heif, seen_dirs)
+    scan.files.sort(key=lambda file: file.relpath)
+    return scan
+
+
+def _walk(
+    scan: MediaScan,
+    folder: Path,
+    prefix: str,
+    real_root: Path,
+    wanted: frozenset[MediaKind],
+    heif: bool,
+    seen_dirs: set[Path],
+) -> None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as error:
+        scan.skip(folder, f"unreadable folder ({error.strerror or error})")
+        return
+    for entry in entries:
+        path = folder / entry.name
+        relpath = f"{prefix}{entry.name}"
+        if entry.name.startswith("."):
+            scan.skip(path, "hidden")
+            continue
+        try:
+            if entry.is_symlink():
+                target = path.resolve(strict=True)
+                if not target.is_relative_to(real_root):
+                    scan.skip(path, "symlink leaves the root")
+                    continue
+            info = os.stat(path)  # follows a link inside the root
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+            scan.skip(path, f"unreadable ({getattr(error, 'strerror', None) or error})")
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            real = path.resolve()
+            if real in seen_dirs:
+                continue  # a link back into a folder already walked
+            seen_dirs.add(real)
+            _walk(scan, path, f"{relpath}/", real_root, wanted, heif, seen_dirs)
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            scan.skip(path, "not a regular file")
+            continue
+        kind = media_kind(entry.name, heif=heif)
+        if kind is None:
+            suffix = os.path.splitext(entry.name)[1].lower()
+            scan.skip(path, "needs pillow-heif" if suffix in HEIF_EXTENSIONS else "not media")
+            continue
+        if kind in wanted:
+            scan.files.append(MediaFile(relpath, path, kind, info.st_size, info.st_mtime_ns))
