@@ -18,6 +18,10 @@ from cots.lazy import LazyGroup
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "data": ("model.data.cli:data", "Synthesise, convert and inspect corpora."),
     "demo": ("cots.demo:demo", "Run the end-to-end demo on the embedded synthetic corpus."),
+    "quickstart": (
+        "cots.quickstart:quickstart",
+        "Index a folder of your own photos and videos and serve its search page.",
+    ),
     "train": ("model.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
     "eval": ("model.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
     "export": ("model.cli:export", "Export a checkpoint to an ONNX model bundle."),

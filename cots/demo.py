@@ -12,11 +12,20 @@ from __future__ import annotations
 import textwrap
 from itertools import islice
 from pathlib import Path
+from typing import Final
 
 import click
 from PIL import Image, ImageDraw
 
 _CAPTION_LINES = 4
+
+# The README's "Your own photos" commands (tests/test_own_media.py checks they are the same).
+OWN_PHOTOS_COMMANDS: Final = (
+    "cots quickstart ~/Pictures --model ViT-B-32 --pretrained ViT-B-32.pt",
+    'cots search "a dog on the beach" --collection photos --min-score 0.25 --sort=-taken',
+    "cots index sync --collection photos --corpus ~/Pictures",
+    "cots index duplicates --collection photos --min-score 0.97",
+)
 
 
 def _synthesise(corpus: Path, config_options: dict[str, int], quiet: bool) -> dict:
@@ -332,10 +341,8 @@ def demo(
     )
     click.echo(f"build steps done in {time.monotonic() - started:.0f} s")
     click.echo(
-        "your own photos, with a pretrained open_clip model now and fine-tuning later:\n"
-        "  cots export --model ViT-B-32 --pretrained WEIGHTS.pt --out my-bundle\n"
-        "  cots index build --bundle my-bundle --corpus my-photos.csv --collection photos\n"
-        "  cots train --model ViT-B-32 --pretrained WEIGHTS.pt --data my-photos.csv"
+        "your own photos and videos (README, 'Your own photos'), with an open_clip model's "
+        "weights file:\n" + "\n".join(f"  {command}" for command in OWN_PHOTOS_COMMANDS)
     )
     if serve:
         serve_demo(bundle, indices, corpus, host, port, queries)

@@ -9,20 +9,23 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from indexer.filters import Filter, parse_where, split_where
+from indexer.home import DEFAULT_INDEX_ROOT, INDEX_ROOT_VARIABLE
 
 if TYPE_CHECKING:
     from indexer.spec_index import BuildSpec
 
-_ROOT_HELP = "Folder holding the collections (env COTS_INDEX_ROOT)."
+_ROOT_HELP = (
+    "Folder holding the collections, shared by every cots command [COTS_INDEX_ROOT; default "
+    f"{DEFAULT_INDEX_ROOT}]."
+)
 
 
 def _root_option(function: Any) -> Any:
     return click.option(
         "--root",
         type=click.Path(file_okay=False, path_type=Path),
-        envvar="COTS_INDEX_ROOT",
-        default=Path("indexes"),
-        show_default=True,
+        envvar=INDEX_ROOT_VARIABLE,
+        default=DEFAULT_INDEX_ROOT,
         help=_ROOT_HELP,
     )(function)
 
@@ -267,7 +270,11 @@ def info(root: Path, collection: str, as_json: bool) -> None:
 @index.command()
 @_root_option
 @_collection_option
-@click.option("--bundle", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--bundle",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model bundle [default: the one the collection was built with].",
+)
 @click.option("--text", "texts", multiple=True, help="Text query (repeatable).")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-k", type=click.IntRange(min=1, max=1000), default=5, show_default=True)
@@ -281,7 +288,7 @@ def info(root: Path, collection: str, as_json: bool) -> None:
 def search(
     root: Path,
     collection: str,
-    bundle: Path,
+    bundle: Path | None,
     texts: tuple[str, ...],
     images: tuple[Path, ...],
     k: int,
@@ -297,8 +304,10 @@ def search(
 
     if not texts and not images:
         raise click.UsageError("give at least one --text or --image query")
+    from indexer.home import bundle_of_collections
+
     try:
-        encoder = Encoder(bundle)
+        encoder = Encoder(bundle or bundle_of_collections(root, [collection]))
         queries = [encoder.encode_texts(list(texts)), encoder.encode_images(list(images))]
         with Collection.open(root, collection, bundle_id=encoder.bundle_id) as opened:
             results = opened.search(np.concatenate(queries), k, filters=parse_filters(where))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,12 +92,7 @@ def serve(
     for variable, meant in unknown_variables(os.environ):
         hint = f" (did you mean {meant}?)" if meant else ""
         click.echo(f"warning: {variable} sets nothing and is ignored{hint}", err=True)
-    for what, path in (("model bundle", settings.bundle), ("index root", settings.index_root)):
-        if not Path(path).exists():
-            raise click.ClickException(
-                f"{what} {path} does not exist (build one: cots demo, or cots export and "
-                "cots index build)"
-            )
+    _check_home(settings)
     import uvicorn
 
     click.echo(f"serving on http://{host}:{port}/ (API docs: http://{host}:{port}/docs)", err=True)
@@ -106,6 +105,27 @@ def serve(
         log_level="info",
         access_log=False,
     )
+
+
+def _check_home(settings: Settings) -> None:
+    """Fail before uvicorn starts, naming the command that fixes it, when there is nothing to
+    serve; an unset bundle becomes the one the collections were built with (COTS_BUNDLE, so
+    every worker process reads the same)."""
+    from indexer.errors import IndexerError
+    from indexer.home import bundle_of_collections
+
+    root = settings.index_root
+    if settings.bundle is not None and not settings.bundle.exists():
+        raise click.ClickException(
+            f"model bundle {settings.bundle} does not exist: write one with `cots export` "
+            "(or `cots quickstart FOLDER --model NAME --pretrained WEIGHTS`), or leave "
+            "--bundle out to use the one the collections were built with"
+        )
+    try:
+        bundle = settings.bundle or bundle_of_collections(root, settings.collections)
+    except IndexerError as error:
+        raise click.ClickException(str(error)) from None
+    os.environ["COTS_BUNDLE"] = str(bundle)
 
 
 def _thread_shares(workers: int) -> dict[str, str | None]:

@@ -12,6 +12,8 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from indexer.home import DEFAULT_INDEX_ROOT
+
 Scope = Literal["search", "write", "admin"]
 
 
@@ -70,8 +72,15 @@ class Settings(BaseSettings):
         env_prefix="COTS_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
 
-    bundle: Path = Field(Path("cots-demo/bundle"), description="model bundle (cots export)")
-    index_root: Path = Field(Path("cots-demo/indices"), description="folder of collections")
+    bundle: Path | None = Field(
+        None,
+        description="model bundle (cots export); unset: the one the served collections were "
+        "built with, when they agree on one",
+    )
+    index_root: Path = Field(
+        DEFAULT_INDEX_ROOT,
+        description="folder of collections, shared with every cots index command",
+    )
     collections: list[str] = Field(
         default_factory=list, description="collections to serve (empty: every one under the root)"
     )
@@ -136,6 +145,16 @@ class Settings(BaseSettings):
     )
     reload_poll_s: float = Field(
         5.0, gt=0, description="how often the live version pointers are re-read"
+    )
+    thumbnail_dir: Path | None = Field(
+        None,
+        description="where media thumbnails (?w=N) are cached (unset: .thumbnails in the "
+        "index root; not writable: served uncached)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins whose web pages may call the API, as a JSON list "
+        '(["https://app.example.com"]; "*" for any; empty: no cross-origin calls)',
     )
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 
+from indexer.home import bundle_of_collections
 from runtime.encoder import Encoder
 from service.cache import EmbeddingCache
 from service.engine import QueryEngine
@@ -27,6 +29,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     encoder: Encoder
+    bundle: Path  # settings.bundle, or the one the collections were built with
     registry: CollectionRegistry
     link: RedisLink
     cache: EmbeddingCache
@@ -43,8 +46,9 @@ class ServiceState:
         faiss_threads = settings.faiss_threads or cores
         if faiss_threads is not None:
             faiss.omp_set_num_threads(faiss_threads)
+        bundle = settings.bundle or bundle_of_collections(settings.index_root, settings.collections)
         encoder = Encoder(
-            settings.bundle,
+            bundle,
             providers=settings.providers or None,
             precision=settings.precision,
             threads=settings.threads or cores,
@@ -78,6 +82,7 @@ class ServiceState:
             settings=settings,
             metrics=metrics,
             encoder=encoder,
+            bundle=bundle,
             registry=registry,
             link=link,
             cache=cache,
