@@ -27,6 +27,22 @@ from indexer.spec_index import BuildSpec
 from runtime.bundle import BundleManifest, read_manifest
 
 BUILDS: Final = "builds"
+# Metadata keys every image and video collection indexes (indexer.file_metadata): the filters
+# users reach for first, by date and by folder.
+MEDIA_INDEX_FIELDS: Final = ("taken", "folder")
+MAX_INDEX_FIELDS: Final = 16  # BuildSpec.index_fields' own limit
+
+
+def with_media_index_fields(spec: BuildSpec) -> BuildSpec:
+    """``spec`` with ``taken`` and ``folder`` added to its indexed fields when it embeds
+    images or videos (up to the limit of indexed fields); a caption build as it is."""
+    if spec.kind == "caption":
+        return spec
+    fields = list(spec.index_fields)
+    for key in MEDIA_INDEX_FIELDS:
+        if key not in fields and len(fields) < MAX_INDEX_FIELDS:
+            fields.append(key)
+    return spec.model_copy(update={"index_fields": fields})
 
 
 def build_key(spec: BuildSpec, manifest: BundleManifest) -> str:
@@ -52,6 +68,7 @@ def build_collection(spec: BuildSpec, *, progress: Progress | None = None) -> in
         encode_shards = encode_shards_with_ray
     else:
         encode_shards = encode_shards_locally
+    spec = with_media_index_fields(spec)
     manifest = read_manifest(spec.bundle)
     records, listing_skipped = list_records(spec)
     if not records:

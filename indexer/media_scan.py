@@ -9,7 +9,8 @@ decode; everything else is counted by reason and never silently dropped:
 - hidden files and folders (``.DS_Store``, ``.thumbnails/``) — "hidden";
 - symlinks whose target lies outside the root (a sync must not wander the disk) — "symlink
   leaves the root"; links inside the root are followed once (a looped link is not re-entered);
-- files that are not media (``notes.txt``) — "not media";
+- files that are not media (``notes.txt``) — "not media"; a ``<stem>.txt`` beside a media
+  file of the same stem is its caption, listed in ``MediaScan.captions``, not skipped;
 - HEIC/HEIF/AVIF without the optional ``pillow-heif`` decoder — "needs pillow-heif";
 - folders that cannot be listed (permission denied) — "unreadable folder".
 
@@ -19,6 +20,7 @@ platform and every run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import stat
@@ -41,8 +43,13 @@ VIDEO_EXTENSIONS: Final = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi", ".
 MAX_EXAMPLES: Final = 20
 
 
+CAPTION_SUFFIX: Final = ".txt"
+
+
+@functools.cache
 def heif_available() -> bool:
-    """Whether HEIC/AVIF files can be decoded (pillow-heif's plugin registers with Pillow)."""
+    """Whether HEIC/AVIF files can be decoded; registers pillow-heif's plugin with Pillow (once
+    per process: a decoding worker calls it too, before its first image)."""
     try:
         import pillow_heif  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -87,6 +94,8 @@ class MediaScan:
     files: list[MediaFile] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # relpath of a media file -> its <stem>.txt caption file (only those that exist)
+    captions: dict[str, Path] = field(default_factory=dict)
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped[reason] += 1
@@ -125,7 +134,7 @@ def scan_media(root: Path | str, kinds: frozenset[MediaKind] | None = None) -> M
         os.listdir(root)
     except PermissionError as error:
         raise MediaScanError(f"media folder {root} cannot be read: {error.strerror}") from None
-    wanted = kinds if kinds is not None else frozenset(("image", "video"))
+    wanted: frozenset[MediaKind] = kinds if kinds is not None else frozenset(("image", "video"))
     heif = heif_available()
     scan = MediaScan(root=root)
     seen_dirs = {real_root}
@@ -148,6 +157,9 @@ def _walk(
     except OSError as error:
         scan.skip(folder, f"unreadable folder ({error.strerror or error})")
         return
+    sidecars: dict[str, Path] = {}  # stem -> a .txt in this folder, a caption if media shares it
+    stems: dict[str, list[str]] = {}  # stem -> relpaths of this folder's media of wanted kinds
+    others: set[str] = set()  # stems of media of kinds not asked for (their .txt is no note)
     for entry in entries:
         path = folder / entry.name
         relpath = f"{prefix}{entry.name}"
@@ -174,10 +186,23 @@ def _walk(
         if not stat.S_ISREG(info.st_mode):
             scan.skip(path, "not a regular file")
             continue
+        stem, suffix = os.path.splitext(entry.name)
         kind = media_kind(entry.name, heif=heif)
         if kind is None:
-            suffix = os.path.splitext(entry.name)[1].lower()
-            scan.skip(path, "needs pillow-heif" if suffix in HEIF_EXTENSIONS else "not media")
+            if suffix.lower() == CAPTION_SUFFIX:
+                sidecars[stem] = path  # decided once the whole folder is listed
+            else:
+                reason = "needs pillow-heif" if suffix.lower() in HEIF_EXTENSIONS else "not media"
+                scan.skip(path, reason)
             continue
         if kind in wanted:
             scan.files.append(MediaFile(relpath, path, kind, info.st_size, info.st_mtime_ns))
+            stems.setdefault(stem, []).append(relpath)
+        else:
+            others.add(stem)
+    for stem, path in sidecars.items():
+        if stem in stems:
+            for relpath in stems[stem]:
+                scan.captions[relpath] = path
+        elif stem not in others:
+            scan.skip(path, "not media")

@@ -5,11 +5,16 @@ decoded (in worker processes) and encoded (here) into ids, vectors and metadata 
 preparing and embedding) and hands the saved shards to ``indexer.assemble``; ``indexer.update``
 encodes an add with the same :class:`ShardEncoder`.
 
+Image and video items need no caption (a caption, when the corpus has one, is stored); a
+folder of them is listed by ``indexer.media_records``. Each image or video item carries the
+metadata ``indexer.file_metadata`` reads from its file, from the bytes read once for decoding.
+
 Item ids follow ``indexer.item_ids``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -18,27 +23,37 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 from tqdm import tqdm
 
 from indexer.errors import CollectionError
+from indexer.file_metadata import (
+    file_fields,
+    hash_media_file,
+    image_fields,
+    read_media_file,
+    video_fields,
+)
 from indexer.item_ids import STRIDE, item_id
+from indexer.media_records import list_media_folder, record_relpath, with_relpaths
+from indexer.media_scan import heif_available
 from indexer.metadata import Item
 from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
 from model.data.readers import (
     BadItemError,
     ImageReader,
     VideoCsvReader,
-    load_image,
+    is_shard_directory,
     open_image_corpus,
 )
 from model.data.records import CorpusError, ImageRecord, VideoRecord
 from runtime.bundle import Modality
 from runtime.encoder import Encoder
-from runtime.errors import InputError
-from runtime.images import preprocess_images
+from runtime.errors import ImageDecodeError, InputError
+from runtime.image_decode import BoundedImage, decode_image_bounded
+from runtime.images import ACCEPTED_FORMATS, preprocess_images
 from runtime.spec import ImageSpec, VideoSpec
 from runtime.video import load_video_segments
 
@@ -46,6 +61,14 @@ logger = logging.getLogger("cots.index")
 
 Progress = Callable[[int, int, str], None]
 Record = ImageRecord | VideoRecord
+# What a build decodes: the runtime's formats, and HEIC/AVIF when pillow-heif registered them.
+INDEX_FORMATS: Final = (*ACCEPTED_FORMATS, "HEIF", "AVIF")
+
+
+def index_min_side(size: int) -> int:
+    """The shorter side an image is decoded to at least, for a model of input ``size``: far
+    above it (the model resizes it to ``size``), far under a 100-megapixel photo's."""
+    return max(1024, 4 * size)
 
 
 @dataclass
@@ -62,17 +85,48 @@ class Chunk:
 
 def list_records(spec: BuildSpec) -> tuple[list[Record], dict[str, int]]:
     """Every usable record of the corpus (split applied) in corpus order, and the items the
-    listing itself skipped (missing files, empty captions, ...) per reason."""
+    listing itself skipped (missing files, empty captions, not media, ...) per reason.
+
+    Images and videos need no caption; a folder of them is scanned for media files
+    (``indexer.media_records``). A caption collection needs captions, and says so when the
+    corpus has none.
+    """
+    corpus = Path(spec.corpus)
+    if spec.kind != "caption" and corpus.is_dir() and not is_shard_directory(corpus):
+        return list_media_folder(corpus, spec.kind, spec.split)
+    captions_required = spec.kind == "caption"
     try:
         reader: VideoCsvReader | ImageReader
         if spec.kind == "video":
-            reader = VideoCsvReader(spec.corpus, split=spec.split, num_frames=None)
+            reader = VideoCsvReader(
+                corpus,
+                split=spec.split,
+                num_frames=None,
+                separator="\t" if corpus.suffix.lower() == ".tsv" else ",",
+                captions_required=False,
+            )
         else:
-            reader = open_image_corpus(spec.corpus, split=spec.split)
+            reader = open_image_corpus(
+                spec.corpus, split=spec.split, captions_required=captions_required
+            )
         records: list[Record] = list(reader.records())
     except CorpusError as error:
-        raise CollectionError(f"cannot read corpus {spec.corpus}: {error}") from None
-    return records, dict(reader.report.skipped)
+        hint = _CAPTIONS_HINT if captions_required and "caption" in str(error) else ""
+        raise CollectionError(f"cannot read corpus {spec.corpus}: {error}{hint}") from None
+    skipped = dict(reader.report.skipped)
+    if captions_required and not records and _NO_CAPTION_REASONS & skipped.keys():
+        found = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(skipped.items()))
+        raise CollectionError(f"corpus {spec.corpus} has no captions ({found}){_CAPTIONS_HINT}")
+    # A corpus file's items are named relative to its folder (their ``path`` metadata).
+    root = corpus if corpus.is_dir() else corpus.parent
+    return with_relpaths(records, root), skipped
+
+
+_NO_CAPTION_REASONS: Final = frozenset({"missing caption file", "empty caption"})
+_CAPTIONS_HINT: Final = (
+    "; --kind caption embeds captions (a <stem>.txt beside each image, or a caption column), "
+    "while --kind image indexes the images without them"
+)
 
 
 # Preparing chunks (runs in worker processes) ------------------------------------------------------
@@ -87,6 +141,8 @@ def prepare_chunk(
 ) -> Chunk:
     """Decode and preprocess records (numbered by their record index) into encoder inputs."""
     chunk = Chunk()
+    if kind == "image":
+        heif_available()  # registers pillow-heif's decoder in this worker, when installed
     for number, record in numbered:
         try:
             if kind == "image":
@@ -106,7 +162,19 @@ def _metadata(record: Record) -> dict[str, Any]:
 
 def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) -> None:
     assert isinstance(record, ImageRecord)
-    pixels = preprocess_images([load_image(record)], image)[0]
+    if record.data is not None:
+        data, stat = record.data, None  # an archive member: no file of its own
+    elif record.path is not None:
+        data, stat = read_media_file(record.path)
+    else:
+        raise BadItemError("missing file", f"{record.uri}: record has neither path nor data")
+    decoded = decode_for_index(data, image)
+    # to_rgb (inside) applies the EXIF orientation: the one path queries take too.
+    pixels = preprocess_images([decoded.image], image)[0]
+    sha256 = hashlib.sha256(data).hexdigest()
+    metadata = _metadata(record)
+    metadata |= file_fields(record_relpath(record), stat, size=len(data), sha256=sha256)
+    metadata |= image_fields(decoded.image, decoded.stored_size)
     caption = record.captions[0] if record.captions else None
     chunk.items.append(
         Item(
@@ -115,10 +183,24 @@ def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) 
             uri=record.uri,
             caption=caption,
             group_id=record.group_id,
-            metadata=_metadata(record),
+            metadata=metadata,
         )
     )
     chunk.inputs.append(pixels)
+
+
+def decode_for_index(data: bytes, image: ImageSpec) -> BoundedImage:
+    """An image file's bytes decoded for indexing, memory bounded however large the photo
+    (``runtime.image_decode.decode_image_bounded``); :class:`BadItemError` when unusable."""
+    try:
+        return decode_image_bounded(
+            data, min_side=index_min_side(image.size), formats=INDEX_FORMATS
+        )
+    except ImageDecodeError as error:
+        if error.reason == "truncated image":
+            # Skip reports count a truncated file as a corrupt image, as the readers do.
+            raise BadItemError("corrupt image", str(error)) from error
+        raise BadItemError(error.reason, error.detail) from error
 
 
 def _prepare_captions(chunk: Chunk, number: int, record: Record) -> None:
@@ -147,12 +229,18 @@ def _prepare_video(
     segment_seconds: float,
 ) -> None:
     assert isinstance(record, VideoRecord)
+    # Hashed in blocks, apart from decoding: a video need not fit in memory, and PyAV reads the
+    # file itself (the second read comes from the page cache).
+    sha256, stat = hash_media_file(record.path)
     whole, segments, seconds = load_video_segments(record.path, video, image, segment_seconds)
     if len(segments) >= STRIDE["video"]:
         raise BadItemError("too long", f"{len(segments)} segments")
     base = item_id("video", number)
     caption = record.captions[0] if record.captions else None
-    common = {"uri": record.uri, "group_id": record.group_id, "metadata": _metadata(record)}
+    metadata = _metadata(record)
+    metadata |= file_fields(record_relpath(record), stat, size=stat.st_size, sha256=sha256)
+    metadata |= video_fields(record.path, seconds)
+    common = {"uri": record.uri, "group_id": record.group_id, "metadata": metadata}
     chunk.items.append(
         Item(id=base, kind="video", caption=caption, start_s=0.0, end_s=seconds, **common)
     )

@@ -7,10 +7,14 @@ NumPy preprocessing all call these, so an image means the same pixels everywhere
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from runtime.errors import ImageDecodeError
 
@@ -18,6 +22,9 @@ from runtime.errors import ImageDecodeError
 # at 255, which turns most of a 16-bit image white.
 _WIDE_INTEGER_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _WHITE = (255, 255, 255, 255)
+# The largest header decode_image_bounded accepts: a gigapixel is past any camera's photo (a
+# 200 MP phone sensor, a stitched panorama); beyond it a header is a mistake or an attack.
+MAX_HEADER_PIXELS: Final = 1_000_000_000
 
 
 def decode_image(
@@ -34,11 +41,99 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError("corrupt image", "no data (0 bytes)")
-    try:
+    with _decode_errors(formats):
         image = Image.open(io.BytesIO(data), formats=None if formats is None else tuple(formats))
         _check_pixels(image.size, Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
         # Image.open only parses the header; load() decodes, so truncation fails here.
         image.load()
+    return image
+
+
+@dataclass(frozen=True, slots=True)
+class BoundedImage:
+    """An image decoded for indexing: ``image`` in its stored mode (EXIF kept), possibly
+    reduced; ``stored_size`` the (width, height) its header declares, before any reduction."""
+
+    image: Image.Image
+    stored_size: tuple[int, int]
+
+
+def decode_image_bounded(
+    data: bytes,
+    *,
+    min_side: int,
+    max_pixels: int = MAX_HEADER_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> BoundedImage:
+    """Decode ``data`` with its memory bounded, for indexing a user's photos of any size.
+
+    A JPEG is decoded reduced by its DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8, costing a
+    fraction of a full decode) and any other format reduced after decoding (``Image.reduce``),
+    by the largest integer factor that keeps the shorter side at least ``min_side``: a model
+    resizes the shorter side to its input size, so ``min_side`` well above it changes nothing
+    a model sees, while a 100-megapixel photo takes about 1.5 MP of memory. An image whose
+    shorter side is under ``2 * min_side`` is decoded exactly as :func:`decode_image` decodes
+    it. Only a header declaring more than ``max_pixels`` (default one gigapixel) is refused
+    ("image too large"); Pillow's process-wide decompression-bomb limit (89 MP) is not
+    applied, as it is meant for images from anyone, not a user's own files. Errors as
+    :func:`decode_image`'s.
+    """
+    if not data:
+        raise ImageDecodeError("corrupt image", "no data (0 bytes)")
+    with _decode_errors(formats):
+        image: Image.Image = _open_without_bomb_check(data, formats)
+        stored_size = image.size
+        _check_pixels(stored_size, max_pixels)
+        # Both no-ops but for JPEG (and MPO), whose decoder then scales while decoding.
+        image.draft(None, (min_side, min_side))
+        image.load()
+        factor = min(image.size) // min_side
+        if factor >= 2:
+            exif = image.getexif()
+            image = _reduce(image, factor)
+            if exif and "exif" not in image.info:
+                # A TIFF keeps its EXIF in its own tags, which the reduced copy lacks; without
+                # it the orientation would be lost.
+                image.info["exif"] = exif.tobytes()
+    return BoundedImage(image, stored_size)
+
+
+def _reduce(image: Image.Image, factor: int) -> Image.Image:
+    try:
+        return image.reduce(factor)
+    except ValueError:
+        # Palette and bilevel images cannot be averaged as they are; to_rgb would make them
+        # RGB (over white where transparent) anyway.
+        return image.convert("RGBA" if image.has_transparency_data else "RGB").reduce(factor)
+
+
+def _open_without_bomb_check(data: bytes, formats: Sequence[str] | None) -> ImageFile.ImageFile:
+    """``Image.open`` (header only) without Pillow's decompression-bomb check, which reads the
+    process-wide ``Image.MAX_IMAGE_PIXELS``: raising that global for one call would lift the
+    limit for every thread decoding an upload at the same time. The caller checks its own."""
+    Image.preinit()
+    prefix = data[:16]
+    for name in [format.upper() for format in formats] if formats else list(Image.ID):
+        if name not in Image.OPEN:
+            Image.init()  # the rarer plugins register on first need, as in Image.open
+        if name not in Image.OPEN:
+            continue
+        factory, accept = Image.OPEN[name]
+        accepted = accept(prefix) if accept is not None else True
+        if not accepted or isinstance(accepted, str):
+            continue  # a string is Pillow's "looks like this format, but unsupported"
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # not this format after all: Image.open tries the next one too
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+@contextmanager
+def _decode_errors(formats: Sequence[str] | None) -> Iterator[None]:
+    """Pillow's many ways of saying "this image is unusable" as one :class:`ImageDecodeError`."""
+    try:
+        yield
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as error:
@@ -53,7 +148,6 @@ def decode_image(
         # struct.error, ...); any of them means this one image is unusable.
         reason = "truncated image" if "truncated" in str(error).lower() else "corrupt image"
         raise ImageDecodeError(reason, f"{type(error).__name__}: {error}") from error
-    return image
 
 
 def _check_pixels(size: tuple[int, int], limit: int | None) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "VideoCsvReader",
     "WebDatasetImageReader",
     "expand_braces",
+    "is_shard_directory",
     "load_image",
     "open_image_corpus",
 ]
@@ -40,11 +41,21 @@ ACCEPTED_FORMS = (
 )
 
 
+def is_shard_directory(path: Path) -> bool:
+    """Whether ``path`` is a folder of WebDataset ``.tar`` shards (and nothing else)."""
+    if not path.is_dir():
+        return False
+    # Hidden entries (.DS_Store, .ipynb_checkpoints) do not make a shard directory a folder.
+    entries = [entry for entry in path.iterdir() if not entry.name.startswith(".")]
+    return bool(entries) and all(e.is_file() and e.suffix.lower() == ".tar" for e in entries)
+
+
 def open_image_corpus(path: str | Path, **options: Any) -> ImageReader:
     """Return the image reader for ``path``, chosen by what ``path`` is.
 
-    ``options`` go to the reader's constructor (``split=`` is accepted by every reader). A
-    ``.tsv`` file gets ``separator="\\t"`` unless ``separator`` is given.
+    ``options`` go to the reader's constructor (``split=`` and ``captions_required=`` are
+    accepted by every reader). A ``.tsv`` file gets ``separator="\\t"`` unless ``separator``
+    is given.
     """
     text = str(path)
     if is_shard_pattern(text):
@@ -60,9 +71,7 @@ def open_image_corpus(path: str | Path, **options: Any) -> ImageReader:
     if suffix == ".tar":
         return WebDatasetImageReader(path, **options)
     if path.is_dir():
-        # Hidden entries (.DS_Store, .ipynb_checkpoints) do not make a shard directory a folder.
-        entries = [entry for entry in path.iterdir() if not entry.name.startswith(".")]
-        if entries and all(e.is_file() and e.suffix.lower() == ".tar" for e in entries):
+        if is_shard_directory(path):
             return WebDatasetImageReader(path, **options)
         return FolderImageReader(path, **options)
     what = "does not exist" if not path.exists() else "is not a corpus this reader knows"

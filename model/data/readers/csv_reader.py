@@ -35,7 +35,9 @@ class GroupedCsv:
     Shared by the image and the video CSV readers. The header is checked here, up front: a
     missing file or a missing ``path_key``/``caption_key`` column raises :class:`CorpusError`.
     ``group_key`` and ``split_key`` are optional columns; when absent the group is the file path
-    as written and the split is ``None``.
+    as written and the split is ``None``. With ``captions_required=False`` (indexing images or
+    videos, which need no text) the caption column is optional too, and a file without a
+    caption is an item with none rather than a skip.
     """
 
     def __init__(
@@ -48,15 +50,20 @@ class GroupedCsv:
         split_key: str | None,
         separator: str,
         split: str | None,
+        captions_required: bool = True,
     ) -> None:
         self.path = Path(path)
         self.path_key = path_key
-        self.caption_key = caption_key
         self.separator = separator
         self.split = split
+        self.captions_required = captions_required
         header = self._read_header()
-        for key, role in ((path_key, "file path"), (caption_key, "caption")):
-            if key not in header:
+        self.caption_key: str | None = caption_key
+        if not captions_required and caption_key not in header:
+            self.caption_key = None
+        required = ((path_key, "file path"), (self.caption_key, "caption"))
+        for key, role in required:
+            if key is not None and key not in header:
                 raise CorpusError(f"{self.path}: no {role} column {key!r}; the header has {header}")
         self.group_key = group_key if group_key in header else None
         self.split_key = split_key if split_key in header else None
@@ -83,10 +90,10 @@ class GroupedCsv:
         """Yield one item per distinct file, in first-seen order, its captions de-duplicated.
 
         Rows with an empty caption are reported; a file left with no caption, or missing on
-        disk, is reported and not yielded.
+        disk, is reported and not yielded (captions not required: only a missing file is).
         """
         for group in self._read_groups(report).values():
-            if not group.captions:
+            if not group.captions and self.captions_required:
                 continue  # its empty rows are already reported
             if not group.path.is_file():
                 report.skip(str(group.path), "missing file", f"listed in {self.path}")
@@ -119,7 +126,7 @@ class GroupedCsv:
                     caption = self._cell(row, self.caption_key)
                     if caption:
                         group.captions[caption] = None
-                    else:
+                    elif self.captions_required:
                         report.skip(str(group.path), "empty caption", where)
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise CorpusError(f"cannot read CSV corpus {self.path}: {error}") from error
@@ -138,6 +145,7 @@ class CsvImageReader(ImageReader):
 
     Paths are relative to the CSV's directory unless absolute. Rows naming the same file are one
     image with several captions. ``split`` keeps only rows whose split column equals it.
+    ``captions_required=False``: see :class:`GroupedCsv`.
     """
 
     def __init__(
@@ -150,6 +158,7 @@ class CsvImageReader(ImageReader):
         split_key: str | None = "split",
         separator: str = ",",
         split: str | None = None,
+        captions_required: bool = True,
     ) -> None:
         super().__init__(path)
         self.table = GroupedCsv(
@@ -160,6 +169,7 @@ class CsvImageReader(ImageReader):
             split_key=split_key,
             separator=separator,
             split=split,
+            captions_required=captions_required,
         )
 
     def records(self) -> Iterator[ImageRecord]:

@@ -17,7 +17,9 @@ class FolderImageReader(ImageReader):
     The ``.txt`` holds one caption per non-empty line. The group id is the image's path
     relative to ``root`` without its extension (``cats/001``). A folder carries no split of its
     own: ``split``, when given, is recorded on every item as a label, nothing is filtered.
-    A ``.txt`` without an image is not an item and is ignored.
+    A ``.txt`` without an image is not an item and is ignored. With
+    ``captions_required=False`` an image without a caption (no ``.txt``, an empty or unreadable
+    one) is an item with no captions rather than a skip.
     """
 
     def __init__(
@@ -26,8 +28,10 @@ class FolderImageReader(ImageReader):
         *,
         extensions: Sequence[str] = DEFAULT_EXTENSIONS,
         split: str | None = None,
+        captions_required: bool = True,
     ) -> None:
         super().__init__(root)
+        self.captions_required = captions_required
         self.root = Path(root)
         if not self.root.is_dir():
             raise CorpusError(f"image folder {self.root} does not exist or is not a directory")
@@ -41,14 +45,18 @@ class FolderImageReader(ImageReader):
             try:
                 text = caption_path.read_text(encoding="utf-8")
             except FileNotFoundError:
-                report.skip(str(path), "missing caption file", f"no {caption_path.name}")
-                continue
+                text = None
+                if self.captions_required:
+                    report.skip(str(path), "missing caption file", f"no {caption_path.name}")
+                    continue
             except (OSError, UnicodeDecodeError) as error:
-                report.skip(str(path), "unreadable caption file", f"{caption_path}: {error}")
-                continue
-            lines = (line.strip() for line in text.splitlines())
+                text = None
+                if self.captions_required:
+                    report.skip(str(path), "unreadable caption file", f"{caption_path}: {error}")
+                    continue
+            lines = (line.strip() for line in (text or "").splitlines())
             captions = tuple(caption for caption in dict.fromkeys(lines) if caption)
-            if not captions:
+            if not captions and self.captions_required:
                 report.skip(str(path), "empty caption", f"{caption_path.name} has no text")
                 continue
             yield ImageRecord(

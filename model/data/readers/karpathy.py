@@ -23,7 +23,8 @@ class KarpathyImageReader(ImageReader):
     ``cocoid``, else ``imgid``, else the file name. Captions are the sentences' ``raw`` text,
     kept as annotated (duplicates too, as the benchmark protocol counts them). ``split="train"``
     also selects ``"restval"`` images, as the standard COCO Karpathy training set does; the
-    record keeps the split as written.
+    record keeps the split as written. With ``captions_required=False`` an image without
+    sentences is an item with no captions rather than a skip.
     """
 
     def __init__(
@@ -32,8 +33,10 @@ class KarpathyImageReader(ImageReader):
         *,
         images_root: str | Path | None = None,
         split: str | None = None,
+        captions_required: bool = True,
     ) -> None:
         super().__init__(json_path)
+        self.captions_required = captions_required
         self.json_path = Path(json_path)
         self.images_root = Path(images_root) if images_root is not None else self.json_path.parent
         self.split = split
@@ -52,8 +55,8 @@ class KarpathyImageReader(ImageReader):
             if wanted is not None and split not in wanted:
                 continue
             path = self.images_root / str(entry.get("filepath") or "") / entry["filename"]
-            captions = _captions(entry, str(path), report)
-            if not captions:
+            captions = _captions(entry, str(path), report if self.captions_required else None)
+            if not captions and self.captions_required:
                 continue
             if not path.is_file():
                 report.skip(str(path), "missing file", f"listed in {where}")
@@ -85,10 +88,12 @@ def _load_images(json_path: Path) -> list[Any]:
     return images
 
 
-def _captions(entry: dict[str, Any], where: str, report: SkipReport) -> tuple[str, ...]:
+def _captions(entry: dict[str, Any], where: str, report: SkipReport | None) -> tuple[str, ...]:
+    """The entry's caption texts; empty ones are reported to ``report`` (None: not counted)."""
     sentences = entry.get("sentences")
     if not isinstance(sentences, list) or not sentences:
-        report.skip(where, "empty caption", "no 'sentences' list")
+        if report is not None:
+            report.skip(where, "empty caption", "no 'sentences' list")
         return ()
     captions = []
     for number, sentence in enumerate(sentences):
@@ -96,7 +101,7 @@ def _captions(entry: dict[str, Any], where: str, report: SkipReport) -> tuple[st
         caption = raw.strip() if isinstance(raw, str) else ""
         if caption:
             captions.append(caption)
-        else:
+        elif report is not None:
             report.skip(where, "empty caption", f"sentence {number}")
     return tuple(captions)
 

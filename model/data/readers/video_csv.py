@@ -16,6 +16,7 @@ class VideoCsvReader(CorpusReader[VideoRecord, VideoSample]):
     """Videos listed in a CSV, one row per (file, caption); same grouping as the image CSV.
 
     ``num_frames`` frames are sampled uniformly per video (None: every frame).
+    ``captions_required=False``: see :class:`~model.data.readers.csv_reader.GroupedCsv`.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class VideoCsvReader(CorpusReader[VideoRecord, VideoSample]):
         separator: str = ",",
         split: str | None = None,
         num_frames: int | None = 8,
+        captions_required: bool = True,
     ) -> None:
         super().__init__(path)
         if num_frames is not None and num_frames < 1:
@@ -42,6 +44,7 @@ class VideoCsvReader(CorpusReader[VideoRecord, VideoSample]):
             split_key=split_key,
             separator=separator,
             split=split,
+            captions_required=captions_required,
         )
 
     def records(self) -> Iterator[VideoRecord]:

@@ -77,13 +77,17 @@ class WebDatasetImageReader(ImageReader):
     non-empty line) + an optional ``<key>.json`` that may give ``image_id`` (or ``group_id``)
     and ``split``. Members of one key must be adjacent, as webdataset writes them. A shard
     that cannot be read is reported as one skip and the next shard is read. ``split`` keeps
-    only items whose json names that split.
+    only items whose json names that split. With ``captions_required=False`` an image without
+    a ``.txt`` (or with an empty one) is an item with no captions rather than a skip.
     """
 
-    def __init__(self, shards: str | Path, *, split: str | None = None) -> None:
+    def __init__(
+        self, shards: str | Path, *, split: str | None = None, captions_required: bool = True
+    ) -> None:
         super().__init__(shards)
         self.shards = _resolve_shards(str(shards))
         self.split = split
+        self.captions_required = captions_required
 
     def records(self) -> Iterator[ImageRecord]:
         report = self._start_pass()
@@ -107,11 +111,11 @@ class WebDatasetImageReader(ImageReader):
         if image_ext is None:
             report.skip(where, "missing image", f"members: {sorted(fields)}")
             return None
-        if "txt" not in fields:
+        if "txt" not in fields and self.captions_required:
             report.skip(where, "missing caption file", f"no {key}.txt")
             return None
         try:
-            text = fields["txt"].decode("utf-8")
+            text = fields["txt"].decode("utf-8") if "txt" in fields else ""
             meta = json.loads(fields["json"]) if "json" in fields else {}
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             report.skip(where, "unreadable caption or metadata", str(error))
@@ -125,7 +129,7 @@ class WebDatasetImageReader(ImageReader):
             return None
         lines = (line.strip() for line in text.splitlines())
         captions = tuple(caption for caption in dict.fromkeys(lines) if caption)
-        if not captions:
+        if not captions and self.captions_required:
             report.skip(where, "empty caption", f"{key}.txt has no text")
             return None
         group_id = meta.get("image_id", meta.get("group_id"))
