@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 import click
+
+from indexer.home import INDEX_ROOT_VARIABLE
 
 # collection -> (kind, corpus file)
 DEMO_COLLECTIONS = {
@@ -28,7 +31,9 @@ def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
     from indexer.versions import current_dir
     from runtime.bundle import read_manifest
 
-    root = workdir / "indices"
+    # COTS_INDEX_ROOT, which every command honours, else the demo's own folder
+    # (docs/decisions.md, "One home for collections").
+    root = Path(os.environ.get(INDEX_ROOT_VARIABLE, "").strip() or workdir / "indices")
     bundle_id = read_manifest(bundle).bundle_id
     for name, (kind, csv) in DEMO_COLLECTIONS.items():
         source = corpus / csv

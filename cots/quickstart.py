@@ -81,7 +81,11 @@ def quickstart(
     click.echo(scan.summary())
     bundle = _bundle(root, collection, bundle, model_name, pretrained)
     names = []
-    for kind, name in (("image", collection), ("video", collection + VIDEO_SUFFIX)):
+    kinds: tuple[tuple[MediaKind, str], ...] = (
+        ("image", collection),
+        ("video", collection + VIDEO_SUFFIX),
+    )
+    for kind, name in kinds:
         if scan.of_kind(kind):
             _sync(root, name, folder, kind, bundle, workers)
             names.append(name)
@@ -166,4 +170,4 @@ def _sync(root: Path, name: str, folder: Path, kind: MediaKind, bundle: Path, wo
         )
     except IndexerError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(report.line())
+    click.echo(report.summary())

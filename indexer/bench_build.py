@@ -21,6 +21,7 @@ import click
 
 from indexer.bench_filter import filter_bench
 from indexer.bench_index import faiss_bench
+from indexer.bench_sync import sync_bench
 from indexer.bench_updates import updates_bench
 
 
@@ -108,8 +109,9 @@ index_bench = click.Group(
         "faiss": faiss_bench,
         "updates": updates_bench,
         "filter": filter_bench,
+        "sync": sync_bench,
     },
     help="Indexing cost against the encoder (build), FAISS QPS/recall/memory (faiss), what "
     "adds, removes, swaps and compaction cost on a segmented collection (updates), and "
-    "filtered search against unfiltered (filter).",
+    "filtered search against unfiltered (filter), and keeping a large folder in sync (sync).",
 )
