@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +19,7 @@ from indexer.jobs import CompactionRequest
 from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import list_versions
+from service import thumbnails
 from service.api import API_PREFIX
 from service.api.deps import (
     AdminCaller,
@@ -57,6 +58,8 @@ _MEDIA_SUFFIXES = frozenset(
     | {".mp4", ".webm", ".mkv", ".mov", ".avi"}
 )
 ItemId = Annotated[int, PathParam(ge=0, lt=2**63, description="item id")]
+# Files and thumbnails alike: a thumbnail's ETag lets a browser revalidate it after an hour.
+_MEDIA_CACHE = "public, max-age=3600"
 
 
 def describe(collection: Collection, root: Path) -> CollectionInfo:
@@ -117,15 +120,46 @@ def get_item(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) -
 @router.get(
     "/{name}/items/{item_id:int}/media",
     response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}, "video/*": {}}}},
+    responses={200: {"content": {"image/*": {}, "video/*": {}}}, 304: {"description": "unchanged"}},
 )
-def get_media(collection: CollectionDep, item_id: ItemId, caller: SearchCaller) -> FileResponse:
-    """The image or video file of an item, when its uri is a file on this server."""
+def get_media(
+    collection: CollectionDep,
+    item_id: ItemId,
+    settings: SettingsDep,
+    caller: SearchCaller,
+    request: Request,
+    w: Annotated[
+        int | None,
+        Query(
+            description=f"a JPEG thumbnail this wide ({thumbnails.MIN_WIDTH}-"
+            f"{thumbnails.MAX_WIDTH}; never wider than the file), EXIF-upright; a video's "
+            "is the frame at the moment's start"
+        ),
+    ] = None,
+) -> Response:
+    """The image or video file of an item, when its uri is a file on this server; with
+    ``w``, a cached thumbnail of it. A plain ``def``: the thumbnail's decoding runs in the
+    thread pool, off the event loop."""
     hit = _item(collection, item_id)
     path = Path(hit.uri)
     if path.suffix.lower() not in _MEDIA_SUFFIXES or not path.is_file():
         raise NotFoundError(f"item {item_id} has no file on this server ({hit.uri[:200]})")
-    return FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+    if w is None:
+        return FileResponse(path, headers={"Cache-Control": _MEDIA_CACHE})
+    thumbnails.check_width(w)
+    folder = settings.thumbnail_dir or settings.index_root / ".thumbnails"
+    start_s = hit.start_s if path.suffix.lower() in thumbnails.VIDEO_SUFFIXES else None
+    etag = f'"{thumbnails.cache_key(path, w, start_s)}"'
+    headers = {"Cache-Control": _MEDIA_CACHE, "ETag": etag}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)  # nothing decoded, nothing sent
+    thumb = thumbnails.thumbnail(
+        path, w, folder=folder, max_pixels=settings.limits.max_image_pixels, start_s=start_s
+    )
+    headers["ETag"] = f'"{thumb.etag}"'  # the file's key now, should it have changed since
+    if thumb.path is None:  # the cache folder is not writable: the bytes from memory
+        return Response(thumb.data, media_type=thumbnails.MEDIA_TYPE, headers=headers)
+    return FileResponse(thumb.path, media_type=thumbnails.MEDIA_TYPE, headers=headers)
 
 
 @router.post("/{name}/items", response_model=JobInfo, status_code=202)
@@ -143,7 +177,7 @@ async def add_items(
     spec = BuildSpec(
         collection=info.collection,
         root=state.settings.index_root,
-        bundle=state.settings.bundle,
+        bundle=state.bundle,
         corpus=str(corpus),
         kind=info.kind,
         workers=0,
@@ -184,7 +218,7 @@ def reindex(
         spec = BuildSpec(
             collection=info.collection,
             root=state.settings.index_root,
-            bundle=state.settings.bundle,
+            bundle=state.bundle,
             corpus=corpus,
             kind=info.kind,
             split=body.split if body.split is not None else recorded.get("split"),
