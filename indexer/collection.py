@@ -166,6 +166,19 @@ class Collection:
         found = self.segments.items(np.asarray(ids, dtype=np.int64))
         return [found.get(int(i)) for i in ids]
 
+    def stored_vectors(self, ids: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+        """The stored float32 copies (from float16 for compressed indexes, so not exactly
+        unit length) of the live ``ids``; unknown and removed ids are left out. Read from the
+        segments' memory-mapped vectors: no encoder, no index reconstruction."""
+        wanted = np.asarray(ids, dtype=np.int64)
+        wanted = wanted[~np.isin(wanted, self.segments.deleted)]
+        found: dict[int, np.ndarray] = {}
+        for segment in self.segments.segments:
+            mine = wanted[segment.holds(wanted)]
+            if len(mine):
+                found.update(zip(mine.tolist(), segment.lookup(mine), strict=True))
+        return found
+
     def ids_matching(self, filters: Filter | Mapping[str, Any] | None) -> np.ndarray:
         """Live ids (ascending) that match ``filters``."""
         return self.segments.ids_matching(filters)

@@ -12,6 +12,13 @@ server each hop costs a wake-up of the event loop and a GIL hand-over (issue 18)
 
 ``embed_text``/``embed_image`` (the embed API, the demo) use the encode batcher alone;
 ``search`` takes a vector and skips the encoder.
+
+Relevance and order (issue 37): a ``similar_to`` query is an item's stored vector (read from
+its segment, never re-encoded) that leaves the item out; ``min_score`` drops hits below it in
+the worker, before hydration, and fetches one hit more than the page to know whether another
+page exists; ``sort`` gathers every hit above the cut-off (up to max_offset + max_k) in a
+search group of its own, so a deep sorted search never makes its batch-mates fetch as deep,
+and orders them (``service.relevance``). A query without these does none of this work.
 """
 
 from __future__ import annotations
@@ -44,12 +51,17 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.registry import CollectionRegistry
+from service.relevance import sort_hits
+from service.schemas import SORT_NEEDS_MIN_SCORE
 from service.settings import Settings
 
 log = logging.getLogger("cots.engine")
 
 EncodeKey = Literal["text", "image"]
-SearchKey = tuple[str, str]  # (collection, filters as canonical JSON)
+# (collection, filters as canonical JSON, deep: a sorted search gathering every hit above its
+# cut-off, grouped apart so that its depth is not every batch-mate's)
+SearchKey = tuple[str, str, bool]
+QueryKindName = Literal["text", "image", "embedding", "similar_to"]
 SEARCH_GROUP: Final = "queries"  # one group: a batch splits by modality and collection itself
 
 
@@ -63,11 +75,13 @@ class Page:
 @dataclass(frozen=True)
 class Query:
     """A checked search query, not yet encoded: text or preprocessed pixels for the encoder,
-    or a unit vector (``embedding``). ``cache_key``: where its vector is cached (None: never)."""
+    or a unit vector (``embedding``, ``similar_to``). ``cache_key``: where its vector is cached
+    (None: never). ``exclude``: an item id never to return (the item of ``similar_to``)."""
 
-    kind: Literal["text", "image", "embedding"]
+    kind: QueryKindName
     payload: Any
     cache_key: str | None = None
+    exclude: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +89,12 @@ class _Job:
     """One query of a search batch: what to encode (None: ``vector`` is known)."""
 
     key: SearchKey
-    wanted: int  # k + offset
+    wanted: int  # k + offset, and what the options below need beyond
     encode: tuple[EncodeKey, Any] | None
     vector: np.ndarray | None
+    min_score: float | None = None
+    exclude: int | None = None
+    sort: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,20 @@ class QueryEngine:
     def embedding_query(self, values: Sequence[float]) -> Query:
         return Query("embedding", self.check_embedding(values))
 
+    def similar_query(self, name: str, item_id: int) -> Query:
+        """The query "items like item ``item_id``": its stored vector, the item left out;
+        404 naming the id when the collection holds no such live item."""
+        found = self.collection(name).stored_vectors([item_id]).get(item_id)
+        if found is None:
+            raise NotFoundError(
+                f"no item {item_id} in collection {name!r} (never added, or removed)"
+            )
+        # Stored as float16 for compressed indexes: unit length again, as a query must be.
+        norm = float(np.linalg.norm(found))
+        if not np.isfinite(norm) or norm == 0:
+            raise InvalidInputError(f"item {item_id} has no usable stored vector")
+        return Query("similar_to", (found / norm).astype(np.float32), exclude=item_id)
+
     # Embedding --------------------------------------------------------------------------------
 
     async def embed_text(self, text: str) -> tuple[np.ndarray, bool]:
@@ -196,14 +227,15 @@ class QueryEngine:
         """(unit vector, came from the cache) of a query, through the encode batcher."""
         vector = await self._known_vector(query)
         if vector is not None:
-            return vector, query.kind != "embedding"
+            return vector, query.cache_key is not None
         vector = await self.encode_batcher.submit(query.kind, query.payload)
         await self._remember(query, vector)
         return vector, False
 
     async def _known_vector(self, query: Query) -> np.ndarray | None:
-        """The query's vector without the encoder: its own (an embedding) or the cache's."""
-        if query.kind == "embedding":
+        """The query's vector without the encoder: its own (an embedding, an item's stored
+        vector) or the cache's."""
+        if query.kind in ("embedding", "similar_to"):
             return cast(np.ndarray, query.payload)
         if query.cache_key is None:
             return None
@@ -259,22 +291,39 @@ class QueryEngine:
         k: int,
         offset: int = 0,
         filters: Filter | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
     ) -> tuple[Page, bool]:
         """(a page of hits, whether the query's vector came from the cache). ``k`` and
         ``offset`` within the limits: the routes call :meth:`check_page` once, before any work
-        (decoding an image, fetching a URL), and the clip-retrieval route caps ``k`` itself."""
+        (decoding an image, fetching a URL), and the clip-retrieval route caps ``k`` itself.
+        ``min_score``: no hit below it; ``sort``: a metadata field (``-field`` descending) that
+        orders every hit at or above ``min_score`` (which it needs) before paging."""
+        if sort is not None and min_score is None:
+            raise InvalidInputError(SORT_NEEDS_MIN_SCORE)
         canonical = filters.canonical() if filters is not None else {}
-        key: SearchKey = (name, json.dumps(canonical, sort_keys=True))
+        key: SearchKey = (name, json.dumps(canonical, sort_keys=True), sort is not None)
+        end = k + offset
+        exact = min_score is not None or query.exclude is not None
+        if sort is not None:
+            limits = self.settings.limits
+            wanted = limits.max_offset + limits.max_k
+        elif exact:
+            wanted = end + 1  # one beyond the page: whether a next page exists, exactly
+        else:
+            wanted = end
+        if query.exclude is not None:
+            wanted += 1  # the excluded item may be among them
         vector = await self._known_vector(query)
-        cached = vector is not None and query.kind != "embedding"
+        cached = vector is not None and query.cache_key is not None
         encode = None if vector is not None else (cast(EncodeKey, query.kind), query.payload)
-        found = await self.search_batcher.submit(
-            SEARCH_GROUP, _Job(key, k + offset, encode, vector)
-        )
+        job = _Job(key, wanted, encode, vector, min_score, query.exclude, sort)
+        found = await self.search_batcher.submit(SEARCH_GROUP, job)
         if encode is not None:
             await self._remember(query, found.vector)
-        page = found.hits[offset : offset + k]
-        return Page(found.collection, page, more=len(found.hits) == k + offset), cached
+        page = found.hits[offset:end]
+        more = len(found.hits) > end if exact else len(found.hits) == end
+        return Page(found.collection, page, more=more), cached
 
     def _search_batch(self, group: Hashable, jobs: Sequence[_Job]) -> list[_Found | Exception]:
         """Worker thread: encode what needs it (per modality), then search and hydrate (per
@@ -302,9 +351,7 @@ class QueryEngine:
             self.metrics.batch_size.labels("search").observe(len(chosen))
             queries = np.stack([cast(np.ndarray, vectors[i]) for i in chosen])
             try:
-                collection, hits = self._search_group(
-                    key, queries, [jobs[i].wanted for i in chosen]
-                )
+                collection, hits = self._search_group(key, queries, [jobs[i] for i in chosen])
             except Exception as error:
                 for i in chosen:
                     results[i] = error
@@ -314,17 +361,37 @@ class QueryEngine:
         return cast(list[_Found | Exception], results)
 
     def _search_group(
-        self, key: SearchKey, queries: np.ndarray, wanted: Sequence[int]
+        self, key: SearchKey, queries: np.ndarray, jobs: Sequence[_Job]
     ) -> tuple[Collection, list[list[Hit]]]:
-        name, filters_json = key
+        name, filters_json, _ = key
         collection = self.collection(name)  # the version live now: a swap may have happened
         filters = as_filter(json.loads(filters_json))  # validated at the edge: cheap again
-        most = max(wanted)
+        most = max(job.wanted for job in jobs)
         with self.metrics.stage("search"):
             try:
                 scores, ids = collection.nearest(queries, most, filters=filters)
             except FilterError as error:  # a filter the store refuses
                 raise InvalidInputError(str(error)) from None
+        for row, job in enumerate(jobs):
+            _drop_unwanted(scores[row], ids[row], job)
         with self.metrics.stage("hydrate"):
             hits = collection.hydrate(scores, ids, most)
-        return collection, [row[:n] for row, n in zip(hits, wanted, strict=True)]
+        rows = []
+        for found, job in zip(hits, jobs, strict=True):
+            if job.sort is not None:
+                with self.metrics.stage("sort"):
+                    found = sort_hits(found, job.sort)
+            rows.append(found[: job.wanted])
+        return collection, rows
+
+
+def _drop_unwanted(scores: np.ndarray, ids: np.ndarray, job: _Job) -> None:
+    """Mark (id -1, in place) what one query must not get back, so it is never hydrated: the
+    excluded item, hits below its ``min_score``, and what lies beyond its own ``wanted`` (its
+    batch-mates may have asked for more)."""
+    ids[job.wanted :] = -1
+    if job.exclude is not None:
+        ids[ids == job.exclude] = -1
+    if job.min_score is not None:
+        # In float64: float32 would round the threshold, and keep a hit just below it.
+        ids[scores.astype(np.float64) < job.min_score] = -1

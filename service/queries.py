@@ -1,5 +1,6 @@
-"""Turning what a client sent (text, base64 image, image URL, uploaded file, vector) into one
-query vector, with the right error for each way it can be wrong."""
+"""Turning what a client sent (text, base64 image, image URL, uploaded file, vector, an item
+id to find items like) into one query vector, with the right error for each way it can be
+wrong."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from service.errors import (
 )
 from service.settings import Settings
 
-QueryKind = Literal["text", "image", "embedding"]
+QueryKind = Literal["text", "image", "embedding", "similar_to"]
 
 
 def decode_base64_image(data: str, max_bytes: int) -> bytes:
@@ -79,9 +80,11 @@ async def search_query(
     text: str | None = None,
     image: bytes | None = None,
     embedding: list[float] | None = None,
+    similar_to: tuple[str, int] | None = None,
 ) -> Query:
     """The checked query of exactly one given input (an image decoded and preprocessed in a
-    worker thread), not yet encoded: ``QueryEngine.find`` encodes it in its search batch."""
+    worker thread), not yet encoded: ``QueryEngine.find`` encodes it in its search batch.
+    ``similar_to``: (collection, item id), whose stored vector is the query."""
     if text is not None:
         return engine.text_query(text)
     if image is not None:
@@ -89,7 +92,9 @@ async def search_query(
         return engine.image_query(image, pixels)
     if embedding is not None:
         return engine.embedding_query(embedding)
-    raise InvalidInputError("give exactly one of text, image, image_url, embedding")
+    if similar_to is not None:
+        return engine.similar_query(*similar_to)
+    raise InvalidInputError("give exactly one of text, image, image_url, embedding, similar_to")
 
 
 async def query_vector(

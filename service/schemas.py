@@ -27,8 +27,27 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SORT_PATTERN = r"^-?[A-Za-z0-9_]{1,64}$"
+QUERY_INPUTS = ("text", "image", "image_url", "embedding", "similar_to")
+MIN_SCORE_DOC = (
+    "leave out hits scoring below this (cosine similarity, -1 to 1); the results end there: "
+    "next_offset is null on the page that reaches it"
+)
+SORT_DOC = (
+    "order by a metadata field instead of score: 'taken' ascending, '-taken' descending. "
+    "Needs min_score (a 422 without it): every hit at or above min_score (up to the server's "
+    "max_offset + max_k best) is sorted, then paged with offset and k; hits without the field "
+    "come last; ties by score, then id"
+)
+
+SORT_NEEDS_MIN_SCORE = (
+    "sort needs min_score: the hits at or above it are what gets sorted (e.g. min_score 0.2)"
+)
+
+
 class SearchRequest(_Body):
-    """One query (exactly one of text, image, image_url, embedding) against one collection."""
+    """One query (exactly one of text, image, image_url, embedding, similar_to) against one
+    collection."""
 
     text: str | None = Field(None, min_length=1, max_length=100_000, description="query text")
     image: str | None = Field(
@@ -40,22 +59,34 @@ class SearchRequest(_Body):
     embedding: list[float] | None = Field(
         None, min_length=1, max_length=8192, description="a query vector in the model's space"
     )
+    similar_to: ItemId | None = Field(
+        None,
+        description="an item id of this collection: search with its stored vector (no "
+        "re-encode); the item itself is left out of the hits",
+    )
     # Capped by the server's limits (COTS_LIMITS__MAX_K, __MAX_OFFSET), checked once per
     # request with a message naming the limit; a second, fixed cap here would disagree.
     k: int = Field(10, ge=1, description="results per page (at most the server's max_k)")
     offset: int = Field(0, ge=0, description="results to skip (at most the server's max_offset)")
     filters: Filter | None = Field(None, description=_FILTERS_DOC)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description=MIN_SCORE_DOC)
+    sort: str | None = Field(None, pattern=SORT_PATTERN, description=SORT_DOC)
 
     @model_validator(mode="after")
     def _one_query(self) -> Self:
+        # similar_to is an id, and 0 is one: "given" means "not None" for it.
         given = [
-            name for name in ("text", "image", "image_url", "embedding") if getattr(self, name)
+            name
+            for name in QUERY_INPUTS
+            if (self.similar_to is not None if name == "similar_to" else getattr(self, name))
         ]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of text, image, image_url, embedding"
+                f"give exactly one of {', '.join(QUERY_INPUTS)}"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.sort is not None and self.min_score is None:
+            raise ValueError(SORT_NEEDS_MIN_SCORE)
         return self
 
 
@@ -75,7 +106,7 @@ class SearchHit(BaseModel):
 class SearchResponse(BaseModel):
     collection: str
     version: int
-    query: Literal["text", "image", "embedding"]
+    query: Literal["text", "image", "embedding", "similar_to"]
     k: int
     offset: int
     cached: bool = Field(description="the query's embedding came from the cache")
@@ -190,7 +221,7 @@ class CompactRequest(_Body):
 class JobInfo(BaseModel):
     id: str
     status: str
-    kind: Literal["add", "remove", "reindex", "compact"] | None = None
+    kind: Literal["add", "remove", "reindex", "compact", "duplicates"] | None = None
     collection: str | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
     result: Any = None

@@ -104,12 +104,17 @@ class AsyncClient:
         image: ImageInput | None = None,
         image_url: str | None = None,
         embedding: Sequence[float] | None = None,
+        similar_to: int | None = None,
         k: int = 10,
         offset: int = 0,
         filters: Filters | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
     ) -> SearchResponse:
         """One page of hits for exactly one of ``text``, ``image`` (bytes or a path),
-        ``image_url`` or ``embedding``."""
+        ``image_url``, ``embedding`` or ``similar_to`` (an item id: items like it, itself left
+        out). ``min_score``: no hits below it; ``sort``: a metadata field (``-taken``
+        descending) ordering the hits at or above ``min_score``, which it needs."""
         return await self._send(
             calls.search(
                 collection,
@@ -117,9 +122,12 @@ class AsyncClient:
                 image=image,
                 image_url=image_url,
                 embedding=embedding,
+                similar_to=similar_to,
                 k=k,
                 offset=offset,
                 filters=filters,
+                min_score=min_score,
+                sort=sort,
             )
         )
 
@@ -130,8 +138,11 @@ class AsyncClient:
         *,
         image: ImageInput | None = None,
         embedding: Sequence[float] | None = None,
+        similar_to: int | None = None,
         k: int = 10,
         filters: Filters | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
         max_pages: int | None = None,
     ) -> AsyncIterator[SearchResponse]:
         """Page after page of the same query, following ``next_offset`` to the last."""
@@ -143,9 +154,12 @@ class AsyncClient:
                 text,
                 image=image,
                 embedding=embedding,
+                similar_to=similar_to,
                 k=k,
                 offset=offset,
                 filters=filters,
+                min_score=min_score,
+                sort=sort,
             )
             served += 1
             yield page

@@ -81,12 +81,16 @@ def search(
     image: ImageInput | None = None,
     image_url: str | None = None,
     embedding: Sequence[float] | None = None,
+    similar_to: int | None = None,
     k: int = 10,
     offset: int = 0,
     filters: Filters | None = None,
+    min_score: float | None = None,
+    sort: str | None = None,
 ) -> Call[SearchResponse]:
-    """One page of hits for exactly one of text, image, image_url or embedding. An image
-    goes as a multipart upload (no base64 inflation); the others as JSON."""
+    """One page of hits for exactly one of text, image, image_url, embedding or similar_to
+    (an item id). An image goes as a multipart upload (no base64 inflation); the others as
+    JSON. ``min_score`` and ``sort`` (a metadata field, ``-field`` descending) go as given."""
     given = [
         name
         for name, value in (
@@ -94,18 +98,26 @@ def search(
             ("image", image),
             ("image_url", image_url),
             ("embedding", embedding),
+            ("similar_to", similar_to),
         )
         if value is not None
     ]
     if len(given) != 1:
         raise ValueError(
-            "give exactly one of text, image, image_url, embedding"
+            "give exactly one of text, image, image_url, embedding, similar_to"
             + (f" (got {', '.join(given)})" if given else "")
         )
     path = f"{_collection(collection)}/search"
+    # Only what was given: a server without these fields refuses unknown ones.
+    relevance = {
+        name: value
+        for name, value in (("min_score", min_score), ("sort", sort))
+        if value is not None
+    }
     if image is not None:
         name, data = image_bytes(image)
         form = {"k": str(k), "offset": str(offset)}
+        form.update((field, str(value)) for field, value in relevance.items())
         if filters is not None:
             form["filters"] = orjson.dumps(filters_json(filters)).decode()
         return Call(
@@ -115,11 +127,13 @@ def search(
             data=form,
             files=[("image", (name, data, "application/octet-stream"))],
         )
-    body: dict[str, Any] = {"k": k, "offset": offset}
+    body: dict[str, Any] = {"k": k, "offset": offset, **relevance}
     if text is not None:
         body["text"] = text
     elif image_url is not None:
         body["image_url"] = image_url
+    elif similar_to is not None:
+        body["similar_to"] = int(similar_to)
     else:
         body["embedding"] = [float(value) for value in embedding or ()]
     if filters is not None:

@@ -31,6 +31,23 @@ from service.schemas import SearchHit, SearchResponse
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Search with this image file instead of TEXT.",
 )
+@click.option(
+    "--similar-to",
+    type=click.IntRange(0),
+    metavar="ID",
+    help="Search for items like item ID of the collection (its stored vector), instead of TEXT.",
+)
+@click.option(
+    "--min-score",
+    type=click.FloatRange(-1.0, 1.0),
+    help="Leave out hits scoring below this; the results end there.",
+)
+@click.option(
+    "--sort",
+    metavar="FIELD",
+    help="Order the hits at or above --min-score (which it needs) by a metadata field: "
+    "taken (oldest first) or -taken (newest first).",
+)
 @click.option("-k", type=click.IntRange(1), default=10, show_default=True, help="Hits to show.")
 @click.option(
     "--offset", type=click.IntRange(0), default=0, show_default=True, help="Hits to skip."
@@ -60,6 +77,9 @@ def search(
     url: str,
     collection: str,
     image: Path | None,
+    similar_to: int | None,
+    min_score: float | None,
+    sort: str | None,
     k: int,
     offset: int,
     where: tuple[str, ...],
@@ -67,19 +87,34 @@ def search(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Search a collection (-c) of a running server by TEXT, or by --image FILE.
+    """Search a collection (-c) of a running server by TEXT, by --image FILE, or for items
+    like --similar-to ID.
 
     \b
       cots search -c images "a small red circle on a striped background"
       cots search -c captions --image photo.png -k 5 --json
       cots search --url http://search:8000 -c videos "a ball bouncing" --where split=test
+      cots search -c photos "a beach" --min-score 0.25 --sort -taken
+      cots search -c photos --similar-to 42
     """
-    if (text is None) == (image is None):
-        raise click.UsageError("give a TEXT query or --image FILE (exactly one)")
+    if sum(given is not None for given in (text, image, similar_to)) != 1:
+        raise click.UsageError("give a TEXT query, --image FILE or --similar-to ID (exactly one)")
+    if sort is not None and min_score is None:
+        raise click.UsageError("--sort needs --min-score: the hits at or above it are sorted")
     filters = parse_filters(where)
     try:
         with Client(url, api_key=api_key, timeout_s=timeout) as client:
-            page = client.search(collection, text, image=image, k=k, offset=offset, filters=filters)
+            page = client.search(
+                collection,
+                text,
+                image=image,
+                similar_to=similar_to,
+                k=k,
+                offset=offset,
+                filters=filters,
+                min_score=min_score,
+                sort=sort,
+            )
     except ApiError as error:
         message = f"{url} answered {error.status} {error.code}: {error.message}"
         raise click.ClickException(message) from None

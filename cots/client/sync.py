@@ -102,12 +102,17 @@ class Client:
         image: ImageInput | None = None,
         image_url: str | None = None,
         embedding: Sequence[float] | None = None,
+        similar_to: int | None = None,
         k: int = 10,
         offset: int = 0,
         filters: Filters | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
     ) -> SearchResponse:
         """One page of hits for exactly one of ``text``, ``image`` (bytes or a path),
-        ``image_url`` or ``embedding``."""
+        ``image_url``, ``embedding`` or ``similar_to`` (an item id: items like it, itself left
+        out). ``min_score``: no hits below it; ``sort``: a metadata field (``-taken``
+        descending) ordering the hits at or above ``min_score``, which it needs."""
         return self._send(
             calls.search(
                 collection,
@@ -115,9 +120,12 @@ class Client:
                 image=image,
                 image_url=image_url,
                 embedding=embedding,
+                similar_to=similar_to,
                 k=k,
                 offset=offset,
                 filters=filters,
+                min_score=min_score,
+                sort=sort,
             )
         )
 
@@ -128,8 +136,11 @@ class Client:
         *,
         image: ImageInput | None = None,
         embedding: Sequence[float] | None = None,
+        similar_to: int | None = None,
         k: int = 10,
         filters: Filters | None = None,
+        min_score: float | None = None,
+        sort: str | None = None,
         max_pages: int | None = None,
     ) -> Iterator[SearchResponse]:
         """Page after page of the same query, following ``next_offset`` to the last."""
@@ -141,9 +152,12 @@ class Client:
                 text,
                 image=image,
                 embedding=embedding,
+                similar_to=similar_to,
                 k=k,
                 offset=offset,
                 filters=filters,
+                min_score=min_score,
+                sort=sort,
             )
             served += 1
             yield page

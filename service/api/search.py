@@ -1,4 +1,5 @@
-"""Search a collection by text, image (base64, URL or upload) or vector."""
+"""Search a collection by text, image (base64, URL or upload), vector or an item's own vector
+(similar_to), with an optional relevance cut-off (min_score) and order (sort)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ from service.api.errors import validation_message
 from service.engine import Page
 from service.errors import InvalidInputError
 from service.queries import QueryKind, decode_base64_image, fetch_image, search_query
-from service.schemas import ERROR_RESPONSES, SearchHit, SearchRequest, SearchResponse
+from service.schemas import (
+    ERROR_RESPONSES,
+    MIN_SCORE_DOC,
+    SORT_DOC,
+    SORT_NEEDS_MIN_SCORE,
+    SORT_PATTERN,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+)
 
 router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["search"], responses=ERROR_RESPONSES)
 
@@ -65,10 +75,13 @@ def page_response(
 
 @router.post("/{name}/search", response_model=SearchResponse)
 async def search(body: SearchRequest, context: SearchContextDep) -> Response:
-    """Top-k items of the collection for one query (text, image, image_url or embedding).
+    """Top-k items of the collection for one query (text, image, image_url, embedding or
+    similar_to).
 
     Text → image/video/caption collections (a video hit carries its moment's start_s/end_s),
-    image → caption collections (its captions) or image collections (similar images).
+    image → caption collections (its captions) or image collections (similar images),
+    similar_to → the items nearest to an indexed item (itself left out). ``min_score`` cuts
+    the results off below a score; ``sort`` orders the hits above it by a metadata field.
     """
     return await run_search(body, context, time.perf_counter())
 
@@ -84,9 +97,18 @@ async def run_search(body: SearchRequest, context: SearchContext, start: float) 
         image = decode_base64_image(body.image, settings.limits.max_body_bytes)
     elif body.image_url is not None:
         image = await fetch_image(body.image_url, settings)
-    query = await search_query(engine, text=body.text, image=image, embedding=body.embedding)
+    similar = (name, body.similar_to) if body.similar_to is not None else None
+    query = await search_query(
+        engine, text=body.text, image=image, embedding=body.embedding, similar_to=similar
+    )
     page, cached = await engine.find(
-        name, query, k=body.k, offset=body.offset, filters=body.filters
+        name,
+        query,
+        k=body.k,
+        offset=body.offset,
+        filters=body.filters,
+        min_score=body.min_score,
+        sort=body.sort,
     )
     return page_response(
         name, page, query=query.kind, k=body.k, offset=body.offset, cached=cached, start=start
@@ -100,12 +122,16 @@ async def search_upload(
     k: Annotated[int, Form(ge=1, description="at most the server's max_k")] = 10,
     offset: Annotated[int, Form(ge=0, description="at most the server's max_offset")] = 0,
     filters: Annotated[str | None, Form(description="filters as a JSON object")] = None,
+    min_score: Annotated[float | None, Form(ge=-1.0, le=1.0, description=MIN_SCORE_DOC)] = None,
+    sort: Annotated[str | None, Form(pattern=SORT_PATTERN, description=SORT_DOC)] = None,
 ) -> Response:
     """Search with an uploaded image file (multipart/form-data)."""
     start = time.perf_counter()
     engine = context.engine
     name = context.collection.info.collection
     engine.check_page(k, offset)
+    if sort is not None and min_score is None:
+        raise InvalidInputError(SORT_NEEDS_MIN_SCORE)
     parsed = None
     if filters:
         try:
@@ -114,7 +140,9 @@ async def search_upload(
             raise InvalidInputError(validation_message(error.errors(), "filters")[0]) from None
     data = await image.read()
     query = await search_query(engine, image=data)
-    page, cached = await engine.find(name, query, k=k, offset=offset, filters=parsed)
+    page, cached = await engine.find(
+        name, query, k=k, offset=offset, filters=parsed, min_score=min_score, sort=sort
+    )
     return page_response(
         name, page, query=query.kind, k=k, offset=offset, cached=cached, start=start
     )
