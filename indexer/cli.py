@@ -348,3 +348,9 @@ def _echo_info(root: Path, collection: str, what: str) -> None:
         f"{info.recall_at_10:.3f}, model bundle {info.model_bundle_id[:12]}"
         + (f", {skipped} items skipped ({info.skipped})" if skipped else "")
     )
+
+
+# At the end: indexer.cli_sync uses this module's options (its heavy imports wait for a run).
+from indexer.cli_sync import sync  # noqa: E402
+
+index.add_command(sync)

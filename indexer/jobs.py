@@ -23,14 +23,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError as UnknownRqJob
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.worker.base import BaseWorker
 
 from indexer.compaction import CompactionPolicy, compact_collection
@@ -39,6 +39,9 @@ from indexer.index_bundle import read_info
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from runtime.bundle import read_manifest
+
+if TYPE_CHECKING:
+    from indexer.sync import SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,91 @@ def run_compaction_job(request_json: str) -> dict[str, Any]:
     return {**update, "compacted": compacted}
 
 
+class SyncRequest(BaseModel):
+    """A sync job's only argument (as JSON in Redis): what ``indexer.sync.sync_collection``
+    takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path
+    collection: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    folder: Path
+    kind: Literal["image", "video"] = "image"
+    bundle: Path | None = None  # None: the one the collection was built with
+    workers: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1)
+    keep_versions: int = Field(3, ge=1)
+
+
+# collection -> the id of its latest queued sync, so a schedule does not queue a second one
+# while the first waits or runs.
+_SYNC_JOB_KEY: Final = "cots:sync-job:"
+_PENDING: Final = frozenset(
+    {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+)
+
+
+def enqueue_sync(redis_url: str, request: SyncRequest, *, queue: str = DEFAULT_QUEUE) -> str:
+    """Queue a sync for ``cots worker``; returns the job id."""
+    what = f"sync collection {request.collection} with {request.folder}"
+    meta = {"collection": request.collection, "kind": "sync", "done": 0, "total": 0}
+    job_id = _enqueue(redis_url, run_sync_job, request.model_dump_json(), queue, what, **meta)
+    with connect(redis_url) as client:
+        client.set(_SYNC_JOB_KEY + request.collection, job_id, ex=RESULT_TTL_S)
+    return job_id
+
+
+def pending_sync(redis_url: str, collection: str) -> str | None:
+    """The id of a sync of ``collection`` that is queued or running, if there is one."""
+    with connect(redis_url) as client:
+        job_id = client.get(_SYNC_JOB_KEY + collection)
+        if job_id is None:
+            return None
+        try:
+            job = Job.fetch(job_id.decode(), connection=client)
+        except UnknownRqJob:
+            return None
+        return job.id if job.get_status(refresh=False) in _PENDING else None
+
+
+def run_sync_inline(request: SyncRequest, progress: Progress | None = None) -> SyncReport:
+    """Sync in this process (deployments without Redis); returns what it did."""
+    from indexer.sync import sync_collection  # imported on use, as the build is
+
+    return sync_collection(
+        request.root,
+        request.collection,
+        request.folder,
+        kind=request.kind,
+        bundle=request.bundle,
+        progress=progress,
+        workers=request.workers,
+        batch_size=request.batch_size,
+        keep_versions=request.keep_versions,
+    )
+
+
+def run_sync_job(request_json: str) -> dict[str, Any]:
+    """The RQ job: sync, with progress in ``job.meta``; announce the new version when it
+    published one. Returns the announcement, ``published`` and the report. Killed mid-way, it
+    published nothing, and the retry reuses the shards it saved."""
+    request = SyncRequest.model_validate_json(request_json)
+    job = get_current_job()
+    if job is None:
+        raise JobError("run_sync_job runs inside an RQ worker; use run_sync_inline instead")
+    report = run_sync_inline(request, progress=_MetaProgress(job))
+    info = read_info(current_dir(request.root, request.collection))
+    update = {
+        "collection": request.collection,
+        "version": report.version,
+        "bundle_id": info.model_bundle_id,
+    }
+    if report.published:
+        job.connection.publish(UPDATES_CHANNEL, json.dumps(update))
+        log.info("%s; announced", report.summary())
+    return {**update, "published": report.published, "report": report.model_dump(mode="json")}
+
+
 class _MetaProgress:
     """A build progress callback that stores ``done/total/stage`` in the running job's meta,
     at most every ``_META_EVERY_S`` seconds, and always at a new stage or at the end."""
@@ -265,6 +353,7 @@ def job_status(redis_url: str, job_id: str) -> dict[str, Any]:
         "id": job.id,
         "status": str(status.value if status is not None else "unknown"),
         "collection": meta.get("collection"),
+        "kind": meta.get("kind"),
         "progress": {key: meta.get(key) for key in ("done", "total", "stage", "updated")},
         "result": latest.return_value if latest and kind == latest.Type.SUCCESSFUL else None,
         "error": latest.exc_string if latest and kind == latest.Type.FAILED else None,
