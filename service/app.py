@@ -21,7 +21,7 @@ from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.fast_search import SEARCH_TEMPLATE, JsonSearchFastPath
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import AllowListCors, BodyLimit, RequestMetrics
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -100,6 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_search:
         app.add_middleware(JsonSearchFastPath, route=_route(search.router, SEARCH_TEMPLATE, "POST"))
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    if settings.cors_origins:
+        # Outside the fast path and BodyLimit, so their answers (a search, a 401, 413, 422 or
+        # 429) carry the headers too; inside RequestMetrics, so preflights are counted.
+        app.add_middleware(AllowListCors, origins=settings.cors_origins)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 
