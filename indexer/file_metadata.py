@@ -108,15 +108,15 @@ def iso_mtime(mtime_ns: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime(MTIME_FORMAT)
 
 
-def image_fields(image: Image.Image, stored_size: tuple[int, int]) -> dict[str, Any]:
-    """``width``, ``height`` (upright) and the EXIF fields of a decoded image, whose header
-    declared ``stored_size`` (its size before any reduced decoding)."""
+def image_fields(image: Image.Image, full_size: tuple[int, int]) -> dict[str, Any]:
+    """``width``, ``height`` (upright) and the EXIF fields of a decoded image, ``full_size``
+    its size before any reduced decoding (``runtime.image_decode.BoundedImage``)."""
     try:
         exif = image.getexif()
     except Exception as error:  # Pillow parses EXIF lazily; damaged EXIF raises anything
         logger.info("unreadable EXIF (%s: %s); the image is kept", type(error).__name__, error)
         exif = Image.Exif()
-    width, height = stored_size
+    width, height = full_size
     if _safe(lambda: exif.get(ExifTags.Base.Orientation), None) in _QUARTER_TURNS:
         width, height = height, width
     fields: dict[str, Any] = {"width": width, "height": height}

@@ -174,7 +174,7 @@ def _prepare_image(chunk: Chunk, number: int, record: Record, image: ImageSpec) 
     sha256 = hashlib.sha256(data).hexdigest()
     metadata = _metadata(record)
     metadata |= file_fields(record_relpath(record), stat, size=len(data), sha256=sha256)
-    metadata |= image_fields(decoded.image, decoded.stored_size)
+    metadata |= image_fields(decoded.image, decoded.full_size)
     caption = record.captions[0] if record.captions else None
     chunk.items.append(
         Item(

@@ -52,10 +52,12 @@ def decode_image(
 @dataclass(frozen=True, slots=True)
 class BoundedImage:
     """An image decoded for indexing: ``image`` in its stored mode (EXIF kept), possibly
-    reduced; ``stored_size`` the (width, height) its header declares, before any reduction."""
+    reduced; ``full_size`` its (width, height) unreduced, turned as ``image`` is (a TIFF
+    decoder applies the EXIF orientation itself and drops the tag; a JPEG's is left to
+    :func:`to_rgb`)."""
 
     image: Image.Image
-    stored_size: tuple[int, int]
+    full_size: tuple[int, int]
 
 
 def decode_image_bounded(
@@ -82,11 +84,12 @@ def decode_image_bounded(
         raise ImageDecodeError("corrupt image", "no data (0 bytes)")
     with _decode_errors(formats):
         image: Image.Image = _open_without_bomb_check(data, formats)
-        stored_size = image.size
-        _check_pixels(stored_size, max_pixels)
+        full_size = image.size
+        _check_pixels(full_size, max_pixels)
         # Both no-ops but for JPEG (and MPO), whose decoder then scales while decoding.
         image.draft(None, (min_side, min_side))
         image.load()
+        full_size = _turned_as(full_size, image.size)
         factor = min(image.size) // min_side
         if factor >= 2:
             exif = image.getexif()
@@ -95,7 +98,16 @@ def decode_image_bounded(
                 # A TIFF keeps its EXIF in its own tags, which the reduced copy lacks; without
                 # it the orientation would be lost.
                 image.info["exif"] = exif.tobytes()
-    return BoundedImage(image, stored_size)
+    return BoundedImage(image, full_size)
+
+
+def _turned_as(full_size: tuple[int, int], loaded: tuple[int, int]) -> tuple[int, int]:
+    """``full_size`` swapped when the decoder turned the image (Pillow's TIFF decoder applies
+    the EXIF orientation and drops the tag): whichever way has the loaded image's shape."""
+    (width, height), (loaded_width, loaded_height) = full_size, loaded
+    as_is = abs(loaded_width * height - loaded_height * width)
+    swapped = abs(loaded_width * width - loaded_height * height)
+    return (height, width) if swapped < as_is else full_size
 
 
 def _reduce(image: Image.Image, factor: int) -> Image.Image:
