@@ -221,7 +221,7 @@ class CompactRequest(_Body):
 class JobInfo(BaseModel):
     id: str
     status: str
-    kind: Literal["add", "remove", "reindex", "compact", "duplicates"] | None = None
+    kind: Literal["add", "remove", "reindex", "compact", "duplicates", "sync"] | None = None
     collection: str | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
     result: Any = None
