@@ -354,3 +354,7 @@ def _echo_info(root: Path, collection: str, what: str) -> None:
 from indexer.cli_sync import sync  # noqa: E402
 
 index.add_command(sync)
+
+from indexer.cli_duplicates import duplicates_command  # noqa: E402
+
+index.add_command(duplicates_command(_root_option, _collection_option))

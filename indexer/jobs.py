@@ -34,6 +34,7 @@ from rq.job import Job, JobStatus
 from rq.worker.base import BaseWorker
 
 from indexer.compaction import CompactionPolicy, compact_collection
+from indexer.duplicates import MIN_SCORE_FLOOR, duplicates_in
 from indexer.errors import JobError, NoSuchJobError
 from indexer.index_bundle import read_info
 from indexer.spec_index import BuildSpec
@@ -251,6 +252,39 @@ def run_sync_job(request_json: str) -> dict[str, Any]:
         job.connection.publish(UPDATES_CHANNEL, json.dumps(update))
         log.info("%s; announced", report.summary())
     return {**update, "published": report.published, "report": report.model_dump(mode="json")}
+
+
+class DuplicatesRequest(BaseModel):
+    """A near-duplicates job's only argument (as JSON in Redis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path
+    collection: str = Field(min_length=1)
+    min_score: float = Field(0.97, ge=MIN_SCORE_FLOOR, le=1.0)
+
+
+def enqueue_duplicates(
+    redis_url: str, request: DuplicatesRequest, *, queue: str = DEFAULT_QUEUE
+) -> str:
+    """Queue a near-duplicates search for ``cots worker``; returns the job id."""
+    what = f"find near-duplicates in collection {request.collection}"
+    return _enqueue(
+        redis_url, run_duplicates_job, request.model_dump_json(), queue, what,
+        collection=request.collection, kind="duplicates",
+    )  # fmt: skip
+
+
+def run_duplicates_inline(request: DuplicatesRequest) -> dict[str, Any]:
+    """The groups (``indexer.duplicates.DuplicateReport`` as JSON): a read, nothing is
+    published or announced."""
+    report = duplicates_in(request.root, request.collection, request.min_score)
+    return report.model_dump(mode="json")
+
+
+def run_duplicates_job(request_json: str) -> dict[str, Any]:
+    """The RQ job: :func:`run_duplicates_inline`; its return value is the job's result."""
+    return run_duplicates_inline(DuplicatesRequest.model_validate_json(request_json))
 
 
 class _MetaProgress:

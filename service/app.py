@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.staticfiles import StaticFiles
 
-from service.api import clip_retrieval, collections, embed, health, page, search, sync
+from service.api import clip_retrieval, collections, duplicates, embed, health, page, search, sync
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.fast_search import SEARCH_TEMPLATE, JsonSearchFastPath
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         collections.router,
         collections.jobs_router,
         sync.router,
+        duplicates.router,
         embed.router,
         health.router,
         clip_retrieval.router,
