@@ -33,7 +33,7 @@ let offset = 0;
 let nextOffset = null;
 // Only the latest request may draw: an older one that answers late is aborted instead.
 let inFlight = null;
-// blob: URLs of media fetched with the key (an <img> cannot send a header); revoked on redraw.
+// blob: URLs of media fetched with the key (see keyedMedia); revoked on redraw.
 let mediaUrls = [];
 
 class ApiError extends Error {}
@@ -116,6 +116,26 @@ function noPreview(node, className) {
   node.replaceWith(el("div", { class: `${className} missing` }, "no preview"));
 }
 
+// The grid shows thumbnails this wide (the server resizes, caches and EXIF-rotates them): a
+// page of photos costs tens of kilobytes each, not megabytes. A click opens the full file.
+const THUMB_WIDTH = 256;
+
+function thumbUrl(hit) {
+  return `${hit.media_url}?w=${THUMB_WIDTH}`;
+}
+
+// A blob: URL of media fetched with the key (an <img>, a poster or a new tab cannot send a
+// header); revoked on the next redraw.
+function keyedMedia(url) {
+  return fetch(url, { headers: withKey() })
+    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.status))))
+    .then((blob) => {
+      const local = URL.createObjectURL(blob);
+      mediaUrls.push(local);
+      return local;
+    });
+}
+
 // Without a key the browser fetches media itself (and caches it). With one, the page fetches
 // it with the header and hands the element a blob: URL; `fragment` keeps a video's moment.
 function setMedia(node, url, className, fragment = "") {
@@ -123,31 +143,52 @@ function setMedia(node, url, className, fragment = "") {
     node.setAttribute("src", url + fragment);
     return;
   }
-  fetch(url, { headers: withKey() })
-    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.status))))
-    .then((blob) => {
-      const local = URL.createObjectURL(blob);
-      mediaUrls.push(local);
-      node.setAttribute("src", local + fragment);
-    })
+  keyedMedia(url)
+    .then((local) => node.setAttribute("src", local + fragment))
     .catch(() => noPreview(node, className));
+}
+
+// The full file in a new tab. With a key the tab is opened at once (while the click still
+// counts as one, so no popup blocker stops it) and sent to the file once fetched.
+function fullFileLink(hit, child) {
+  const link = el("a", {
+    href: hit.media_url, target: "_blank", rel: "noopener", class: "full",
+    "data-testid": "hit-full", title: "open the full file",
+  }, child);
+  link.addEventListener("click", (event) => {
+    if (!apiKey()) return;
+    event.preventDefault();
+    const tab = window.open("", "_blank");
+    keyedMedia(hit.media_url)
+      .then((local) => {
+        if (tab) tab.location.href = local;
+      })
+      .catch((error) => {
+        tab?.close();
+        showError(`Could not open the file: ${error.message}`);
+      });
+  });
+  return link;
 }
 
 function thumbnail(hit, className) {
   const img = el("img", { alt: hit.caption ?? `item ${hit.id}`, class: className });
   // An item whose file is not on this server: a plain box says so instead of a broken icon.
   img.addEventListener("error", () => noPreview(img, className));
-  setMedia(img, hit.media_url, className);
-  return img;
+  setMedia(img, thumbUrl(hit), className);
+  return fullFileLink(hit, img);
 }
 
 function media(hit) {
   if (hit.kind === "image") return thumbnail(hit, "picture");
   if (hit.kind === "caption") return thumbnail(hit, "thumb");
-  // Video and segment: the media fragment makes the player start (and stop) at the moment.
+  // Video and segment: the media fragment makes the player start (and stop) at the moment;
+  // the poster is the moment's first frame, small, until it plays.
   const timed = hit.start_s !== null && hit.end_s !== null;
   const video = el("video", { controls: true, muted: true, playsinline: true, preload: "metadata" });
   setMedia(video, hit.media_url, "video", timed ? `#t=${hit.start_s},${hit.end_s}` : "");
+  if (!apiKey()) video.setAttribute("poster", thumbUrl(hit));
+  else keyedMedia(thumbUrl(hit)).then((local) => video.setAttribute("poster", local), () => {});
   return video;
 }
 
