@@ -59,8 +59,10 @@ def serve(
     Every setting also comes from COTS_* environment variables (or a .env file): batching
     (COTS_BATCH__MAX_BATCH, COTS_BATCH__MAX_WAIT_MS, COTS_BATCH__MAX_QUEUE), limits
     (COTS_LIMITS__MAX_K, ...), API keys (COTS_API_KEYS='[{"name": "ops", "sha256": "...",
-    "scopes": ["write", "admin"]}]'), COTS_RATE_LIMIT_PER_MINUTE, COTS_DATA_ROOT and
-    COTS_URL_FETCH_ALLOWLIST. Options given here win over the environment.
+    "scopes": ["write", "admin"]}]'), COTS_RATE_LIMIT_PER_MINUTE, COTS_DATA_ROOT,
+    COTS_URL_FETCH_ALLOWLIST, COTS_CORS_ORIGINS (web apps on these origins may call the API:
+    '["https://app.example.com"]') and COTS_THUMBNAIL_DIR. Options given here win over the
+    environment.
 
     The page is at /, the API under /v1 (OpenAPI docs at /docs), clip-retrieval's API at
     /knn-service, probes at /healthz and /readyz, Prometheus metrics at /metrics.
