@@ -350,10 +350,10 @@ def _echo_info(root: Path, collection: str, what: str) -> None:
     )
 
 
-# At the end: indexer.cli_sync uses this module's options (its heavy imports wait for a run).
-from indexer.cli_sync import sync  # noqa: E402
+# Registered last, with this module's --root (indexer.cli_sync imports nothing heavy at import).
+from indexer.cli_sync import sync_command  # noqa: E402
 
-index.add_command(sync)
+index.add_command(sync_command(_root_option))
 
 from indexer.cli_duplicates import duplicates_command  # noqa: E402
 

@@ -1,17 +1,24 @@
-"""``cots index sync``: the command over :func:`indexer.sync.sync_collection`."""
+"""``cots index sync``: the command over :func:`indexer.sync.sync_collection`.
+
+``indexer.cli`` registers it with its own ``--root`` option (:func:`sync_command`), which it
+passes in: importing it from here would make the two modules import each other.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from indexer.cli import _collection_option, _fail, _root_option
+
+def sync_command(root_option: Callable[[Any], Any]) -> click.Command:
+    """The ``sync`` command, with ``root_option`` (``indexer.cli``'s ``--root``)."""
+    return click.command(name="sync")(root_option(sync))
 
 
-@click.command()
-@_root_option
-@_collection_option
+@click.option("--collection", required=True, help="Collection name.")
 @click.option(
     "--corpus",
     required=True,
@@ -77,5 +84,5 @@ def sync(
             keep_versions=keep_versions,
         )
     except (IndexerError, BundleRuntimeError, ValidationError) as error:
-        raise _fail(error) from None
+        raise click.ClickException(str(error)) from None
     click.echo(report.model_dump_json(indent=2) if as_json else report.summary())

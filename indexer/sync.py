@@ -36,7 +36,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,10 +49,9 @@ from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_choice import choose_factory
 from indexer.index_bundle import SEGMENTS, IndexInfo, read_info
-from indexer.item_ids import STRIDE, item_id, next_record_number
+from indexer.item_ids import next_record_number
 from indexer.media_records import no_media_message
 from indexer.media_scan import MediaFile, MediaKind, MediaScan, MediaScanError, scan_media
-from indexer.metadata import Item
 from indexer.segments import index_fields, new_segment_id, write_segment
 from indexer.shards import Progress, Shard, ShardEncoder, ShardPlan
 from indexer.spec_index import BuildSpec
@@ -61,13 +59,11 @@ from indexer.sync_plan import (
     Hasher,
     Held,
     SyncPlan,
-    drift,
     file_record,
     held_files,
     plan_sync,
-    skip_reason,
-    source_metadata,
 )
+from indexer.sync_rows import Rows, Touched, accept_encoded, re_add_touched
 from indexer.update import commit
 from indexer.versions import (
     collection_dir,
@@ -116,28 +112,6 @@ class SyncReport(BaseModel):
         if self.published:
             return f"{text}; now version {self.version}"
         return f"{text}; already in sync at version {self.version}"
-
-
-@dataclass
-class _Rows:
-    """Items for the new segment with their vectors, and the old ids they replace."""
-
-    ids: list[int] = field(default_factory=list)
-    vectors: list[np.ndarray] = field(default_factory=list)
-    items: list[Item] = field(default_factory=list)
-    replaced: list[int] = field(default_factory=list)
-
-    def add(self, item: Item, vector: np.ndarray) -> None:
-        self.ids.append(item.id)
-        self.vectors.append(np.asarray(vector, dtype=np.float32))
-        self.items.append(item)
-
-    def arrays(self, dim: int) -> tuple[np.ndarray, np.ndarray, list[Item]]:
-        """(ids ascending, vectors [n, dim], items) in that order."""
-        order = np.argsort(np.asarray(self.ids, dtype=np.int64), kind="stable")
-        ids = np.asarray(self.ids, dtype=np.int64)[order]
-        vectors = np.stack(self.vectors)[order] if self.vectors else np.zeros((0, dim), np.float32)
-        return ids, vectors, [self.items[i] for i in order]
 
 
 def sync_collection(
@@ -192,10 +166,6 @@ def sync_collection(
     return report
 
 
-# A touched file: (the file, its sha256, each of its old items with its stored vector).
-_Touched = tuple[MediaFile, str, list[tuple[Item, np.ndarray]]]
-
-
 def _sync_locked(
     spec: BuildSpec,
     manifest: BundleManifest,
@@ -210,10 +180,10 @@ def _sync_locked(
     work = collection_dir(spec.root, spec.collection) / SYNCS / key
     first = _numbers(spec, work, len(plan.encode), floor)
     shards, encoded, resumed = _encode(spec, plan.encode, scan.captions, first, work, progress)
-    rows = _Rows()
+    rows = Rows()
     skipped = Counter(scan.skipped)
-    added, changed = _accept(plan, held, shards, hasher, rows, skipped)
-    _re_add(spec, touched, rows, floor)
+    added, changed = accept_encoded(plan, held, shards, hasher, rows, skipped)
+    re_add_touched(spec, touched, rows, floor)
     skipped.update(plan.skipped)
     report = SyncReport(
         collection=spec.collection,
@@ -239,7 +209,7 @@ def _sync_locked(
 
 def _compare(
     spec: BuildSpec, info: IndexInfo | None, scan: MediaScan, hasher: Hasher
-) -> tuple[dict[str, Held], SyncPlan, list[_Touched]]:
+) -> tuple[dict[str, Held], SyncPlan, list[Touched]]:
     """What the live version holds of the folder, the plan, and the touched files' vectors
     (read while the segments are open)."""
     folder = Path(spec.corpus)
@@ -389,117 +359,11 @@ def _encode(
     return loaded, len(fresh), plan.done
 
 
-def _accept(
-    plan: SyncPlan,
-    held: dict[str, Held],
-    shards: list[Shard],
-    hasher: Hasher,
-    rows: _Rows,
-    skipped: Counter[str],
-) -> tuple[int, int]:
-    """Move the encoded files that are still as the scan saw them into ``rows``; returns
-    (added, changed). A file that vanished is skipped and its old items join ``plan.gone``."""
-    found: dict[str, list[tuple[Shard, int]]] = {}
-    reasons: dict[str, str] = {}
-    for shard in shards:
-        for row, item in enumerate(shard.items):
-            found.setdefault(item.uri, []).append((shard, row))
-        reasons.update(shard.skipped)
-    added = changed = 0
-    for file in plan.encode:
-        known = held.get(file.relpath)
-        mine = found.get(str(file.path), [])
-        outcome = _verified_sha256(file, mine, reasons, hasher)
-        if outcome.reason is not None:
-            skipped[outcome.reason] += 1
-            if outcome.reason == "missing file" and known is not None:
-                plan.gone[file.relpath] = known
-            continue
-        source = source_metadata(file, outcome.sha256)
-        for shard, row in mine:
-            item = shard.items[row]
-            rows.add(
-                item.model_copy(update={"metadata": {**item.metadata, **source}}),
-                shard.vectors[row],
-            )
-        if known is None:
-            added += 1
-        else:
-            changed += 1
-            rows.replaced += known.ids
-    return added, changed
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    sha256: str = ""
-    reason: str | None = None  # why the file is left out this time
-
-
-def _verified_sha256(
-    file: MediaFile, mine: list[tuple[Shard, int]], reasons: dict[str, str], hasher: Hasher
-) -> _Outcome:
-    """The SHA-256 of an encoded file still as the scan saw it (the decoder's, when it took
-    one while reading the file, else hashed now), or why it is left out."""
-    reason = drift(file)
-    if reason is None and not mine:
-        reason = _category(reasons.get(str(file.path), "not encoded"))
-    if reason is not None:
-        return _Outcome(reason=reason)
-    shard, row = mine[0]
-    meta = shard.items[row].metadata
-    # The decoder's stat of the bytes it embedded, when it recorded one, must be the scan's too.
-    if (
-        meta.get("file_size", file.size) != file.size
-        or meta.get("mtime_ns", file.mtime_ns) != file.mtime_ns
-    ):
-        return _Outcome(reason="changed during sync")
-    recorded = meta.get("sha256")
-    if isinstance(recorded, str):
-        return _Outcome(sha256=recorded)
-    try:
-        return _Outcome(sha256=hasher(file.path))
-    except OSError as error:
-        return _Outcome(reason=skip_reason(error))
-
-
-def _category(reason: str) -> str:
-    """A shard's skip reason ("unreadable file: x: [Errno 13] Permission denied") as the
-    category the report counts."""
-    if "Permission denied" in reason:
-        return "permission denied"
-    category = reason.split(":")[0]
-    # Decoding found it missing but it is back (with its scanned size and mtime): it was
-    # replaced mid-sync; the next sync takes it.
-    return "changed during sync" if category == "missing file" else category
-
-
-def _re_add(
-    spec: BuildSpec,
-    touched: list[_Touched],
-    rows: _Rows,
-    floor: int,
-) -> None:
-    """The touched files' items under new ids with fresh metadata and their stored vectors
-    (segments are immutable: new metadata means a new row)."""
-    if not touched:
-        return
-    first = reserve_numbers(spec.root, spec.collection, len(touched), floor)
-    stride = STRIDE[spec.kind]
-    for offset, (file, sha256, old) in enumerate(touched):
-        source = source_metadata(file, sha256)
-        for item, vector in old:
-            new_id = item_id(spec.kind, first + offset, item.id % stride)
-            fresh = item.model_copy(update={"id": new_id, "metadata": {**item.metadata, **source}})
-            rows.add(fresh, vector)
-            rows.replaced.append(item.id)
-
-
 def _publish(
     spec: BuildSpec,
     manifest: BundleManifest,
     info: IndexInfo | None,
-    rows: _Rows,
+    rows: Rows,
     doomed: np.ndarray,
     skipped: dict[str, int],
     progress: Progress | None,
