@@ -69,10 +69,15 @@ def media_record(file: MediaFile, captions: tuple[str, ...], split: str | None) 
     """The record of one scanned file. Its group id is the relative path without extension,
     as the folder reader's, so that an image and a caption collection of one folder agree."""
     group_id = str(PurePosixPath(file.relpath).with_suffix(""))
-    common = {"uri": str(file.path), "captions": captions, "group_id": group_id, "split": split}
-    if file.kind == "video":
-        return MediaVideoRecord(path=file.path, relpath=file.relpath, **common)  # type: ignore[arg-type]
-    return MediaImageRecord(path=file.path, relpath=file.relpath, **common)  # type: ignore[arg-type]
+    record = MediaVideoRecord if file.kind == "video" else MediaImageRecord
+    return record(
+        uri=str(file.path),
+        captions=captions,
+        group_id=group_id,
+        split=split,
+        path=file.path,
+        relpath=file.relpath,
+    )
 
 
 def with_relpaths(records: Sequence[Record], root: Path) -> list[Record]:
@@ -101,7 +106,8 @@ def no_media_message(scan: MediaScan, kind: MediaKind) -> str:
     other: MediaKind = "video" if kind == "image" else "image"
     others = len(scan.of_kind(other))
     if others:
-        found.append(f"it holds {others:,} {other}s: index them with --kind {other}")
+        plural = "s" if others != 1 else ""
+        found.append(f"it holds {others:,} {other}{plural} (index {other}s with --kind {other})")
     for reason, count in sorted(scan.skipped.items()):
         names = [Path(path).name for path, why in scan.examples if why == reason]
         shown = ", ".join(names[:_EXAMPLES_PER_REASON])
