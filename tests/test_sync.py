@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from indexer.errors import CollectionError
 from indexer.jobs import DEFAULT_QUEUE, SyncRequest, enqueue_sync, job_status, pending_sync
 from indexer.sync import SYNCS, SyncReport, sync_collection
 from indexer.versions import collection_dir, current_version, list_versions
+from model.data.synth import SynthConfig, generate_corpus
 from runtime.encoder import Encoder
 from service.settings import Settings
 from tests.live_server import live_server
@@ -207,6 +209,38 @@ def test_files_vanishing_or_changing_during_a_sync(
     report = _sync(root, folder, micro_bundle)
     assert (report.added, report.encoded) == (1, 1)
     assert set(_live(root)) == _folder_files(folder)
+
+
+def test_a_video_changed_or_deleted_takes_its_segments_with_it(
+    tmp_path: Path, micro_bundle: Path
+) -> None:
+    config = SynthConfig(
+        seed=3, n_images=0, n_videos=3, image_size=32, video_size=32, video_frames=24
+    )
+    generate_corpus(tmp_path / "corpus", config, workers=1)
+    videos = sorted((tmp_path / "corpus").rglob("*.mp4"))
+    folder, root = tmp_path / "videos", tmp_path / "collections"
+    folder.mkdir()
+    for video in videos[:2]:
+        shutil.copy(video, folder / video.name)
+    first = _sync(root, folder, micro_bundle, kind="video")
+    assert (first.added, first.encoded) == (2, 2)
+    before = _live(root)
+    assert all(len(ids) > 1 for ids in before.values())  # each video and its segments
+
+    shutil.copy(videos[2], folder / videos[0].name)  # another video under the same name
+    (folder / videos[1].name).unlink()
+    report = _sync(root, folder, micro_bundle, kind="video")
+    assert (report.added, report.changed, report.removed, report.encoded) == (0, 1, 1, 1)
+    after = _live(root)
+    assert set(after) == {videos[0].name}
+    assert set(after[videos[0].name]).isdisjoint(before[videos[0].name])
+    with Collection.open(root, "photos", with_indexes=False) as collection:
+        old = [i for ids in before.values() for i in ids]
+        assert collection.get(old) == [None] * len(old)
+        kinds = [item.kind for item in collection.get(after[videos[0].name]) if item]
+    assert kinds[0] == "video"
+    assert set(kinds[1:]) == {"segment"}
 
 
 def test_one_sync_per_collection_and_clear_errors(
