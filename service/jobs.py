@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 from indexer.errors import JobError, NoSuchJobError
@@ -28,14 +29,17 @@ from indexer.jobs import (
     RESULT_TTL_S,
     UPDATES_CHANNEL,
     CompactionRequest,
+    DuplicatesRequest,
     SyncRequest,
     connect,
     enqueue_build,
     enqueue_compaction,
+    enqueue_duplicates,
     enqueue_sync,
     job_status,
     run_build_inline,
     run_compaction_inline,
+    run_duplicates_inline,
     run_sync_inline,
 )
 from indexer.spec_index import BuildSpec
@@ -45,7 +49,7 @@ from service.schemas import JobInfo
 
 log = logging.getLogger("cots.jobs")
 
-JobKind = Literal["add", "remove", "reindex", "compact", "sync"]
+JobKind = Literal["add", "remove", "reindex", "compact", "sync", "duplicates"]
 _KEEP_FINISHED = 1000
 _SHARED_KEY = "cots:local-job:"
 
@@ -106,8 +110,23 @@ class JobRunner:
             raise UnavailableError(f"cannot queue the sync job: {error}") from None
         return JobInfo(id=job_id, status="queued", kind="sync", collection=name)
 
-    def run_here(self, kind: JobKind, collection: str, work: Callable[[], Any]) -> JobInfo:
-        """Run ``work`` (which returns the new version, or (version, detail)) in this process."""
+    def duplicates(self, request: DuplicatesRequest) -> JobInfo:
+        """Near-duplicate groups as a job (a read: its result is the groups, no version)."""
+        name = request.collection
+        if self.redis_url is None:
+            work = partial(run_duplicates_inline, request)
+            return self.run_here("duplicates", name, work, publishes=False)
+        try:
+            job_id = enqueue_duplicates(self.redis_url, request)
+        except JobError as error:
+            raise UnavailableError(f"cannot queue the duplicates job: {error}") from None
+        return JobInfo(id=job_id, status="queued", kind="duplicates", collection=name)
+
+    def run_here(
+        self, kind: JobKind, collection: str, work: Callable[[], Any], *, publishes: bool = True
+    ) -> JobInfo:
+        """Run ``work`` (which returns the new version, or (version, detail)) in this process;
+        ``publishes=False``: ``work`` only reads, and what it returns is the job's result."""
         job = JobInfo(
             id=f"local-{uuid.uuid4().hex}", status="queued", kind=kind, collection=collection
         )
@@ -115,16 +134,21 @@ class JobRunner:
             self._jobs[job.id] = job
             self._forget_old()
         self._share(job)
-        self._executor.submit(self._run, job.id, collection, work)
+        self._executor.submit(self._run, job.id, collection, work, publishes)
         return job.model_copy()
 
-    def _run(self, job_id: str, collection: str, work: Callable[[], Any]) -> None:
+    def _run(
+        self, job_id: str, collection: str, work: Callable[[], Any], publishes: bool = True
+    ) -> None:
         self._update(job_id, status="started", progress={"started": _now()})
         try:
             outcome = work()
         except Exception as error:  # the job's failure is its status, not the server's
             log.exception("job %s on %s failed", job_id, collection)
             self._update(job_id, status="failed", error=f"{type(error).__name__}: {error}")
+            return
+        if not publishes:
+            self._update(job_id, status="finished", result=outcome, progress={"ended": _now()})
             return
         version, detail = outcome if isinstance(outcome, tuple) else (outcome, None)
         self.registry.refresh(collection)
