@@ -1,8 +1,9 @@
 // The search page: plain DOM calls against the JSON API, no framework and no build step.
 // Every piece of data goes into the page as text nodes or attributes, never as HTML.
 //
-// State lives in the URL (?c=collection&q=text&f=filters&p=page), so that a search can be
-// linked and the browser's back button steps through searches; the API key lives in
+// State lives in the URL (?c=collection&q=text&f=filters&m=min score&s=sort&p=page, or
+// like=ID instead of q for "items like item ID"), so that a search can be linked and the
+// browser's back button steps through searches; the API key lives in
 // sessionStorage (this tab only, never the URL) and goes out as X-API-Key. The filter box's
 // text is read by where.js.
 "use strict";
@@ -16,6 +17,9 @@ const ui = {
   collection: $("collection"),
   query: $("query"),
   filters: $("filters"),
+  minScore: $("min-score"),
+  sort: $("sort"),
+  similar: $("query-similar"),
   apiKey: $("api-key"),
   upload: $("upload"),
   queryImage: $("query-image"),
@@ -27,7 +31,8 @@ const ui = {
   pageInfo: $("page-info"),
 };
 
-// The query being paged through: {text, filters} or {file, filters}; null before the first.
+// The query being paged through: {text | file | similar (an item id), filters, minScore, sort};
+// null before the first.
 let current = null;
 let offset = 0;
 let nextOffset = null;
@@ -207,6 +212,7 @@ function card(hit) {
     meta.push(el("span", { class: "range", "data-testid": "hit-range" },
       `${formatSeconds(hit.start_s)}–${formatSeconds(hit.end_s)} s`));
   }
+  meta.push(similarLink(hit.id));
   const caption = hit.caption ?? (hit.kind === "segment" ? `a moment of ${hit.group_id}` : "");
   return el("article", {
     class: `card ${hit.kind}`, "data-testid": "hit", "data-id": hit.id, "data-kind": hit.kind,
@@ -242,6 +248,34 @@ function clearResults() {
   ui.next.disabled = true;
 }
 
+// A link that searches for items like this one (its stored vector); a plain link too, so a
+// middle click opens that search in a new tab.
+function similarLink(id) {
+  const link = el("a", {
+    class: "similar", "data-testid": "hit-similar", href: searchUrl({ like: id }),
+    title: "search for items like this one",
+  }, "similar");
+  link.addEventListener("click", (event) => {
+    if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey) return;
+    event.preventDefault();
+    const options = readOptions();
+    if (!options) return;
+    current = { similar: id, ...options };
+    ui.query.value = "";
+    showQueryImage(null);
+    search(0);
+  });
+  return link;
+}
+
+// The fields only given ones go out as: a server without them refuses what it does not know.
+function relevanceFields() {
+  const fields = {};
+  if (current.minScore !== null && current.minScore !== undefined) fields.min_score = current.minScore;
+  if (current.sort) fields.sort = current.sort;
+  return fields;
+}
+
 function request(name, at) {
   const path = `/v1/collections/${encodeURIComponent(name)}/search`;
   const signal = inFlight.signal;
@@ -251,9 +285,11 @@ function request(name, at) {
     form.append("k", String(PAGE_SIZE));
     form.append("offset", String(at));
     if (current.filters) form.append("filters", JSON.stringify(current.filters));
+    for (const [field, value] of Object.entries(relevanceFields())) form.append(field, String(value));
     return api(`${path}/upload`, { method: "POST", body: form, signal });
   }
-  const body = { text: current.text, k: PAGE_SIZE, offset: at };
+  const query = current.similar !== undefined ? { similar_to: current.similar } : { text: current.text };
+  const body = { ...query, k: PAGE_SIZE, offset: at, ...relevanceFields() };
   if (current.filters) body.filters = current.filters;
   return api(path, {
     method: "POST",
@@ -263,29 +299,44 @@ function request(name, at) {
   });
 }
 
-// ---- the URL: ?c=collection&q=text&f=filters&p=page ------------------------------------------
+// ---- the URL: ?c=collection&q=text (or like=item id)&f=filters&m=min score&s=sort&p=page -----
 
 function stateFromUrl() {
   const params = new URLSearchParams(window.location.search);
   const page = Number.parseInt(params.get("p") ?? "1", 10);
+  const like = /^\d{1,15}$/.test(params.get("like") ?? "") ? Number(params.get("like")) : null;
   return {
     collection: params.get("c") ?? "",
     text: params.get("q") ?? "",
+    like,
     filters: params.get("f") ?? "",
+    minScore: params.get("m") ?? "",
+    sort: params.get("s") ?? "",
     page: Number.isSafeInteger(page) && page >= 1 ? page : 1,
   };
 }
 
-// An image query cannot go in a URL: its address keeps the collection and filters only.
-function saveUrl(at, how) {
-  if (how === "none") return;
+// The address of a search: ``query`` {text} or {like}, the rest as the controls show now.
+function searchUrl(query, at = 0) {
   const params = new URLSearchParams();
   if (ui.collection.value) params.set("c", ui.collection.value);
-  if (current?.text) params.set("q", current.text);
+  if (query.text) params.set("q", query.text);
+  if (query.like !== undefined) params.set("like", String(query.like));
   const filters = ui.filters.value.trim();
   if (filters) params.set("f", filters);
-  if (current?.text && at > 0) params.set("p", String(Math.floor(at / PAGE_SIZE) + 1));
-  const url = `${window.location.pathname}${params.size ? `?${params}` : ""}`;
+  const minScore = ui.minScore.value.trim();
+  if (minScore) params.set("m", minScore);
+  if (ui.sort.value) params.set("s", ui.sort.value);
+  const linked = query.text || query.like !== undefined;
+  if (linked && at > 0) params.set("p", String(Math.floor(at / PAGE_SIZE) + 1));
+  return `${window.location.pathname}${params.size ? `?${params}` : ""}`;
+}
+
+// An image query cannot go in a URL: its address keeps the collection and the controls only.
+function saveUrl(at, how) {
+  if (how === "none") return;
+  const query = current?.similar !== undefined ? { like: current.similar } : { text: current?.text };
+  const url = searchUrl(query, at);
   if (url === `${window.location.pathname}${window.location.search}`) return;
   if (how === "push") history.pushState(null, "", url);
   else history.replaceState(null, "", url);
@@ -302,9 +353,35 @@ function readFilters() {
   }
 }
 
+// The min score and order controls read now, or null after showing why they do not read.
+function readRelevance() {
+  const raw = ui.minScore.value.trim();
+  const minScore = raw === "" ? null : Number(raw);
+  if (minScore !== null && !(Number.isFinite(minScore) && minScore >= -1 && minScore <= 1)) {
+    showError("Min score: a number from -1 to 1 (empty: any score).");
+    return null;
+  }
+  const sort = ui.sort.value || null;
+  if (sort && minScore === null) {
+    showError("Sorting needs a min score: the hits scoring at least that are what gets sorted.");
+    return null;
+  }
+  return { minScore, sort };
+}
+
+// Every control beside the query (filters, min score, order), or null after showing why not.
+function readOptions() {
+  const { ok, filters } = readFilters();
+  if (!ok) return null;
+  const relevance = readRelevance();
+  return relevance && { filters, ...relevance };
+}
+
 async function search(at, how = "push") {
   const name = ui.collection.value;
   if (!current) return;
+  ui.similar.hidden = current.similar === undefined;
+  ui.similar.textContent = current.similar === undefined ? "" : `items like item ${current.similar}`;
   if (!name) {
     showError("Choose a collection to search.");
     return;
@@ -357,9 +434,9 @@ ui.form.addEventListener("submit", (event) => {
     showError("Type a query, or choose an image to search with.");
     return;
   }
-  const { ok, filters } = readFilters();
-  if (!ok) return;
-  current = { text, filters };
+  const options = readOptions();
+  if (!options) return;
+  current = { text, ...options };
   showQueryImage(null);
   search(0);
 });
@@ -367,9 +444,9 @@ ui.form.addEventListener("submit", (event) => {
 ui.upload.addEventListener("change", () => {
   const file = ui.upload.files[0];
   if (!file) return;
-  const { ok, filters } = readFilters();
-  if (!ok) return;
-  current = { file, filters };
+  const options = readOptions();
+  if (!options) return;
+  current = { file, ...options };
   // Cleared, so choosing the same file again searches again; the File stays in `current`.
   ui.upload.value = "";
   ui.query.value = "";
@@ -381,6 +458,19 @@ ui.collection.addEventListener("change", () => {
   if (current) search(0);
   else saveUrl(0, "replace");
 });
+// A new min score or order applies to the query on screen, from its first page.
+for (const control of [ui.minScore, ui.sort]) {
+  control.addEventListener("change", () => {
+    if (!current) {
+      saveUrl(0, "replace");
+      return;
+    }
+    const relevance = readRelevance();
+    if (!relevance) return;
+    current = { ...current, ...relevance };
+    search(0);
+  });
+}
 ui.prev.addEventListener("click", () => search(Math.max(0, offset - PAGE_SIZE)));
 ui.next.addEventListener("click", () => {
   if (nextOffset !== null) search(nextOffset);
@@ -407,9 +497,12 @@ function applyUrl() {
   if (listed) ui.collection.value = state.collection;
   ui.query.value = state.text;
   ui.filters.value = state.filters;
+  ui.minScore.value = state.minScore;
+  showSort(state.sort);
   showQueryImage(null);
-  if (!state.text) {
+  if (!state.text && state.like === null) {
     current = null;
+    ui.similar.hidden = true;
     clearResults();
     return;
   }
@@ -417,10 +510,22 @@ function applyUrl() {
     showError(`No collection '${state.collection}' is served here.`);
     return;
   }
-  const { ok, filters } = readFilters();
-  if (!ok) return;
-  current = { text: state.text, filters };
+  const options = readOptions();
+  if (!options) return;
+  const query = state.like !== null ? { similar: state.like } : { text: state.text };
+  current = { ...query, ...options };
   search((state.page - 1) * PAGE_SIZE, "none");
+}
+
+// The order a URL names; one the menu lacks (a hand-written ?s=-folder) joins it.
+function showSort(sort) {
+  const valid = /^-?[A-Za-z0-9_]{1,64}$/.test(sort);
+  if (valid && ![...ui.sort.options].some((option) => option.value === sort)) {
+    const field = sort.replace(/^-/, "");
+    const label = `by ${field}, ${sort.startsWith("-") ? "descending" : "ascending"}`;
+    ui.sort.append(el("option", { value: sort }, label));
+  }
+  ui.sort.value = valid ? sort : "";
 }
 
 window.addEventListener("popstate", applyUrl);
