@@ -154,12 +154,12 @@ def sync_collection(
         raise CollectionError(str(error)) from None
     if progress is not None:
         progress(len(scan.files), len(scan.files), "scanning")
+    if info is None and not scan.files:  # before the lock creates the collection's folder
+        raise CollectionError(no_media_message(scan, kind))
     with _exclusive(root, collection):
         live = current_version(root, collection)  # another change may have published meanwhile
         info = read_info(version_dir(root, collection, live)) if live is not None else None
         if info is None:
-            if not scan.files:
-                raise CollectionError(no_media_message(scan, kind))
             spec = with_media_index_fields(spec)  # a first sync is a build: the same fields
         report = _sync_locked(spec, manifest, info, scan, progress)
     report.seconds = round(time.perf_counter() - started, 3)
@@ -178,8 +178,11 @@ def _sync_locked(
     floor = next_record_number(spec.kind, info.max_id if info is not None else -1)
     key = sync_key(manifest, spec, plan.encode)
     work = collection_dir(spec.root, spec.collection) / SYNCS / key
-    first = _numbers(spec, work, len(plan.encode), floor)
-    shards, encoded, resumed = _encode(spec, plan.encode, scan.captions, first, work, progress)
+    shards: list[Shard] = []
+    encoded = resumed = 0
+    if plan.encode:  # an unchanged folder writes nothing, not even an empty work folder
+        first = _numbers(spec, work, len(plan.encode), floor)
+        shards, encoded, resumed = _encode(spec, plan.encode, scan.captions, first, work, progress)
     rows = Rows()
     skipped = Counter(scan.skipped)
     added, changed = accept_encoded(plan, held, shards, hasher, rows, skipped)

@@ -156,6 +156,7 @@ def test_a_sync_publishes_what_changed_as_one_version(
     # Nothing opened: no file hashed (the touched one's new mtime is recorded), none encoded.
     assert (again.hashed, again.encoded) == (0, 0)
     assert "already in sync at version 2" in again.summary()
+    assert not (collection_dir(root, "photos") / SYNCS).exists()
 
 
 def test_an_interrupted_sync_resumes_from_its_saved_shards(
@@ -259,6 +260,9 @@ def test_one_sync_per_collection_and_clear_errors(
     empty.mkdir()
     with pytest.raises(CollectionError, match="refusing to remove"):
         _sync(root, empty, micro_bundle)
+    with pytest.raises(CollectionError, match="holds no images"):
+        sync_collection(root, "fresh", empty, bundle=micro_bundle)
+    assert not (root / "fresh").exists()
     assert current_version(root, "photos") == 1
     # The recorded bundle is the default: the CLI needs no --bundle after the first sync.
     (folder / "home" / "p000.png").unlink()
