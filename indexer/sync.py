@@ -318,7 +318,9 @@ def _numbers(spec: BuildSpec, work: Path, count: int, floor: int) -> int:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("count") == count and int(saved.get("first", -1)) >= floor:
             return int(saved["first"])
-        shutil.rmtree(work)  # ids another change has used since: its shards are worthless
+        # Another change published ids above them since (or the collection was rebuilt):
+        # only a range above every id given is certainly free, so encode again.
+        shutil.rmtree(work)
     # Other plans' shards are stale: the folder changed since they were encoded.
     if work.parent.is_dir():
         shutil.rmtree(work.parent)
