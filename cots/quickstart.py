@@ -13,7 +13,6 @@ encodes only new or changed ones, and the server starts on what is there.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import click
@@ -136,7 +135,9 @@ def _bundle(
             ) from None
     if model_name is None or pretrained is None:
         raise click.UsageError("--model and --pretrained go together")
-    out = bundles_folder(root) / f"{model_name}-{_file_digest(pretrained)[:12]}"
+    from runtime.bundle import file_sha256
+
+    out = bundles_folder(root) / f"{model_name}-{file_sha256(pretrained)[:12]}"
     if (out / "bundle.json").is_file():
         click.echo(f"model bundle: {out} (exported before from {pretrained})")
         return out
@@ -150,14 +151,6 @@ def _bundle(
     except ModelError as error:
         raise click.ClickException(str(error)) from None
     return out
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sync(root: Path, name: str, folder: Path, kind: MediaKind, bundle: Path, workers: int) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+from indexer.errors import CollectionError
+
 logger = logging.getLogger("cots.index")
 
 MediaKind = Literal["image", "video"]
@@ -115,7 +117,7 @@ class MediaScan:
         return text
 
 
-class MediaScanError(Exception):
+class MediaScanError(CollectionError):
     """The root itself cannot be scanned (missing, not a folder, unreadable)."""
 
 

@@ -64,7 +64,7 @@ from indexer.sync_plan import (
     plan_sync,
 )
 from indexer.sync_rows import Rows, Touched, accept_encoded, re_add_touched
-from indexer.update import commit
+from indexer.update import commit, joined_segment
 from indexer.versions import (
     collection_dir,
     current_version,
@@ -389,17 +389,7 @@ def _publish(
             # What this sync left out is the folder's state now, not a running total.
             update: dict[str, Any] = {"skipped": skipped}
             if written is not None:
-                if written.dim != now.dim:
-                    raise CollectionError(
-                        f"vectors of dim {written.dim} cannot join collection "
-                        f"{spec.collection!r} of dim {now.dim}"
-                    )
-                update |= {
-                    "segments": [*now.segments, written.id],
-                    "count": now.count + written.count,
-                    "recall_at_10": min(now.recall_at_10, written.recall_at_10),
-                    "max_id": max(now.max_id, written.last_id),
-                }
+                update |= joined_segment(now, written)
             return now.model_copy(update=update), np.union1d(deleted, doomed)
 
         return commit(spec.root, spec.collection, staged, spec.keep_versions, rebase)

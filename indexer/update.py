@@ -32,7 +32,7 @@ from indexer.filters import Filter, as_filter
 from indexer.index_bundle import DELETED, SEGMENTS, IndexInfo, read_info
 from indexer.item_ids import next_record_number
 from indexer.metadata import Item
-from indexer.segments import index_fields, new_segment_id, write_segment
+from indexer.segments import SegmentInfo, index_fields, new_segment_id, write_segment
 from indexer.shards import ShardEncoder, list_records, skipped_summary
 from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir, locked, publish, reserve_numbers, staging
@@ -151,20 +151,25 @@ def add_encoded(
             merged.update(skipped or {})
             update: dict[str, Any] = {"skipped": dict(merged)}
             if written is not None:
-                if written.dim != live.dim:
-                    raise CollectionError(
-                        f"vectors of dim {written.dim} cannot join collection {collection!r} "
-                        f"of dim {live.dim}"
-                    )
-                update |= {
-                    "segments": [*live.segments, written.id],
-                    "count": live.count + written.count,
-                    "recall_at_10": min(live.recall_at_10, written.recall_at_10),
-                    "max_id": max(live.max_id, written.last_id),
-                }
+                update |= joined_segment(live, written)
             return live.model_copy(update=update), deleted
 
         return commit(root, collection, staged, keep_versions, rebase)
+
+
+def joined_segment(live: IndexInfo, written: SegmentInfo) -> dict[str, Any]:
+    """The fields of ``live``'s index.json that change when segment ``written`` joins it."""
+    if written.dim != live.dim:
+        raise CollectionError(
+            f"vectors of dim {written.dim} cannot join collection {live.collection!r} "
+            f"of dim {live.dim}"
+        )
+    return {
+        "segments": [*live.segments, written.id],
+        "count": live.count + written.count,
+        "recall_at_10": min(live.recall_at_10, written.recall_at_10),
+        "max_id": max(live.max_id, written.last_id),
+    }
 
 
 def remove_from_collection(
