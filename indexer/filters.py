@@ -55,7 +55,7 @@ from pydantic import (
 )
 
 from indexer.errors import FilterError, first_problem
-from indexer.fields import ANY_OF, COLUMNS, FIELD_NAME, KINDS, field_path
+from indexer.fields import ANY_OF, COLUMNS, FIELD_NAME, FILE_TEXT_FIELDS, KINDS, field_path
 
 MAX_CONDITIONS: Final = 64
 MAX_LIST: Final = 1000
@@ -391,7 +391,7 @@ def parse_where(conditions: list[str] | tuple[str, ...]) -> Filter | None:
     """``FIELD=VALUE``, ``FIELD!=VALUE``, ``FIELD>=VALUE`` (and ``>``, ``<``, ``<=``) and
     ``FIELD=a|b|c`` (one of), ANDed. Metadata values that read as numbers (``_INTEGER``,
     ``_DECIMAL``) or as ``true``/``false`` are those; anything else (and every value of kind,
-    group_id and uri) is text."""
+    group_id, uri and the file fields of ``FILE_TEXT_FIELDS``, e.g. folder) is text."""
     merged: dict[str, dict[str, Any]] = {}
     for condition in conditions:
         match = _WHERE.match(condition)
@@ -410,7 +410,7 @@ def parse_where(conditions: list[str] | tuple[str, ...]) -> Filter | None:
 
 
 def _typed(key: str, text: str) -> Any:
-    if key in COLUMNS:
+    if key in COLUMNS or key in FILE_TEXT_FIELDS:
         return text
     if text in ("true", "false"):
         return text == "true"

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Annotated, Any, Final, Self
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from indexer.errors import MetadataStoreError
@@ -89,6 +90,17 @@ def _ids_json(ids: Sequence[int] | np.ndarray) -> str:
     return json.dumps([int(i) for i in ids])
 
 
+def _metadata_object(text: str) -> dict[str, Any]:
+    """A row's metadata JSON. orjson parses it about five times faster than json, which a sync
+    of 100,000 unchanged files notices (it reads every row); json takes what orjson refuses
+    (NaN, which json.dumps writes)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = json.loads(text)
+    return value  # type: ignore[no-any-return]
+
+
 def _item_from_row(row: _Row) -> Item:
     id_, kind, uri, caption, group_id, metadata, start_s, end_s = row
     return Item(
@@ -97,7 +109,7 @@ def _item_from_row(row: _Row) -> Item:
         uri=uri,
         caption=caption,
         group_id=group_id,
-        metadata=json.loads(metadata),
+        metadata=_metadata_object(metadata),
         start_s=start_s,
         end_s=end_s,
     )

@@ -306,6 +306,13 @@ def test_the_text_form_reads_as_the_json_form() -> None:
         "w": {"eq": 1.5},
         "uri": {"eq": "7"},
     }
+    # The fields read from a user's files are text: folder 2024 is the folder named "2024".
+    assert parse_where(["folder=2024", "path=1|2", "camera_model=5", "year=2024"]).canonical() == {  # type: ignore[union-attr]
+        "folder": {"eq": "2024"},
+        "path": {"in": ["1", "2"]},
+        "camera_model": {"eq": "5"},
+        "year": {"eq": 2024},
+    }
     # Numbers are what a browser's JSON reads exactly; Python-only spellings stay text.
     assert parse_where(["a=1_000", "b=nan", "c=inf", "d=9007199254740993", "e=.5"]).canonical() == {  # type: ignore[union-attr]
         "a": {"eq": "1_000"},

@@ -430,6 +430,7 @@ WHERE_CASES = [
     "any_of=1",
     ",,split=test,,",
     "a=\u00e9t\u00e9",
+    "folder=2024, taken>=2024-06-01, camera_model=5, path=1|2, year=2024",
 ]
 
 

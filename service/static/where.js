@@ -9,6 +9,10 @@ const INTEGER = /^[+-]?[0-9]+$/;
 const DECIMAL = /^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
 const NEXT_CONDITION = /,(?=\s*[A-Za-z0-9_]+\s*(?:>=|<=|!=|=|>|<))/;
 const COLUMNS = new Set(["kind", "group_id", "uri"]);
+// FILE_TEXT_FIELDS in indexer/fields.py: metadata read from a user's files, always text.
+const FILE_TEXT_FIELDS = new Set([
+  "path", "folder", "camera_make", "camera_model", "sha256", "mtime", "taken",
+]);
 
 class WhereError extends Error {
   constructor(message) {
@@ -22,7 +26,7 @@ function splitWhere(text) {
 }
 
 function typedValue(key, text) {
-  if (COLUMNS.has(key)) return text;
+  if (COLUMNS.has(key) || FILE_TEXT_FIELDS.has(key)) return text;
   if (text === "true" || text === "false") return text === "true";
   if (INTEGER.test(text)) {
     const number = Number(text);
