@@ -12,7 +12,8 @@ from rq import Worker
 
 from indexer.cli import _root_option
 from indexer.errors import JobError
-from indexer.jobs import DEFAULT_QUEUE, connect, redact, work_in_process
+from indexer.jobs import DEFAULT_QUEUE, work_in_process
+from indexer.redis_updates import connect, redact
 from indexer.sync_schedule import SyncTarget, SyncTargetType, queue_syncs, start_schedule
 
 # RQ looks for jobs whose worker died (no heartbeat for ~90 s) when it runs its maintenance; its

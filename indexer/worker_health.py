@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from rq import Worker
 
 from indexer.errors import JobError
-from indexer.jobs import connect
+from indexer.redis_updates import connect
 
 # An idle RQ worker renews its heartbeat every worker_ttl - 15 s (405 s by default): allow one
 # full cycle and a margin before calling it stale.

@@ -27,11 +27,9 @@ from typing import Any, Literal
 from indexer.errors import JobError, NoSuchJobError
 from indexer.jobs import (
     RESULT_TTL_S,
-    UPDATES_CHANNEL,
     CompactionRequest,
     DuplicatesRequest,
     SyncRequest,
-    connect,
     enqueue_build,
     enqueue_compaction,
     enqueue_duplicates,
@@ -42,6 +40,7 @@ from indexer.jobs import (
     run_duplicates_inline,
     run_sync_inline,
 )
+from indexer.redis_updates import UPDATES_CHANNEL, connect
 from indexer.spec_index import BuildSpec
 from service.errors import NotFoundError, UnavailableError
 from service.registry import CollectionRegistry

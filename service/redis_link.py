@@ -17,7 +17,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from indexer.jobs import redact
+from indexer.redis_updates import redact
 from service.metrics import Metrics
 
 log = logging.getLogger("cots.redis")

@@ -8,7 +8,7 @@ import logging
 import threading
 
 from indexer.errors import JobError
-from indexer.jobs import listen_for_updates
+from indexer.redis_updates import listen_for_updates
 from service.registry import CollectionRegistry
 
 log = logging.getLogger("cots.updates")

@@ -32,15 +32,14 @@ from indexer.compaction import compact_collection
 from indexer.errors import JobError
 from indexer.jobs import (
     DEFAULT_QUEUE,
-    UPDATES_CHANNEL,
     CompactionRequest,
     enqueue_build,
     enqueue_compaction,
     job_status,
-    listen_for_updates,
     run_build_inline,
     work_in_process,
 )
+from indexer.redis_updates import UPDATES_CHANNEL, listen_for_updates
 from indexer.spec_index import BuildSpec
 from indexer.update import remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions, version_dir
