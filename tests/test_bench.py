@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.quality import ROWS
 from cots.cli import cli as main
-from model.bench_quality import ROWS
 from model.data.synth import SynthConfig, generate_corpus
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cots.cli import cli as main
-from runtime.text import clean_lower
-from service.bench_load import scrape
-from service.bench_serve import (
+from benchmarks.serve import (
     CASES,
     QueryTexts,
     ServeBenchConfig,
     ensure_collection,
     server_env,
 )
+from benchmarks.serve_load import scrape
+from cots.cli import cli as main
+from runtime.text import clean_lower
 from service.metrics import Metrics
 
 

@@ -185,3 +185,21 @@ def _serve_demo_and_query(args: tuple[str | Path | int, ...], workdir: Path) -> 
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_cots_bench_without_a_checkout_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel leaves benchmarks/ out: ``cots bench X`` then names the checkout it needs,
+    while ``cots bench --help`` still lists every benchmark."""
+    from click.testing import CliRunner
+
+    from cots import bench
+
+    listed = CliRunner().invoke(bench.bench, ["--help"])
+    assert listed.exit_code == 0
+    assert all(name in listed.output for name in bench.BENCHMARKS)
+    monkeypatch.setattr(bench, "find_spec", lambda name: None)
+    monkeypatch.setattr(bench, "checkout_root", lambda: None)
+    result = CliRunner().invoke(bench.bench, ["serve", "--help"])
+    assert result.exit_code == 1
+    assert "cots bench needs a source checkout" in result.output
+    assert bench.NO_CHECKOUT in " ".join(result.output.split())

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 import indexer.compaction as compaction
 import indexer.digests as digests
+from benchmarks.index_updates import updates_bench
 from indexer.assemble import write_version
-from indexer.bench_updates import updates_bench
 from indexer.collection import Collection, missing_files
 from indexer.compaction import CompactionPolicy, compact_collection, plan
 from indexer.digests import check_file

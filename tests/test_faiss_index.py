@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from indexer import bench_index, faiss_index, faiss_search
-from indexer.bench_index import Mixture, faiss_bench
+from benchmarks import index_faiss
+from benchmarks.index_faiss import faiss_bench
+from indexer import faiss_index, faiss_search
 from indexer.errors import IndexFileError
 from indexer.faiss_choice import choose_factory, estimate_memory_bytes, ivf_nlist
 from indexer.faiss_index import (
@@ -27,6 +28,7 @@ from indexer.faiss_index import (
     supports_remove,
 )
 from indexer.faiss_search import exact_search, recall_at_k, recall_of, search
+from indexer.synthetic_vectors import Mixture
 
 faiss.omp_set_num_threads(1)  # the test machine's cores are shared
 
@@ -401,7 +403,7 @@ def test_search_errors_are_clear(
 
 
 def test_faiss_bench_reports_every_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_index, "MIN_SECONDS", 0.02)
+    monkeypatch.setattr(index_faiss, "MIN_SECONDS", 0.02)
     out = tmp_path / "faiss.json"
     args = ["--sizes", "3000", "--dim", "32", "--queries", "64", "--threads", "1"]
     result = CliRunner().invoke(faiss_bench, [*args, "--json-out", str(out)])

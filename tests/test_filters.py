@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from indexer.bench_filter import filter_bench
+from benchmarks.index_filter import filter_bench
 from indexer.fields import COLUMNS
 from indexer.filters import (
     MAX_CONDITIONS,

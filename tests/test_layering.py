@@ -1,5 +1,8 @@
 """The packages' layers point one way, and no module imports itself round a cycle.
 
+``benchmarks`` sits beside the product: it may import every package, no package imports it,
+and the serving image leaves it out.
+
 Every ``import`` in the source counts, at module level or inside a function: a function-level
 import delays loading (``cots serve`` never loads torch), it must not hide a cycle.
 """
@@ -11,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cots", "runtime", "model", "indexer", "service")
+PACKAGES = ("cots", "runtime", "model", "indexer", "service", "benchmarks")
+PRODUCT = ("cots", "runtime", "model", "indexer", "service")
 
 # Layer -> the layers it may import. ``model.data`` (torch-free corpus readers) sits below the
 # indexer; the rest of ``model`` is training, which nothing but the ``cots`` command imports.
@@ -22,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "indexer": {"model.data", "runtime"},
     "service": {"indexer", "model.data", "runtime"},
     "cots": {"service", "indexer", "model", "model.data", "runtime"},
+    "benchmarks": {"cots", "service", "indexer", "model", "model.data", "runtime"},
 }
 
 
@@ -134,3 +139,37 @@ def test_the_checks_see_what_they_should() -> None:
     assert "indexer.build" in edges["indexer.cli"]  # a function-level import counts
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def benchmark_imports(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of ``benchmarks`` by a product module."""
+    return sorted(
+        f"{module} imports {target}"
+        for module, targets in edges.items()
+        if layer(module) in PRODUCT
+        for target in targets
+        if layer(target) == "benchmarks"
+    )
+
+
+def test_no_product_package_imports_benchmarks() -> None:
+    assert benchmark_imports(graph()) == []
+    # and the check sees such an import (``cots bench`` names its modules as strings only)
+    planted = {**graph(), "service.app": {"benchmarks.serve"}}
+    assert benchmark_imports(planted) == ["service.app imports benchmarks.serve"]
+    assert "benchmarks.serve" in MODULES
+    assert not [name for name in MODULES if layer(name) in PRODUCT and "bench_" in name]
+
+
+def test_the_serving_image_leaves_benchmarks_out() -> None:
+    """The Dockerfile copies the build context (``COPY . /opt/src``) only to build the wheel;
+    .dockerignore keeps benchmarks/ out of that context, and no COPY names it."""
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert "benchmarks" in [line.strip().strip("/") for line in ignored]
+    copies = [
+        line
+        for line in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines()
+        if line.strip().upper().startswith("COPY")
+    ]
+    assert copies
+    assert not [line for line in copies if "bench" in line]

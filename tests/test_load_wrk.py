@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import pytest
 
-from service import load_wrk
-from service.load_wrk import find_wrk, run_wrk, split_cores, tagged, write_script
+from benchmarks import load_wrk
+from benchmarks.load_wrk import find_wrk, run_wrk, split_cores, tagged, write_script
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,36 @@ def test_a_copy_of_the_shipped_files_runs(tmp_path: Path) -> None:
     assert collect.returncode == 0, collect.stdout + collect.stderr
     for script in ("scripts/bootstrap.sh", "scripts/test.sh", "scripts/demo.sh", ".ci/run"):
         assert (copy / script).stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_the_wheel_has_no_benchmarks(tmp_path: Path) -> None:
+    """The wheel (what the Docker images install) holds the product only: no ``benchmarks/``
+    and no ``bench_`` module. Built from a copy of the packaging files and packages, so no
+    build/ or egg-info lands in the checkout."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for package in ("cots", "runtime", "model", "indexer", "service", "benchmarks"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--wheel-dir", str(wheels), str(source)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert "service/app.py" in names
+    assert "indexer/synthetic_vectors.py" in names
+    assert [name for name in names if name.startswith("benchmarks/")] == []
+    assert [name for name in names if "/bench_" in name or "load_wrk" in name] == []
 
 
 def test_the_api_docs_assets_are_installed() -> None:

@@ -32,12 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.assemble import write_version
-from indexer.bench_index import Mixture
 from indexer.collection import Collection
 from indexer.compaction import CompactionPolicy, compact_collection
 from indexer.faiss_choice import choose_factory
 from indexer.index_bundle import IndexInfo, read_info
 from indexer.metadata import Item
+from indexer.synthetic_vectors import Mixture
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import current_dir, publish, reserve_numbers, staging
 

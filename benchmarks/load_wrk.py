@@ -154,7 +154,7 @@ def write_script(
     they are (the cache-hit case)."""
     table = ", ".join(_lua_string(text) for text in texts)
     path.write_text(
-        f"""-- written by service/load_wrk.py for cots bench serve
+        f"""-- written by benchmarks/load_wrk.py for cots bench serve
 local texts = {{{table}}}
 local threads = {{}}
 local counter = 0

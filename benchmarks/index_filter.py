@@ -27,13 +27,13 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.assemble import write_version
-from indexer.bench_index import Mixture
 from indexer.collection import Collection
 from indexer.faiss_choice import choose_factory
 from indexer.faiss_search import exact_search, recall_of
 from indexer.filters import as_filter
 from indexer.index_bundle import IndexInfo
 from indexer.metadata import Item
+from indexer.synthetic_vectors import Mixture
 from indexer.versions import publish, staging
 
 NAME: Final = "bench-filter"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import click
 
-from indexer.bench_filter import filter_bench
-from indexer.bench_index import faiss_bench
-from indexer.bench_sync import sync_bench
-from indexer.bench_updates import updates_bench
+from benchmarks.index_faiss import faiss_bench
+from benchmarks.index_filter import filter_bench
+from benchmarks.index_sync import sync_bench
+from benchmarks.index_updates import updates_bench
 
 
 @click.command("build", context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,6 +12,7 @@ data loading.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-WORKER = "model.bench"
+WORKER = "benchmarks.train"
 
 
 # Each variant: training-config overrides on top of the model and the objective kind.
@@ -39,6 +40,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "video-clip": {"objective": {"kind": "clip"}, "data": {"modality": "video"}},
     "video-cots": {"objective": {"kind": "cots"}, "data": {"modality": "video"}},
 }
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH, so ``python -m benchmarks.train``
+    imports from any working directory (an editable install maps only the product packages)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 
 
 def _measure(
@@ -216,7 +225,10 @@ def train_bench(
             "queue_size": queue_size,
         }
         result = subprocess.run(
-            [sys.executable, "-m", WORKER, json.dumps(args)], capture_output=True, text=True
+            [sys.executable, "-m", WORKER, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            env=_worker_env(),
         )
         if result.returncode != 0:
             raise click.ClickException(f"benchmark of {kind} failed:\n{result.stderr[-2000:]}")

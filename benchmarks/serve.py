@@ -9,7 +9,7 @@ Flow: build or reuse the collection -> measure the same kind of queries in proce
 process pinned to the server's cores: tokenise+encode, FAISS, hydrate one query at a time,
 and the encoder's batched throughput) -> for batching on, then off: start ``cots serve`` as a
 child pinned to all cores but the last, check a few answers with a Python client, then per
-case and concurrency run wrk (compiled, pinned to the last core; ``service/load_wrk.py``)
+case and concurrency run wrk (compiled, pinned to the last core; ``benchmarks/load_wrk.py``)
 for a warm-up and a measured run, with ``/metrics`` scraped and the server's CPU read around
 the measured one. A Python load generator on the same cores measured itself, not the server.
 
@@ -40,7 +40,15 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from service.bench_load import (
+from benchmarks.load_wrk import (
+    find_wrk,
+    run_wrk,
+    split_cores,
+    tagged,
+    write_get_script,
+    write_script,
+)
+from benchmarks.serve_load import (
     COLLECTION,
     Server,
     check_answers,
@@ -49,15 +57,7 @@ from service.bench_load import (
     running_server,
     wait_until_idle,
 )
-from service.bench_report import Measured, level_row, render, table_line, targets
-from service.load_wrk import (
-    find_wrk,
-    run_wrk,
-    split_cores,
-    tagged,
-    write_get_script,
-    write_script,
-)
+from benchmarks.serve_report import Measured, level_row, render, table_line, targets
 
 if TYPE_CHECKING:
     from runtime.encoder import Encoder
@@ -69,7 +69,7 @@ CHECKED_ANSWERS: Final = 8
 SCRIPT_TEXTS: Final = 256  # captions a miss level's tags are appended to
 # Clustered like real embeddings: IVF lists as uneven, and recall as meaningful, as on a real
 # collection (uniform random vectors would make every list equal and recall look broken).
-VECTORS: Final = "clustered random unit vectors (indexer.bench_index.Mixture)"
+VECTORS: Final = "clustered random unit vectors (indexer.synthetic_vectors.Mixture)"
 
 _SIZES: Final = ("small", "little", "big", "large", "tiny", "huge")
 _COLOURS: Final = ("red", "blue", "green", "white", "brown", "yellow", "purple", "orange")
@@ -160,10 +160,10 @@ def ensure_collection(bundle: Path, work: Path, items: int, seed: int) -> BenchC
     """The bench collection under ``work/indices``: the live version when it was made for this
     bundle, count and seed, else a new one (random unit vectors, real items), published."""
     from indexer.assemble import write_version
-    from indexer.bench_index import Mixture
     from indexer.faiss_choice import choose_factory
     from indexer.index_bundle import IndexInfo, read_info
     from indexer.metadata import Item
+    from indexer.synthetic_vectors import Mixture
     from indexer.versions import current_dir, current_version, publish, staging
     from runtime.bundle import read_manifest
 

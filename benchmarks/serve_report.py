@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from service.bench_load import metric_ratio
-from service.load_wrk import WrkResult
+from benchmarks.load_wrk import WrkResult
+from benchmarks.serve_load import metric_ratio
 
 CASE_NAMES: Final = {
     "healthz": "GET /healthz (the HTTP floor)",

@@ -1,6 +1,6 @@
 """The server side of ``cots bench serve``: a ``cots serve`` child process pinned to its
 cores, a correctness check of its answers, and the Prometheus scrapes and CPU readings taken
-around each measured level (the load itself is wrk's, ``service/load_wrk.py``)."""
+around each measured level (the load itself is wrk's, ``benchmarks/load_wrk.py``)."""
 
 from __future__ import annotations
 
