@@ -6,9 +6,9 @@
 # podman-compose from PyPI into the venv (Debian's 1.0.3 predates the `--scale` handling the
 # test uses). Only the command goes to stdout; messages go to stderr.
 #
-# Base images (python:3.11-slim, redis:7, debian:bookworm-slim) are pulled by the build as usual;
-# on a machine that reaches no registry the container test fails saying which are missing and
-# how to provide them locally.
+# Base images (python:3.11-slim, redis:7, debian:bookworm-slim): Docker pulls them as usual; with
+# podman, scripts/test.sh runs scripts/base-images.sh, which pulls them or, with no registry,
+# builds local stand-ins from Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -15,8 +15,15 @@ COTS_CHROMIUM="${COTS_CHROMIUM:-$(scripts/chromium.sh)}"
 export COTS_CHROMIUM
 # The container tests build the images and run the compose stack; scripts/containers.sh finds
 # Docker or podman, or installs podman. When it cannot, those tests fail saying why, the rest run.
+preset_compose=${COTS_COMPOSE:-}
 if compose=$(scripts/containers.sh); then
   export COTS_COMPOSE="$compose"
+  # With podman (no Docker engine here), the base images the Dockerfile and compose file name
+  # are pulled or, where no registry answers, built locally from Debian packages.
+  if [[ -z $preset_compose && $compose != "docker compose" ]]; then
+    scripts/base-images.sh ||
+      echo "warning: base images missing (see above): the container tests will fail" >&2
+  fi
 else
   echo "warning: no container engine (see above): the container tests will fail" >&2
 fi
