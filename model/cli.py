@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-_CONFIG_HELP = """Settings are a JSON file (--config) plus overrides (--set key.sub=value,
-JSON values), then the shortcut options, last wins. Sections: model, pretrained, objective
-(kind cots|clip, momentum, queue_size, temperature, kl_weight,
+_CONFIG_HELP = """Settings are a JSON file or recipe (--config) plus overrides
+(--set key.sub=value, JSON values), then the shortcut options, last wins. Sections: model,
+pretrained, objective (kind cots|clip, momentum, queue_size, temperature, kl_weight,
 filter.{enabled,alpha,ema,warmup_steps}), data
 (train CSV, splits, column names, noise_fraction, workers), preprocess, and the optimiser and
 loop settings (epochs, max_steps, batch_size, accum_steps, lr, weight_decay, warmup_steps,
@@ -34,7 +34,8 @@ def _checkpoint_option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON training config (see model/configs/train-*.json).",
+    help="JSON training config, or a shipped recipe's name (model/recipes/: demo-image, "
+    "demo-video, quality/01-clip-baseline, ...); keys starting with _ are notes.",
 )
 @click.option(
     "--set",

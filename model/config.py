@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.errors import ModelError
+from model.recipes import read_recipe, resolve_config, strip_notes
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -294,14 +295,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_train_config(path: Path | None, overrides: list[str]) -> TrainConfig:
+    """The config file at ``path`` (or the shipped recipe of that name, see model/recipes.py),
+    its top-level note keys (``_command``, ``_note``, ...) dropped, then ``key=value``
+    overrides, validated."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise ModelError(f"config file {path} is not valid JSON: {error}") from None
+        data = strip_notes(read_recipe(resolve_config(Path(path))))
     for override in overrides:
         _set_dotted(data, *parse_override(override))
     try:
