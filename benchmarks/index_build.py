@@ -46,7 +46,7 @@ def build_bench(
     import numpy as np
 
     from indexer.build import build_collection
-    from indexer.spec_index import BuildSpec
+    from indexer.build_spec import BuildSpec
     from model.data.readers import load_image, open_image_corpus
     from runtime.encoder import Encoder
     from runtime.images import preprocess_images

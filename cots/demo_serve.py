@@ -25,9 +25,9 @@ def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
     """[4/6] Build each demo collection, or reuse it when its live version was built from
     this corpus by this bundle."""
     from indexer.build import build_collection
+    from indexer.build_spec import BuildSpec
     from indexer.errors import CollectionError
     from indexer.index_bundle import read_info
-    from indexer.spec_index import BuildSpec
     from indexer.versions import current_dir
     from runtime.bundle import read_manifest
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.build_spec import MODALITY, BuildSpec
 from indexer.digests import file_digest
 from indexer.errors import CollectionError
 from indexer.faiss_choice import choose_factory
@@ -29,7 +30,6 @@ from indexer.segments import (
     read_segment_info,
     write_segment,
 )
-from indexer.spec_index import MODALITY, BuildSpec
 from indexer.versions import publish, staging
 from runtime.bundle import BundleManifest
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Final
 
 from indexer.assemble import assemble_version
+from indexer.build_spec import BuildSpec
 from indexer.errors import CollectionError
 from indexer.shards import Progress, Shard, encode_shards_locally, list_records, skipped_summary
-from indexer.spec_index import BuildSpec
 from runtime.bundle import BundleManifest, read_manifest
 
 BUILDS: Final = "builds"

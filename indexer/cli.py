@@ -12,7 +12,7 @@ from indexer.filters import Filter, parse_where, split_where
 from indexer.home import DEFAULT_INDEX_ROOT, INDEX_ROOT_VARIABLE
 
 if TYPE_CHECKING:
-    from indexer.spec_index import BuildSpec
+    from indexer.build_spec import BuildSpec
 
 _ROOT_HELP = (
     "Folder holding the collections, shared by every cots command [COTS_INDEX_ROOT; default "
@@ -149,8 +149,8 @@ def _run_spec(action: Callable[[BuildSpec], int], options: dict[str, Any]) -> in
     become clear command errors."""
     from pydantic import ValidationError
 
+    from indexer.build_spec import BuildSpec
     from indexer.errors import IndexerError
-    from indexer.spec_index import BuildSpec
     from runtime.errors import BundleRuntimeError
 
     try:

@@ -16,9 +16,9 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from indexer.build_spec import CorpusKind
 from indexer.digests import FileDigest
 from indexer.errors import CollectionError, first_problem
-from indexer.spec_index import CorpusKind
 from runtime.bundle import Modality
 
 SEGMENTS: Final = "segments"  # in the collection folder; a staged version's new ones beside it

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from indexer.spec_index import CorpusKind
+from indexer.build_spec import CorpusKind
 
 STRIDE: Final[dict[CorpusKind, int]] = {"image": 1, "caption": 1024, "video": 1_000_000}
 

@@ -30,12 +30,12 @@ from rq.exceptions import NoSuchJobError as UnknownRqJob
 from rq.job import Job, JobStatus
 from rq.worker.base import BaseWorker
 
+from indexer.build_spec import BuildSpec
 from indexer.compaction import CompactionPolicy, compact_collection
 from indexer.duplicates import MIN_SCORE_FLOOR, duplicates_in
 from indexer.errors import JobError, NoSuchJobError
 from indexer.index_bundle import read_info
 from indexer.redis_updates import UPDATES_CHANNEL, connect
-from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from runtime.bundle import read_manifest
 

@@ -49,6 +49,7 @@ from typing import Any, Final
 
 from tqdm import tqdm
 
+from indexer.build_spec import MODALITY, BuildSpec, CorpusKind
 from indexer.errors import CollectionError
 from indexer.shards import (
     Progress,
@@ -59,7 +60,6 @@ from indexer.shards import (
     embed_chunk,
     prepare_chunk,
 )
-from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
 from runtime.bundle import BundleManifest, read_manifest
 from runtime.encoder import Encoder
 from runtime.spec import ImageSpec, VideoSpec

@@ -28,6 +28,7 @@ from typing import Any, Final
 import numpy as np
 from tqdm import tqdm
 
+from indexer.build_spec import MODALITY, BuildSpec, CorpusKind
 from indexer.errors import CollectionError
 from indexer.file_metadata import (
     file_fields,
@@ -40,7 +41,6 @@ from indexer.item_ids import STRIDE, item_id
 from indexer.media_records import list_media_folder, record_relpath, with_relpaths
 from indexer.media_scan import heif_available
 from indexer.metadata import Item
-from indexer.spec_index import MODALITY, BuildSpec, CorpusKind
 from model.data.readers import (
     BadItemError,
     ImageReader,

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from indexer.assemble import assemble_version
 from indexer.build import with_media_index_fields
+from indexer.build_spec import BuildSpec
 from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_choice import choose_factory
@@ -54,7 +55,6 @@ from indexer.media_records import no_media_message
 from indexer.media_scan import MediaFile, MediaKind, MediaScan, MediaScanError, scan_media
 from indexer.segments import index_fields, new_segment_id, write_segment
 from indexer.shards import Progress, Shard, ShardEncoder, ShardPlan
-from indexer.spec_index import BuildSpec
 from indexer.sync_plan import (
     Hasher,
     Held,

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from indexer.build_spec import BuildSpec
 from indexer.item_ids import STRIDE, item_id
 from indexer.media_scan import MediaFile
 from indexer.metadata import Item
 from indexer.shards import Shard
-from indexer.spec_index import BuildSpec
 from indexer.sync_plan import Hasher, Held, SyncPlan, drift, skip_reason, source_metadata
 from indexer.versions import reserve_numbers
 

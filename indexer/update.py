@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from indexer.assemble import seal
+from indexer.build_spec import BuildSpec
 from indexer.collection import Collection
 from indexer.errors import CollectionError
 from indexer.faiss_choice import choose_factory
@@ -34,7 +35,6 @@ from indexer.item_ids import next_record_number
 from indexer.metadata import Item
 from indexer.segments import SegmentInfo, index_fields, new_segment_id, write_segment
 from indexer.shards import ShardEncoder, list_records, skipped_summary
-from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir, locked, publish, reserve_numbers, staging
 from runtime.bundle import read_manifest
 from runtime.encoder import Encoder

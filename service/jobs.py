@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
 
+from indexer.build_spec import BuildSpec
 from indexer.errors import JobError, NoSuchJobError
 from indexer.jobs import (
     RESULT_TTL_S,
@@ -41,7 +42,6 @@ from indexer.jobs import (
     run_sync_inline,
 )
 from indexer.redis_updates import UPDATES_CHANNEL, connect
-from indexer.spec_index import BuildSpec
 from service.errors import NotFoundError, UnavailableError
 from service.registry import CollectionRegistry
 from service.schemas import JobInfo

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from indexer.spec_index import BuildSpec
+from indexer.build_spec import BuildSpec
 
 
 def train_micro(corpus: Path, output: Path, **overrides: Any) -> Path:

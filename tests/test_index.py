@@ -103,7 +103,7 @@ def test_a_killed_build_resumes_to_the_same_index(
         "import sys, time\n"
         "import indexer.build as b\n"
         "from indexer.shards import ShardEncoder\n"
-        "from indexer.spec_index import BuildSpec\n"
+        "from indexer.build_spec import BuildSpec\n"
         "original = ShardEncoder.encode\n"
         "def slow(self, *a, **k):\n"
         "    time.sleep(0.3)\n"

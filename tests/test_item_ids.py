@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from indexer.build_spec import CorpusKind
 from indexer.item_ids import STRIDE, item_id, next_record_number
-from indexer.spec_index import CorpusKind
 
 
 @pytest.mark.parametrize("kind", ["image", "caption", "video"])

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from rq import Queue, SimpleWorker
 from rq.registry import StartedJobRegistry
 
+from indexer.build_spec import BuildSpec
 from indexer.collection import missing_files
 from indexer.compaction import compact_collection
 from indexer.errors import JobError
@@ -40,7 +41,6 @@ from indexer.jobs import (
     work_in_process,
 )
 from indexer.redis_updates import UPDATES_CHANNEL, listen_for_updates
-from indexer.spec_index import BuildSpec
 from indexer.update import remove_from_collection
 from indexer.versions import current_dir, current_version, list_versions, version_dir
 from indexer.worker_cli import worker

@@ -13,10 +13,10 @@ import pytest
 import ray
 
 from indexer.build import build_collection
+from indexer.build_spec import BuildSpec
 from indexer.index_bundle import read_info
 from indexer.ray_engine import encode_shards_with_ray
 from indexer.shards import Shard, encode_shards_locally, list_records
-from indexer.spec_index import BuildSpec
 from indexer.versions import current_dir
 from model.data.synth import SynthConfig, generate_corpus
 from tests.micro import build_spec

@@ -11,12 +11,12 @@ from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from indexer.build_spec import BuildSpec
 from indexer.collection import Collection, Hit
 from indexer.compaction import CompactionPolicy
 from indexer.errors import FactoryError
 from indexer.faiss_index import new_index
 from indexer.jobs import CompactionRequest
-from indexer.spec_index import BuildSpec
 from indexer.update import add_to_collection, remove_from_collection
 from indexer.versions import list_versions
 from service import thumbnails
