@@ -34,58 +34,21 @@ class Row:
     needs_tokenizer: bool = False
 
 
-# 0.1, not 1: at weight 1 MLM (loss ~10 at the start) slowed the contrastive loss badly in a
-# 60-step probe (train i2t loss 5.2 against 4.0 without it; 4.1 at 0.1)
-_MVLM = {"mlm_weight": 0.1, "mvm_weight": 0.1}
-# The instance level alone: the momentum queue (with the default schedules), hard targets.
-_QUEUES = {"kind": "cots", "kl_weight": 0.0, "distill_alpha": 0.0}
-_FILTER = {"enabled": True}
-# The video pair is the demo's video recipe (cots.demo.VIDEO_OPTIONS): the default COTS run's
-# towers, the image tower frozen, the text tower anchored to its image-caption embeddings, the
-# time-order loss (in-batch negatives almost never hold a clip's time-reversed twin), 20 epochs
-# of 26 batches of 32 clips.
-_VIDEO = {
-    "objective": {"kind": "clip", "time_order_weight": 2.0, "text_anchor": {"weight": 10.0}},
-    "freeze": ["image"],
-    "lr": 2e-3,
-    "warmup_steps": 20,
-}
-_NOISY = {"noise_fraction": 0.3}
-_DEFAULT_COTS = "+ KL alignment (the default COTS)"
+def _load_rows() -> tuple[Row, ...]:
+    """The rows, from model/recipes/quality/NN-*.json in table order: each file's ``_bench``
+    note gives the row's name and kind, the rest of it is the row's config overrides (the
+    same files ``cots train --config`` reads)."""
+    from model.recipes import read_recipe, recipe_names, recipe_path, strip_notes
 
-ROWS: tuple[Row, ...] = (
-    Row("CLIP baseline", {"objective": {"kind": "clip"}}, main=True),
-    Row("+ momentum queues", {"objective": _QUEUES}, main=True),
-    Row("+ momentum distillation", {"objective": {**_QUEUES, "distill_alpha": 0.4}}, main=True),
-    Row(_DEFAULT_COTS, {"objective": {"kind": "cots"}}, main=True),
-    Row("full COTS (+ noise filter)", {"objective": {"filter": _FILTER}}, main=True),
-    Row(
-        "full COTS + masked VL modeling",
-        {"objective": {"masked": _MVLM, "filter": _FILTER}},
-        needs_tokenizer=True,
-    ),
-    Row(
-        "full COTS + COOKIE (shared head + intra-modal)",
-        {"objective": {"filter": _FILTER, "intra": {"weight": 0.5}}, "cookie": {"enabled": True}},
-    ),
-    Row("noisy 30 %: CLIP baseline", {"objective": {"kind": "clip"}, "data": _NOISY}),
-    Row("noisy 30 %: COTS, no filter", {"data": _NOISY}),
-    Row(
-        "noisy 30 %: full COTS (+ noise filter)", {"objective": {"filter": _FILTER}, "data": _NOISY}
-    ),
-    Row(
-        "video: temporal transformer",
-        {**_VIDEO, "video": {"pooling": "temporal"}},
-        modality="video",
-        init_from=_DEFAULT_COTS,
-    ),
-    Row(
-        "video: mean pooling",
-        {**_VIDEO, "video": {"pooling": "mean"}},
-        modality="video",
-        init_from=_DEFAULT_COTS,
-    ),
-)
+    rows = []
+    for name in recipe_names():
+        if name.startswith("quality/"):
+            recipe = read_recipe(recipe_path(name))
+            rows.append(Row(overrides=strip_notes(recipe), **recipe["_bench"]))
+    return tuple(rows)
+
+
+ROWS: tuple[Row, ...] = _load_rows()
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

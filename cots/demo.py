@@ -12,10 +12,13 @@ from __future__ import annotations
 import textwrap
 from itertools import islice
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import click
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from model.config import TrainConfig
 
 _CAPTION_LINES = 4
 
@@ -60,25 +63,34 @@ def _contact_sheet(samples: list, path: Path, tile: int = 128) -> None:
     sheet.save(path)
 
 
-def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool) -> dict:
+def _image_config(workdir: Path, corpus: Path, options: dict[str, object]) -> TrainConfig:
+    """The image run's config: model/recipes/demo-image.json, then the command line's
+    ``options`` (model, epochs, batch_size; None keeps the recipe's), this corpus and a run
+    folder named for the model."""
+    import json
+
+    from model.config import load_train_config
+    from model.recipes import recipe_path
+
+    overrides = [
+        f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None
+    ]
+    overrides.append(f"data.train={json.dumps(str(corpus / 'images.csv'))}")
+    config = load_train_config(recipe_path("demo-image"), overrides)
+    return config.model_copy(update={"output": workdir / "runs" / config.model})
+
+
+def _train(config: TrainConfig, quiet: bool) -> dict:
     """Train the default model on the corpus; a finished run is reused, an interrupted one
     resumes from its checkpoint."""
     import json
 
-    from model.config import load_train_config
     from model.train import train
 
-    output = workdir / "runs" / str(options["model"])
-    results = output / "results.json"
+    results = config.output / "results.json"
     if results.is_file():
-        click.echo(f"[2/6] train: reusing {output}")
+        click.echo(f"[2/6] train: reusing {config.output}")
         return json.loads(results.read_text())["evals"]
-    overrides = [f"{key}={json.dumps(value)}" for key, value in options.items()]
-    overrides += [
-        f"data.train={json.dumps(str(corpus / 'images.csv'))}",
-        f"output={json.dumps(str(output))}",
-    ]
-    config = load_train_config(None, overrides)
     click.echo(
         f"[2/6] train: {config.model} with the {config.objective.kind} objective, "
         f"{config.epochs} epochs (resumes if interrupted)"
@@ -86,31 +98,12 @@ def _train(workdir: Path, corpus: Path, options: dict[str, object], quiet: bool)
     return train(config, resume=True, progress=not quiet).evals
 
 
-# The video model starts from the image run's towers and keeps the image tower: the frames'
-# features, and so the images collection, stay those of the image run, while the text tower
-# learns the words of motion (a frozen text tower left the direction check at chance), anchored
-# to its image-caption embeddings (unanchored, image scene queries fell from 44 % to 6.5 %).
-VIDEO_BATCH = 32
-VIDEO_OPTIONS: dict[str, object] = {
-    "data.modality": "video",
-    "data.group_key": "video_id",
-    "data.eval_splits": ["test"],  # the synthetic corpus has no held-out videos
-    "objective.kind": "clip",
-    "objective.time_order_weight": 2.0,  # a clip must beat its time-reversed twin
-    # The text tower learns the words of motion while image captions keep their embeddings,
-    # which the images collection was built for (model/text_anchor.py).
-    "objective.text_anchor.weight": 10.0,
-    "freeze": ["image"],
-    "batch_size": VIDEO_BATCH,
-    "epochs": 20,
-    "lr": 2e-3,
-    "warmup_steps": 20,
-}
+def _video_fit(splits: dict[str, int]) -> dict[str, object] | None:
+    """What model/recipes/demo-video.json needs changed for the corpus's video splits (a batch
+    no larger than the train clips, no val split when there is none); None (and a note) when
+    there are too few clips to train and test a video model."""
+    from model.recipes import read_recipe, recipe_path
 
-
-def _video_options(splits: dict[str, int]) -> dict[str, object] | None:
-    """VIDEO_OPTIONS fitted to the corpus's video splits; None (and a note) when there are
-    too few clips to train and test a video model."""
     train, test = splits.get("train", 0), splits.get("test", 0)
     if train < 2 or test < 1:
         click.echo(
@@ -118,40 +111,50 @@ def _video_options(splits: dict[str, int]) -> dict[str, object] | None:
             "embedded as the mean of their frames' image embeddings"
         )
         return None
-    options = {**VIDEO_OPTIONS, "batch_size": min(VIDEO_BATCH, train)}
+    batch_size = int(read_recipe(recipe_path("demo-video"))["batch_size"])
+    fit: dict[str, object] = {"batch_size": min(batch_size, train)}
     if not splits.get("val"):
-        options["data.val_split"] = None
-    return options
+        fit["data.val_split"] = None
+    return fit
 
 
-def _train_video(
-    workdir: Path, corpus: Path, model_name: str, options: dict[str, object], quiet: bool
-) -> tuple[Path, dict]:
-    """Train the temporal video model from the image run's towers; reused when finished."""
+def _video_config(
+    workdir: Path, corpus: Path, model_name: str, fit: dict[str, object]
+) -> TrainConfig:
+    """The video run's config: model/recipes/demo-video.json (the temporal video model on the
+    image run's towers, see its _note), fitted to the corpus (:func:`_video_fit`)."""
     import json
 
     from model.config import load_train_config
-    from model.train import train
+    from model.recipes import recipe_path
 
-    output = workdir / "runs" / f"{model_name}-video"
-    results = output / "results.json"
-    if results.is_file():
-        click.echo(f"[2/6] train video: reusing {output}")
-        return output, json.loads(results.read_text())["evals"]
     settings = {
-        **options,
+        **fit,
         "model": model_name,
         "data.train": str(corpus / "videos.csv"),
         "init_from": str(workdir / "runs" / model_name / "checkpoint.pt"),
         "objective.text_anchor.captions": str(corpus / "images.csv"),
-        "output": str(output),
+        "output": str(workdir / "runs" / f"{model_name}-video"),
     }
-    config = load_train_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return load_train_config(recipe_path("demo-video"), overrides)
+
+
+def _train_video(config: TrainConfig, quiet: bool) -> dict:
+    """Train the temporal video model from the image run's towers; reused when finished."""
+    import json
+
+    from model.train import train
+
+    results = config.output / "results.json"
+    if results.is_file():
+        click.echo(f"[2/6] train video: reusing {config.output}")
+        return json.loads(results.read_text())["evals"]
     click.echo(
         f"[2/6] train video: temporal pooling over {config.video.frames} frames on the image "
         f"run's towers (frozen: {', '.join(config.freeze) or 'none'}), {config.epochs} epochs"
     )
-    return output, train(config, resume=True, progress=not quiet).evals
+    return train(config, resume=True, progress=not quiet).evals
 
 
 def _image_metrics_of(run: Path, image_run: Path) -> dict:
@@ -238,19 +241,17 @@ def _search_sample(bundle: Path, samples: list) -> None:
 @click.option(
     "--model",
     "model_name",
-    default="cots-tiny-p16",
-    show_default=True,
-    help="Model config to train.",
+    help="Model config to train (default: the demo-image recipe's, cots-tiny-p16).",
 )
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=16, show_default=True, help="Training epochs."
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="Training epochs (default: the demo-image recipe's, 16).",
 )
 @click.option(
     "--batch-size",
     type=click.IntRange(min=2),
-    default=128,
-    show_default=True,
-    help="Training batch size.",
+    help="Training batch size (default: the demo-image recipe's, 128).",
 )
 @click.option(
     "--videos/--no-videos",
@@ -273,9 +274,9 @@ def demo(
     seed: int,
     n_images: int,
     n_videos: int,
-    model_name: str,
-    epochs: int,
-    batch_size: int,
+    model_name: str | None,
+    epochs: int | None,
+    batch_size: int | None,
     videos: bool,
     quiet: bool,
     serve: bool,
@@ -310,23 +311,24 @@ def demo(
     click.echo(f"      contact sheet of {len(samples)} test images: {sheet}")
 
     train_started = time.monotonic()
-    evals = _train(
-        workdir, corpus, {"model": model_name, "epochs": epochs, "batch_size": batch_size}, quiet
-    )
+    options: dict[str, object] = {"model": model_name, "epochs": epochs, "batch_size": batch_size}
+    image_config = _image_config(workdir, corpus, options)
+    evals = _train(image_config, quiet)
     click.echo(f"      image training: {time.monotonic() - train_started:.0f} s")
     click.echo("      results (Recall@K in %, Karpathy protocol):")
     for split in ("test", "heldout"):
         if split in evals:
             click.echo("  " + format_metrics(split, evals[split]))
-    run = workdir / "runs" / model_name
-    video_options = _video_options(description["videos"]["splits"]) if videos else None
-    if video_options is not None:
+    run = image_config.output
+    video_fit = _video_fit(description["videos"]["splits"]) if videos else None
+    if video_fit is not None:
         train_started = time.monotonic()
-        run, video_evals = _train_video(workdir, corpus, model_name, video_options, quiet)
+        video_config = _video_config(workdir, corpus, image_config.model, video_fit)
+        run, video_evals = video_config.output, _train_video(video_config, quiet)
         click.echo(f"      video training: {time.monotonic() - train_started:.0f} s")
         click.echo("  " + format_metrics("videos test", video_evals["test"]))
         # The bundle's text tower is the video run's: these are the images it finds.
-        served = _image_metrics_of(run, workdir / "runs" / model_name)
+        served = _image_metrics_of(run, image_config.output)
         click.echo("      images, with the exported bundle's towers (the video run's text tower):")
         for split in ("test", "heldout"):
             click.echo("  " + format_metrics(split, served[split]))
@@ -336,7 +338,7 @@ def demo(
     queries = example_queries(bundle, indices, corpus, samples)
     click.echo(
         f"corpus: {corpus} ({description['images']['count']:,} images, "
-        f"{description['videos']['count']:,} videos); model: {workdir / 'runs' / model_name}; "
+        f"{description['videos']['count']:,} videos); model: {image_config.output}; "
         f"bundle: {bundle}; collections: {indices}"
     )
     click.echo(f"build steps done in {time.monotonic() - started:.0f} s")
