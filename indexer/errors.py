@@ -6,7 +6,20 @@ The runtime's own errors (``runtime.errors``: a bundle or an input that cannot b
 not indexer errors: they pass through unchanged.
 """
 
-from pydantic import ValidationError
+from wire import errors as wire_errors
+from wire.errors import first_problem
+
+__all__ = [
+    "CollectionError",
+    "FactoryError",
+    "FilterError",
+    "IndexFileError",
+    "IndexerError",
+    "JobError",
+    "MetadataStoreError",
+    "NoSuchJobError",
+    "first_problem",
+]
 
 
 class IndexerError(Exception):
@@ -30,10 +43,11 @@ class FactoryError(IndexerError, ValueError):
     ValueError: a click option or a pydantic field that checks one reports it as bad input)."""
 
 
-class FilterError(IndexerError, ValueError):
+class FilterError(IndexerError, wire_errors.FilterError):
     """A filter that cannot be read or run: over a limit, a bad field name, a value of the wrong
     type, text that is not ``FIELD=VALUE``. The filter came from the user; the message says which
-    part is wrong. (A ValueError too, so that pydantic validators may raise it.)"""
+    part is wrong. (A ValueError too, so that pydantic validators may raise it; a subclass of
+    ``wire.errors.FilterError``, which the filter model and its text parser raise.)"""
 
 
 class JobError(IndexerError):
@@ -42,14 +56,3 @@ class JobError(IndexerError):
 
 class NoSuchJobError(JobError):
     """No job with that id is known (never queued, or its record expired)."""
-
-
-def first_problem(error: ValidationError) -> str:
-    """The first thing pydantic found wrong, with where (``year.gte: ...``) and how many more:
-    the message of an indexer error raised for a document that does not validate."""
-    problems = error.errors()
-    first = problems[0]
-    where = ".".join(str(part) for part in first["loc"] if part != "root")
-    message = str(first["msg"]).removeprefix("Value error, ")
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"

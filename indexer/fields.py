@@ -4,24 +4,24 @@
 field is a top-level key of the item's ``metadata`` JSON, read as ``json_extract(metadata,
 '$.key')``. The key is written into the SQL text (so that SQLite can match the expression
 index :func:`field_index_sql` makes), which is safe only because :data:`FIELD_NAME` lets no
-quote, dot or bracket through: every filter key is checked against it first.
+quote, dot or bracket through: every filter key is checked against it first. The names
+themselves are the API's (``wire.fields``, shared with the client).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Final, Literal, get_args
+from wire.fields import ANY_OF, COLUMNS, FIELD_NAME, FILE_TEXT_FIELDS, KINDS, Kind
 
-Kind = Literal["image", "caption", "video", "segment"]
-KINDS: Final[tuple[str, ...]] = get_args(Kind)
-COLUMNS: Final = frozenset({"kind", "group_id", "uri"})
-# Metadata the indexer reads from a user's files (indexer/file_metadata.py) and always stores
-# as text: `--where folder=2024` means the folder named "2024", not the number.
-FILE_TEXT_FIELDS: Final = frozenset(
-    {"path", "folder", "camera_make", "camera_model", "sha256", "mtime", "taken"}
-)
-FIELD_NAME: Final = re.compile(r"[A-Za-z0-9_]{1,64}")
-ANY_OF: Final = "any_of"  # the filter language's OR: not a field name
+__all__ = [
+    "ANY_OF",
+    "COLUMNS",
+    "FIELD_NAME",
+    "FILE_TEXT_FIELDS",
+    "KINDS",
+    "Kind",
+    "field_index_sql",
+    "field_path",
+]
 
 
 def field_path(key: str) -> str:

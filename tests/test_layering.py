@@ -1,7 +1,9 @@
 """The packages' layers point one way, and no module imports itself round a cycle.
 
 ``benchmarks`` sits beside the product: it may import every package, no package imports it,
-and the serving image leaves it out.
+and the serving image leaves it out. ``wire`` (the API's pydantic models) is the bottom layer
+that both the service and the client import; the client (``cots.client``, the ``client``
+extra) imports nothing else of ours.
 
 Every ``import`` in the source counts, at module level or inside a function: a function-level
 import delays loading (``cots serve`` never loads torch), it must not hide a cycle.
@@ -14,19 +16,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cots", "runtime", "model", "indexer", "service", "benchmarks")
-PRODUCT = ("cots", "runtime", "model", "indexer", "service")
+PACKAGES = ("cots", "wire", "runtime", "model", "indexer", "service", "benchmarks")
+PRODUCT = ("cots", "cots.client", "wire", "runtime", "model", "indexer", "service")
 
 # Layer -> the layers it may import. ``model.data`` (torch-free corpus readers) sits below the
 # indexer; the rest of ``model`` is training, which nothing but the ``cots`` command imports.
 ALLOWED: dict[str, set[str]] = {
+    "wire": set(),
     "runtime": set(),
     "model.data": {"runtime"},
     "model": {"model.data", "runtime"},
-    "indexer": {"model.data", "runtime"},
-    "service": {"indexer", "model.data", "runtime"},
-    "cots": {"service", "indexer", "model", "model.data", "runtime"},
-    "benchmarks": {"cots", "service", "indexer", "model", "model.data", "runtime"},
+    "indexer": {"model.data", "runtime", "wire"},
+    "service": {"indexer", "model.data", "runtime", "wire"},
+    # ``cots`` itself is its __init__ (the version): the client may read that.
+    "cots.client": {"cots", "wire"},
+    "cots": {"cots.client", "service", "indexer", "model", "model.data", "runtime", "wire"},
+    "benchmarks": {
+        "cots",
+        "cots.client",
+        "service",
+        "indexer",
+        "model",
+        "model.data",
+        "runtime",
+        "wire",
+    },
 }
 
 
@@ -72,7 +86,10 @@ def graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> str:
-    return "model.data" if module.startswith("model.data") else module.split(".")[0]
+    for sublayer in ("model.data", "cots.client"):
+        if module == sublayer or module.startswith(f"{sublayer}."):
+            return sublayer
+    return module.split(".")[0]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -173,3 +190,31 @@ def test_the_serving_image_leaves_benchmarks_out() -> None:
     ]
     assert copies
     assert not [line for line in copies if "bench" in line]
+
+
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module of ours that importing ``start`` may import, itself included."""
+    seen = {start}
+    todo = [start]
+    while todo:
+        for target in edges.get(todo.pop(), set()) - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_client_imports_only_the_wire_models() -> None:
+    """The ``client`` extra installs httpx, pydantic and click: every module the client and
+    ``cots search`` load, followed through every import, is the client's, ``wire``'s or
+    ``cots/__init__.py`` (the version), never the service's, the indexer's, the model's or the
+    runtime's (tests/test_client_extra.py runs it where those cannot be imported)."""
+    edges = graph()
+    client = [name for name in MODULES if layer(name) == "cots.client"]
+    assert "cots.client.cli" in client
+    loaded = set().union(*(reachable(edges, name) for name in client))
+    assert sorted(name for name in loaded if layer(name) not in {"cots.client", "wire"}) == ["cots"]
+    assert "wire.schemas" in loaded
+    assert "wire.filters" in loaded
+    # and the check sees a stray import
+    planted = {**edges, "cots.client.calls": edges["cots.client.calls"] | {"indexer.filters"}}
+    assert "indexer.filters" in reachable(planted, "cots.client.cli")

@@ -115,13 +115,14 @@ def test_a_copy_of_the_shipped_files_runs(tmp_path: Path) -> None:
 
 def test_the_wheel_has_no_benchmarks(tmp_path: Path) -> None:
     """The wheel (what the Docker images install) holds the product only: no ``benchmarks/``
-    and no ``bench_`` module. Built from a copy of the packaging files and packages, so no
-    build/ or egg-info lands in the checkout."""
+    and no ``bench_`` module; ``wire/`` (the API's models, which the client needs) is in it.
+    Built from a copy of the packaging files and packages, so no build/ or egg-info lands in
+    the checkout."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for package in ("cots", "runtime", "model", "indexer", "service", "benchmarks"):
+    for package in ("cots", "wire", "runtime", "model", "indexer", "service", "benchmarks"):
         shutil.copytree(
             ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -138,6 +139,7 @@ def test_the_wheel_has_no_benchmarks(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "service/app.py" in names
+    assert "wire/schemas.py" in names  # the client extra's models
     assert "indexer/synthetic_vectors.py" in names
     assert [name for name in names if name.startswith("benchmarks/")] == []
     assert [name for name in names if "/bench_" in name or "load_wrk" in name] == []

@@ -8,7 +8,7 @@
             print(hit.score, hit.uri)
         job = client.wait(client.add_images("images", ["photo.png"], ["a red circle"]))
 
-Results are the service's own pydantic models (``service/schemas.py``); errors are the
+Results are the API's pydantic models (``wire.schemas``, the service's own); errors are the
 classes of ``cots.client.errors``, each carrying the server's status, code and message. A 429
 or 503 is retried after the server's ``Retry-After`` (``RetryPolicy``). ``cots search`` is the
 same client on the command line.

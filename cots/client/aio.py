@@ -26,7 +26,7 @@ from cots.client.base import (
 from cots.client.calls import JOB_DONE, Call, Filters, ImageInput, Model
 from cots.client.errors import ApiError, ConnectionFailedError, JobFailedError, JobTimeoutError
 from cots.client.retrying import RetryPolicy
-from service.schemas import (
+from wire.schemas import (
     CollectionInfo,
     CollectionList,
     EmbedResponse,

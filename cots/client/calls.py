@@ -3,13 +3,14 @@ response model), which the sync and async clients send the same way.
 
 Requests are not validated here: the server is the authority on its limits (an operator
 may lower ``k`` or the text length), and its 422 names the field. Responses are parsed
-into the service's own pydantic models (service/schemas.py), so a client and the server
-it talks to agree on every field.
+into the API's pydantic models (``wire.schemas``, which the service answers with), so a
+client and the server it talks to agree on every field.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,10 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-import orjson
 from pydantic import BaseModel
 
-from indexer.filters import Filter
-from service.schemas import (
+from wire.filters import Filter
+from wire.schemas import (
     CollectionInfo,
     CollectionList,
     EmbedResponse,
@@ -119,7 +119,7 @@ def search(
         form = {"k": str(k), "offset": str(offset)}
         form.update((field, str(value)) for field, value in relevance.items())
         if filters is not None:
-            form["filters"] = orjson.dumps(filters_json(filters)).decode()
+            form["filters"] = json.dumps(filters_json(filters), separators=(",", ":"))
         return Call(
             "POST",
             f"{path}/upload",

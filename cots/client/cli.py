@@ -12,8 +12,8 @@ import click
 from cots.client.base import DEFAULT_URL
 from cots.client.errors import ApiError, ClientError
 from cots.client.sync import Client
-from indexer.cli import parse_filters
-from service.schemas import SearchHit, SearchResponse
+from wire.filters import Filter, parse_where, split_where
+from wire.schemas import SearchHit, SearchResponse
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,6 +124,15 @@ def search(
         click.echo(page.model_dump_json(indent=2))
     else:
         click.echo(hits_table(page))
+
+
+def parse_filters(where: tuple[str, ...]) -> Filter | None:
+    """``--where`` conditions as a filter, or a usage error. One ``--where`` may hold several,
+    comma-separated, as the page's filter box does (``cots index remove --where`` alike)."""
+    try:
+        return parse_where([part for text in where for part in split_where(text)])
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--where") from None
 
 
 def hits_table(page: SearchResponse, width: int | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from service.schemas import JobInfo
+from wire.schemas import JobInfo
 
 
 class ClientError(Exception):
