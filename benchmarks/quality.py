@@ -125,7 +125,7 @@ def _ensure_tokenizer(plan: Plan) -> tuple[Path, dict[str, Any]]:
 
     from model.config import DataConfig
     from model.factory import model_config
-    from model.tokenizer_train import fit_tokenizer
+    from model.visual_tokenizer_train import fit_tokenizer
     from model.visual_tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer
 
     path = plan.work / "visual-tokenizer.pt"

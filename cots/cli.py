@@ -29,17 +29,20 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "worker": ("indexer.worker_cli:worker", "Run re-indexing jobs from the Redis queue."),
     "serve": ("service.cli:serve", "Serve the search API, the clip-retrieval API and the page."),
     "search": ("cots.client.cli:search", "Search a running server from the terminal."),
-    "train-tokenizer": (
-        "model.tokenizer_train:train_tokenizer",
+    "train-visual-tokenizer": (
+        "model.visual_tokenizer_train:train_visual_tokenizer",
         "Train the VQ visual tokenizer for masked vision modeling.",
     ),
     "bench": ("cots.bench:bench", "Benchmarks: training cost, and more as they land."),
 }
+# old name -> current name: runs with a deprecation note, hidden from --help
+DEPRECATED_COMMANDS: Final[dict[str, str]] = {"train-tokenizer": "train-visual-tokenizer"}
 
 
 @click.group(
     cls=LazyGroup,
     lazy_commands=COMMANDS,
+    deprecated_aliases=DEPRECATED_COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(__version__, prog_name="cots")

@@ -52,7 +52,7 @@ class MaskedModelingConfig(_Strict):
     text_mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="BERT masking probability")
     patch_mask_ratio: float = Field(0.4, gt=0.0, lt=1.0, description="block-masked patch share")
     tokenizer: Path | None = Field(
-        None, description="visual tokenizer file (cots train-tokenizer); needed for MVM"
+        None, description="visual tokenizer file (cots train-visual-tokenizer); needed for MVM"
     )
 
     @property
@@ -162,7 +162,9 @@ class ObjectiveConfig(_Strict):
         if self.text_anchor.weight > 0 and (self.kind != "clip" or not self.text_anchor.captions):
             raise ValueError("text_anchor needs the clip objective and text_anchor.captions")
         if self.masked.mvm_weight > 0 and self.masked.tokenizer is None:
-            raise ValueError("masked.mvm_weight > 0 needs masked.tokenizer (cots train-tokenizer)")
+            raise ValueError(
+                "masked.mvm_weight > 0 needs masked.tokenizer (cots train-visual-tokenizer)"
+            )
         return self
 
 

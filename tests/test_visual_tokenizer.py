@@ -14,7 +14,6 @@ from cots.cli import cli
 from model.config import DataConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
-from model.tokenizer_train import _images, fit_tokenizer
 from model.visual_tokenizer import (
     TokenizerConfig,
     VisualTokenizer,
@@ -22,6 +21,7 @@ from model.visual_tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
+from model.visual_tokenizer_train import _images, fit_tokenizer
 
 SMALL = TokenizerConfig(image_size=32, patch_size=8, codebook_size=32, code_dim=8, hidden=32)
 METRICS = {"reconstruction_mse", "baseline_mse", "usage", "perplexity", "train_s"}
@@ -213,8 +213,9 @@ def test_fit_tokenizer_continues_from_a_pretrained_file(corpus: Path, tmp_path: 
 
 def test_cli_trains_and_writes_a_tokenizer(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "tok" / "tokenizer.pt"
-    args = ["train-tokenizer", "--data", str(corpus), "--out", str(out), "--image-size", "32"]
-    args += ["--codebook-size", "16", "--epochs", "1", "--batch-size", "32", "--seed", "2"]
+    args = ["train-visual-tokenizer", "--data", str(corpus), "--out", str(out)]
+    args += ["--image-size", "32", "--codebook-size", "16", "--epochs", "1"]
+    args += ["--batch-size", "32", "--seed", "2"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout[result.stdout.index("{") :])
@@ -226,3 +227,24 @@ def test_cli_trains_and_writes_a_tokenizer(corpus: Path, tmp_path: Path) -> None
     bad = CliRunner().invoke(cli, [*args[:5], "--pretrained", str(tmp_path / "none.pt")])
     assert bad.exit_code != 0
     assert "does not exist" in bad.output
+
+
+def test_the_old_command_name_still_runs_hidden_and_deprecated(tmp_path: Path) -> None:
+    """``cots train-tokenizer`` (the command's name before it said "visual") runs the same
+    command with a note on stderr, and ``cots --help`` lists only the new name."""
+    listed = CliRunner().invoke(cli, ["--help"])
+    assert "train-visual-tokenizer" in listed.stdout
+    assert "train-tokenizer" not in listed.stdout
+    args = [
+        "train-tokenizer",
+        "--data",
+        str(tmp_path / "none.csv"),
+        "--out",
+        str(tmp_path / "t.pt"),
+    ]
+    old = CliRunner().invoke(cli, args)
+    assert "deprecated" in old.stderr
+    assert "train-visual-tokenizer" in old.stderr
+    assert old.exit_code == 1  # the command's own error, not click's "no such command" (2)
+    assert "does not exist" in old.output
+    assert not (tmp_path / "t.pt").exists()

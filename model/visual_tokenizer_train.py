@@ -1,4 +1,6 @@
-"""``cots train-tokenizer``: train the visual tokenizer on a corpus and report its quality."""
+"""``cots train-visual-tokenizer``: train the visual (VQ) tokenizer of
+``model/visual_tokenizer.py`` on a corpus and report its quality. (The text tokenizer, a BPE,
+is ``model/tokenizer.py``.)"""
 
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def _fit(
     return tokenizer.eval(), {**metrics, "train_s": train_s}
 
 
-@click.command("train-tokenizer", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("train-visual-tokenizer", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -179,7 +181,7 @@ def _fit(
     help="Start from this tokenizer file instead of random weights.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_tokenizer(
+def train_visual_tokenizer(
     data: Path,
     out: Path,
     image_size: int,
