@@ -104,7 +104,7 @@ class Plan:
             base["objective"]["text_anchor"] = {"captions": str(self.corpus / "images.csv")}
         config = _merge(base, row.overrides)
         if row.needs_tokenizer:
-            config = _merge(config, {"objective": {"masked": {"tokenizer": str(tokenizer)}}})
+            config = _merge(config, {"objective": {"masked": {"visual_tokenizer": str(tokenizer)}}})
         if row.init_from is not None:
             source = next(r for r in ROWS if r.name == row.init_from)
             config["init_from"] = str(self.run_dir(source, self.seeds[0]) / "checkpoint.pt")
@@ -125,8 +125,8 @@ def _ensure_tokenizer(plan: Plan) -> tuple[Path, dict[str, Any]]:
 
     from model.config import DataConfig
     from model.factory import model_config
-    from model.visual_tokenizer_train import fit_tokenizer
     from model.visual_tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer
+    from model.visual_tokenizer_train import fit_tokenizer
 
     path = plan.work / "visual-tokenizer.pt"
     metrics_path = path.with_suffix(".json")

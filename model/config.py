@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.errors import ModelError
 from model.recipes import read_recipe, resolve_config, strip_notes
@@ -51,8 +51,12 @@ class MaskedModelingConfig(_Strict):
     mvm_weight: float = Field(0.0, ge=0.0, description="weight of masked vision modeling")
     text_mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="BERT masking probability")
     patch_mask_ratio: float = Field(0.4, gt=0.0, lt=1.0, description="block-masked patch share")
-    tokenizer: Path | None = Field(
-        None, description="visual tokenizer file (cots train-visual-tokenizer); needed for MVM"
+    # "tokenizer", the key's name before it said "visual", still loads (older configs and
+    # checkpoints); a config is dumped with the new name
+    visual_tokenizer: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("visual_tokenizer", "tokenizer"),
+        description="visual tokenizer file (cots train-visual-tokenizer); needed for MVM",
     )
 
     @property
@@ -161,9 +165,9 @@ class ObjectiveConfig(_Strict):
             raise ValueError("momentum_final must not be below momentum (the EMA only slows)")
         if self.text_anchor.weight > 0 and (self.kind != "clip" or not self.text_anchor.captions):
             raise ValueError("text_anchor needs the clip objective and text_anchor.captions")
-        if self.masked.mvm_weight > 0 and self.masked.tokenizer is None:
+        if self.masked.mvm_weight > 0 and self.masked.visual_tokenizer is None:
             raise ValueError(
-                "masked.mvm_weight > 0 needs masked.tokenizer (cots train-visual-tokenizer)"
+                "masked.mvm_weight > 0 needs masked.visual_tokenizer (cots train-visual-tokenizer)"
             )
         return self
 

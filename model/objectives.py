@@ -166,10 +166,12 @@ class AuxiliaryLosses(nn.Module):
     losses see one modality at a time, so a mismatched pair does not hurt them.
     """
 
-    def __init__(self, config: ObjectiveConfig, tokenizer: VisualTokenizer | None) -> None:
+    def __init__(self, config: ObjectiveConfig, visual_tokenizer: VisualTokenizer | None) -> None:
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer.requires_grad_(False).eval() if tokenizer else None
+        # named "tokenizer" still: the attribute names the frozen codebook's keys in the
+        # objective's state dict, which checkpoints hold
+        self.tokenizer = visual_tokenizer.requires_grad_(False).eval() if visual_tokenizer else None
 
     def train(self, mode: bool = True) -> AuxiliaryLosses:
         super().train(mode)
@@ -259,12 +261,12 @@ class ClipObjective(nn.Module):
         online: OnlineModel,
         config: ObjectiveConfig,
         dist: DistInfo,
-        tokenizer: VisualTokenizer | None = None,
+        visual_tokenizer: VisualTokenizer | None = None,
         anchor_tokens: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.dist = dist
-        self.auxiliary = AuxiliaryLosses(config, tokenizer)
+        self.auxiliary = AuxiliaryLosses(config, visual_tokenizer)
         anchor = config.text_anchor
         self.anchor_weight = anchor.weight
         self.anchor = (
@@ -323,12 +325,12 @@ class CotsObjective(nn.Module):
         online: OnlineModel,
         config: ObjectiveConfig,
         dist: DistInfo,
-        tokenizer: VisualTokenizer | None = None,
+        visual_tokenizer: VisualTokenizer | None = None,
         total_steps: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
-        self.auxiliary = AuxiliaryLosses(config, tokenizer)
+        self.auxiliary = AuxiliaryLosses(config, visual_tokenizer)
         self.dist = dist
         # The run's length in objective steps, which the schedules' fractions are of.
         self.total_steps = total_steps
@@ -523,12 +525,12 @@ def build_objective(
     online: OnlineModel,
     config: ObjectiveConfig,
     dist: DistInfo,
-    tokenizer: VisualTokenizer | None = None,
+    visual_tokenizer: VisualTokenizer | None = None,
     total_steps: int = 0,
     anchor_tokens: torch.Tensor | None = None,
 ) -> nn.Module:
     """The configured objective; ``total_steps`` (objective steps of the run) scales the COTS
     schedules; ``anchor_tokens`` are the text anchor's captions (CLIP only)."""
     if config.kind == "clip":
-        return ClipObjective(online, config, dist, tokenizer, anchor_tokens)
-    return CotsObjective(online, config, dist, tokenizer, total_steps)
+        return ClipObjective(online, config, dist, visual_tokenizer, anchor_tokens)
+    return CotsObjective(online, config, dist, visual_tokenizer, total_steps)

@@ -390,13 +390,13 @@ def _freeze(towers: Towers, parts: Sequence[str]) -> None:
 
 def _visual_tokenizer(config: TrainConfig, towers: Towers) -> VisualTokenizer | None:
     masked = config.objective.masked
-    if masked.mvm_weight <= 0 or masked.tokenizer is None:
+    if masked.mvm_weight <= 0 or masked.visual_tokenizer is None:
         return None
-    tokenizer = load_tokenizer(Path(masked.tokenizer))
+    tokenizer = load_tokenizer(Path(masked.visual_tokenizer))
     if tokenizer.grid != towers.patch_grid:
         raise ModelError(
-            f"visual tokenizer {masked.tokenizer} has a {tokenizer.grid} patch grid, the image "
-            f"tower {towers.patch_grid}: train it with the model's image and patch size"
+            f"visual tokenizer {masked.visual_tokenizer} has a {tokenizer.grid} patch grid, the "
+            f"image tower {towers.patch_grid}: train it with the model's image and patch size"
         )
     return tokenizer
 

@@ -201,7 +201,7 @@ def _train_args(name: str) -> list[str]:
     if data.get("objective", {}).get("text_anchor", {}).get("weight"):
         args += ["--set", "objective.text_anchor.captions=corpus/images.csv"]
     if data.get("objective", {}).get("masked", {}).get("mvm_weight"):
-        args += ["--set", "objective.masked.tokenizer=visual-tokenizer.pt"]
+        args += ["--set", "objective.masked.visual_tokenizer=visual-tokenizer.pt"]
     return args
 
 

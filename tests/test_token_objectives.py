@@ -11,7 +11,7 @@ import torch
 
 from model.aux_inputs import AuxInputs, augment_view, make_aux_inputs
 from model.checkpoint import load_checkpoint
-from model.config import TrainConfig
+from model.config import TrainConfig, load_train_config
 from model.data.synth import SynthConfig, generate_corpus
 from model.distributed import DistInfo
 from model.errors import ModelError
@@ -39,15 +39,15 @@ def fixed_batch(batch: int = 16, frames: int | None = None) -> tuple[torch.Tenso
 
 
 def train_fixed_batch(
-    overrides: dict[str, Any], steps: int, frames: int | None = None, tokenizer=None
+    overrides: dict[str, Any], steps: int, frames: int | None = None, visual_tokenizer=None
 ) -> list[dict[str, float]]:
     """``steps`` optimiser steps of cots-micro on one fixed batch; the logged parts of each."""
     torch.manual_seed(0)
     config = TrainConfig.model_validate({"model": "cots-micro", **overrides})
-    codebook_size = tokenizer.config.codebook_size if tokenizer else None
+    codebook_size = visual_tokenizer.config.codebook_size if visual_tokenizer else None
     online = OnlineModel(build_towers(config), config.objective, codebook_size)
     # the run's length, which the COTS schedules are fractions of
-    objective = build_objective(online, config.objective, DistInfo(), tokenizer, steps)
+    objective = build_objective(online, config.objective, DistInfo(), visual_tokenizer, steps)
     optimizer = torch.optim.AdamW(online.parameters(), lr=2e-3)
     images, tokens, groups = fixed_batch(frames=frames)
     grid = online.towers.patch_grid if images.ndim == 4 else None
@@ -89,11 +89,11 @@ def test_masked_language_modeling_loss_goes_down() -> None:
 def test_masked_vision_modeling_loss_goes_down(tokenizer_file: Path) -> None:
     from model.visual_tokenizer import load_tokenizer
 
-    masked = {"mvm_weight": 1, "tokenizer": str(tokenizer_file)}
+    masked = {"mvm_weight": 1, "visual_tokenizer": str(tokenizer_file)}
     history = train_fixed_batch(
         {"objective": {"kind": "cots", "queue_size": 32, "masked": masked}},
         25,
-        tokenizer=load_tokenizer(tokenizer_file),
+        visual_tokenizer=load_tokenizer(tokenizer_file),
     )
     start, end = first_last(history, "loss_mvm")
     assert end < 0.8 * start
@@ -123,7 +123,7 @@ def test_video_training_loss_goes_down(pooling: str) -> None:
 
 def test_filtered_pairs_do_not_reach_the_token_losses() -> None:
     config = TrainConfig.model_validate({"objective": {"masked": {"mlm_weight": 1}}}).objective
-    losses = AuxiliaryLosses(config, tokenizer=None)
+    losses = AuxiliaryLosses(config, visual_tokenizer=None)
     labels = torch.full((4, 6), IGNORE_INDEX)
     labels[:, 1] = torch.tensor([5, 6, 7, 8])
     logits = torch.randn(4, 20)
@@ -197,6 +197,28 @@ def test_config_rejects_inconsistent_token_and_video_options() -> None:
         TrainConfig.model_validate({"video": {"frames": 20}})
 
 
+def test_the_old_visual_tokenizer_key_still_loads(tmp_path: Path) -> None:
+    """``objective.masked.tokenizer``, the key's name before it said "visual", still loads as
+    ``visual_tokenizer`` from a dict, a config file, ``--set`` and an old checkpoint's config
+    (resuming compares it equal to today's); configs are written with the new name only."""
+    from model.train import _with_defaults
+
+    old = {"objective": {"masked": {"mvm_weight": 1, "tokenizer": "vt.pt"}}}
+    new = {"objective": {"masked": {"mvm_weight": 1, "visual_tokenizer": "vt.pt"}}}
+    config = TrainConfig.model_validate(old)
+    assert config.objective.masked.visual_tokenizer == Path("vt.pt")
+    assert config == TrainConfig.model_validate(new)
+    dumped = config.model_dump(mode="json")
+    assert "tokenizer" not in dumped["objective"]["masked"]
+    assert dumped["objective"]["masked"]["visual_tokenizer"] == "vt.pt"
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert load_train_config(path, []) == config
+    overrides = ["objective.masked.mvm_weight=1", "objective.masked.tokenizer=vt.pt"]
+    assert load_train_config(None, overrides) == config
+    assert _with_defaults(old) == dumped
+
+
 @pytest.fixture(scope="module")
 def av_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("av-corpus") / "corpus"
@@ -226,7 +248,7 @@ def base_run(corpus: Path, output: Path, **overrides: Any) -> TrainConfig:
 
 def test_masked_run_resumes_exactly(av_corpus: Path, tmp_path: Path, tokenizer_file: Path) -> None:
     """Masks and views come from (seed, step): a resumed run repeats them exactly."""
-    masked = {"mlm_weight": 1.0, "mvm_weight": 1.0, "tokenizer": str(tokenizer_file)}
+    masked = {"mlm_weight": 1.0, "mvm_weight": 1.0, "visual_tokenizer": str(tokenizer_file)}
     objective = {"queue_size": 64, "masked": masked}
     straight = base_run(av_corpus, tmp_path / "a", objective=objective, max_steps=8)
     interrupted = base_run(av_corpus, tmp_path / "b", objective=objective, max_steps=8)
