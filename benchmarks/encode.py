@@ -101,9 +101,9 @@ def encode_bench(
     import torch
 
     from model.errors import ModelError
-    from model.eval_splits import load_named_split
     from runtime.encoder import Encoder
     from runtime.errors import BundleError
+    from training.eval_splits import load_named_split
 
     if (checkpoint is None) == (model_name is None or pretrained is None):
         raise click.UsageError("give --checkpoint, or --model with --pretrained (not both)")
@@ -136,8 +136,8 @@ def _towers(
 ) -> tuple[Any, Any, int]:
     """(towers, config, context length) of a checkpoint or of an open_clip model's weights."""
     from model.config import DataConfig
-    from model.eval_splits import towers_from_checkpoint
-    from model.zero_shot import pretrained_model
+    from training.eval_splits import towers_from_checkpoint
+    from training.zero_shot import pretrained_model
 
     if checkpoint is not None:
         towers, config, state = towers_from_checkpoint(checkpoint)
@@ -160,7 +160,7 @@ def _export(
     int8: bool,
     corpus: Path,
 ) -> None:
-    from model.export import ExportOptions, export_bundle, export_pretrained
+    from training.export import ExportOptions, export_bundle, export_pretrained
 
     options = ExportOptions(int8=int8, corpus=corpus)
     if checkpoint is not None:
@@ -225,7 +225,7 @@ class _Corpus:
     @classmethod
     def of(cls, split: Any, context_length: int) -> _Corpus:
         from model.data.readers import load_image
-        from model.evaluate import caption_groups
+        from training.evaluate import caption_groups
 
         captions = [caption for captions in split.captions for caption in captions]
         return cls(
@@ -263,7 +263,7 @@ def _texts_of_length(captions: list[str], tokens: int, count: int = 256) -> list
 def _measure(name: str, side: Any, corpus: _Corpus) -> dict[str, Any]:
     import torch
 
-    from model.evaluate import retrieval_metrics
+    from training.evaluate import retrieval_metrics
 
     captions = corpus.captions
     pixels = side.pixels(corpus.images)

@@ -35,10 +35,10 @@ class Row:
 
 
 def _load_rows() -> tuple[Row, ...]:
-    """The rows, from model/recipes/quality/NN-*.json in table order: each file's ``_bench``
+    """The rows, from training/recipes/quality/NN-*.json in table order: each file's ``_bench``
     note gives the row's name and kind, the rest of it is the row's config overrides (the
     same files ``cots train --config`` reads)."""
-    from model.recipes import read_recipe, recipe_names, recipe_path, strip_notes
+    from training.recipes import read_recipe, recipe_names, recipe_path, strip_notes
 
     rows = []
     for name in recipe_names():
@@ -126,7 +126,7 @@ def _ensure_tokenizer(plan: Plan) -> tuple[Path, dict[str, Any]]:
     from model.config import DataConfig
     from model.factory import model_config
     from model.visual_tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer
-    from model.visual_tokenizer_train import fit_tokenizer
+    from training.visual_tokenizer_train import fit_tokenizer
 
     path = plan.work / "visual-tokenizer.pt"
     metrics_path = path.with_suffix(".json")
@@ -146,7 +146,7 @@ def _ensure_tokenizer(plan: Plan) -> tuple[Path, dict[str, Any]]:
 
 def _run(plan: Plan, row: Row, seed: int, tokenizer: Path | None) -> dict[str, Any]:
     from model.config import TrainConfig
-    from model.train import train
+    from training.train import train
 
     out = plan.run_dir(row, seed)
     result_path = out / "bench.json"
@@ -176,10 +176,10 @@ def _run(plan: Plan, row: Row, seed: int, tokenizer: Path | None) -> dict[str, A
 def _scene_metrics(checkpoint: Path) -> dict[str, float]:
     import torch
 
-    from model.eval_splits import load_named_split, towers_from_checkpoint
     from model.factory import model_config
-    from model.scene_eval import scene_query_check
-    from model.training_data import CaptionedImages
+    from training.eval_splits import load_named_split, towers_from_checkpoint
+    from training.scene_eval import scene_query_check
+    from training.training_data import CaptionedImages
 
     towers, config, _ = towers_from_checkpoint(checkpoint)
     context_length = int(model_config(config.model)["text_cfg"].get("context_length", 77))

@@ -73,8 +73,8 @@ def _measure(
     from model.distributed import DistInfo
     from model.factory import build_towers, model_config
     from model.objectives import OnlineModel, build_objective
-    from model.train import StepInputs, forward_loss
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+    from training.train import StepInputs, forward_loss
 
     if threads:
         torch.set_num_threads(threads)

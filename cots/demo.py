@@ -64,13 +64,12 @@ def _contact_sheet(samples: list, path: Path, tile: int = 128) -> None:
 
 
 def _image_config(workdir: Path, corpus: Path, options: dict[str, object]) -> TrainConfig:
-    """The image run's config: model/recipes/demo-image.json, then the command line's
+    """The image run's config: training/recipes/demo-image.json, then the command line's
     ``options`` (model, epochs, batch_size; None keeps the recipe's), this corpus and a run
     folder named for the model."""
     import json
 
-    from model.config import load_train_config
-    from model.recipes import recipe_path
+    from training.recipes import load_train_config, recipe_path
 
     overrides = [
         f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None
@@ -85,7 +84,7 @@ def _train(config: TrainConfig, quiet: bool) -> dict:
     resumes from its checkpoint."""
     import json
 
-    from model.train import train
+    from training.train import train
 
     results = config.output / "results.json"
     if results.is_file():
@@ -99,10 +98,10 @@ def _train(config: TrainConfig, quiet: bool) -> dict:
 
 
 def _video_fit(splits: dict[str, int]) -> dict[str, object] | None:
-    """What model/recipes/demo-video.json needs changed for the corpus's video splits (a batch
+    """What training/recipes/demo-video.json needs changed for the corpus's video splits (a batch
     no larger than the train clips, no val split when there is none); None (and a note) when
     there are too few clips to train and test a video model."""
-    from model.recipes import read_recipe, recipe_path
+    from training.recipes import read_recipe, recipe_path
 
     train, test = splits.get("train", 0), splits.get("test", 0)
     if train < 2 or test < 1:
@@ -121,12 +120,11 @@ def _video_fit(splits: dict[str, int]) -> dict[str, object] | None:
 def _video_config(
     workdir: Path, corpus: Path, model_name: str, fit: dict[str, object]
 ) -> TrainConfig:
-    """The video run's config: model/recipes/demo-video.json (the temporal video model on the
+    """The video run's config: training/recipes/demo-video.json (the temporal video model on the
     image run's towers, see its _note), fitted to the corpus (:func:`_video_fit`)."""
     import json
 
-    from model.config import load_train_config
-    from model.recipes import recipe_path
+    from training.recipes import load_train_config, recipe_path
 
     settings = {
         **fit,
@@ -144,7 +142,7 @@ def _train_video(config: TrainConfig, quiet: bool) -> dict:
     """Train the temporal video model from the image run's towers; reused when finished."""
     import json
 
-    from model.train import train
+    from training.train import train
 
     results = config.output / "results.json"
     if results.is_file():
@@ -164,11 +162,11 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
 
     import torch
 
-    from model.checkpoint import load_checkpoint
     from model.config import TrainConfig
-    from model.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
-    from model.scene_eval import scene_query_check
-    from model.training_data import CaptionedImages
+    from training.checkpoint import load_checkpoint
+    from training.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
+    from training.scene_eval import scene_query_check
+    from training.training_data import CaptionedImages
 
     cached = run / "image_evals.json"
     if cached.is_file():
@@ -192,10 +190,10 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
 
 def _export(workdir: Path, run: Path, quiet: bool) -> Path:
     """Export the trained model; a bundle of the same checkpoint and step is reused."""
-    from model.checkpoint import load_checkpoint
-    from model.export import ExportOptions, export_bundle
     from runtime.bundle import read_manifest
     from runtime.errors import BundleError
+    from training.checkpoint import load_checkpoint
+    from training.export import ExportOptions, export_bundle
 
     checkpoint = run / "checkpoint.pt"
     bundle = workdir / "bundle"
@@ -298,7 +296,7 @@ def demo(
 
     started = time.monotonic()
     from model.data.readers import CsvImageReader
-    from model.evaluate import format_metrics
+    from training.evaluate import format_metrics
 
     corpus = workdir / "corpus"
     description = _synthesise(

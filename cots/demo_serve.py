@@ -116,7 +116,7 @@ def example_queries(bundle: Path, root: Path, corpus: Path, samples: list) -> li
 async def _scene_queries(engine: Any, corpus: Path, shown: int = 4) -> None:
     """Queries written from the test scenes (not corpus captions), searched over the whole
     images collection; a hit counts when its scene satisfies the query."""
-    from model.scene_queries import corpus_scenes, satisfies, write_queries
+    from training.scene_queries import corpus_scenes, satisfies, write_queries
 
     scenes = corpus_scenes(corpus.resolve())
     if scenes is None:

@@ -143,7 +143,7 @@ def _bundle(
         return out
     click.echo(f"exporting {model_name} with {pretrained} to {out} (once)")
     from model.errors import ModelError
-    from model.export import ExportOptions, export_pretrained
+    from training.export import ExportOptions, export_pretrained
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,18 +1,16 @@
-"""Training configuration: a JSON file plus command-line overrides, validated by pydantic.
+"""The training configuration's schema, validated by pydantic: the towers, the objectives and
+preprocessing read it. Reading one from a JSON file plus command-line overrides is
+``training.recipes.load_train_config`` (the job's side).
 
 Unknown keys fail loudly. The objective is chosen by an explicit field, never by model name.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from model.errors import ModelError
-from model.recipes import read_recipe, resolve_config, strip_notes
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -276,43 +274,3 @@ class TrainConfig(_Strict):
         if self.video.frames > self.video.decode_frames:
             raise ValueError("video.frames must not exceed video.decode_frames")
         return self
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ModelError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key.sub=value``; the value is JSON when it parses as JSON, else a string."""
-    if "=" not in text:
-        raise ModelError(f"override {text!r} must look like key=value (e.g. objective.kind=clip)")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def load_train_config(path: Path | None, overrides: list[str]) -> TrainConfig:
-    """The config file at ``path`` (or the shipped recipe of that name, see model/recipes.py),
-    its top-level note keys (``_command``, ``_note``, ...) dropped, then ``key=value``
-    overrides, validated."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = strip_notes(read_recipe(resolve_config(Path(path))))
-    for override in overrides:
-        _set_dotted(data, *parse_override(override))
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        raise ModelError(f"bad training config: {problems}") from None

@@ -1,6 +1,6 @@
 """Videos to model inputs with NumPy + Pillow + PyAV, as training evaluates them. Torch-free.
 
-Training (``model.video_data``) decodes ``decode_frames`` evenly spaced frames, fits each to the
+Training (``training.video_data``) decodes ``decode_frames`` evenly spaced frames, fits each to the
 image size and evaluates on the centre frame of each of ``frames`` equal segments; this does the
 same, fitting only the frames it keeps (the fit is per frame, so the pixels are the same).
 """

@@ -88,8 +88,8 @@ def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model bundle of cots-micro trained two steps on 40 synthetic images (fp32 only):
     real ONNX files for the indexer's tests, made once per session."""
     from model.data.synth import SynthConfig, generate_corpus
-    from model.export import ExportOptions, export_bundle
     from tests.micro import train_micro
+    from training.export import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("micro-bundle")
     generate_corpus(

@@ -162,8 +162,8 @@ def torch_embeddings(weights_file: Path, images: list[Path], video: Path) -> dic
     from model.preprocess import to_tensor_batch
     from model.tokenizer import tokenize
     from model.video import TemporalPooling
-    from model.video_data import VideoPairDataset, load_video_split
-    from model.zero_shot import pretrained_model
+    from training.video_data import VideoPairDataset, load_video_split
+    from training.zero_shot import pretrained_model
 
     model = pretrained_model(MODEL, str(weights_file))
     towers, config = model.towers, model.config
@@ -198,8 +198,8 @@ def runtime_embeddings(
     weights_file: Path, images: list[Path], video: Path
 ) -> dict[str, np.ndarray]:
     """The exported fp32 ONNX bundle's embeddings through the serving runtime's own input code."""
-    from model.export import ExportOptions, export_pretrained
     from runtime.encoder import Encoder
+    from training.export import ExportOptions, export_pretrained
 
     bundle = export_pretrained(
         MODEL,

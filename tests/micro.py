@@ -12,7 +12,7 @@ def train_micro(corpus: Path, output: Path, **overrides: Any) -> Path:
     """cots-micro trained two steps on ``corpus``; returns its checkpoint. ``overrides``
     replace top-level training settings (e.g. cookie, objective, data, video)."""
     from model.config import TrainConfig
-    from model.train import train
+    from training.train import train
 
     config = {
         "model": "cots-micro",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-import model.train
+import training.train
 from model.objectives import OnlineModel, build_objective
 
 
@@ -31,5 +31,5 @@ class RunStarts:
             self._online = online  # the trainer's model, handed to its objective once per run
             return build_objective(online, *args, **kwargs)
 
-        monkeypatch.setattr(model.train, "build_objective", objective)
+        monkeypatch.setattr(training.train, "build_objective", objective)
         monkeypatch.setattr(torch.optim.AdamW, "step", first_step)

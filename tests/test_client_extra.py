@@ -26,7 +26,16 @@ from tests.service_helpers import copy_root
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "a red circle"
 # Ours beside the client, and the packages of the other extras: none may load for the client.
-NOT_LOADED = ("service", "indexer", "model", "runtime", "benchmarks", "numpy", "faiss")
+NOT_LOADED = (
+    "service",
+    "indexer",
+    "model",
+    "training",
+    "runtime",
+    "benchmarks",
+    "numpy",
+    "faiss",
+)
 NOT_INSTALLED = ("faiss", "onnxruntime", "fastapi", "uvicorn", "redis", "torch", "tokenizers")
 # Run in a Python: load the client and `cots search --help`, print the top-level modules loaded.
 LOADED = """
@@ -93,7 +102,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for package in ("cots", "wire", "runtime", "model", "indexer", "service"):
+    for package in ("cots", "wire", "runtime", "model", "training", "indexer", "service"):
         shutil.copytree(
             ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )

@@ -22,17 +22,17 @@ from click.testing import CliRunner
 
 from cots.cli import cli
 from model.data.synth import SynthConfig, generate_corpus
-from model.eval_splits import towers_from_checkpoint
-from model.export import ExportError, ExportOptions, export_bundle
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
-from model.training_data import load_split
-from model.video_data import VideoPairDataset, load_video_split
 from runtime import encoder as encoder_module
 from runtime.bundle import MANIFEST, Precision, read_manifest
 from runtime.encoder import Encoder
 from runtime.errors import BundleError, InputError
 from tests.micro import train_micro
+from training.eval_splits import towers_from_checkpoint
+from training.export import ExportError, ExportOptions, export_bundle
+from training.training_data import load_split
+from training.video_data import VideoPairDataset, load_video_split
 
 pytestmark = pytest.mark.slow
 CONTEXT = 48  # cots-micro's context length
@@ -302,7 +302,7 @@ def test_export_refuses_to_overwrite_and_a_failed_check_leaves_nothing(
     checkpoint, bundle = image_run
     with pytest.raises(ExportError, match="exists; pass --force"):
         export_bundle(checkpoint, bundle, ExportOptions(progress=False))
-    monkeypatch.setitem(__import__("model.export").export.MIN_COSINE, "fp32", 1.5)
+    monkeypatch.setitem(__import__("training.export").export.MIN_COSINE, "fp32", 1.5)
     out = tmp_path / "failed"
     with pytest.raises(ExportError, match=r"fp32 image/random: min cosine .* < 1\.5"):
         export_bundle(checkpoint, out, ExportOptions(progress=False, fp16=False))

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
-from model.export import ExportOptions, export_bundle
 from model.factory import CLIP_VOCAB
-from model.train import train
 from tests.open_clip_archs import register_architectures, saved_weights
+from training.checkpoint import load_checkpoint
+from training.export import ExportOptions, export_bundle
+from training.train import train
 
 pytestmark = pytest.mark.slow
 MOMENTUM = 0.95

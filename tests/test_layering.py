@@ -16,26 +16,39 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cots", "wire", "runtime", "model", "indexer", "service", "benchmarks")
-PRODUCT = ("cots", "cots.client", "wire", "runtime", "model", "indexer", "service")
+PACKAGES = ("cots", "wire", "runtime", "model", "training", "indexer", "service", "benchmarks")
+PRODUCT = ("cots", "cots.client", "wire", "runtime", "model", "training", "indexer", "service")
 
 # Layer -> the layers it may import. ``model.data`` (torch-free corpus readers) sits below the
-# indexer; the rest of ``model`` is training, which nothing but the ``cots`` command imports.
+# indexer; the rest of ``model`` is the model library (towers, objectives, tokenizers), which
+# ``training`` (the job: loop, data, evaluation, export, its CLI) imports and never the reverse;
+# nothing but the ``cots`` command and ``benchmarks`` imports ``model`` or ``training``.
 ALLOWED: dict[str, set[str]] = {
     "wire": set(),
     "runtime": set(),
     "model.data": {"runtime"},
     "model": {"model.data", "runtime"},
+    "training": {"model", "model.data", "runtime"},
     "indexer": {"model.data", "runtime", "wire"},
     "service": {"indexer", "model.data", "runtime", "wire"},
     # ``cots`` itself is its __init__ (the version): the client may read that.
     "cots.client": {"cots", "wire"},
-    "cots": {"cots.client", "service", "indexer", "model", "model.data", "runtime", "wire"},
+    "cots": {
+        "cots.client",
+        "service",
+        "indexer",
+        "training",
+        "model",
+        "model.data",
+        "runtime",
+        "wire",
+    },
     "benchmarks": {
         "cots",
         "cots.client",
         "service",
         "indexer",
+        "training",
         "model",
         "model.data",
         "runtime",
@@ -135,14 +148,44 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_layers_point_one_way() -> None:
-    upward = sorted(
+def upward_edges(edges: dict[str, set[str]]) -> list[str]:
+    """Every import that points against the layers (``ALLOWED``)."""
+    return sorted(
         f"{module} imports {target}"
-        for module, targets in graph().items()
+        for module, targets in edges.items()
         for target in targets
         if layer(target) != layer(module) and layer(target) not in ALLOWED[layer(module)]
     )
-    assert upward == []
+
+
+def test_layers_point_one_way() -> None:
+    assert upward_edges(graph()) == []
+
+
+def test_the_model_library_never_imports_training() -> None:
+    """``training`` imports ``model``; an import back (the library reaching for the job's
+    config reader, say) fails, as does one from the indexer or the service."""
+    edges = graph()
+    assert "model.factory" in edges["training.train"]
+    assert "model.objectives" in edges["training.train"]
+    assert not [
+        t
+        for name in MODULES
+        if layer(name) == "model"
+        for t in edges[name]
+        if layer(t) == "training"
+    ]
+    planted = {
+        **edges,
+        "model.config": edges["model.config"] | {"training.recipes"},
+        "indexer.build": edges["indexer.build"] | {"training.export"},
+        "service.app": edges["service.app"] | {"training.evaluate"},
+    }
+    assert upward_edges(planted) == [
+        "indexer.build imports training.export",
+        "model.config imports training.recipes",
+        "service.app imports training.evaluate",
+    ]
 
 
 def test_no_module_is_part_of_an_import_cycle() -> None:

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.evaluate import retrieval_metrics
 from model.losses import (
     clip_loss,
     masked_logits,
@@ -19,6 +18,7 @@ from model.losses import (
 )
 from model.momentum import FeatureQueues, ema_update
 from model.noise_filter import AdaptiveMomentumFilter
+from training.evaluate import retrieval_metrics
 
 
 def keys(values: list[float]) -> torch.Tensor:

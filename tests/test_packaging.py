@@ -22,7 +22,7 @@ def test_serving_side_packages_never_import_torch() -> None:
     code = (
         "import sys\n"
         "import model, model.data, model.data.readers, model.data.synth, model.data.writers\n"
-        "import indexer, service, cots.cli\n"
+        "import indexer, service, cots.cli, training, training.scene_queries\n"
         "import runtime, runtime.encoder, indexer.build, indexer.collection, indexer.update\n"
         "import indexer.cli, indexer.jobs, indexer.worker_cli, indexer.faiss_index\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -122,7 +122,8 @@ def test_the_wheel_has_no_benchmarks(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for package in ("cots", "wire", "runtime", "model", "indexer", "service", "benchmarks"):
+    packages = ("cots", "wire", "runtime", "model", "training", "indexer", "service", "benchmarks")
+    for package in packages:
         shutil.copytree(
             ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -141,6 +142,10 @@ def test_the_wheel_has_no_benchmarks(tmp_path: Path) -> None:
     assert "service/app.py" in names
     assert "wire/schemas.py" in names  # the client extra's models
     assert "indexer/synthetic_vectors.py" in names
+    # the model library and the training job beside it, with the recipes cots demo reads
+    assert "model/objectives.py" in names
+    assert "training/train.py" in names
+    assert "training/recipes/demo-image.json" in names
     assert [name for name in names if name.startswith("benchmarks/")] == []
     assert [name for name in names if "/bench_" in name or "load_wrk" in name] == []
 

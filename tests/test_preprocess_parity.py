@@ -32,12 +32,12 @@ from model.data.readers import BadItemError
 from model.data.readers import load_image as train_load_image
 from model.data.records import ImageRecord
 from model.preprocess import image_transform
-from model.video_data import VideoPairDataset, load_video_split
 from runtime.errors import ImageDecodeError, InputError
 from runtime.image_decode import decode_image, to_rgb
 from runtime.images import load_image, preprocess_frames, preprocess_images, resized_size
 from runtime.spec import ImageSpec, VideoSpec
 from runtime.video import load_video
+from training.video_data import VideoPairDataset, load_video_split
 
 TOLERANCE = 1e-5
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Recipes as files (model/recipes/): the demo and ``cots bench quality`` build exactly the
+"""Recipes as files (training/recipes/): the demo and ``cots bench quality`` build exactly the
 training configs their Python dicts built before the move, and ``cots train --config`` reads
 every recipe. Equal configs and the same seeds give the same numbers, so this proves the
 figures unchanged without training."""
@@ -16,10 +16,17 @@ from click.testing import CliRunner
 
 from benchmarks.quality import ROWS, Plan, Row
 from cots.demo import _image_config, _video_config, _video_fit
-from model.cli import train as train_command
-from model.config import TrainConfig, load_train_config
+from model.config import TrainConfig
 from model.errors import ModelError
-from model.recipes import RECIPES, read_recipe, recipe_names, recipe_path, strip_notes
+from training.cli import train as train_command
+from training.recipes import (
+    RECIPES,
+    load_train_config,
+    read_recipe,
+    recipe_names,
+    recipe_path,
+    strip_notes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,7 +216,7 @@ def _train_args(name: str) -> list[str]:
 def test_cots_train_reads_every_recipe(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``cots train --config`` with the file's path and with the recipe's name parses it into
     the config the bench or demo would build from it (training itself is stubbed)."""
-    import model.train
+    import training.train
 
     seen: list[TrainConfig] = []
 
@@ -217,7 +224,7 @@ def test_cots_train_reads_every_recipe(name: str, monkeypatch: pytest.MonkeyPatc
         seen.append(config)
         return SimpleNamespace(step=0, output=config.output)
 
-    monkeypatch.setattr(model.train, "train", fake_train)
+    monkeypatch.setattr(training.train, "train", fake_train)
     path = recipe_path(name)
     assert path.is_relative_to(RECIPES)
     assert str(read_recipe(path)["_command"]).startswith("cots ")
@@ -245,10 +252,10 @@ def test_notes_are_dropped_and_unknown_keys_still_fail(tmp_path: Path) -> None:
 
 
 def test_the_recipes_ship_in_the_wheel() -> None:
-    """pyproject.toml's package data for ``model`` covers every recipe file, so the wheel the
+    """pyproject.toml's package data for ``training`` covers every recipe file, so the wheel the
     Docker images install (and run ``cots demo`` from) holds them."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["model"]
-    shipped = {path for pattern in patterns for path in (ROOT / "model").glob(pattern)}
+    patterns = config["tool"]["setuptools"]["package-data"]["training"]
+    shipped = {path for pattern in patterns for path in (ROOT / "training").glob(pattern)}
     assert set(RECIPES.rglob("*.json")) <= shipped
     assert len(recipe_names()) == 2 + len(ROWS)

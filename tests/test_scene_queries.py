@@ -10,8 +10,8 @@ import pytest
 
 from model.data.synth import SynthConfig, generate_corpus, image_scenes
 from model.data.synth.scenes import Relation, Scene, SceneObject
-from model.scene_queries import SceneQuery, Wanted, satisfies, score, write_queries
 from tests.captions import objects_in
+from training.scene_queries import SceneQuery, Wanted, satisfies, score, write_queries
 
 
 def _obj(shape: str, colour: str, size: str, cell: tuple[int, int]) -> SceneObject:

@@ -10,20 +10,21 @@ import pytest
 import torch
 
 from model.aux_inputs import AuxInputs, augment_view, make_aux_inputs
-from model.checkpoint import load_checkpoint
-from model.config import TrainConfig, load_train_config
+from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.distributed import DistInfo
 from model.errors import ModelError
-from model.eval_splits import towers_state
-from model.evaluate import intra_modal_metrics
 from model.factory import MASK_TOKEN_ID, build_towers, create_towers, ensure_mask_token
 from model.masking import IGNORE_INDEX
 from model.objectives import AuxiliaryLosses, Features, OnlineModel, build_objective
-from model.train import train
 from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
 from tests.run_start import RunStarts
 from tests.test_token_video import captions
+from training.checkpoint import load_checkpoint
+from training.eval_splits import towers_state
+from training.evaluate import intra_modal_metrics
+from training.recipes import load_train_config
+from training.train import train
 
 
 def fixed_batch(batch: int = 16, frames: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -201,7 +202,7 @@ def test_the_old_visual_tokenizer_key_still_loads(tmp_path: Path) -> None:
     """``objective.masked.tokenizer``, the key's name before it said "visual", still loads as
     ``visual_tokenizer`` from a dict, a config file, ``--set`` and an old checkpoint's config
     (resuming compares it equal to today's); configs are written with the new name only."""
-    from model.train import _with_defaults
+    from training.train import _with_defaults
 
     old = {"objective": {"masked": {"mvm_weight": 1, "tokenizer": "vt.pt"}}}
     new = {"objective": {"masked": {"mvm_weight": 1, "visual_tokenizer": "vt.pt"}}}

@@ -12,15 +12,16 @@ import open_clip
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import TrainConfig, load_train_config
+from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
-from model.evaluate import evaluate
 from model.factory import create_towers
-from model.train import resolve_image_size, train
-from model.training_data import PairDataset, load_split
 from tests.run_start import RunStarts
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.evaluate import evaluate
+from training.recipes import load_train_config
+from training.train import resolve_image_size, train
+from training.training_data import PairDataset, load_split
 
 
 @pytest.fixture(scope="module")

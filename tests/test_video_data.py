@@ -20,9 +20,10 @@ from model.errors import ModelError
 from model.preprocess import image_transform
 from model.preprocess import normalise_pixels as normalise_frames
 from model.tokenizer import tokenize
-from model.training_data import EpochBatches, collate
-from model.video_checks import opposite_motion, time_checks
-from model.video_data import (
+from runtime.video_decode import read_video
+from training.training_data import EpochBatches, collate
+from training.video_checks import opposite_motion, time_checks
+from training.video_data import (
     CaptionedVideos,
     VideoPairDataset,
     embed_video_split,
@@ -30,7 +31,6 @@ from model.video_data import (
     load_video_split,
     sample_frame_indices,
 )
-from runtime.video_decode import read_video
 
 SIDE = 32  # frame side of the synthetic videos
 FRAMES = 16  # frames per synthetic video

@@ -21,7 +21,7 @@ from model.visual_tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
-from model.visual_tokenizer_train import _images, fit_tokenizer
+from training.visual_tokenizer_train import _images, fit_tokenizer
 
 SMALL = TokenizerConfig(image_size=32, patch_size=8, codebook_size=32, code_dim=8, hidden=32)
 METRICS = {"reconstruction_mse", "baseline_mse", "usage", "perplexity", "train_s"}

@@ -27,13 +27,13 @@ from model.data.synth import SynthConfig, generate_corpus
 from model.factory import create_towers
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
-from model.training_data import csv_reader
 from runtime.bundle import read_manifest
 from runtime.encoder import Encoder
 from service.settings import Settings
 from tests.live_server import live_server
 from tests.open_clip_archs import register_architectures, saved_weights
 from tests.test_readers import png_bytes
+from training.training_data import csv_reader
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,9 @@
-"""Video-caption pairs for training and evaluation, the video twin of ``model.training_data``.
+"""Video-caption pairs for training and evaluation, the video twin of ``training.training_data``.
 
 Every video is decoded once at load time into a fixed stock of frames, kept as uint8 at the
 model's input size; each training step then samples its frames from that stock, one per equal
 segment, so a clip is never decoded twice. The sampler, the collate function and the
-(video index, caption index) keys are those of ``model.training_data``.
+(video index, caption index) keys are those of ``training.training_data``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, VideoCsvReader
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
-from model.evaluate import embed_captions, retrieval_metrics
 from model.preprocess import _INTERPOLATION, normalise_pixels
-from model.training_data import caption_tensors
 from runtime.video_decode import segment_centres
+from training.evaluate import embed_captions, retrieval_metrics
+from training.training_data import caption_tensors
 
 logger = logging.getLogger("cots.train")
 

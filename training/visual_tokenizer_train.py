@@ -15,7 +15,6 @@ from model.config import DataConfig, PreprocessConfig
 from model.data.records import CorpusError
 from model.errors import ModelError
 from model.preprocess import to_tensor_batch
-from model.training_data import csv_reader
 from model.visual_tokenizer import (
     TokenizerConfig,
     VisualTokenizer,
@@ -23,6 +22,7 @@ from model.visual_tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
+from training.training_data import csv_reader
 
 _EVAL_BATCH = 256
 

@@ -18,7 +18,7 @@ from model.config import PreprocessConfig
 from model.data.synth.videos import MOVE_PHRASES
 from model.preprocess import normalise_pixels
 from model.tokenizer import tokenize
-from model.video_data import CaptionedVideos, VideoTextEncoder, sample_frame_indices
+from training.video_data import CaptionedVideos, VideoTextEncoder, sample_frame_indices
 
 _OPPOSITE = {"moves right": "moves left", "moves left": "moves right"}
 _OPPOSITE |= {"moves up": "moves down", "moves down": "moves up"}

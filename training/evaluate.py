@@ -17,7 +17,7 @@ from model.config import IntraModalConfig, PreprocessConfig
 from model.data.readers import load_image
 from model.factory import Towers
 from model.preprocess import normalise_pixels, to_tensor_batch
-from model.training_data import CaptionedImages
+from training.training_data import CaptionedImages
 
 KS = (1, 5, 10)
 EVAL_VIEW = IntraModalConfig()  # i2i queries: the training default second view

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import load_checkpoint
 from model.config import TrainConfig
 from model.errors import ModelError
-from model.evaluate import evaluate
 from model.factory import Towers, build_towers
-from model.training_data import CaptionedImages, load_split
-from model.video_data import CaptionedVideos, evaluate_videos, load_video_split
+from training.checkpoint import load_checkpoint
+from training.evaluate import evaluate
+from training.training_data import CaptionedImages, load_split
+from training.video_data import CaptionedVideos, evaluate_videos, load_video_split
 
 Split = CaptionedImages | CaptionedVideos
 

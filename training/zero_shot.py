@@ -7,7 +7,7 @@ config's context length, and returns the towers with the ``TrainConfig`` an expo
 checkpoint. :func:`text_tokenizer` decides which tokenizer the bundle gets: open_clip's BPE for
 models with CLIP's tokenizer (the export writes it as for a trained model); a local
 ``tokenizer.json``, used as given, for a model whose tokenizer comes from a model hub
-(SigLIP's), which is refused with the way out named when no file is given. ``model.export``
+(SigLIP's), which is refused with the way out named when no file is given. ``training.export``
 then writes and checks the bundle exactly as it does for a trained checkpoint.
 """
 

@@ -34,7 +34,7 @@ def _checkpoint_option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON training config, or a shipped recipe's name (model/recipes/: demo-image, "
+    help="JSON training config, or a shipped recipe's name (training/recipes/: demo-image, "
     "demo-video, quality/01-clip-baseline, ...); keys starting with _ are notes.",
 )
 @click.option(
@@ -87,9 +87,9 @@ def train(
     cots.cli train ...`). Evaluates on the val split each epoch and on the test and heldout
     splits at the end; checkpoints hold everything needed to resume exactly.
     """
-    from model.config import load_train_config
     from model.errors import ModelError
-    from model.train import train as run
+    from training.recipes import load_train_config
+    from training.train import train as run
 
     shortcuts = {
         "data.train": data,
@@ -139,8 +139,8 @@ def evaluate(checkpoint: Path, data: Path | None, splits: tuple[str, ...], as_js
     import torch
 
     from model.errors import ModelError
-    from model.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
-    from model.evaluate import format_metrics
+    from training.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
+    from training.evaluate import format_metrics
 
     try:
         towers, config, state = towers_from_checkpoint(checkpoint)
@@ -234,8 +234,8 @@ def export(
     --corpus.
     """
     from model.errors import ModelError
-    from model.export import ExportOptions, export_bundle, export_pretrained
     from runtime.bundle import read_manifest
+    from training.export import ExportOptions, export_bundle, export_pretrained
 
     zero_shot = model_name is not None or pretrained is not None or tokenizer is not None
     if checkpoint is not None and zero_shot:

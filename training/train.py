@@ -21,18 +21,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.aux_inputs import make_aux_inputs
-from model.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from model.config import TrainConfig
 from model.data.records import CorpusError
 from model.distributed import DistInfo, cleanup, init_distributed
 from model.errors import ModelError
-from model.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
-from model.evaluate import format_metrics
 from model.factory import Towers, build_towers, model_config
 from model.objectives import LossOutput, OnlineModel, build_objective
-from model.scene_eval import scene_query_check
 from model.tokenizer import tokenize
-from model.training_data import (
+from model.visual_tokenizer import VisualTokenizer, load_tokenizer
+from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
+from training.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
+from training.evaluate import format_metrics
+from training.scene_eval import scene_query_check
+from training.training_data import (
     CaptionedImages,
     EpochBatches,
     PairDataset,
@@ -40,9 +41,8 @@ from model.training_data import (
     csv_reader,
     load_split,
 )
-from model.video_checks import time_checks
-from model.video_data import CaptionedVideos, VideoPairDataset, load_video_split
-from model.visual_tokenizer import VisualTokenizer, load_tokenizer
+from training.video_checks import time_checks
+from training.video_data import CaptionedVideos, VideoPairDataset, load_video_split
 
 logger = logging.getLogger("cots.train")
 CHECKPOINT = "checkpoint.pt"

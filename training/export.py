@@ -33,14 +33,11 @@ from model.config import TrainConfig
 from model.data.readers import BadItemError
 from model.data.records import CorpusError
 from model.errors import ModelError
-from model.eval_splits import towers_from_checkpoint
 from model.factory import Towers
 from model.hf_tokenizer import write_tokenizer_json
 from model.preprocess import to_tensor_batch
 from model.tokenizer import tokenize
-from model.training_data import csv_reader
 from model.video import TemporalPooling
-from model.video_data import video_csv_reader
 from runtime.bundle import (
     INPUT_NAMES,
     MODALITIES,
@@ -55,6 +52,9 @@ from runtime.spec import ImageSpec, TextSpec, VideoSpec
 from runtime.text import TextTokenizer
 from runtime.video import load_video
 from runtime.video_decode import read_video
+from training.eval_splits import towers_from_checkpoint
+from training.training_data import csv_reader
+from training.video_data import video_csv_reader
 
 logger = logging.getLogger("cots.export")
 
@@ -119,7 +119,7 @@ def export_pretrained(
     """Export open_clip model ``name`` with the weights ``pretrained`` (a tag or a local file)
     to the bundle folder ``out``, untrained (zero-shot); returns ``out``. ``tokenizer``: a
     tokenizer.json for models whose tokenizer is not open_clip's BPE."""
-    from model.zero_shot import pretrained_model
+    from training.zero_shot import pretrained_model
 
     options = options or ExportOptions()
     if Path(out).exists() and not options.overwrite:

@@ -3,7 +3,7 @@ the split's images, scored by whether the hits' scenes satisfy them.
 
 Data flow: the corpus's ``dataset.json`` gives the synthetic config, from which
 :func:`corpus_scenes` recomputes every image's scene (keyed by image id); the split's images
-are embedded as in evaluation, the queries (``model.scene_queries``) are tokenised and
+are embedded as in evaluation, the queries (``training.scene_queries``) are tokenised and
 embedded by the text tower, ranked by cosine, and scored. Corpora that are not synthetic have
 no scene specs: the check returns None for them.
 """
@@ -17,11 +17,11 @@ import torch
 
 from model.config import TrainConfig
 from model.data.synth.scenes import Scene
-from model.evaluate import embed_split
 from model.factory import Towers
-from model.scene_queries import SceneQuery, corpus_scenes, score, write_queries
 from model.tokenizer import tokenize
-from model.training_data import CaptionedImages
+from training.evaluate import embed_split
+from training.scene_queries import SceneQuery, corpus_scenes, score, write_queries
+from training.training_data import CaptionedImages
 
 
 def split_scenes(split: CaptionedImages, corpus: Path) -> list[Scene] | None:
