@@ -79,47 +79,50 @@ class JobRunner:
         return JobInfo(id=job_id, status="queued", kind="reindex", collection=spec.collection)
 
     def compact(self, request: CompactionRequest) -> JobInfo:
-        name = request.collection
-        if self.redis_url is None:
+        def work() -> tuple[int, dict[str, bool]]:
+            version, compacted = run_compaction_inline(request)
+            return version, {"compacted": compacted}
 
-            def work() -> tuple[int, dict[str, bool]]:
-                version, compacted = run_compaction_inline(request)
-                return version, {"compacted": compacted}
-
-            return self.run_here("compact", name, work)
-        try:
-            job_id = enqueue_compaction(self.redis_url, request)
-        except JobError as error:
-            raise UnavailableError(f"cannot queue the compaction job: {error}") from None
-        return JobInfo(id=job_id, status="queued", kind="compact", collection=name)
+        return self._queued_or_here(
+            "compact", request.collection, enqueue_compaction, request, work
+        )
 
     def sync(self, request: SyncRequest) -> JobInfo:
         """A sync of a collection with a folder: queued when there is Redis, else run here."""
-        name = request.collection
-        if self.redis_url is None:
 
-            def work() -> tuple[int, dict[str, Any]]:
-                report = run_sync_inline(request)
-                return report.version, report.model_dump(mode="json")
+        def work() -> tuple[int, dict[str, Any]]:
+            report = run_sync_inline(request)
+            return report.version, report.model_dump(mode="json")
 
-            return self.run_here("sync", name, work)
-        try:
-            job_id = enqueue_sync(self.redis_url, request)
-        except JobError as error:
-            raise UnavailableError(f"cannot queue the sync job: {error}") from None
-        return JobInfo(id=job_id, status="queued", kind="sync", collection=name)
+        return self._queued_or_here("sync", request.collection, enqueue_sync, request, work)
 
     def duplicates(self, request: DuplicatesRequest) -> JobInfo:
         """Near-duplicate groups as a job (a read: its result is the groups, no version)."""
-        name = request.collection
+        work = partial(run_duplicates_inline, request)
+        return self._queued_or_here(
+            "duplicates", request.collection, enqueue_duplicates, request, work, publishes=False
+        )
+
+    def _queued_or_here(
+        self,
+        kind: JobKind,
+        collection: str,
+        enqueue: Callable[[str, Any], str],
+        request: Any,
+        work: Callable[[], Any],
+        *,
+        publishes: bool = True,
+    ) -> JobInfo:
+        """``request`` on the Redis queue when there is one (``enqueue``), else ``work`` run in
+        this process (:meth:`run_here`)."""
         if self.redis_url is None:
-            work = partial(run_duplicates_inline, request)
-            return self.run_here("duplicates", name, work, publishes=False)
+            return self.run_here(kind, collection, work, publishes=publishes)
         try:
-            job_id = enqueue_duplicates(self.redis_url, request)
+            job_id = enqueue(self.redis_url, request)
         except JobError as error:
-            raise UnavailableError(f"cannot queue the duplicates job: {error}") from None
-        return JobInfo(id=job_id, status="queued", kind="duplicates", collection=name)
+            noun = "compaction" if kind == "compact" else kind
+            raise UnavailableError(f"cannot queue the {noun} job: {error}") from None
+        return JobInfo(id=job_id, status="queued", kind=kind, collection=collection)
 
     def run_here(
         self, kind: JobKind, collection: str, work: Callable[[], Any], *, publishes: bool = True
