@@ -1,31 +1,14 @@
-"""The filter language of searches and removes: conditions on an item's fields, checked
-against limits (the model and its text form are ``wire.filters``, which the client shares),
-compiled here to one flat, parameterised SQL condition over a segment's metadata.
+"""The filter language of searches and removes, compiled to SQL. The language itself (its
+operators, fields, types and limits) and its ``--where`` text form are ``wire.filters``, which
+the client shares; this module turns a validated :class:`~wire.filters.Filter` into one flat,
+parameterised SQL condition over a segment's metadata.
 
-``JSON -> Filter (pydantic: shape, types, limits) -> to_sql -> (WHERE term, bound values)``
+``JSON -> Filter (wire.filters: shape, types, limits) -> to_sql -> (WHERE term, bound values)``
 
-=========================================  =================================================
-``{"split": "test"}``                      equality (a string, number or boolean)
-``{"year": {"gte": 2020, "lt": 2024}}``    ranges (``gt``, ``gte``, ``lt``, ``lte``) on
-                                           numbers, or on ISO 8601 dates and times
-``{"tag": {"in": ["cat", "dog"]}}``        one of a list
-``{"split": {"ne": "train"}}``             not equal (items without the field match)
-``{"caption": {"exists": true}}``          the field is present and not null
-``{"any_of": [{...}, {...}]}``             OR of filters, each an AND of its conditions
-=========================================  =================================================
-
-Fields are ``kind``, ``group_id`` and ``uri`` (columns: text, with ``eq``, ``ne`` and ``in``)
-or a top-level key of the item's metadata (letters, digits and ``_``; ``any_of`` is the OR).
-The conditions of one object AND together, as do the operators of one condition. Types are
-exact: ``1`` matches neither ``"1"`` nor ``true``; a number range matches numbers only, a date
-range text only, compared as text — which orders ISO 8601 values correctly when they share a
-format and time zone (``2024-05-01`` or ``2024-05-01T10:00:00Z``, not a mix).
-
-Limits (each refusal names it): :data:`MAX_CONDITIONS` conditions in all, :data:`MAX_LIST`
-values in one ``in``, :data:`MAX_VALUES` values in all, ``any_of`` nested :data:`MAX_DEPTH`
-deep, strings of :data:`MAX_TEXT` characters. They keep SQLite's expression tree shallow (its
-depth is the number of terms; an ``in`` list is one flat term) and its bound variables well
-under its limit of 32,766.
+A date range compares text, which orders ISO 8601 values correctly when they share a format
+and time zone (``2024-05-01`` or ``2024-05-01T10:00:00Z``, not a mix). The limits keep SQLite's
+expression tree shallow (its depth is the number of terms; an ``in`` list is one flat term) and
+its bound variables well under its limit of 32,766.
 
 Nothing a client sends becomes SQL text but field names checked against a closed alphabet
 (a metadata key is inlined as the JSON path ``'$.key'``, which lets SQLite use an expression
