@@ -19,14 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from service.middleware import CORS_EXPOSED_HEADERS
 from service.settings import Settings
+from tests.chromium import TIMEOUT_MS, launched_chromium
 from tests.live_server import LiveServer, live_server
 from tests.service_helpers import KEYS, SEARCH_KEY
-from tests.test_page_browser import CHROMIUM_ARGS, TIMEOUT_MS
-from tests.tools import free_port, tool_path
+from tests.tools import free_port
 
 QUERY = "a small red circle on a striped background"
 SEARCH = "/v1/collections/images/search"
@@ -98,13 +98,8 @@ def app_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = tool_path("COTS_CHROMIUM", "chromium.sh", "Chromium")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with launched_chromium() as launched:
+        yield launched
 
 
 def _settings(bundle: Path, root: Path, **fields: Any) -> Settings:

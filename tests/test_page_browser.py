@@ -27,30 +27,16 @@ from playwright.sync_api import (
     Page,
     Route,
     expect,
-    sync_playwright,
 )
 
 from indexer.filters import Filter, as_filter, parse_where, split_where
 from service.settings import Settings
+from tests.chromium import TIMEOUT_MS, launched_chromium
 from tests.live_server import LiveServer, live_server
 from tests.service_helpers import KEYS, SEARCH_KEY
-from tests.tools import tool_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_SIZE = 12  # app.js asks for this many hits a page
-TIMEOUT_MS = 20_000  # generous: the machine may have two cores and a cold ONNX session
-# The test machines have no network: without these, Chromium stalls or logs errors reaching
-# Google's services, and a sandbox needs privileges a container lacks.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 KINDS = {"images": "image", "captions": "caption", "videos": "video"}
 QUERY = "a small red circle on a striped background"
 DASH = "\u2013"  # the page joins its ranges (results, seconds) with an en dash, not a hyphen
@@ -67,10 +53,6 @@ VIDEO_STATES = """() => [...document.querySelectorAll('[data-testid="hit"] video
 ALL_VIDEOS_READY = f"() => ({VIDEO_STATES})().every((state) => state.ready >= 1)"
 
 
-def _chromium() -> str:
-    return tool_path("COTS_CHROMIUM", "chromium.sh", "Chromium")
-
-
 @pytest.fixture(scope="module")
 def server(micro_bundle: Path, served_root: tuple[Path, Path]) -> Iterator[LiveServer]:
     with live_server(Settings(bundle=micro_bundle, index_root=served_root[1])) as running:
@@ -79,15 +61,10 @@ def server(micro_bundle: Path, served_root: tuple[Path, Path]) -> Iterator[LiveS
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = _chromium()
     # Playwright's assertions give up after 5 s; a busy two-core machine can need longer.
     expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with launched_chromium() as launched:
+        yield launched
 
 
 @dataclass

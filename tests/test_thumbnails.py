@@ -18,17 +18,16 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from indexer.build import build_collection
 from runtime.video_decode import read_video
 from service import thumbnails
 from service.settings import Settings
+from tests.chromium import TIMEOUT_MS, launched_chromium
 from tests.live_server import LiveServer, live_server
 from tests.micro import build_spec
 from tests.service_helpers import KEYS, SEARCH_KEY, assert_error
-from tests.test_page_browser import CHROMIUM_ARGS, TIMEOUT_MS
-from tests.tools import tool_path
 
 ORIENTATION = 0x0112
 # Stored 1600x800, shown 800x1600: red on top and blue below once upright.
@@ -254,13 +253,8 @@ def test_a_video_item_gets_the_frame_at_its_moment_start(client: httpx.Client) -
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = tool_path("COTS_CHROMIUM", "chromium.sh", "Chromium")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with launched_chromium() as launched:
+        yield launched
 
 
 PAGE_IMAGES = """() => [...document.querySelectorAll('[data-testid="hit"]')].map((hit) => {
