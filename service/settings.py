@@ -119,6 +119,31 @@ class Settings(BaseSettings):
         "2 cores, docs/bench/serve.md); "
         "off: every request takes the routed path",
     )
+    mmap: bool = Field(
+        True,
+        description="serve segments' FAISS data, ids and stored vectors memory-mapped: replicas "
+        "on one host share one copy in the page cache and start without reading whole files "
+        "(off: each replica reads its own copy into RAM)",
+    )
+    rescore: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="compressed indexes (IVF-PQ, SQ8, SQfp16) fetch k x rescore candidates and "
+        "rescore them exactly with the segment's stored vectors (unset: the default measured in "
+        "docs/bench/scale.md; 1: PQ scores as they are)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster that serves sharded collections (cots index shard), e.g. "
+        "ray://head:10001 or auto; unset: RAY_ADDRESS, else sharded collections are not served",
+    )
+    shard_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="how long a query waits for one shard before answering without it "
+        "(partial) or failing (complete results asked for)",
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     api_keys: list[ApiKey] = Field(
