@@ -1,0 +1,244 @@
+"""Sharded collections: one collection split by id into S shard collections.
+
+``<index root>/<name>/sharded.json`` says the collection is sharded (:func:`is_sharded` is the
+switch every command checks) and ``<index root>/<name>/shards/`` is an index root of its own
+that holds S normal collections, ``shard-0`` ... ``shard-{S-1}``: versions, segments, delete
+sets, compaction and the ``current`` pointer are each shard's own, so every change a shard
+sees is an ordinary change of a collection (``indexer.update``, ``indexer.compaction``).
+
+Ownership is by id: item ``i`` lives in shard ``i % S`` (:func:`shard_of`). Adds take global
+ids above the largest any shard ever gave and go to their owning shard; a remove goes to the
+shard that holds the id; compaction runs per shard.
+
+``query -> each shard's top (offset + k) -> merge_shard_results -> rows [offset:offset + k]``
+
+Every item is in exactly one shard, so the best ``offset + k`` of the union is among the
+shards' best ``offset + k`` each: merging them (score descending, ties by id ascending) gives
+the page single-node search gives, later pages included, as long as each shard is asked for
+``offset + k`` and the merged rows are sliced after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from indexer.collection import Collection
+from indexer.errors import CollectionError, first_problem
+from indexer.filters import Filter
+from indexer.metadata import Item
+from indexer.segments import Hit
+
+SHARDED_JSON: Final = "sharded.json"
+SHARDS: Final = "shards"
+
+__all__ = [
+    "SHARDED_JSON",
+    "LocalShards",
+    "ShardedInfo",
+    "is_sharded",
+    "merge_shard_results",
+    "read_sharded",
+    "shard_name",
+    "shard_of",
+    "shard_root",
+]
+
+
+class ShardedInfo(BaseModel):
+    """``sharded.json``: how a collection is split, and what its shards share."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format: str = "cots-sharded-collection"
+    shards: int  # S: item i lives in shard i % S
+    replicas: int  # R: replicas of each shard's serving deployment
+    dim: int
+    model_bundle_id: str
+    model_bundle_path: str | None = None
+    kind: str  # the corpus kind (image, caption, video), as in each shard's index.json
+    factory: str  # the unsharded collection's factory when it was split
+    created: str
+    # The live version of the unsharded collection the shards were split from (its files are
+    # left where they were: a snapshot to go back to, never changed again).
+    source_version: int | None = None
+    shared_quantizer: bool = False  # IVF: every shard holds a copy of one trained quantizer
+
+    def write(self, folder: Path) -> None:
+        """Write atomically (a reader sees the old file or the new one, never half)."""
+        path = folder / SHARDED_JSON
+        fresh = path.with_name(f".{SHARDED_JSON}.{os.getpid()}")
+        fresh.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(fresh, path)
+
+
+def is_sharded(root: Path, name: str) -> bool:
+    return (Path(root) / name / SHARDED_JSON).is_file()
+
+
+def read_sharded(root: Path, name: str) -> ShardedInfo:
+    path = Path(root) / name / SHARDED_JSON
+    if not path.is_file():
+        raise CollectionError(
+            f"collection {name!r} under {root} is not sharded (no {SHARDED_JSON}); split it "
+            "with `cots index shard`"
+        )
+    try:
+        return ShardedInfo.model_validate(json.loads(path.read_bytes()))
+    except ValidationError as error:
+        raise CollectionError(
+            f"{path} is not a readable {SHARDED_JSON}: {first_problem(error)}"
+        ) from None
+    except ValueError as error:
+        raise CollectionError(f"{path} is not a readable {SHARDED_JSON}: {error}") from None
+
+
+def shard_root(root: Path, name: str) -> Path:
+    """The index root holding the shard collections of ``name``."""
+    return Path(root) / name / SHARDS
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i}"
+
+
+def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
+    """The owning shard of each id."""
+    return np.asarray(ids, dtype=np.int64) % shards
+
+
+def not_sharded_message(name: str, command: str, instead: str) -> str:
+    return (
+        f"collection {name!r} is sharded ({SHARDED_JSON}); `{command}` changes or reads one "
+        f"unsharded collection: use {instead}"
+    )
+
+
+def refuse_sharded(root: Path, name: str, command: str, instead: str) -> None:
+    """:class:`CollectionError` when ``name`` is sharded: an unsharded command must not read
+    or change the snapshot it was split from."""
+    if is_sharded(root, name):
+        raise CollectionError(not_sharded_message(name, command, instead))
+
+
+def merge_shard_results(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k_i], ids [Q, k_i]) per shard -> the best ``k`` per query: score descending,
+    ties by id ascending, padded with -inf / -1 (padding sorts after every real hit)."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not parts:
+        raise ValueError("no shard results to merge")
+    scores = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts], axis=1)
+    ids = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts], axis=1)
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    missing = ids < 0
+    scores = np.where(missing, np.float32(-np.inf), scores)
+    tie = np.where(missing, np.iinfo(np.int64).max, ids)
+    # lexsort's last key is the primary one: score descending, then id ascending.
+    order = np.lexsort((tie, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+class LocalShards:
+    """The S shard collections of a sharded collection, opened in this process; answers as
+    one :class:`Collection` over all their items would."""
+
+    def __init__(self, info: ShardedInfo, shards: list[Collection]) -> None:
+        self.info = info
+        self.shards = shards
+
+    @classmethod
+    def open(cls, root: Path, name: str, **open_kwargs: Any) -> LocalShards:
+        """``Collection.open`` on each shard (``open_kwargs`` passed on to each)."""
+        info = read_sharded(root, name)
+        opened: list[Collection] = []
+        try:
+            for i in range(info.shards):
+                opened.append(Collection.open(shard_root(root, name), shard_name(i), **open_kwargs))
+        except BaseException:
+            for shard in opened:
+                shard.close()
+            raise
+        return cls(info, opened)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> LocalShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def nearest(
+        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each shard's top ``k``, merged (:func:`merge_shard_results`). For the page at
+        ``offset``, ask for ``offset + k`` and slice the rows ``[offset:]``."""
+        parts = [shard.nearest(queries, k, filters=filters) for shard in self.shards]
+        return merge_shard_results(parts, k)
+
+    def search(
+        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+    ) -> list[list[Hit]]:
+        scores, ids = self.nearest(queries, k, filters=filters)
+        return self.hydrate(scores, ids, k)
+
+    def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+        """Up to ``k`` hits per row of :meth:`nearest`'s result (each id's item read from the
+        shard that owns it)."""
+        wanted = np.unique(ids[ids >= 0])
+        items = dict(zip(wanted.tolist(), self.get(wanted), strict=True))
+        results = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, item_id in zip(row_scores, row_ids, strict=True):
+                item = items.get(int(item_id)) if item_id >= 0 else None
+                if item is not None:
+                    hits.append(Hit(int(item_id), float(score), item))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def get(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
+        """The live items of ``ids`` in that order, None for unknown or removed ids."""
+        wanted = np.asarray(ids, dtype=np.int64)
+        found: dict[int, Item | None] = {}
+        owners = shard_of(wanted, len(self.shards))
+        for i, shard in enumerate(self.shards):
+            mine = wanted[owners == i]
+            if len(mine):
+                found.update(zip(mine.tolist(), shard.get(mine), strict=True))
+        return [found.get(int(i)) for i in wanted]
+
+    def stored_vectors(self, ids: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+        wanted = np.asarray(ids, dtype=np.int64)
+        owners = shard_of(wanted, len(self.shards))
+        found: dict[int, np.ndarray] = {}
+        for i, shard in enumerate(self.shards):
+            mine = wanted[owners == i]
+            if len(mine):
+                found.update(shard.stored_vectors(mine))
+        return found
+
+    def ids_matching(self, filters: Filter | Mapping[str, Any] | None) -> np.ndarray:
+        """Live ids (ascending) that match ``filters``, over every shard."""
+        found = [shard.ids_matching(filters) for shard in self.shards]
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    @property
+    def live(self) -> int:
+        return sum(shard.info.live for shard in self.shards)
