@@ -285,6 +285,13 @@ def info(root: Path, collection: str, as_json: bool) -> None:
     help="Filter, e.g. --where split=test --where 'year>=2020' (=, !=, >, >=, <, <=; a|b for "
     "one of; repeat to AND).",
 )
+@click.option(
+    "--rescore",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="Compressed indexes (PQ, SQ) rescore k x N candidates exactly with the stored vectors "
+    "(1: their own scores) [default: indexer.segments.DEFAULT_RESCORE].",
+)
 def search(
     root: Path,
     collection: str,
@@ -293,6 +300,7 @@ def search(
     images: tuple[Path, ...],
     k: int,
     where: tuple[str, ...],
+    rescore: int | None,
 ) -> None:
     """Search a collection from the command line (text or image queries)."""
     import numpy as np
@@ -310,7 +318,8 @@ def search(
         encoder = Encoder(bundle or bundle_of_collections(root, [collection]))
         queries = [encoder.encode_texts(list(texts)), encoder.encode_images(list(images))]
         with Collection.open(root, collection, bundle_id=encoder.bundle_id) as opened:
-            results = opened.search(np.concatenate(queries), k, filters=parse_filters(where))
+            filters = parse_filters(where)
+            results = opened.search(np.concatenate(queries), k, filters=filters, rescore=rescore)
     except (IndexerError, BundleRuntimeError) as error:
         raise _fail(error) from None
     for query, hits in zip([*texts, *map(str, images)], results, strict=True):
@@ -358,3 +367,8 @@ index.add_command(sync_command(_root_option))
 from indexer.cli_duplicates import duplicates_command  # noqa: E402
 
 index.add_command(duplicates_command(_root_option, _collection_option))
+
+from indexer.cli_shard import route_sharded, shard_command  # noqa: E402
+
+index.add_command(shard_command(_root_option, _collection_option))
+route_sharded(index)  # last: add/remove/compact/search/info on a sharded collection

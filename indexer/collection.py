@@ -27,6 +27,7 @@ from indexer.faiss_index import to_serving_device
 from indexer.filters import Filter
 from indexer.index_bundle import DELETED, IndexInfo, read_info, segment_file_key
 from indexer.metadata import Item
+from indexer.rescore import check_rescore
 from indexer.segments import (
     SEGMENT_IDS,
     SEGMENT_INDEX,
@@ -65,12 +66,21 @@ class Collection:
         previous: Collection | None = None,
         use_gpu: bool | None = False,
         with_indexes: bool = True,
+        mmap: bool = False,
+        rescore: int | None = None,
     ) -> Collection:
         """The live version of ``name`` (or ``version``). With ``bundle_id``, a version built by
         another model bundle is refused: its vectors live in another space. Segments that
         ``previous`` holds are shared with it, not loaded again; new ones go to the GPU when
         ``use_gpu`` says so (None: when FAISS sees one). ``with_indexes=False`` skips loading the
-        FAISS indexes, for changes that read ids and metadata only."""
+        FAISS indexes, for changes that read ids and metadata only.
+
+        ``mmap=True`` (serving) maps the new segments' index data and ids from their files
+        instead of reading them: replicas on a host share the page cache, and the indexes are
+        read-only (reused segments keep how they were opened). ``rescore``: candidates per
+        result that lossy segments rescore exactly (None: ``segments.DEFAULT_RESCORE``)."""
+        if rescore is not None:
+            check_rescore(rescore)  # before anything is opened
         folder = current_dir(root, name) if version is None else version_dir(root, name, version)
         if not (folder / "index.json").is_file():
             raise CollectionError(f"{folder} is not a complete index version (no index.json)")
@@ -83,10 +93,12 @@ class Collection:
             )
         if info.format_version == 1:
             segment = Segment.of_format_1(
-                folder, info.dim, info.factory, info.recall_at_10, with_index=with_indexes
-            )
+                folder, info.dim, info.factory, info.recall_at_10,
+                with_index=with_indexes, mmap=mmap,
+            )  # fmt: skip
             _to_device(segment, use_gpu)
-            opened = cls(folder, info, SegmentedIndex([segment], segment.store.removed_ids()))
+            removed = segment.store.removed_ids()
+            opened = cls(folder, info, SegmentedIndex([segment], removed, rescore=rescore))
             opened.loaded = [segment.id]
             return opened
         held = {s.id: s for s in previous.segments.segments} if previous is not None else {}
@@ -110,7 +122,9 @@ class Collection:
                 prefix = segment_file_key(segment_id, "")
                 for key in sorted(k for k in info.files if k.startswith(prefix)):
                     _check(info, folder, key, collection_dir(root, name) / key, name)
-                segment = Segment(segments_dir(root, name) / segment_id, with_index=with_indexes)
+                segment = Segment(
+                    segments_dir(root, name) / segment_id, with_index=with_indexes, mmap=mmap
+                )
                 _to_device(segment, use_gpu)
                 segments.append(segment)
                 loaded.append(segment_id)
@@ -119,7 +133,7 @@ class Collection:
             for segment in segments:
                 segment.close()
             raise
-        opened = cls(folder, info, SegmentedIndex(segments, deleted))
+        opened = cls(folder, info, SegmentedIndex(segments, deleted, rescore=rescore))
         opened.loaded = loaded
         return opened
 
@@ -133,29 +147,41 @@ class Collection:
         self.close()
 
     def search(
-        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
     ) -> list[list[Hit]]:
         """Top ``k`` live items per query, best first, with their metadata.
 
         ``filters`` keep the items that match them (``indexer.filters``: equality, ``in``,
         ``ne``, ranges, ``exists`` and ``any_of`` on ``kind``, ``group_id``, ``uri`` or any
         metadata key); k results come back whenever k items match. Removed items never appear
-        (see ``indexer.segments``).
+        (see ``indexer.segments``). ``rescore``: see :meth:`nearest`.
         """
-        scores, ids = self.nearest(queries, k, filters=filters)
+        scores, ids = self.nearest(queries, k, filters=filters, rescore=rescore)
         return self.hydrate(scores, ids, k)
 
     def nearest(
-        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The FAISS half of :meth:`search`: (scores, ids) [n, k] with -1 padding;
-        :meth:`hydrate` turns them into hits."""
+        :meth:`hydrate` turns them into hits. Lossy segments (PQ, SQ) rank ``k x rescore``
+        candidates by their exact scores (None: the ``rescore`` this version was opened with;
+        1: their codes' scores)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.info.dim:
             raise ValueError(f"queries must be [n, {self.info.dim}], got {queries.shape}")
-        return self.segments.nearest(queries, k, filters=filters)
+        return self.segments.nearest(queries, k, filters=filters, rescore=rescore)
 
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Up to ``k`` hits per row of :meth:`nearest`'s result, removed items dropped."""

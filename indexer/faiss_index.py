@@ -363,24 +363,62 @@ def save_index(index: faiss.Index, path: Path) -> None:
 def load_index(path: Path, *, mmap: bool = False) -> faiss.Index:
     """Read an index written by ``save_index``.
 
-    ``mmap=True`` maps IVF lists and flat codes (also under IDMap2 and HNSW) from the file instead
-    of copying them: replicas share the page cache and start at once. Such an index is read-only
-    (``add_vectors`` and ``remove_ids`` refuse it).
+    ``mmap=True`` maps the bulk of the index from the file instead of copying it: IVF lists
+    (``ArrayInvertedLists``), flat codes (``Flat``, ``SQ``, ``PQ`` under IDMap2) and HNSW's
+    storage and links, with FAISS >= 1.11's ``IO_FLAG_MMAP_IFC``; replicas share the page cache
+    and start at once. Such an index is read-only (``add_vectors`` and ``remove_ids`` refuse
+    it). A type or FAISS version that cannot map is read into RAM instead, with a log line;
+    the id maps (IDMap2's id list and hash) are always read.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FAISS index not found: {path}")
-    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0  # maps IVF lists and flat codes alike
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
-        raise IndexFileError(f"{path} is not a readable FAISS index ({reason})") from None
+    index = _read(path, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexFileError(f"{path} was built for metric {index.metric_type}, not inner product")
-    if mmap:
+    if mmap and is_mapped(index):
         _READ_ONLY.add(index)
+    elif mmap:
+        log.info(
+            "%s: FAISS %s cannot map %s; read into RAM instead",
+            path, faiss.__version__, type(unwrap(index)).__name__,
+        )  # fmt: skip
     return index
+
+
+def _read(path: Path, flags: int) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as error:
+        if flags:  # a reader that cannot map this type: the plain one says whether it is valid
+            log.info("%s cannot be read memory-mapped (%s); reading it into RAM", path, error)
+            return _read(path, 0)
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise IndexFileError(f"{path} is not a readable FAISS index ({reason})") from None
+
+
+def is_mapped(index: faiss.Index) -> bool:
+    """Whether the bulk of ``index`` (its codes, where they live) is a view of a mapped file
+    rather than memory FAISS owns: ``load_index(mmap=True)`` on a type FAISS can map."""
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        held: Any = inner.invlists  # (the stubs lack ArrayInvertedLists.codes)
+        if not isinstance(faiss.downcast_InvertedLists(held), faiss.ArrayInvertedLists):
+            return False
+        array: Any = faiss.downcast_InvertedLists(held)
+        filled = next((i for i in range(array.nlist) if array.list_size(i)), None)
+        return filled is not None and _borrowed(array.codes.at(filled))
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    if isinstance(inner, faiss.IndexFlatCodes):
+        return _borrowed(inner.codes)
+    return False
+
+
+def _borrowed(vector: Any) -> bool:
+    """Whether a FAISS ``MaybeOwnedVector`` points into memory it does not own (a mapping);
+    older FAISS, whose vectors always own their data, has no such flag."""
+    return getattr(vector, "is_owned", True) is False
 
 
 def index_bytes(index: faiss.Index) -> int:

@@ -21,6 +21,12 @@ ones with a bitmap selector over them, kept per opened version and filter
 none of whose items match is skipped, one with few is searched exactly over them
 (``faiss_search.search`` also completes short rows exhaustively). Hits are
 hydrated per segment: one metadata query for each segment the batch's ids fall in.
+
+A segment whose index is lossy (PQ, SQ) is asked for ``k x rescore`` candidates, which are
+ranked again by their exact scores against its stored vectors (``indexer.rescore``), after the
+tombstones or the filter dropped what they drop; segments merge by score, ties by id
+(:func:`merge_top_k`). Served segments are memory-mapped (``Segment(mmap=True)``): the index's
+codes, ``ids.npy`` and ``vectors.npy`` live in the page cache, shared by the replicas of a host.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from indexer.faiss_index import build_index, check_queries, is_gpu_index, load_i
 from indexer.faiss_search import exact_search, filter_params, recall_at_k, search, search_checked
 from indexer.filters import Filter, as_filter
 from indexer.metadata import Item, MetadataStore
+from indexer.rescore import best_k, check_rescore, rescore_top_k
 from indexer.tail import Tail, TailPart, assign_lists, is_flat, ivf_base
 
 SEGMENT_JSON: Final = "segment.json"
@@ -57,6 +64,11 @@ OVERFETCH_TOMBSTONES: Final = 256
 # vectors is exact over them: 4,096 x 256 floats is a fraction of a millisecond.
 EXACT_FILTER_IDS: Final = 4096
 RECALL_QUERIES: Final = 200
+GPU_MAX_K: Final = 2048
+"""The largest k FAISS's GPU indexes take: rescoring fetches at most this many there."""
+DEFAULT_RESCORE: Final = 4
+"""Candidates a lossy segment returns per result, rescored exactly: the smallest factor whose
+recall@10 reaches 0.95 for IVF-PQ at 100k x 256 (docs/bench/faiss.md); 1: PQ scores as they are."""
 
 
 @dataclass(frozen=True)
@@ -164,19 +176,30 @@ def measure_recall(index: Any, ids: np.ndarray, vectors: np.ndarray) -> float:
 
 
 class Segment:
-    """One opened segment: its index in RAM, ids, memory-mapped vectors, metadata read-only."""
+    """One opened segment: its index and ids in RAM (``mmap``: mapped from their files,
+    read-only), memory-mapped vectors, metadata read-only."""
 
     def __init__(
-        self, folder: Path, info: SegmentInfo | None = None, *, with_index: bool = True
+        self,
+        folder: Path,
+        info: SegmentInfo | None = None,
+        *,
+        with_index: bool = True,
+        mmap: bool = False,
     ) -> None:
         self.folder = folder
         self.info = info or read_segment_info(folder)
-        self.ids: np.ndarray = np.load(folder / SEGMENT_IDS)
+        self.mmap = mmap
+        # (numpy cannot map an empty array.)
+        mode: Literal["r"] | None = "r" if mmap and self.info.count else None
+        self.ids: np.ndarray = np.load(folder / SEGMENT_IDS, mmap_mode=mode)
         # Shared by the versions a replica serves at once (a swap reuses what it holds).
         self.users = 1
         # Without the index (a change that reads metadata only), searching it finds nothing.
         self.index: faiss.Index | None = (
-            load_index(folder / SEGMENT_INDEX) if self.info.count and with_index else None
+            load_index(folder / SEGMENT_INDEX, mmap=mmap)
+            if self.info.count and with_index
+            else None
         )
         self.store = MetadataStore.open(folder / SEGMENT_METADATA, readonly=True)
         self._vectors: np.ndarray | None = None
@@ -185,7 +208,14 @@ class Segment:
 
     @classmethod
     def of_format_1(
-        cls, folder: Path, dim: int, factory: str, recall: float, *, with_index: bool = True
+        cls,
+        folder: Path,
+        dim: int,
+        factory: str,
+        recall: float,
+        *,
+        with_index: bool = True,
+        mmap: bool = False,
     ) -> Segment:
         """A version folder written before segments, read as its one segment (same file
         names; its tombstones are in its metadata, see ``MetadataStore.removed_ids``)."""
@@ -201,7 +231,7 @@ class Segment:
             recall_at_10=recall,
             created="",
         )
-        return cls(folder, info, with_index=with_index)
+        return cls(folder, info, with_index=with_index, mmap=mmap)
 
     @property
     def id(self) -> str:
@@ -268,8 +298,12 @@ class SegmentedIndex:
     """The segments of one version and its delete set: search, filters and hydration that
     answer as one index over the live items would."""
 
-    def __init__(self, segments: Sequence[Segment], deleted: np.ndarray) -> None:
+    def __init__(
+        self, segments: Sequence[Segment], deleted: np.ndarray, *, rescore: int | None = None
+    ) -> None:
         ordered = sorted(segments, key=lambda s: s.info.first_id)
+        # Candidates per result that lossy segments rescore (None: DEFAULT_RESCORE).
+        self.rescore = DEFAULT_RESCORE if rescore is None else check_rescore(rescore)
         self.deleted = np.unique(np.asarray(deleted, dtype=np.int64))
         self._parts = [
             _Live(s, np.intersect1d(s.ids, self.deleted, assume_unique=True)) for s in ordered
@@ -338,13 +372,22 @@ class SegmentedIndex:
         return list(self.filtered.get(json.dumps(filters.canonical(), sort_keys=True), compute))
 
     def nearest(
-        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` live (and, with ``filters``, matching) ids per query: (scores float32
-        [Q, k], ids int64 [Q, k]), best first, padded with -inf and -1."""
+        [Q, k], ids int64 [Q, k]), best first (ties: lower id first), padded with -inf and -1.
+
+        Lossy segments return ``k x rescore`` candidates ranked again by their exact scores
+        (``indexer.rescore``; None: this version's ``rescore``, 1: their codes' scores)."""
         filters = as_filter(filters)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        factor = self.rescore if rescore is None else check_rescore(rescore)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._parts:  # checked once here, not once per segment
             queries = check_queries(queries, self.dim)
@@ -361,13 +404,13 @@ class SegmentedIndex:
             if filters is not None and allowed_ids is None:
                 continue  # nothing in this segment matches
             found = self._search_part(
-                part, queries, k, allowed_ids, coarse if part is self._base else None
+                part, queries, k, allowed_ids, coarse if part is self._base else None, factor
             )
             if found is not None:
                 rows.append(found)
         if coarse is not None and self._tail is not None and self._tail.count:
             rows.append(self._tail.search(queries, k, coarse))
-        return _merge(rows, len(queries), k)
+        return merge_top_k(rows, len(queries), k)
 
     def _search_part(
         self,
@@ -376,18 +419,42 @@ class SegmentedIndex:
         k: int,
         allowed: AllowedIds | None,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
+        rescore: int = 1,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """One segment's top ``k`` live ids (only ``allowed`` ones, when filtered);
-        ``coarse``: the base's quantizer pass for ``queries``, already made."""
+        ``coarse``: the base's quantizer pass for ``queries``, already made; a lossy segment
+        rescores ``k x rescore`` candidates with its stored vectors."""
         segment = part.segment
         if segment.index is None:
             return None
+        exact_codes = keeps_exact_floats(segment.info.factory)
+        factor = 1 if exact_codes else rescore
+        if allowed is not None and len(allowed) <= EXACT_FILTER_IDS and (exact_codes or factor > 1):
+            # Few matches: exact over their stored vectors (the index's own codes as float32,
+            # or the copy rescoring reads) costs less than scanning nprobe lists to reject
+            # nearly all of them.
+            vectors = segment.lookup(allowed.ids)
+            return exact_search(vectors, queries, min(k, len(allowed)), ids=allowed.ids)
+        fetch = k * factor
+        if factor > 1 and is_gpu_index(segment.index):
+            fetch = max(k, min(fetch, GPU_MAX_K))
+        found = self._candidates(part, queries, fetch, allowed, coarse)
+        if found is None or factor == 1:
+            return found
+        return rescore_top_k(queries, found[1], segment.lookup, k)
+
+    def _candidates(
+        self,
+        part: _Live,
+        queries: np.ndarray,
+        k: int,
+        allowed: AllowedIds | None,
+        coarse: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The segment index's own top ``k`` live (and ``allowed``) ids, by its codes' scores."""
+        segment = part.segment
+        assert segment.index is not None
         if allowed is not None:
-            if len(allowed) <= EXACT_FILTER_IDS and keeps_exact_floats(segment.info.factory):
-                # Few matches: exact over their stored vectors (the index's own codes, as
-                # float32) costs less than scanning nprobe lists to reject nearly all of them.
-                vectors = segment.lookup(allowed.ids)
-                return exact_search(vectors, queries, min(k, len(allowed)), ids=allowed.ids)
             return search(
                 segment.index,
                 queries,
@@ -503,18 +570,17 @@ class SegmentedIndex:
             part.segment.close()
 
 
-def _merge(
+def merge_top_k(
     rows: Sequence[tuple[np.ndarray, np.ndarray]], count: int, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``k`` of each query's results over all segments, padded with -inf / -1."""
+    """The best ``k`` of each of ``count`` queries' results over all ``rows`` ((scores, ids)
+    [count, any] each: segments, shards), score descending and, among equal scores, id
+    ascending; padded with -inf / -1. The same inputs give the same answer in any order."""
     if not rows:
         return np.full((count, k), -np.inf, np.float32), np.full((count, k), -1, np.int64)
     scores = np.concatenate([r[0] for r in rows], axis=1)
     ids = np.concatenate([r[1] for r in rows], axis=1)
-    if scores.shape[1] < k:
-        pad = k - scores.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    # Stable on descending score: among equal scores the earlier segment (lower ids) wins.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return best_k(scores, ids, k)
+
+
+_merge = merge_top_k

@@ -3,6 +3,11 @@
 A new version is opened beside the old one and swapped in with one assignment, so a search
 never waits for a load and never sees half of a version. The old version stays open for
 ``grace_s`` seconds, long enough for searches that already hold it to finish, then is closed.
+
+Versions are opened memory-mapped by default (``mmap``): the segments' index data, ids and
+stored vectors stay in the page cache, shared by every replica on the host, and a swap maps
+the new segments instead of reading them. Lossy segments rescore ``rescore`` candidates per
+result with their stored vectors (``indexer.rescore``).
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ class CollectionRegistry:
         use_gpu: bool | None = None,
         grace_s: float = 30.0,
         retry_failed_s: float = 60.0,
+        mmap: bool = True,
+        rescore: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.bundle_id = bundle_id
         self.metrics = metrics
         self.fixed_names = list(names or [])
         self.use_gpu = use_gpu
+        self.mmap = mmap
+        self.rescore = rescore  # None: indexer.segments.DEFAULT_RESCORE
         self.grace_s = grace_s
         self.retry_failed_s = retry_failed_s
         # collection -> (version that failed to load, when): a damaged version is tried again
@@ -104,6 +113,8 @@ class CollectionRegistry:
                 version=version,
                 previous=served,
                 use_gpu=self.use_gpu,
+                mmap=self.mmap,
+                rescore=self.rescore,
             )
         except (IndexerError, BundleRuntimeError, OSError) as error:
             self.errors[name] = str(error)

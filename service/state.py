@@ -63,6 +63,8 @@ class ServiceState:
             metrics,
             names=settings.collections,
             use_gpu=settings.gpu_faiss,
+            mmap=settings.mmap,
+            rescore=settings.rescore,
         )
         registry.refresh()
         link = RedisLink(settings.redis_url, metrics)

@@ -101,8 +101,9 @@ class Model:
             write_segment(folder, ids, vectors, items_for(ids), self.factory)
             self.segments.append(Segment(folder))
 
-    def index(self) -> SegmentedIndex:
-        return SegmentedIndex(self.segments, np.array(sorted(self.deleted), dtype=np.int64))
+    def index(self, rescore: int | None = None) -> SegmentedIndex:
+        deleted = np.array(sorted(self.deleted), dtype=np.int64)
+        return SegmentedIndex(self.segments, deleted, rescore=rescore)
 
     def exact(
         self, queries: np.ndarray, k: int, tag: str | None = None, *, decoded: bool = False
@@ -229,7 +230,7 @@ def test_every_index_type_answers_like_exact_search_over_what_it_holds(
     first = model.segments[0].ids
     model.deleted.update(int(i) for i in first[: OVERFETCH_TOMBSTONES + 50])
     model.deleted.update(int(i) for i in model.segments[1].ids[:5])  # the over-fetch path
-    index = model.index()
+    index = model.index(rescore=1)  # lossy codes' own scores (tests/test_rescoring.py: r > 1)
     exhaustive(index)
     queries = unit(rng, 20)
     lossy = not keeps_exact_floats(factory)  # exact over the decoded codes
@@ -322,7 +323,7 @@ def test_small_segments_on_an_ivf_base_answer_like_exact_search_when_every_list_
 ) -> None:
     rng = np.random.default_rng(11)
     grow_on_ivf_base(model, rng, base_factory)
-    index = model.index()
+    index = model.index(rescore=1)  # lossy codes' own scores (tests/test_rescoring.py: r > 1)
     assert index._tail is not None
     assert index._tail.count == 40 + 15 + 60
     exhaustive(index)  # nprobe = nlist on the base: the tail follows it
