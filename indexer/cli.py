@@ -367,3 +367,8 @@ index.add_command(sync_command(_root_option))
 from indexer.cli_duplicates import duplicates_command  # noqa: E402
 
 index.add_command(duplicates_command(_root_option, _collection_option))
+
+from indexer.cli_shard import route_sharded, shard_command  # noqa: E402
+
+index.add_command(shard_command(_root_option, _collection_option))
+route_sharded(index)  # last: add/remove/compact/search/info on a sharded collection

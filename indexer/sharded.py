@@ -29,6 +29,7 @@ from typing import Any, Final
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from indexer.build_spec import CorpusKind
 from indexer.collection import Collection
 from indexer.errors import CollectionError, first_problem
 from indexer.filters import Filter
@@ -62,7 +63,7 @@ class ShardedInfo(BaseModel):
     dim: int
     model_bundle_id: str
     model_bundle_path: str | None = None
-    kind: str  # the corpus kind (image, caption, video), as in each shard's index.json
+    kind: CorpusKind  # the corpus kind (image, caption, video), as in each shard's index.json
     factory: str  # the unsharded collection's factory when it was split
     created: str
     # The live version of the unsharded collection the shards were split from (its files are
@@ -113,18 +114,15 @@ def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64) % shards
 
 
-def not_sharded_message(name: str, command: str, instead: str) -> str:
-    return (
-        f"collection {name!r} is sharded ({SHARDED_JSON}); `{command}` changes or reads one "
-        f"unsharded collection: use {instead}"
-    )
-
-
-def refuse_sharded(root: Path, name: str, command: str, instead: str) -> None:
-    """:class:`CollectionError` when ``name`` is sharded: an unsharded command must not read
-    or change the snapshot it was split from."""
+def refuse_sharded(root: Path, name: str, what: str) -> None:
+    """:class:`CollectionError` when ``name`` is sharded: ``what`` (a change or a command of
+    one unsharded collection) must not read or change the snapshot it was split from."""
     if is_sharded(root, name):
-        raise CollectionError(not_sharded_message(name, command, instead))
+        raise CollectionError(
+            f"collection {name!r} is sharded ({SHARDED_JSON} in {Path(root) / name}): {what} "
+            "works on unsharded collections only; `cots index add|remove|compact|search|info "
+            f"--collection {name}` go to its shards (indexer.sharded_update, LocalShards)"
+        )
 
 
 def merge_shard_results(

@@ -34,6 +34,7 @@ from indexer.index_bundle import DELETED, SEGMENTS, IndexInfo, read_info
 from indexer.item_ids import next_record_number
 from indexer.metadata import Item
 from indexer.segments import SegmentInfo, index_fields, new_segment_id, write_segment
+from indexer.sharded import refuse_sharded
 from indexer.shards import ShardEncoder, list_records, skipped_summary
 from indexer.versions import current_dir, locked, publish, reserve_numbers, staging
 from runtime.bundle import read_manifest
@@ -72,6 +73,8 @@ def commit(
     compose instead of the later one erasing the earlier. ``format_1``: the live version may
     be one written before segments (compaction rewrites it). Returns the new version."""
     with locked(root, name):
+        # A sharded collection's own files are the snapshot it was split from: never changed.
+        refuse_sharded(root, name, "this change")
         live = current_dir(root, name)
         info = read_info(live)
         if not format_1:

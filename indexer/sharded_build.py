@@ -1,0 +1,393 @@
+"""Splitting a collection into shards (``cots index shard``), or building a sharded one.
+
+``live items of the collection -> shard_of(id) -> per shard: one segment, version 1
+(in this process, or as Ray tasks) -> sharded.json, written last``
+
+Each shard is a normal collection under ``indexer.sharded.shard_root`` (``indexer.sharded``
+describes the layout); its ``index.json`` is the source's with its own counts, segments and
+digests, and the source's ``max_id``, so adds keep numbering after the largest id the
+collection ever gave. A shard's index is what ``choose_factory`` picks for its own size,
+except when the collection is IVF: then the coarse quantizer (and PQ codebooks) are trained
+once, on a seeded sample of all the vectors, and every shard starts from a copy of that
+trained empty index (``faiss.clone_index``). With one quantizer and the same nprobe, the
+lists a query probes are the same in every shard as in the whole, so the merged answer is the
+one an index over all the items, trained the same way, gives.
+
+The source collection is locked while it is read and split: an add or remove that reaches it
+meanwhile waits, then is refused (``indexer.update.commit`` checks ``is_sharded``). Its files
+stay where they are, a snapshot of the moment it was split; ``sharded.json`` is the switch.
+A split that fails leaves no ``sharded.json`` (the shard folders it wrote are removed by the
+next split), so the collection stays the unsharded one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from indexer.assemble import seal
+from indexer.build_spec import MODALITY, CorpusKind
+from indexer.collection import Collection
+from indexer.digests import file_digest
+from indexer.errors import CollectionError
+from indexer.faiss_choice import MIN_TRAIN_PER_LIST, choose_factory, default_nprobe
+from indexer.faiss_index import (
+    add_vectors,
+    check_vectors,
+    native_ivf,
+    new_index,
+    save_index,
+    set_search_params,
+)
+from indexer.index_bundle import DELETED, FORMAT_VERSION, SEGMENTS, IndexInfo
+from indexer.metadata import Item, MetadataStore
+from indexer.segments import (
+    SEGMENT_IDS,
+    SEGMENT_INDEX,
+    SEGMENT_JSON,
+    SEGMENT_METADATA,
+    SEGMENT_VECTORS,
+    SegmentInfo,
+    index_fields,
+    keeps_exact_floats,
+    measure_recall,
+    new_segment_id,
+    write_segment,
+)
+from indexer.sharded import (
+    ShardedInfo,
+    is_sharded,
+    shard_name,
+    shard_of,
+    shard_root,
+)
+from indexer.versions import current_dir, locked, publish, staging
+
+TRAIN_SAMPLE: Final = 100_000  # as indexer.faiss_index.build_index: raised to 39 per list
+
+Parallel = Literal["local", "ray"]
+
+
+def split_collection(
+    root: Path,
+    name: str,
+    shards: int,
+    replicas: int = 1,
+    *,
+    parallel: Parallel = "local",
+    progress: bool = True,
+    keep_versions: int = 3,
+) -> ShardedInfo:
+    """Split the live items of the unsharded collection ``name`` into ``shards`` shard
+    collections and make it sharded; returns its ``sharded.json``."""
+    root = Path(root)
+    if is_sharded(root, name):
+        raise CollectionError(f"collection {name!r} is sharded already")
+    _check_counts(shards, replicas)
+    current_dir(root, name)  # a missing collection: its clear error, before the lock makes a folder
+    with locked(root, name):
+        with Collection.open(root, name, with_indexes=False) as source:
+            if source.info.format_version < FORMAT_VERSION:
+                raise CollectionError(
+                    f"collection {name!r} is in index format 1; run `cots index compact "
+                    f"--collection {name}` once, then split it"
+                )
+            ids, vectors, items = source.segments.live_rows()
+            template, version = source.info, source.version
+        if shards > len(ids):
+            raise CollectionError(
+                f"collection {name!r} has {len(ids)} live items: it cannot be split into "
+                f"{shards} shards (each needs at least one)"
+            )
+        return _write_shards(
+            root,
+            name,
+            template,
+            ids,
+            vectors,
+            items,
+            shards,
+            replicas,
+            parallel=parallel,
+            progress=progress,
+            keep_versions=keep_versions,
+            source_version=version,
+        )
+
+
+def build_sharded(
+    root: Path,
+    name: str,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: Sequence[Item],
+    shards: int,
+    replicas: int = 1,
+    *,
+    kind: CorpusKind = "image",
+    model_bundle_id: str,
+    model_bundle_path: str | None = None,
+    factory: str = "auto",
+    fields: Sequence[str] = (),
+    parallel: Parallel = "local",
+    progress: bool = True,
+    keep_versions: int = 3,
+) -> ShardedInfo:
+    """A new sharded collection ``name`` of ``vectors`` with ``ids`` and their ``items``
+    (already encoded: tests, benchmarks). ``factory`` is the whole collection's ("auto":
+    ``choose_factory`` for all the vectors); ``fields``: metadata keys indexed for filters."""
+    root = Path(root)
+    if (root / name).exists():
+        raise CollectionError(f"{root / name} exists already; choose another collection name")
+    _check_counts(shards, replicas)
+    if shards > len(ids):
+        raise CollectionError(f"{len(ids)} items cannot be split into {shards} shards")
+    dim = int(np.asarray(vectors).shape[1])
+    template = IndexInfo(
+        collection=name,
+        kind=kind,
+        modality=MODALITY[kind],
+        count=len(ids),
+        live=len(ids),
+        dim=dim,
+        factory=choose_factory(len(ids), dim) if factory == "auto" else factory,
+        model_bundle_id=model_bundle_id,
+        model_bundle_path=model_bundle_path,
+        recall_at_10=0.0,
+        build={"index_fields": list(fields), "kind": kind},
+        created=_now(),
+        max_id=int(np.max(ids)),
+    )
+    with locked(root, name):
+        return _write_shards(
+            root,
+            name,
+            template,
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(vectors, dtype=np.float32),
+            items,
+            shards,
+            replicas,
+            parallel=parallel,
+            progress=progress,
+            keep_versions=keep_versions,
+            source_version=None,
+        )
+
+
+def _check_counts(shards: int, replicas: int) -> None:
+    if shards < 2:
+        raise CollectionError(f"a sharded collection has at least 2 shards, not {shards}")
+    if replicas < 1:
+        raise CollectionError(f"each shard needs at least 1 replica, not {replicas}")
+
+
+def _write_shards(
+    root: Path,
+    name: str,
+    template: IndexInfo,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: Sequence[Item],
+    shards: int,
+    replicas: int,
+    *,
+    parallel: Parallel,
+    progress: bool,
+    keep_versions: int,
+    source_version: int | None,
+) -> ShardedInfo:
+    """Every shard's version 1, then ``sharded.json`` (the caller holds the lock of ``name``)."""
+    vectors = check_vectors(np.ascontiguousarray(vectors, dtype=np.float32), "vectors")
+    trained = train_shared(vectors, template.factory) if _is_ivf(template.factory) else None
+    blob = None if trained is None else faiss.serialize_index(trained)
+    folder = shard_root(root, name)
+    if folder.exists():  # shards of a split that failed before sharded.json: never served
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    owners = shard_of(ids, shards)
+    by_id = {item.id: item for item in items}
+    jobs = []
+    for i in range(shards):
+        mine = ids[owners == i]
+        jobs.append(
+            (
+                str(folder),
+                i,
+                mine,
+                vectors[owners == i],
+                [by_id[int(j)] for j in mine],
+                template.model_dump_json(),
+                blob,
+                keep_versions,
+            )
+        )
+    bar = tqdm(total=shards, desc=f"sharding {name}", unit="shard", disable=not progress)
+    with bar:
+        if parallel == "ray":
+            _build_with_ray(jobs, bar)
+        elif parallel == "local":
+            for job in jobs:
+                build_shard(*job)
+                bar.update(1)
+        else:
+            raise ValueError(f"parallel is 'local' or 'ray', not {parallel!r}")
+    info = ShardedInfo(
+        shards=shards,
+        replicas=replicas,
+        dim=template.dim,
+        model_bundle_id=template.model_bundle_id,
+        model_bundle_path=template.model_bundle_path,
+        kind=template.kind,
+        factory=template.factory,
+        created=_now(),
+        source_version=source_version,
+        shared_quantizer=trained is not None,
+    )
+    info.write(Path(root) / name)
+    return info
+
+
+def _build_with_ray(jobs: list[tuple[Any, ...]], bar: tqdm[Any]) -> None:
+    """Each shard as a Ray task of one CPU (on the caller's cluster, ``RAY_ADDRESS``'s, or a
+    local one started for this): the shard folders must be on a file system every node sees."""
+    try:
+        import ray
+    except ImportError as missing:
+        raise CollectionError(
+            f"building shards as Ray tasks needs Ray ({missing}): "
+            "pip install 'cots-search[distributed]'"
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        task = ray.remote(num_cpus=1)(build_shard)
+        pending = [task.remote(*job) for job in jobs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            bar.update(len(done))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def build_shard(
+    folder: str,
+    shard: int,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: list[Item],
+    template_json: str,
+    trained: np.ndarray | None,
+    keep_versions: int,
+) -> str:
+    """Write and publish version 1 of shard ``shard`` under the shard root ``folder``; returns
+    its index.json. ``trained``: the serialized trained empty index every shard copies (IVF),
+    else None (the shard's factory is chosen for its own size). Runs as a Ray task too."""
+    root, name = Path(folder), shard_name(shard)
+    template = IndexInfo.model_validate_json(template_json)
+    fields = index_fields(template.build)
+    with staging(root, name) as staged:
+        segment = staged / SEGMENTS / new_segment_id()
+        if trained is not None:
+            factory = template.factory
+            index = faiss.deserialize_index(trained)
+            written = write_trained_segment(segment, ids, vectors, items, index, factory, fields)
+        else:
+            factory = choose_factory(len(ids), template.dim)
+            written = write_segment(segment, ids, vectors, items, factory, fields)
+        np.save(staged / DELETED, np.zeros(0, dtype=np.int64))
+        info = template.model_copy(
+            update={
+                "collection": name,
+                "format_version": FORMAT_VERSION,
+                "factory": factory,
+                "count": written.count,
+                "live": written.count,
+                "recall_at_10": written.recall_at_10,
+                "segments": [written.id],
+                "tombstones": 0,
+                "skipped": {},
+                "created": _now(),
+                "files": {},
+            }
+        )
+        info = seal(info, staged)
+        info.write(staged)
+        publish(root, name, staged, keep_versions)
+    return info.model_dump_json()
+
+
+def train_shared(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
+    """An empty ``factory`` index trained on a seeded sample of ``vectors`` (as
+    ``build_index`` samples: 100,000, raised to 39 a list), search defaults set."""
+    index = new_index(factory, vectors.shape[1])
+    ivf = native_ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else 1
+    size = min(len(vectors), max(TRAIN_SAMPLE, MIN_TRAIN_PER_LIST * nlist))
+    if size < nlist:
+        raise CollectionError(f"{factory} needs at least {nlist} vectors to train, got {size}")
+    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
+    index.train(vectors[sample])
+    if ivf is not None:
+        set_search_params(index, nprobe=default_nprobe(nlist))
+    return index
+
+
+def write_trained_segment(
+    folder: Path,
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    items: Sequence[Item],
+    index: faiss.Index,
+    factory: str,
+    fields: Sequence[str] = (),
+) -> SegmentInfo:
+    """``indexer.segments.write_segment`` with the vectors added to ``index`` (trained,
+    empty) instead of a newly trained one: the same files, the same segment.json."""
+    order = np.argsort(ids, kind="stable")
+    ids = np.asarray(ids, dtype=np.int64)[order]
+    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])
+    if sorted(item.id for item in items) != ids.tolist():
+        raise ValueError("a segment's items must be exactly its ids' rows")
+    folder.mkdir(parents=True, exist_ok=False)
+    add_vectors(index, vectors, ids)
+    recall = measure_recall(index, ids, vectors) if len(ids) else 1.0
+    save_index(index, folder / SEGMENT_INDEX)
+    dtype: Literal["float32", "float16"] = "float32" if keeps_exact_floats(factory) else "float16"
+    np.save(folder / SEGMENT_IDS, ids)
+    np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
+    with MetadataStore.create(folder / SEGMENT_METADATA, fields) as store:
+        store.add(list(items))
+    info = SegmentInfo(
+        id=folder.name,
+        count=len(ids),
+        first_id=int(ids[0]) if len(ids) else -1,
+        last_id=int(ids[-1]) if len(ids) else -1,
+        dim=vectors.shape[1],
+        factory=factory,
+        vectors_dtype=dtype,
+        recall_at_10=recall,
+        created=_now(),
+        files={p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()},
+    )
+    (folder / SEGMENT_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def _is_ivf(factory: str) -> bool:
+    return factory.startswith("IVF")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
