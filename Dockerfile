@@ -20,8 +20,11 @@
 # VARIANT picks the runtime packages (cpu: onnxruntime, faiss-cpu; gpu: onnxruntime-gpu,
 # faiss-gpu-cu12) and BASE_IMAGE the system under them: any Debian or Ubuntu image works, with
 # Python 3.11 or without it (it is then installed from the distribution). For the GPU variant
-# take a CUDA 13 runtime with cuDNN 9: PyPI's onnxruntime-gpu is built against them.
+# take a CUDA 13 runtime with cuDNN 9: PyPI's onnxruntime-gpu is built against them. EXTRAS adds
+# pyproject extras to serving's, space-separated: EXTRAS=distributed is the Ray image of the
+# compose file's `ray` profile and deploy/kuberay/ (empty, the default: the image as before).
 ARG VARIANT=cpu
+ARG EXTRAS=
 ARG BASE_IMAGE=python:3.11-slim
 ARG GATEWAY_IMAGE=debian:bookworm-slim
 
@@ -45,10 +48,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 # ---- dependencies: rebuilt only when pyproject.toml or the pinned versions change --------------
 FROM os AS serving-deps
 ARG VARIANT
+ARG EXTRAS
 COPY pyproject.toml deploy/docker/requirements.py deploy/docker/constraints.txt /opt/build/
 RUN python3.11 -m venv /opt/venv \
- && python /opt/build/requirements.py /opt/build/pyproject.toml serving --variant "$VARIANT" \
-      >/opt/build/serving.txt \
+ && python /opt/build/requirements.py /opt/build/pyproject.toml serving $EXTRAS \
+      --variant "$VARIANT" >/opt/build/serving.txt \
  && pip install --quiet -c /opt/build/constraints.txt -r /opt/build/serving.txt
 
 FROM serving-deps AS training-deps
