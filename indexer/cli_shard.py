@@ -197,6 +197,7 @@ def _search(
     images: tuple[Path, ...],
     k: int,
     where: tuple[str, ...],
+    rescore: int | None = None,
     **others: Any,
 ) -> None:
     import numpy as np
@@ -219,7 +220,8 @@ def _search(
         encoder = Encoder(bundle or Path(str(info.model_bundle_path)))
         queries = [encoder.encode_texts(list(texts)), encoder.encode_images(list(images))]
         with LocalShards.open(root, collection, bundle_id=encoder.bundle_id) as opened:
-            results = opened.search(np.concatenate(queries), k, filters=parse_filters(where))
+            filters = parse_filters(where)
+            results = opened.search(np.concatenate(queries), k, filters=filters, rescore=rescore)
     except (IndexerError, BundleRuntimeError) as error:
         raise _fail(error) from None
     for query, hits in zip([*texts, *map(str, images)], results, strict=True):

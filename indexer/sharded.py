@@ -15,7 +15,14 @@ shard that holds the id; compaction runs per shard.
 Every item is in exactly one shard, so the best ``offset + k`` of the union is among the
 shards' best ``offset + k`` each: merging them (score descending, ties by id ascending) gives
 the page single-node search gives, later pages included, as long as each shard is asked for
-``offset + k`` and the merged rows are sliced after.
+``offset + k`` and the merged rows are sliced after. That is exact for exact search (Flat
+segments, and filtered searches that go exact) and for IVF shards that share the coarse
+quantizer and nprobe of the whole (``indexer.sharded_build``): a query probes the same lists
+in every shard as in the whole, and scores a vector the same way. Where shards index
+differently from the whole (HNSW graphs, a quantizer retrained by a shard's compaction, PQ
+rescoring of each shard's own candidates) the merge is still correct for what each shard
+returns, but its recall can differ from single-node's (with PQ rescoring it is at least as
+good: a shard's candidates include every candidate of the whole that the shard holds).
 """
 
 from __future__ import annotations
@@ -181,17 +188,30 @@ class LocalShards:
         self.close()
 
     def nearest(
-        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each shard's top ``k``, merged (:func:`merge_shard_results`). For the page at
-        ``offset``, ask for ``offset + k`` and slice the rows ``[offset:]``."""
-        parts = [shard.nearest(queries, k, filters=filters) for shard in self.shards]
+        ``offset``, ask for ``offset + k`` and slice the rows ``[offset:]``. ``rescore``: as
+        ``Collection.nearest`` (each shard rescores its own candidates)."""
+        parts = [
+            shard.nearest(queries, k, filters=filters, rescore=rescore) for shard in self.shards
+        ]
         return merge_shard_results(parts, k)
 
     def search(
-        self, queries: np.ndarray, k: int, *, filters: Filter | Mapping[str, Any] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
     ) -> list[list[Hit]]:
-        scores, ids = self.nearest(queries, k, filters=filters)
+        scores, ids = self.nearest(queries, k, filters=filters, rescore=rescore)
         return self.hydrate(scores, ids, k)
 
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
