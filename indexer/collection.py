@@ -173,7 +173,7 @@ class Collection:
         rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The FAISS half of :meth:`search`: (scores, ids) [n, k] with -1 padding;
-        :meth:`hydrate` turns them into hits. Lossy segments (PQ, SQ) rank ``k x rescore``
+        :meth:`hydrate` turns them into hits. Lossy segments (PQ, SQ8) rank ``k x rescore``
         candidates by their exact scores (None: the ``rescore`` this version was opened with;
         1: their codes' scores)."""
         if k < 1:

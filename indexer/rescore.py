@@ -1,9 +1,8 @@
 """Exact rescoring of a compressed index's candidates, and the top-k rule every merge follows.
 
-A segment whose index does not keep exact floats (IVF-PQ, SQ8, SQfp16, PQ: see
-``segments.keeps_exact_floats``) still stores its vectors, as float16, in ``vectors.npy``,
-memory-mapped. Its search fetches ``k x r`` candidates from the compressed codes and ranks them
-again by their exact inner product with the query:
+A segment whose codes are lossy (IVF-PQ, SQ8, PQ: see ``segments.rescores``) still stores its
+vectors, as float16, in ``vectors.npy``, memory-mapped. Its search fetches ``k x r`` candidates
+from the compressed codes and ranks them again by their exact inner product with the query:
 
 ``queries [Q, d] -> compressed index: k·r candidates [Q, k·r] -> their distinct ids -> stored
 fp16 rows through the memory map, as float32 [u, d] -> q · v per candidate, float32 -> top k by

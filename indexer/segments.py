@@ -22,11 +22,12 @@ none of whose items match is skipped, one with few is searched exactly over them
 (``faiss_search.search`` also completes short rows exhaustively). Hits are
 hydrated per segment: one metadata query for each segment the batch's ids fall in.
 
-A segment whose index is lossy (PQ, SQ) is asked for ``k x rescore`` candidates, which are
-ranked again by their exact scores against its stored vectors (``indexer.rescore``), after the
-tombstones or the filter dropped what they drop; segments merge by score, ties by id
-(:func:`merge_top_k`). Served segments are memory-mapped (``Segment(mmap=True)``): the index's
-codes, ``ids.npy`` and ``vectors.npy`` live in the page cache, shared by the replicas of a host.
+A segment whose codes are coarser than its stored fp16 copy (PQ, SQ8: ``rescores``) is asked
+for ``k x rescore`` candidates, ranked again by their exact scores against its stored vectors
+(``indexer.rescore``) after the tombstones or the filter dropped what they drop; segments merge
+by score, ties by id (:func:`merge_top_k`). Served segments are memory-mapped
+(``Segment(mmap=True)``): the index's codes, ``ids.npy`` and ``vectors.npy`` live in the page
+cache, shared by the replicas of a host.
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ RECALL_QUERIES: Final = 200
 GPU_MAX_K: Final = 2048
 """The largest k FAISS's GPU indexes take: rescoring fetches at most this many there."""
 DEFAULT_RESCORE: Final = 4
-"""Candidates a lossy segment returns per result, rescored exactly: the smallest factor whose
-recall@10 reaches 0.95 for IVF-PQ at 100k x 256 (docs/bench/faiss.md); 1: PQ scores as they are."""
+"""Candidates per result a lossy segment rescores exactly: the smallest factor whose recall@10
+reaches 0.95 for both PQ factories ``choose_factory`` picks at 100k x 256 (IVF1264,PQ32: 0.668
+at r = 1, 0.878 at 2, 0.966 at 4; IVF1264,PQ64: 0.806, 0.972, 0.994;
+``python -m benchmarks.index_rescore``). 1: the codes' scores as they are."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,14 @@ def keeps_exact_floats(factory: str) -> bool:
     stored copy stays float32, as search and recall use it; else float16 halves the file."""
     encoding = factory.split(",")[-1]
     return encoding == "Flat" or (factory.startswith("HNSW") and "," not in factory)
+
+
+def rescores(factory: str) -> bool:
+    """Whether ``factory``'s segments rescore candidates with their stored fp16 vectors: lossy
+    codes coarser than that copy (PQ, SQ8, SQ4, SQbf16). ``SQfp16`` codes are as fine as the
+    copy (its residuals in fp16): rescoring them kept recall@10 at 0.997 against 0.998 and cost
+    a third of the QPS at 100k x 256, so they keep their own scores."""
+    return not keeps_exact_floats(factory) and factory.split(",")[-1] != "SQfp16"
 
 
 def write_segment(
@@ -428,7 +439,7 @@ class SegmentedIndex:
         if segment.index is None:
             return None
         exact_codes = keeps_exact_floats(segment.info.factory)
-        factor = 1 if exact_codes else rescore
+        factor = rescore if rescores(segment.info.factory) else 1
         if allowed is not None and len(allowed) <= EXACT_FILTER_IDS and (exact_codes or factor > 1):
             # Few matches: exact over their stored vectors (the index's own codes as float32,
             # or the copy rescoring reads) costs less than scanning nprobe lists to reject
