@@ -3,8 +3,9 @@
 ``indexer.cli`` registers :func:`shard_command` with its own ``--root`` and ``--collection``
 options, then calls :func:`route_sharded` on its group: each command that takes a collection
 checks ``sharded.json`` when it runs (``indexer.sharded.is_sharded``) and, for a sharded one,
-``add``, ``remove``, ``compact``, ``search`` and ``info`` go through ``indexer.sharded_update``
-and ``LocalShards``; ``sync`` and ``duplicates`` say they do not take one yet. Nothing heavy
+``add``, ``remove``, ``compact``, ``search``, ``info`` and ``sync`` go through
+``indexer.sharded_update``, ``indexer.sharded_sync`` and ``LocalShards``; ``duplicates`` says
+it does not take one yet. Nothing heavy
 is imported before a command runs.
 """
 
@@ -234,6 +235,44 @@ def _search(
             click.echo(f"  {hit.score:.3f}  {hit.item.uri}{moment}{caption}")
 
 
+def _sync(
+    root: Path,
+    collection: str,
+    corpus: Path,
+    kind: str,
+    bundle: Path | None,
+    workers: int,
+    batch_size: int,
+    keep_versions: int,
+    as_json: bool,
+) -> None:
+    from pydantic import ValidationError
+
+    from indexer.errors import IndexerError
+    from indexer.sharded_sync import sync_sharded
+    from runtime.errors import BundleRuntimeError
+
+    try:
+        report = sync_sharded(
+            root,
+            collection,
+            corpus,
+            kind="video" if kind == "video" else "image",
+            bundle=bundle,
+            workers=workers,
+            batch_size=batch_size,
+            keep_versions=keep_versions,
+        )
+    except (IndexerError, BundleRuntimeError, ValidationError) as error:
+        raise _fail(error) from None
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        # The report's last clause names one version; a sharded collection has one a shard.
+        done = "published to its shards" if report.published else "already in sync"
+        _echo_sharded(root, collection, f"{report.summary().rsplit(';', 1)[0]}; {done}")
+
+
 def _refuse(command: str) -> Callable[..., None]:
     def refuse(root: Path, collection: str, **_: Any) -> None:
         from indexer.sharded import refuse_sharded
@@ -252,7 +291,7 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     "compact": _compact,
     "info": _info,
     "search": _search,
-    "sync": _refuse("sync"),
+    "sync": _sync,
     "duplicates": _refuse("duplicates"),
 }
 

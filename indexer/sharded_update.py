@@ -83,9 +83,14 @@ def add_sharded_encoded(
     *,
     keep_versions: int = 3,
     skipped: dict[str, int] | None = None,
+    removed: np.ndarray | None = None,
+    skipped_is_total: bool = False,
 ) -> list[int | None]:
     """Route ``vectors`` with ``ids`` (from :func:`reserve_ids`'s range) and ``items`` to their
-    shards; returns each shard's new version (None: the add gave it nothing)."""
+    shards, and ``removed`` ids to the shards that hold them: one new version a shard, its
+    segment and its removes together (what a sync publishes); returns each shard's new version
+    (None: the change gave it nothing). ``skipped`` counts what the change left out (kept by
+    shard 0): added to the counts so far, or (``skipped_is_total``) replacing them."""
     info = read_sharded(root, name)
     folder = shard_root(root, name)
     ids = np.asarray(ids, dtype=np.int64)
@@ -95,13 +100,16 @@ def add_sharded_encoded(
             f"vectors of dim {vectors.shape[1]} cannot join collection {name!r} of dim {info.dim}"
         )
     owners = shard_of(ids, info.shards)
+    doomed = np.unique(np.asarray(removed if removed is not None else [], dtype=np.int64))
+    doomed_owners = shard_of(doomed, info.shards)
     by_id = {item.id: item for item in items}
     versions: list[int | None] = [None] * info.shards
     with ExitStack() as stack:
         written: list[tuple[int, Path, SegmentInfo | None]] = []
         for i in range(info.shards):
             mine = owners == i
-            if not mine.any() and not (skipped and i == 0):
+            counts = skipped is not None and (bool(skipped) or skipped_is_total) and i == 0
+            if not mine.any() and not (doomed_owners == i).any() and not counts:
                 continue
             shard = shard_name(i)
             staged = stack.enter_context(staging(folder, shard))
@@ -118,22 +126,26 @@ def add_sharded_encoded(
                 )
             written.append((i, staged, segment))
         for i, staged, segment in written:
-            # What the add skipped is counted once, by shard 0.
+            # What the change skipped is counted once, by shard 0.
             counted = skipped if i == 0 else None
-            versions[i] = commit(
-                folder, shard_name(i), staged, keep_versions, _joining(segment, counted)
-            )
+            rebase = _joining(segment, counted, skipped_is_total, doomed[doomed_owners == i])
+            versions[i] = commit(folder, shard_name(i), staged, keep_versions, rebase)
     return versions
 
 
-def _joining(segment: SegmentInfo | None, skipped: dict[str, int] | None) -> Any:
+def _joining(
+    segment: SegmentInfo | None,
+    skipped: dict[str, int] | None,
+    total: bool,
+    doomed: np.ndarray,
+) -> Any:
     def rebase(live: IndexInfo, deleted: np.ndarray) -> tuple[IndexInfo, np.ndarray]:
-        merged = Counter(live.skipped)
+        merged = Counter() if total and skipped is not None else Counter(live.skipped)
         merged.update(skipped or {})
         update: dict[str, Any] = {"skipped": dict(merged)}
         if segment is not None:
             update |= joined_segment(live, segment)
-        return live.model_copy(update=update), deleted
+        return live.model_copy(update=update), np.union1d(deleted, doomed)
 
     return rebase
 

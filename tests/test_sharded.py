@@ -3,6 +3,8 @@ over the shards that equals search over one collection of the same items."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +34,13 @@ from indexer.sharded import (
     shard_root,
 )
 from indexer.sharded_build import build_sharded, split_collection
+from indexer.sharded_sync import sync_sharded
 from indexer.sharded_update import add_sharded, compact_sharded, remove_sharded
+from indexer.sync import SyncReport, sync_collection
 from indexer.synthetic_vectors import Mixture
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import current_dir, publish, staging
+from runtime.encoder import Encoder
 
 DIM = 32
 TAGS = ("cat", "dog", "bird", "fish")
@@ -317,11 +322,54 @@ def test_cli_shard_and_routed_commands(tmp_path: Path) -> None:
     result = runner.invoke(index_cli, ["compact", *root, "--collection", "c", "--full"])
     assert result.exit_code == 0, result.output
     assert "compacted" in result.output, result.output
-    result = runner.invoke(
-        index_cli, ["sync", *root, "--collection", "c", "--corpus", str(tmp_path)]
-    )
+    result = runner.invoke(index_cli, ["duplicates", *root, "--collection", "c"])
     assert result.exit_code != 0, result.output
     assert "'c' is sharded" in result.output, result.output
     result = runner.invoke(index_cli, ["shard", "--help"])
     assert result.exit_code == 0
     assert "goes to shard i % S" in result.output
+
+
+@pytest.mark.slow
+def test_sync_of_a_sharded_collection_equals_sync_of_one(
+    tmp_path: Path, micro_bundle: Path
+) -> None:
+    from tests.test_sync import _photos, _write_png
+
+    folder = tmp_path / "photos"
+    names = _photos(folder, count=12)
+    single, split = tmp_path / "single", tmp_path / "split"
+    options: dict[str, Any] = {"bundle": micro_bundle, "workers": 0, "batch_size": 8}
+    assert sync_collection(single, "photos", folder, **options).published
+    shutil.copytree(single, split, symlinks=True)
+    split_collection(split, "photos", 3, progress=False)
+    # New, gone, changed and touched (same bytes, new mtime) files.
+    _photos(folder / "more", count=3, first_seed=100)
+    (folder / names[0]).unlink()
+    _write_png(folder / names[1], seed=999)
+    stat = (folder / names[2]).stat()
+    os.utime(folder / names[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))
+    expected = sync_collection(single, "photos", folder, **options)
+    result = CliRunner().invoke(
+        index_cli,
+        ["sync", "--root", str(split), "--collection", "photos", "--corpus", str(folder),
+         "--bundle", str(micro_bundle), "--workers", "0", "--batch-size", "8", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = SyncReport.model_validate_json(result.stdout)
+    assert (got.added, got.changed, got.touched, got.removed) == (3, 1, 1, 1)
+    assert (got.added, got.changed, got.touched, got.removed) == (
+        expected.added, expected.changed, expected.touched, expected.removed
+    )  # fmt: skip
+    queries = Encoder(micro_bundle).encode_texts(["a photo", "blocks of colour"])
+    with (
+        Collection.open(single, "photos") as one,
+        LocalShards.open(split, "photos") as shards,
+    ):
+        everything = one.ids_matching(None)
+        np.testing.assert_array_equal(shards.ids_matching(None), everything)
+        assert shards.get(everything) == one.get(everything)
+        assert_same_page(one, shards, queries, 5, 2, None)
+    again = sync_sharded(split, "photos", folder, **options)
+    assert not again.published
+    assert again.unchanged == 14
