@@ -8,10 +8,11 @@ describes the layout); its ``index.json`` is the source's with its own counts, s
 digests, and the source's ``max_id``, so adds keep numbering after the largest id the
 collection ever gave. A shard's index is what ``choose_factory`` picks for its own size,
 except when the collection is IVF: then the coarse quantizer (and PQ codebooks) are trained
-once, on a seeded sample of all the vectors, and every shard starts from a copy of that
-trained empty index (``faiss.clone_index``). With one quantizer and the same nprobe, the
-lists a query probes are the same in every shard as in the whole, so the merged answer is the
-one an index over all the items, trained the same way, gives.
+once, on the seeded sample of all the vectors that ``build_index`` would train on
+(``indexer.large_segment.train_index``), and every shard starts from a copy of that trained
+empty index (``write_segment_streaming(trained=)`` clones it). With one quantizer and the same
+nprobe, the lists a query probes are the same in every shard as in the whole, so the merged
+answer is the one an index over all the items, trained the same way, gives.
 
 The source collection is locked while it is read and split: an add or remove that reaches it
 meanwhile waits, then is refused (``indexer.update.commit`` checks ``is_sharded``). Its files
@@ -35,39 +36,14 @@ from tqdm import tqdm
 from indexer.assemble import seal
 from indexer.build_spec import MODALITY, CorpusKind
 from indexer.collection import Collection
-from indexer.digests import file_digest
 from indexer.errors import CollectionError
-from indexer.faiss_choice import MIN_TRAIN_PER_LIST, choose_factory, default_nprobe
-from indexer.faiss_index import (
-    add_vectors,
-    check_vectors,
-    native_ivf,
-    new_index,
-    save_index,
-    set_search_params,
-)
+from indexer.faiss_choice import choose_factory
+from indexer.faiss_index import check_vectors
 from indexer.index_bundle import DELETED, FORMAT_VERSION, SEGMENTS, IndexInfo
-from indexer.metadata import Item, MetadataStore
-from indexer.segments import (
-    SEGMENT_IDS,
-    SEGMENT_INDEX,
-    SEGMENT_JSON,
-    SEGMENT_METADATA,
-    SEGMENT_VECTORS,
-    SegmentInfo,
-    index_fields,
-    keeps_exact_floats,
-    measure_recall,
-    new_segment_id,
-    write_segment,
-)
-from indexer.sharded import (
-    ShardedInfo,
-    is_sharded,
-    shard_name,
-    shard_of,
-    shard_root,
-)
+from indexer.large_segment import train_index, training_rows, write_segment_streaming
+from indexer.metadata import Item
+from indexer.segments import index_fields, new_segment_id, write_segment
+from indexer.sharded import ShardedInfo, is_sharded, shard_name, shard_of, shard_root
 from indexer.versions import current_dir, locked, publish, staging
 
 TRAIN_SAMPLE: Final = 100_000  # as indexer.faiss_index.build_index: raised to 39 per list
@@ -103,8 +79,8 @@ def split_collection(
             template, version = source.info, source.version
         if shards > len(ids):
             raise CollectionError(
-                f"collection {name!r} has {len(ids)} live items: it cannot be split into "
-                f"{shards} shards (each needs at least one)"
+                f"collection {name!r} has {len(ids)} live items, fewer than the {shards} "
+                "shards asked for: split it into fewer"
             )
         return _write_shards(
             root,
@@ -301,8 +277,18 @@ def build_shard(
         segment = staged / SEGMENTS / new_segment_id()
         if trained is not None:
             factory = template.factory
-            index = faiss.deserialize_index(trained)
-            written = write_trained_segment(segment, ids, vectors, items, index, factory, fields)
+            order = np.argsort(ids, kind="stable")
+            by_id = {item.id: item for item in items}
+            chunk = (ids[order], vectors[order], [by_id[int(i)] for i in ids[order]])
+            written = write_segment_streaming(
+                segment,
+                lambda: [chunk],
+                count=len(ids),
+                dim=template.dim,
+                factory=factory,
+                index_fields=fields,
+                trained=faiss.deserialize_index(trained),
+            )
         else:
             factory = choose_factory(len(ids), template.dim)
             written = write_segment(segment, ids, vectors, items, factory, fields)
@@ -329,60 +315,10 @@ def build_shard(
 
 
 def train_shared(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
-    """An empty ``factory`` index trained on a seeded sample of ``vectors`` (as
-    ``build_index`` samples: 100,000, raised to 39 a list), search defaults set."""
-    index = new_index(factory, vectors.shape[1])
-    ivf = native_ivf(index)
-    nlist = int(ivf.nlist) if ivf is not None else 1
-    size = min(len(vectors), max(TRAIN_SAMPLE, MIN_TRAIN_PER_LIST * nlist))
-    if size < nlist:
-        raise CollectionError(f"{factory} needs at least {nlist} vectors to train, got {size}")
-    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
-    index.train(vectors[sample])
-    if ivf is not None:
-        set_search_params(index, nprobe=default_nprobe(nlist))
-    return index
-
-
-def write_trained_segment(
-    folder: Path,
-    ids: np.ndarray,
-    vectors: np.ndarray,
-    items: Sequence[Item],
-    index: faiss.Index,
-    factory: str,
-    fields: Sequence[str] = (),
-) -> SegmentInfo:
-    """``indexer.segments.write_segment`` with the vectors added to ``index`` (trained,
-    empty) instead of a newly trained one: the same files, the same segment.json."""
-    order = np.argsort(ids, kind="stable")
-    ids = np.asarray(ids, dtype=np.int64)[order]
-    vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)[order])
-    if sorted(item.id for item in items) != ids.tolist():
-        raise ValueError("a segment's items must be exactly its ids' rows")
-    folder.mkdir(parents=True, exist_ok=False)
-    add_vectors(index, vectors, ids)
-    recall = measure_recall(index, ids, vectors) if len(ids) else 1.0
-    save_index(index, folder / SEGMENT_INDEX)
-    dtype: Literal["float32", "float16"] = "float32" if keeps_exact_floats(factory) else "float16"
-    np.save(folder / SEGMENT_IDS, ids)
-    np.save(folder / SEGMENT_VECTORS, vectors.astype(dtype))
-    with MetadataStore.create(folder / SEGMENT_METADATA, fields) as store:
-        store.add(list(items))
-    info = SegmentInfo(
-        id=folder.name,
-        count=len(ids),
-        first_id=int(ids[0]) if len(ids) else -1,
-        last_id=int(ids[-1]) if len(ids) else -1,
-        dim=vectors.shape[1],
-        factory=factory,
-        vectors_dtype=dtype,
-        recall_at_10=recall,
-        created=_now(),
-        files={p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file()},
-    )
-    (folder / SEGMENT_JSON).write_text(info.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    return info
+    """An empty ``factory`` index trained on the rows of ``vectors`` that ``build_index``
+    would train an index of all of them on (``indexer.large_segment``), search defaults set."""
+    rows = training_rows(len(vectors), factory, vectors.shape[1], TRAIN_SAMPLE, seed)
+    return train_index(vectors[rows], factory, vectors.shape[1], seed=seed)
 
 
 def _is_ivf(factory: str) -> bool:
