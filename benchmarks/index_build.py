@@ -21,6 +21,7 @@ import click
 
 from benchmarks.index_faiss import faiss_bench
 from benchmarks.index_filter import filter_bench
+from benchmarks.index_scale import scale_bench
 from benchmarks.index_sync import sync_bench
 from benchmarks.index_updates import updates_bench
 
@@ -110,8 +111,10 @@ index_bench = click.Group(
         "updates": updates_bench,
         "filter": filter_bench,
         "sync": sync_bench,
+        "scale": scale_bench,
     },
     help="Indexing cost against the encoder (build), FAISS QPS/recall/memory (faiss), what "
     "adds, removes, swaps and compaction cost on a segmented collection (updates), and "
-    "filtered search against unfiltered (filter), and keeping a large folder in sync (sync).",
+    "filtered search against unfiltered (filter), keeping a large folder in sync (sync), and "
+    "collections larger than RAM (scale).",
 )

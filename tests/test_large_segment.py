@@ -135,6 +135,7 @@ def test_top_k_over_blocks_is_exact_search() -> None:
     assert recall_of(merged.ids, expected) == 1.0
 
 
+@pytest.mark.slow  # 200k vectors generated twice and indexed: 30-80 s on 2 busy cores
 def test_a_large_build_holds_one_chunk_and_serves_memory_mapped(tmp_path: Path) -> None:
     """200k x 256 float32 is 205 MB; the build's Python heap (numpy's arrays included) stays
     a fraction of it: a chunk, the training rows, a block read back for recall. The index's
@@ -186,7 +187,7 @@ def test_a_large_build_holds_one_chunk_and_serves_memory_mapped(tmp_path: Path) 
     assert saved["segments"] == info.segments
     assert saved["files"]
     queries = mixture.sample(chunk, seed=100)[:20]  # rows 0..19: the first chunk's first
-    with Collection.open(tmp_path / "root", "big") as collection:
+    with Collection.open(tmp_path / "root", "big", mmap=True) as collection:
         _, found = collection.nearest(queries, 10)
         hits = collection.search(queries[:1], 3)
     assert (found == np.arange(20)[:, None]).any(axis=1).mean() >= 0.9  # each finds itself
