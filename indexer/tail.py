@@ -104,7 +104,8 @@ class Tail:
         params: faiss.SearchParameters | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The base's own top ``k`` for ``coarse`` (= ``base.search``, without a second
-        quantizer pass); ``params``: a selector (with the base's nprobe) skipping tombstones."""
+        quantizer pass); ``params``: a selector (with the base's nprobe) skipping tombstones.
+        Scores are the base's codes' own: the caller rescores a lossy base's candidates."""
         return _preassigned(self.base, queries, k, coarse, params)
 
     def search(
