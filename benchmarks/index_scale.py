@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import click
 import faiss
@@ -90,28 +90,47 @@ class Source:
 
     def chunks(self) -> Iterator[Chunk]:
         for ids, vectors in self.blocks():
-            yield ids, vectors, items_of(ids)
+            yield ids, vectors, MinimalItems(ids)
 
     def queries(self, n: int) -> np.ndarray:
         """Fresh draws: a seed no chunk uses."""
         return self.mixture().sample(n, seed=self.seed + QUERY_SEED_OFFSET)
 
 
-def items_of(ids: np.ndarray) -> list[Item]:
-    """Minimal rows, built without validation (they are valid by construction)."""
-    return [
-        Item.model_construct(
-            id=i,
-            kind="image",
-            uri=f"scale://{i}",
-            group_id=str(i),
-            caption=None,
-            metadata={},
-            start_s=None,
-            end_s=None,
-        )
-        for i in ids.tolist()
-    ]
+class MinimalItems(Sequence[Item]):
+    """A chunk's rows, made when read (the sampling pass never reads them), without
+    validation (they are valid by construction)."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Item]: ...
+    def __getitem__(self, index: int | slice) -> Item | Sequence[Item]:
+        if isinstance(index, slice):
+            return MinimalItems(self.ids[index])
+        return item_of(int(self.ids[index]))
+
+    def __iter__(self) -> Iterator[Item]:
+        return (item_of(i) for i in self.ids.tolist())
+
+
+def item_of(i: int) -> Item:
+    return Item.model_construct(
+        id=i,
+        kind="image",
+        uri=f"scale://{i}",
+        group_id=str(i),
+        caption=None,
+        metadata={},
+        start_s=None,
+        end_s=None,
+    )
 
 
 def ground_truth(source: Source, queries: np.ndarray, work: Path) -> np.ndarray:
@@ -233,7 +252,9 @@ class Bench:
         return manifest.bundle_id
 
 
-def phase_build(bench: Bench, count: int, kind: str, factory: str) -> dict[str, Any]:
+def phase_build(
+    bench: Bench, count: int, kind: str, factory: str, nprobe: int | None
+) -> dict[str, Any]:
     name = collection_name(kind, count)
     timings: dict[str, float] = {}
     bundle_id = bench.bundle_id()
@@ -252,6 +273,7 @@ def phase_build(bench: Bench, count: int, kind: str, factory: str) -> dict[str, 
             seed=bench.seed,
             on_progress=bar.update,
             timings=timings,
+            nprobe=nprobe,
         )
         build_s = time.perf_counter() - start
     segment = bench.root / name / "segments" / info.segments[0]
@@ -281,7 +303,9 @@ def phase_build(bench: Bench, count: int, kind: str, factory: str) -> dict[str, 
     return row
 
 
-def phase_rescore(bench: Bench, count: int, kind: str, queries: int) -> dict[str, Any]:
+def phase_rescore(
+    bench: Bench, count: int, kind: str, queries: int, nprobe: int | None
+) -> dict[str, Any]:
     from indexer.collection import Collection
 
     name = collection_name(kind, count)
@@ -290,6 +314,8 @@ def phase_rescore(bench: Bench, count: int, kind: str, queries: int) -> dict[str
     truth = ground_truth(source, wanted, bench.work)
     rows = []
     with Collection.open(bench.root, name, mmap=True) as collection:
+        if nprobe is not None:
+            _set_nprobe(collection, nprobe)
         params = _search_params(collection)
         for factor in FACTORS if kind == "pq" else (1,):
             collection.nearest(wanted[:64], K, rescore=factor)  # the page cache, warm
@@ -316,6 +342,14 @@ def phase_rescore(bench: Bench, count: int, kind: str, queries: int) -> dict[str
             rows.append(row)
             tqdm.write(f"{name} rescore {factor}: {row}")
     return {"collection": name, "count": count, "search_params": params, "rows": rows}
+
+
+def _set_nprobe(collection: Any, nprobe: int) -> None:
+    from indexer.faiss_index import set_search_params
+
+    for segment in collection.segments.segments:
+        if segment.index is not None:
+            set_search_params(segment.index, nprobe=nprobe)
 
 
 def _search_params(collection: Any) -> dict[str, int]:
@@ -660,6 +694,12 @@ def record(json_out: Path, phase: str, key: str, row: dict[str, Any], meta: dict
 )
 @click.option("--factory", default=None, help="Override the factory string (build).")
 @click.option("--pq-m", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="build: the nprobe the index file keeps; rescore: searched with (default nlist/8, ≤ 64).",
+)
 @click.option("--dim", type=click.IntRange(min=8), default=256, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1024), default=65_536, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -707,6 +747,7 @@ def scale_bench(
     kind: str,
     factory: str | None,
     pq_m: int,
+    nprobe: int | None,
     dim: int,
     chunk: int,
     seed: int,
@@ -731,11 +772,11 @@ def scale_bench(
     started = datetime.now(UTC).isoformat(timespec="seconds")
     name = collection_name(kind, count)
     if phase == "build":
-        row = phase_build(bench, count, kind, factory or default_factory(kind, count, pq_m))
+        row = phase_build(bench, count, kind, factory or default_factory(kind, count, pq_m), nprobe)
         key = name
     elif phase == "rescore":
-        row = phase_rescore(bench, count, kind, queries)
-        key = name
+        row = phase_rescore(bench, count, kind, queries, nprobe)
+        key = name + (f" nprobe {nprobe}" if nprobe else "")
     elif phase == "serve":
         if bundle is None:
             raise click.UsageError("--phase serve needs --bundle")

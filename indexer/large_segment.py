@@ -204,6 +204,7 @@ def write_segment_streaming(
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
     timings: dict[str, float] | None = None,
+    nprobe: int | None = None,
 ) -> SegmentInfo:
     """Write a complete segment into ``folder`` (new) from ``count`` vectors in ``chunks``.
 
@@ -214,7 +215,8 @@ def write_segment_streaming(
     ``write_segment`` writes; recall_at_10 is measured as it does, with the stored copies of
     200 seeded rows as queries. ``on_progress(n)`` after each chunk of n added;
     ``timings`` (when given) gets the seconds of each step (sample, train, add, files,
-    metadata, recall, save, digests)."""
+    metadata, recall, save, digests). ``nprobe`` (IVF) replaces the default nlist/8 in [1, 64]
+    that the index file keeps for its searches."""
     if count < 0 or dim < 1:
         raise ValueError(f"count must be >= 0 and dim >= 1, not count={count}, dim={dim}")
     folder.mkdir(parents=True, exist_ok=False)
@@ -279,6 +281,8 @@ def write_segment_streaming(
         raise ValueError(f"the chunks held {written} vectors, not count={count}")
     recall = 1.0
     if index is not None:
+        if nprobe is not None:
+            set_search_params(index, nprobe=nprobe)
         with _timed(timings, "recall"):
             recall = _measure_recall(index, folder)
         with _timed(timings, "save"):
@@ -332,6 +336,7 @@ def build_large_collection(
     seed: int = 0,
     on_progress: Callable[[int], None] | None = None,
     timings: dict[str, float] | None = None,
+    nprobe: int | None = None,
 ) -> tuple[int, IndexInfo]:
     """Publish a new version of collection ``name`` under ``root`` made of one segment
     written by :func:`write_segment_streaming` (as ``indexer.assemble.write_version`` does for
@@ -351,6 +356,7 @@ def build_large_collection(
             seed=seed,
             on_progress=on_progress,
             timings=timings,
+            nprobe=nprobe,
         )
         info = IndexInfo(
             collection=name,
