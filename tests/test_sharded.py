@@ -389,3 +389,35 @@ def test_sync_of_a_sharded_collection_equals_sync_of_one(
     again = sync_sharded(split, "photos", folder, **options)
     assert not again.published
     assert again.unchanged == 14
+
+
+@pytest.mark.slow
+def test_cli_add_and_search_on_a_sharded_collection(tmp_path: Path, micro_bundle: Path) -> None:
+    from tests.test_sync import _photos
+
+    folder, root = tmp_path / "photos", tmp_path / "collections"
+    _photos(folder, count=8)
+    options: dict[str, Any] = {"bundle": micro_bundle, "workers": 0, "batch_size": 8}
+    sync_collection(root, "photos", folder, **options)
+    split_collection(root, "photos", 2, progress=False)
+    more = tmp_path / "more"
+    _photos(more, count=3, first_seed=50)
+    runner = CliRunner()
+    common = ["--root", str(root), "--collection", "photos"]
+    result = runner.invoke(
+        index_cli,
+        ["add", *common, "--bundle", str(micro_bundle), "--corpus", str(more), "--workers", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "11 live" in result.stdout
+    with LocalShards.open(root, "photos") as shards:
+        added = [item for item in shards.get(np.arange(8, 11)) if item is not None]
+        assert sorted(Path(item.uri).name for item in added) == ["p050.png", "p051.png", "p052.png"]
+        # Ids 8 and 10 go to shard 0, 9 to shard 1 (each held 4 of the 8 photos).
+        assert [shard.info.live for shard in shards.shards] == [6, 5]
+    result = runner.invoke(index_cli, ["search", *common, "--text", "a photo", "-k", "11"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "a photo"
+    assert len(lines) == 12
+    assert any("p051.png" in line for line in lines)
