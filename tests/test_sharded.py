@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ from runtime.encoder import Encoder
 
 DIM = 32
 TAGS = ("cat", "dog", "bird", "fish")
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread() -> Iterator[None]:
+    """OpenMP threads spin-waiting on the shared 2-core test machine make these small
+    searches several times slower."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -95,7 +106,7 @@ def random_filter(rng: np.random.Generator) -> dict[str, Any] | None:
     if choice == 2:
         return {"tag": {"in": [str(t) for t in rng.choice(TAGS, size=2, replace=False)]}}
     if choice == 3:  # few matches: the exact path of filtered segments
-        return {"group_id": f"g{int(rng.integers(0, 700))}"}
+        return {"group_id": f"g{int(rng.integers(0, 550))}"}
     return {"any_of": [{"tag": "cat", "year": {"lt": 2004}}, {"tag": "fish"}]}
 
 
@@ -119,7 +130,7 @@ def assert_same_page(
 
 
 def test_sharded_search_equals_single_node_through_random_changes(tmp_path: Path) -> None:
-    twins(tmp_path, 2400)
+    twins(tmp_path, 1500)
     info = read_sharded(tmp_path, "split")
     assert (info.shards, info.replicas, info.factory) == (3, 1, "Flat")
     assert not info.shared_quantizer
@@ -127,7 +138,7 @@ def test_sharded_search_equals_single_node_through_random_changes(tmp_path: Path
     rng = np.random.default_rng(7)
     for step in range(30):
         op = int(rng.integers(0, 10))
-        if op < 3:
+        if op < 4:
             n = int(rng.integers(1, 60))
             vectors = unit(rng, n)
             items = items_for(np.zeros(n, dtype=np.int64), rng)
@@ -137,7 +148,7 @@ def test_sharded_search_equals_single_node_through_random_changes(tmp_path: Path
                 it.model_copy(update={"id": int(i)}) for it, i in zip(items, given, strict=True)
             ]
             add_encoded(tmp_path, "single", given, vectors, numbered, keep_versions=2)
-        elif op < 5:
+        elif op < 6:
             with Collection.open(tmp_path, "single", with_indexes=False) as live:
                 alive = live.ids_matching(None)
             doomed = rng.choice(alive, size=int(rng.integers(1, 80)), replace=False).tolist()
@@ -145,12 +156,12 @@ def test_sharded_search_equals_single_node_through_random_changes(tmp_path: Path
             _, removed = remove_sharded(tmp_path, "split", ids=doomed, keep_versions=2)
             _, expected = remove_from_collection(tmp_path, "single", ids=doomed, keep_versions=2)
             assert removed == expected == len(doomed) - 1
-        elif op == 5:
+        elif op == 6:
             where = {"tag": "bird", "year": int(rng.integers(2000, 2010))}
             _, removed = remove_sharded(tmp_path, "split", filters=where, keep_versions=2)
             _, expected = remove_from_collection(tmp_path, "single", filters=where, keep_versions=2)
             assert removed == expected
-        elif op == 6:
+        elif op == 7:
             policy = CompactionPolicy(full=bool(rng.integers(0, 2)), tombstone_ratio=0.05)
             compact_sharded(tmp_path, "split", keep_versions=2, policy=policy)
             compact_collection(tmp_path, "single", keep_versions=2, policy=policy)
@@ -165,7 +176,7 @@ def test_sharded_search_equals_single_node_through_random_changes(tmp_path: Path
             np.testing.assert_array_equal(
                 shards.ids_matching(filters), single.ids_matching(filters)
             )
-            probe = rng.integers(0, 2600, size=20)
+            probe = rng.integers(0, 1700, size=20)
             assert shards.get(probe) == single.get(probe)
             want = single.stored_vectors(probe)
             have = shards.stored_vectors(probe)
