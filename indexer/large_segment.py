@@ -180,15 +180,22 @@ def _timed(timings: dict[str, float] | None, step: str) -> Iterator[None]:
 
 
 def stored_blocks(folder: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, float32 vectors) of a written segment, 16 MiB of float32 vectors at a time."""
-    ids = np.load(folder / SEGMENT_IDS, mmap_mode="r")
-    vectors = np.load(folder / SEGMENT_VECTORS, mmap_mode="r")
-    block = max(1, READ_BYTES // (4 * max(vectors.shape[1], 1)))
-    for start in range(0, len(ids), block):
-        yield (
-            np.asarray(ids[start : start + block]),
-            np.asarray(vectors[start : start + block], dtype=np.float32),
-        )
+    """(ids, float32 vectors) of a written segment, 16 MiB of float32 vectors at a time, read
+    through file handles: a memory map would leave every page read in the resident set."""
+    ids_map = np.load(folder / SEGMENT_IDS, mmap_mode="r")
+    vectors_map = np.load(folder / SEGMENT_VECTORS, mmap_mode="r")
+    count, dim = vectors_map.shape
+    dtype, ids_at, vectors_at = vectors_map.dtype, int(ids_map.offset), int(vectors_map.offset)
+    del ids_map, vectors_map
+    block = max(1, READ_BYTES // (4 * max(dim, 1)))
+    with (folder / SEGMENT_IDS).open("rb") as ids_file, (folder / SEGMENT_VECTORS).open("rb") as f:
+        ids_file.seek(ids_at)
+        f.seek(vectors_at)
+        for start in range(0, count, block):
+            n = min(block, count - start)
+            ids = np.frombuffer(ids_file.read(n * 8), dtype=np.int64)
+            vectors = np.frombuffer(f.read(n * dim * dtype.itemsize), dtype=dtype)
+            yield ids, vectors.reshape(n, dim).astype(np.float32)
 
 
 def write_segment_streaming(
