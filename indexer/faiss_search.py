@@ -54,6 +54,7 @@ def search(
     *,
     allowed: np.ndarray | AllowedIds | None = None,
     lookup: Callable[[np.ndarray], np.ndarray] | None = None,
+    need: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``queries`` [Q, d]: (scores float32 [Q, k], ids int64 [Q, k]), best first,
     padded with score -inf and id -1.
@@ -65,7 +66,9 @@ def search(
     the allowed ids: exact vectors from ``lookup(ids) -> [len(ids), d]`` when given, else every
     inverted list for IVF (exact for IVF-Flat, the index's own codes otherwise), else a scan of
     the flat storage under HNSW. A row still short then has fewer allowed ids in the index.
-    An :class:`AllowedIds` brings its selector built (a cached filter's).
+    ``need`` (default ``k``) replaces ``k`` in that rule: a caller that rescores ``k x r``
+    candidates needs only ``k`` of them. An :class:`AllowedIds` brings its selector built (a
+    cached filter's).
     """
     check_k(k)
     queries = check_vectors(queries, "queries", index.d)
@@ -82,7 +85,7 @@ def search(
     else:
         params = filter_params(index, allowed.selector())
         scores, labels = index.search(queries, k, params=params)
-    short = np.count_nonzero(labels >= 0, axis=1) < min(k, ids.size)
+    short = np.count_nonzero(labels >= 0, axis=1) < min(k if need is None else need, ids.size)
     if short.any():
         scores[short], labels[short] = _exhaustive(index, queries[short], k, ids, lookup)
     return _finish(scores, labels)

@@ -449,7 +449,7 @@ class SegmentedIndex:
         fetch = k * factor
         if factor > 1 and is_gpu_index(segment.index):
             fetch = max(k, min(fetch, GPU_MAX_K))
-        found = self._candidates(part, queries, fetch, allowed, coarse)
+        found = self._candidates(part, queries, fetch, allowed, coarse, need=k)
         if found is None or factor == 1:
             return found
         return rescore_top_k(queries, found[1], segment.lookup, k)
@@ -461,8 +461,11 @@ class SegmentedIndex:
         k: int,
         allowed: AllowedIds | None,
         coarse: tuple[np.ndarray, np.ndarray] | None,
+        need: int,
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The segment index's own top ``k`` live (and ``allowed``) ids, by its codes' scores."""
+        """The segment index's own top ``k`` live (and ``allowed``) ids, by its codes' scores;
+        a row is completed exhaustively only when it holds fewer than ``need`` (what the caller
+        keeps of the ``k``)."""
         segment = part.segment
         assert segment.index is not None
         if allowed is not None:
@@ -472,9 +475,10 @@ class SegmentedIndex:
                 min(k, len(allowed)),
                 allowed=allowed,
                 lookup=segment.lookup,
+                need=need,
             )
         if len(part.deleted) > OVERFETCH_TOMBSTONES:
-            return self._search_excluding(part, queries, k, coarse)
+            return self._search_excluding(part, queries, k, coarse, need)
         else:
             wanted = min(k + len(part.deleted), segment.info.count)
             if coarse is not None and self._tail is not None:
@@ -493,11 +497,12 @@ class SegmentedIndex:
         queries: np.ndarray,
         k: int,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
+        need: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Many tombstones: the index's own search with a selector that skips them (the index's
         nprobe/efSearch kept; on the base, the quantizer pass ``coarse`` reused). Rows it leaves
-        short, as approximate filtered search can, are searched again over the live ids,
-        exhaustively."""
+        with fewer than ``need`` (default ``k``), as approximate filtered search can, are
+        searched again over the live ids, exhaustively."""
         segment = part.segment
         assert segment.index is not None
         live = segment.info.count - len(part.deleted)
@@ -506,14 +511,19 @@ class SegmentedIndex:
         wanted = min(k, live)
         if is_gpu_index(segment.index):  # no selectors on the GPU: the allowed-ids path
             return search(
-                segment.index, queries, wanted, allowed=part.live(), lookup=segment.lookup
+                segment.index,
+                queries,
+                wanted,
+                allowed=part.live(),
+                lookup=segment.lookup,
+                need=need,
             )
         params = filter_params(segment.index, part.without_deleted())
         if coarse is not None and self._tail is not None:
             scores, ids = self._tail.search_base(queries, wanted, coarse, params)
         else:
             scores, ids = search_checked(segment.index, queries, wanted, params)
-        short = np.count_nonzero(ids >= 0, axis=1) < wanted
+        short = np.count_nonzero(ids >= 0, axis=1) < min(k if need is None else need, live)
         if short.any():
             again = search(
                 segment.index, queries[short], wanted, allowed=part.live(), lookup=segment.lookup

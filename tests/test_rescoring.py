@@ -201,6 +201,36 @@ def test_the_default_factor_keeps_most_of_the_exact_answer(made: Segments) -> No
         assert overlap[1] > overlap[0]  # rescoring is what recovers it
 
 
+def test_a_row_with_k_candidates_is_rescored_not_searched_again_exhaustively(
+    made: Segments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k x r candidates are wanted, k are needed: a filtered or tombstoned row that finds
+    fewer than k x r but at least k is rescored as it is, not completed over every allowed id
+    (which reads all of their stored rows)."""
+    monkeypatch.setattr(segments_module, "EXACT_FILTER_IDS", 0)  # through the index
+    rng = np.random.default_rng(4)
+    segment = made.add(unit(rng.standard_normal((700, DIM))), "IVF4,PQ4")
+    assert segment.index is not None
+    set_search_params(segment.index, nprobe=1)  # one list of ~175: ~58 of each tag
+    deleted = set(segment.ids[1 : OVERFETCH_TOMBSTONES + 100 : 3].tolist())  # > 256: selector
+    index = SegmentedIndex([segment], np.array(sorted(deleted), dtype=np.int64))
+    asked: list[int] = []
+    lookup = segment.lookup
+
+    def spy(ids: np.ndarray) -> np.ndarray:
+        asked.append(len(ids))
+        return lookup(ids)
+
+    monkeypatch.setattr(segment, "lookup", spy)
+    queries = unit(rng.standard_normal((2, DIM)))
+    for filters in ({"tag": "red"}, None):
+        asked.clear()
+        _, ids = index.nearest(queries, 10, filters=filters, rescore=40)
+        assert (ids >= 0).all()  # k found in the probed list: nothing to complete
+        assert len(asked) == 1  # the rescoring's one read of its candidates' rows
+        assert asked[0] < 2 * 175  # not every allowed or live id (~233 or ~540)
+
+
 def test_only_codes_coarser_than_the_stored_copy_are_rescored() -> None:
     assert rescores("IVF64,PQ32")
     assert rescores("PQ16")
