@@ -19,6 +19,12 @@ the worker, before hydration, and fetches one hit more than the page to know whe
 page exists; ``sort`` gathers every hit above the cut-off (up to max_offset + max_k) in a
 search group of its own, so a deep sorted search never makes its batch-mates fetch as deep,
 and orders them (``service.relevance``). A query without these does none of this work.
+
+Sharded collections (``service.shard_router``) are searched through their router, in a batcher
+of their own whose batches never run on the event loop's thread (a shard call waits on the
+network, up to ``shard_timeout_s``). A shard that does not answer leaves the page without its
+items: the page names it (``Page.missing``) and ``cots_partial_results_total`` counts it, or,
+when the query asks for complete results, the search fails with 503 and Retry-After.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from service.registry import CollectionRegistry
 from service.relevance import sort_hits
 from service.schemas import SORT_NEEDS_MIN_SCORE
 from service.settings import Settings
+from service.shard_router import RETRY_AFTER_S, ShardedCollection
 
 log = logging.getLogger("cots.engine")
 
@@ -70,6 +77,8 @@ class Page:
     collection: Collection
     hits: list[Hit]  # this page only
     more: bool  # whether a next page may exist
+    # Shards of a sharded collection that did not answer: their items are not in the page.
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class _Found:
     vector: np.ndarray
     collection: Collection
     hits: list[Hit]
+    missing: tuple[int, ...] = ()
 
 
 class QueryEngine:
@@ -135,14 +145,23 @@ class QueryEngine:
         self.search_batcher: Batcher[_Job, _Found] = Batcher(
             "search", self._search_batch, observe_batch_size=False, **shared
         )
+        # Sharded collections' queries: the same work, always in the worker thread.
+        self.shard_batcher: Batcher[_Job, _Found] = Batcher(
+            "shards",
+            self._search_batch,
+            observe_batch_size=False,
+            **(shared | {"run_lone_inline": False}),
+        )
 
     def start(self) -> None:
         self.encode_batcher.start()
         self.search_batcher.start()
+        self.shard_batcher.start()
 
     async def stop(self) -> None:
         await self.encode_batcher.stop()
         await self.search_batcher.stop()
+        await self.shard_batcher.stop()
 
     # Checking inputs (request threads) -----------------------------------------------------
 
@@ -293,12 +312,15 @@ class QueryEngine:
         filters: Filter | None = None,
         min_score: float | None = None,
         sort: str | None = None,
+        complete: bool = False,
     ) -> tuple[Page, bool]:
         """(a page of hits, whether the query's vector came from the cache). ``k`` and
         ``offset`` within the limits: the routes call :meth:`check_page` once, before any work
         (decoding an image, fetching a URL), and the clip-retrieval route caps ``k`` itself.
         ``min_score``: no hit below it; ``sort``: a metadata field (``-field`` descending) that
-        orders every hit at or above ``min_score`` (which it needs) before paging."""
+        orders every hit at or above ``min_score`` (which it needs) before paging.
+        ``complete``: a sharded collection with a shard that did not answer raises
+        :class:`UnavailableError` (Retry-After) instead of answering a partial page."""
         if sort is not None and min_score is None:
             raise InvalidInputError(SORT_NEEDS_MIN_SCORE)
         canonical = filters.canonical() if filters is not None else {}
@@ -318,12 +340,24 @@ class QueryEngine:
         cached = vector is not None and query.cache_key is not None
         encode = None if vector is not None else (cast(EncodeKey, query.kind), query.payload)
         job = _Job(key, wanted, encode, vector, min_score, query.exclude, sort)
-        found = await self.search_batcher.submit(SEARCH_GROUP, job)
+        sharded = isinstance(self.registry.get(name), ShardedCollection)
+        batcher = self.shard_batcher if sharded else self.search_batcher
+        found = await batcher.submit(SEARCH_GROUP, job)
         if encode is not None:
             await self._remember(query, found.vector)
+        if found.missing:
+            if complete:
+                shards = ", ".join(str(i) for i in found.missing)
+                raise UnavailableError(
+                    f"shard {shards} of collection {name!r} did not answer, and complete "
+                    f"results were asked for; retry after {RETRY_AFTER_S} s, or leave complete "
+                    "out for the other shards' results",
+                    retry_after=RETRY_AFTER_S,
+                )
+            self.metrics.partial_results.labels(name).inc()
         page = found.hits[offset:end]
         more = len(found.hits) > end if exact else len(found.hits) == end
-        return Page(found.collection, page, more=more), cached
+        return Page(found.collection, page, more=more, missing=found.missing), cached
 
     def _search_batch(self, group: Hashable, jobs: Sequence[_Job]) -> list[_Found | Exception]:
         """Worker thread: encode what needs it (per modality), then search and hydrate (per
@@ -351,38 +385,51 @@ class QueryEngine:
             self.metrics.batch_size.labels("search").observe(len(chosen))
             queries = np.stack([cast(np.ndarray, vectors[i]) for i in chosen])
             try:
-                collection, hits = self._search_group(key, queries, [jobs[i] for i in chosen])
+                collection, hits, missing = self._search_group(
+                    key, queries, [jobs[i] for i in chosen]
+                )
             except Exception as error:
                 for i in chosen:
                     results[i] = error
                 continue
             for i, row, vector in zip(chosen, hits, queries, strict=True):
-                results[i] = _Found(vector, collection, row)
+                results[i] = _Found(vector, collection, row, missing)
         return cast(list[_Found | Exception], results)
 
     def _search_group(
         self, key: SearchKey, queries: np.ndarray, jobs: Sequence[_Job]
-    ) -> tuple[Collection, list[list[Hit]]]:
+    ) -> tuple[Collection, list[list[Hit]], tuple[int, ...]]:
+        """(the collection searched, each job's hits, the shards that did not answer)."""
         name, filters_json, _ = key
         collection = self.collection(name)  # the version live now: a swap may have happened
         filters = as_filter(json.loads(filters_json))  # validated at the edge: cheap again
         most = max(job.wanted for job in jobs)
+        missing: list[int] = []
         with self.metrics.stage("search"):
             try:
-                scores, ids = collection.nearest(queries, most, filters=filters)
+                if isinstance(collection, ShardedCollection):
+                    scores, ids, missing = collection.nearest_partial(
+                        queries, most, filters=filters
+                    )
+                else:
+                    scores, ids = collection.nearest(queries, most, filters=filters)
             except FilterError as error:  # a filter the store refuses
                 raise InvalidInputError(str(error)) from None
         for row, job in enumerate(jobs):
             _drop_unwanted(scores[row], ids[row], job)
         with self.metrics.stage("hydrate"):
-            hits = collection.hydrate(scores, ids, most)
+            if isinstance(collection, ShardedCollection):
+                hits, lost = collection.hydrate_partial(scores, ids, most)
+                missing = sorted({*missing, *lost})
+            else:
+                hits = collection.hydrate(scores, ids, most)
         rows = []
         for found, job in zip(hits, jobs, strict=True):
             if job.sort is not None:
                 with self.metrics.stage("sort"):
                     found = sort_hits(found, job.sort)
             rows.append(found[: job.wanted])
-        return collection, rows
+        return collection, rows, tuple(missing)
 
 
 def _drop_unwanted(scores: np.ndarray, ids: np.ndarray, job: _Job) -> None:

@@ -83,6 +83,13 @@ class Metrics:
             "/readyz names each with its reason)",
             registry=self.registry,
         )
+        self.partial_results = Counter(
+            "cots_partial_results_total",
+            "Searches of a sharded collection answered without one of its shards (no replica "
+            "answered within shard_timeout_s); the answer says which (partial, missing_shards)",
+            ["collection"],
+            registry=self.registry,
+        )
         self.redis_up = Gauge(
             "cots_redis_up", "1 when Redis answers, 0 when it does not", registry=self.registry
         )

@@ -16,12 +16,22 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from indexer.collection import Collection
 from indexer.errors import IndexerError
+from indexer.sharded import is_sharded
 from indexer.versions import CURRENT, current_version
 from runtime.errors import BundleRuntimeError
 from service.metrics import Metrics
+
+
+class ShardedOpener(Protocol):
+    """Opens sharded collections (``service.shard_router.RayShards``): ``previous`` itself
+    when its shards' versions are unchanged."""
+
+    def open(self, root: Path, name: str, previous: Collection | None) -> Collection: ...
+
 
 log = logging.getLogger("cots.registry")
 
@@ -39,6 +49,7 @@ class CollectionRegistry:
         retry_failed_s: float = 60.0,
         mmap: bool = True,
         rescore: int | None = None,
+        shards: ShardedOpener | None = None,
     ) -> None:
         self.root = Path(root)
         self.bundle_id = bundle_id
@@ -47,6 +58,8 @@ class CollectionRegistry:
         self.use_gpu = use_gpu
         self.mmap = mmap
         self.rescore = rescore  # None: indexer.segments.DEFAULT_RESCORE
+        # Sharded collections' link to Ray Serve (service.shard_router); None: not served.
+        self.shards = shards
         self.grace_s = grace_s
         self.retry_failed_s = retry_failed_s
         # collection -> (version that failed to load, when): a damaged version is tried again
@@ -63,7 +76,11 @@ class CollectionRegistry:
             return sorted(self.fixed_names)
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CURRENT).is_symlink())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p / CURRENT).is_symlink() or is_sharded(self.root, p.name)
+        )
 
     def get(self, name: str) -> Collection | None:
         return self._live.get(name)
@@ -90,6 +107,8 @@ class CollectionRegistry:
         return swapped
 
     def _refresh_one(self, name: str) -> bool:
+        if is_sharded(self.root, name):
+            return self._refresh_sharded(name)
         try:
             version = current_version(self.root, name)
         except (OSError, ValueError) as error:
@@ -144,6 +163,33 @@ class CollectionRegistry:
             )  # fmt: skip
         else:
             log.info("collection %s: serving version %d", name, version)
+        return True
+
+    def _refresh_sharded(self, name: str) -> bool:
+        """A collection split into shards, served by Ray Serve: its router is opened by
+        ``service.shard_router`` (nothing of the shards is loaded here)."""
+        if self.shards is None:
+            self.errors[name] = (
+                f"collection {name!r} is sharded, and its shards are served by a Ray cluster: "
+                "set COTS_RAY_ADDRESS (or RAY_ADDRESS) to its address, e.g. ray://head:10001"
+            )
+            return False
+        served = self._live.get(name)
+        try:
+            opened = self.shards.open(self.root, name, served)
+        except Exception as error:  # the fault boundary: the other collections keep serving
+            why = f"{type(error).__name__}: {error}"
+            if self.errors.get(name) != why:  # logged once, not at every poll
+                log.error("cannot serve sharded collection %s: %s", name, why)
+            self.errors[name] = why
+            return False
+        if opened is served:
+            return False
+        self._live[name] = opened
+        self.errors.pop(name, None)
+        self.metrics.index_version.labels(name).set(opened.version)
+        self.metrics.index_items.labels(name).set(opened.info.live)
+        log.info("collection %s: serving version %d (sharded)", name, opened.version)
         return True
 
     def _close_retired(self, *, force: bool = False) -> None:

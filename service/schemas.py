@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from wire.schemas import (
+    COMPLETE_DOC,
     MIN_SCORE_DOC,
     QUERY_INPUTS,
     SORT_DOC,
@@ -38,6 +39,7 @@ from wire.schemas import (
 )
 
 __all__ = [
+    "COMPLETE_DOC",
     "ERROR_RESPONSES",
     "MIN_SCORE_DOC",
     "QUERY_INPUTS",
@@ -75,7 +77,8 @@ _ERROR_MEANINGS = {
     415: "not an accepted image format",
     422: "invalid request: fields, limits, exactly one query input",
     429: "rate limited (Retry-After)",
-    503: "busy (Retry-After), or the collection or Redis is unavailable",
+    503: "busy (Retry-After), the collection or Redis is unavailable, or a shard of a sharded "
+    "collection did not answer and complete results were asked for (Retry-After)",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": meaning}

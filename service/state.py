@@ -19,6 +19,7 @@ from service.redis_link import RedisLink
 from service.registry import CollectionRegistry
 from service.security import RateLimiter
 from service.settings import Settings
+from service.shard_router import RayShards, ray_address
 from service.updates import VersionWatcher
 
 log = logging.getLogger("cots.service")
@@ -57,6 +58,17 @@ class ServiceState:
         )
         for modality in ("text", "image"):  # sessions now, not on the first query
             encoder.session(modality)
+        address = ray_address(settings.ray_address)
+        shards = None
+        if address is not None:  # sharded collections: joined to Ray when the first is opened
+            shards = RayShards(
+                address,
+                bundle_id=encoder.bundle_id,
+                timeout_s=settings.shard_timeout_s,
+                poll_s=settings.reload_poll_s,
+                mmap=settings.mmap,
+                rescore=settings.rescore,
+            )
         registry = CollectionRegistry(
             settings.index_root,
             encoder.bundle_id,
@@ -65,6 +77,7 @@ class ServiceState:
             use_gpu=settings.gpu_faiss,
             mmap=settings.mmap,
             rescore=settings.rescore,
+            shards=shards,
         )
         registry.refresh()
         link = RedisLink(settings.redis_url, metrics)
@@ -106,3 +119,5 @@ class ServiceState:
         self.jobs.close()
         await self.link.close()
         self.registry.close()
+        if isinstance(self.registry.shards, RayShards):
+            self.registry.shards.close()

@@ -41,6 +41,11 @@ SORT_DOC = (
     "come last; ties by score, then id"
 )
 
+COMPLETE_DOC = (
+    "a sharded collection with a shard that does not answer: 503 with Retry-After instead of "
+    "a partial page (partial: true) of the other shards' hits"
+)
+
 SORT_NEEDS_MIN_SCORE = (
     "sort needs min_score: the hits at or above it are what gets sorted (e.g. min_score 0.2)"
 )
@@ -72,6 +77,7 @@ class SearchRequest(_Body):
     filters: Filter | None = Field(None, description=_FILTERS_DOC)
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description=MIN_SCORE_DOC)
     sort: str | None = Field(None, pattern=SORT_PATTERN, description=SORT_DOC)
+    complete: bool = Field(False, description=COMPLETE_DOC)
 
     @model_validator(mode="after")
     def _one_query(self) -> Self:
@@ -114,6 +120,15 @@ class SearchResponse(BaseModel):
     took_ms: float
     next_offset: int | None = Field(description="offset of the next page; null on the last")
     hits: list[SearchHit]
+    partial: bool = Field(
+        False,
+        description="a sharded collection answered without some of its shards (their items "
+        "are missing from the hits; header X-COTS-Partial names them too); absent for "
+        "collections that are not sharded",
+    )
+    missing_shards: list[int] = Field(
+        default_factory=list, description="the shards that did not answer (partial: true)"
+    )
 
 
 class EmbedTextsRequest(_Body):

@@ -19,6 +19,7 @@ from service.engine import Page
 from service.errors import InvalidInputError
 from service.queries import QueryKind, decode_base64_image, fetch_image, search_query
 from service.schemas import (
+    COMPLETE_DOC,
     ERROR_RESPONSES,
     MIN_SCORE_DOC,
     SORT_DOC,
@@ -28,8 +29,11 @@ from service.schemas import (
     SearchRequest,
     SearchResponse,
 )
+from service.shard_router import ShardedCollection
 
 router = APIRouter(prefix=f"{API_PREFIX}/collections", tags=["search"], responses=ERROR_RESPONSES)
+# On the answer of a sharded collection missing some shards: their numbers, comma-separated.
+PARTIAL_HEADER = "X-COTS-Partial"
 
 
 def hit_fields(collection: str, hit: Hit) -> dict[str, Any]:
@@ -58,8 +62,10 @@ def page_response(
 ) -> Response:
     """The SearchResponse as JSON bytes, built once: the hits come from the store, already
     validated, and a pydantic model per hit plus the response's validation cost more than
-    the FAISS search (issue 18). ``response_model`` still documents it."""
-    body = {
+    the FAISS search (issue 18). ``response_model`` still documents it. A sharded
+    collection's answer says whether shards were missing (``partial``, ``missing_shards``,
+    the ``X-COTS-Partial`` header); other collections' answers leave both fields out."""
+    body: dict[str, Any] = {
         "collection": name,
         "version": page.collection.version,
         "query": query,
@@ -70,7 +76,13 @@ def page_response(
         "next_offset": offset + k if page.more else None,
         "hits": [hit_fields(name, hit) for hit in page.hits],
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    headers = None
+    if isinstance(page.collection, ShardedCollection):
+        body["partial"] = bool(page.missing)
+        body["missing_shards"] = list(page.missing)
+        if page.missing:
+            headers = {PARTIAL_HEADER: ",".join(str(i) for i in page.missing)}
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 @router.post("/{name}/search", response_model=SearchResponse)
@@ -109,6 +121,7 @@ async def run_search(body: SearchRequest, context: SearchContext, start: float) 
         filters=body.filters,
         min_score=body.min_score,
         sort=body.sort,
+        complete=body.complete,
     )
     return page_response(
         name, page, query=query.kind, k=body.k, offset=body.offset, cached=cached, start=start
@@ -124,6 +137,7 @@ async def search_upload(
     filters: Annotated[str | None, Form(description="filters as a JSON object")] = None,
     min_score: Annotated[float | None, Form(ge=-1.0, le=1.0, description=MIN_SCORE_DOC)] = None,
     sort: Annotated[str | None, Form(pattern=SORT_PATTERN, description=SORT_DOC)] = None,
+    complete: Annotated[bool, Form(description=COMPLETE_DOC)] = False,
 ) -> Response:
     """Search with an uploaded image file (multipart/form-data)."""
     start = time.perf_counter()
@@ -141,7 +155,14 @@ async def search_upload(
     data = await image.read()
     query = await search_query(engine, image=data)
     page, cached = await engine.find(
-        name, query, k=k, offset=offset, filters=parsed, min_score=min_score, sort=sort
+        name,
+        query,
+        k=k,
+        offset=offset,
+        filters=parsed,
+        min_score=min_score,
+        sort=sort,
+        complete=complete,
     )
     return page_response(
         name, page, query=query.kind, k=k, offset=offset, cached=cached, start=start
