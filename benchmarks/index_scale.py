@@ -15,9 +15,9 @@ the work folder. Each phase runs alone (``--phase``) and merges its rows into th
   ``benchmarks/memory_cap.py``), time to ready, recall@10 of the 1,000 queries sent as
   embeddings over HTTP, then wrk (pinned to the last core, ``benchmarks/load_wrk.py``) at each
   concurrency: a 2 s warm-up and a measured run; the cgroup's peak and the server's memory.
-- replicas: N servers on one collection started together, each timed to ready and warmed with
-  queries, then each one's anonymous and file-backed resident memory (``smaps_rollup``); then
-  one server with mmap off (its own full copy) the same way.
+- replicas: one server with mmap on alone, then N started together, each timed to ready and
+  warmed with 200 queries, then each one's anonymous and file-backed resident memory
+  (``smaps_rollup``); then one server with mmap off (its own copy of the index) the same way.
 - sizes: bytes a vector of each index type (built in memory on 100k vectors, centroids and
   codebooks taken out) and of what a segment stores beside it.
 
@@ -585,9 +585,10 @@ def phase_replicas(bench: Bench, count: int, kind: str, replicas: int) -> dict[s
     name = collection_name(kind, count)
     warm = bench.source(count).queries(200)
     out: dict[str, Any] = {"collection": name, "count": count, "replicas": replicas}
-    for mmap, n in ((True, replicas), (False, 1)):
+    # One mapped replica alone first (its start is not slowed by three others starting on the
+    # same cores), then N together, then one holding its own copy.
+    for tag, mmap, n in (("mmap-alone", True, 1), ("mmap", True, replicas), ("copy", False, 1)):
         env = server_env(bench, name, mmap=mmap, rescore=None)
-        tag = "mmap" if mmap else "copy"
         logs = [bench.work / "logs" / f"replica-{tag}-{i}.log" for i in range(n)]
         servers = start_servers([env] * n, logs, None)
         try:

@@ -61,4 +61,5 @@ def test_every_phase_runs_on_a_tiny_collection(micro_bundle: Path, tmp_path: Pat
     assert all(level["requests"] > 0 and level["errors"] == 0 for level in served["levels"])
     replicas = results["replicas"]["pq-4000 x2"]
     assert len(replicas["mmap"]["servers"]) == 2
+    assert len(replicas["mmap-alone"]["servers"]) == 1
     assert replicas["copy"]["servers"][0]["rss_anon_bytes"] > 0
