@@ -149,6 +149,14 @@ def test_ray_api_connects_to_the_head_client_port() -> None:
 def test_every_node_and_the_api_mount_the_index_volume_at_the_same_path() -> None:
     for name in ("api", "worker", *RAY_IMAGE_SERVICES):
         assert "cots-data:/data" in SERVICES[name]["volumes"], name
+    # Ray's settings (token authentication above all: a client whose mode differs from the
+    # cluster's is refused) are the same in every Ray process.
+    ray_settings = [
+        {key: value for key, value in environment(SERVICES[name]).items() if key.startswith("RAY_")}
+        for name in RAY_IMAGE_SERVICES
+    ]
+    assert "RAY_AUTH_MODE" in ray_settings[0]
+    assert all(settings == ray_settings[0] for settings in ray_settings)
     # The shared environment (COTS_INDEX_ROOT, COTS_BUNDLE, ...) is the default api's.
     shared = {key: value for key, value in environment(SERVICES["api"]).items() if "COTS_" in key}
     for name in RAY_IMAGE_SERVICES:
@@ -329,14 +337,16 @@ def test_manifest_containers_have_resources_probes_and_the_settings() -> None:
         # HTTP probes: KubeRay's own run wget, which the image does not have.
         for probe in ("readinessProbe", "livenessProbe"):
             assert "httpGet" in container[probe], (where, probe)
-        for source in container["envFrom"]:
-            assert source["configMapRef"]["name"] in config_maps, where
+        assert [source["configMapRef"]["name"] for source in container["envFrom"]] == [
+            "cots-settings"
+        ], where  # one set of COTS_* and RAY_* settings for the pods and the front door
         for volume in spec["volumes"]:
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in config_maps, where
     head = pod_specs()["head"]["containers"][0]
     assert head["readinessProbe"]["httpGet"] == {"path": "/api/gcs_healthz", "port": DASHBOARD_PORT}
     # Login shells (KubeRay's `bash -lc`) find the image's venv again.
+    assert "RAY_AUTH_MODE" in settings_map()
     login = config_maps["cots-login-path"]["data"]["cots-venv.sh"]
     assert "/opt/venv/bin" in login
     for where, spec in pod_specs().items():
