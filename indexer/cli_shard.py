@@ -24,13 +24,14 @@ Decorator = Callable[[Any], Any]
 _SHARD_HELP = """Split a collection into S shards by id, each a collection of its own.
 
 \b
-Item i goes to shard i % S. Each shard is a normal collection under
+Item i goes to shard mix(i) % S (splitmix64: balanced whatever the ids'
+strides). Each shard is a normal collection under
 ROOT/NAME/shards/shard-<i> (its versions, segments, delete set and
 compaction are its own); ROOT/NAME/sharded.json, written last, makes NAME
-sharded. From then on `cots index add | remove | compact | search | info
---collection NAME` go to its shards: adds take ids after the largest any
+sharded. From then on `cots index add | remove | compact | search | info |
+sync --collection NAME` go to its shards: adds take ids after the largest any
 shard gave and go to their owning shard, removes to the shard that holds
-the id, compaction runs per shard, and search asks every shard and merges
+the id, compaction and sync run per shard, and search asks every shard and merges
 (the same hits, scores and order as the unsharded collection). An IVF
 collection's coarse quantizer is trained once and copied into every shard;
 other shards get the index their own size calls for. The unsharded

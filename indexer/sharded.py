@@ -6,7 +6,10 @@ that holds S normal collections, ``shard-0`` ... ``shard-{S-1}``: versions, segm
 sets, compaction and the ``current`` pointer are each shard's own, so every change a shard
 sees is an ordinary change of a collection (``indexer.update``, ``indexer.compaction``).
 
-Ownership is by id: item ``i`` lives in shard ``i % S`` (:func:`shard_of`). Adds take global
+Ownership is by id: item ``i`` lives in shard ``mix(i) % S`` (:func:`shard_of`; ``mix`` is
+splitmix64's finalizer, because ids are ``record * stride + sub`` (``indexer.item_ids``) and a
+plain ``i % S`` would put every caption at the same position of its image, or every whole
+video, in one shard when S divides the stride). Adds take global
 ids above the largest any shard ever gave and go to their owning shard; a remove goes to the
 shard that holds the id; compaction runs per shard.
 
@@ -31,7 +34,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -65,7 +68,8 @@ class ShardedInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format: str = "cots-sharded-collection"
-    shards: int  # S: item i lives in shard i % S
+    shards: int  # S: item i lives in shard shard_of(i) = mix(i) % S
+    routing: Literal["splitmix64"] = "splitmix64"  # what shard_of computes
     replicas: int  # R: replicas of each shard's serving deployment
     dim: int
     model_bundle_id: str
@@ -117,8 +121,15 @@ def shard_name(i: int) -> str:
 
 
 def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
-    """The owning shard of each id."""
-    return np.asarray(ids, dtype=np.int64) % shards
+    """The owning shard (int64) of each id: splitmix64's finalizer of the id, modulo
+    ``shards``. Fixed forever for a collection (its items were split by it)."""
+    z = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the mix wants
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(shards)).astype(np.int64)
 
 
 def refuse_sharded(root: Path, name: str, what: str) -> None:
