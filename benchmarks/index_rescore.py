@@ -107,7 +107,7 @@ def main(
     database = mixture.sample(count, seed=seed + 2)
     ids = np.arange(count, dtype=np.int64) * 7 + 1_000_000_007
     _, expected = exact_search(database, queries, 10, ids=ids)
-    factories = [choose_factory(count, dim, int(b) * 2**20) for b in budgets_mib.split(",")]
+    factories = [choose_factory(count, dim, int(float(b) * 2**20)) for b in budgets_mib.split(",")]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         for n, factory in enumerate(dict.fromkeys(factories)):

@@ -10,13 +10,16 @@ inside the index), and an IVF-PQ base searched through the tail.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import indexer.segments as segments_module
+from benchmarks.index_rescore import main as rescore_bench
 from indexer.collection import Collection
 from indexer.faiss_index import set_search_params
 from indexer.metadata import Item
@@ -259,3 +262,18 @@ def test_the_factor_is_checked_and_passed_down_from_collection_open(tmp_path: Pa
         index.nearest(np.zeros((1, DIM), np.float32), 3, rescore=-2)
     with pytest.raises(ValueError, match="rescore must be a positive integer"):
         Collection.open(tmp_path, "absent", rescore=0)
+
+
+def test_the_rescoring_bench_reports_recall_rising_with_the_factor(tmp_path: Path) -> None:
+    out = tmp_path / "rescore.json"
+    budget = "0.1"  # MiB: only PQ fits 3,000 x 32
+    arguments = ["--count", "3000", "--dim", "32", "--budgets-mib", budget, "--queries", "50"]
+    result = CliRunner().invoke(rescore_bench, [*arguments, "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["rescore"] for row in rows] == [1, 2, 4, 8, 16]
+    assert {row["factory"] for row in rows} == {"IVF76,PQ8"}
+    recalls = [row["recall_at_10"] for row in rows]
+    assert recalls[2] > recalls[0]  # r = 4 recovers what PQ codes lose
+    assert min(recalls[1:]) >= recalls[0]
+    assert "| `IVF76,PQ8` |" in result.output
