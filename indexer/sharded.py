@@ -44,7 +44,7 @@ from indexer.collection import Collection
 from indexer.errors import CollectionError, first_problem
 from indexer.filters import Filter
 from indexer.metadata import Item
-from indexer.segments import Hit
+from indexer.segments import Hit, merge_top_k
 
 SHARDED_JSON: Final = "sharded.json"
 SHARDS: Final = "shards"
@@ -147,23 +147,13 @@ def merge_shard_results(
     parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k_i], ids [Q, k_i]) per shard -> the best ``k`` per query: score descending,
-    ties by id ascending, padded with -inf / -1 (padding sorts after every real hit)."""
+    ties by id ascending, padded with -inf / -1 (``indexer.segments.merge_top_k``, the rule
+    that merges a collection's segments too)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if not parts:
         raise ValueError("no shard results to merge")
-    scores = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts], axis=1)
-    ids = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts], axis=1)
-    if scores.shape[1] < k:
-        pad = k - scores.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-    missing = ids < 0
-    scores = np.where(missing, np.float32(-np.inf), scores)
-    tie = np.where(missing, np.iinfo(np.int64).max, ids)
-    # lexsort's last key is the primary one: score descending, then id ascending.
-    order = np.lexsort((tie, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    return merge_top_k(parts, parts[0][0].shape[0], k)
 
 
 class LocalShards:
