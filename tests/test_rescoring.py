@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import indexer.segments as segments_module
 from benchmarks.index_rescore import main as rescore_bench
+from indexer.cli import index as index_cli
 from indexer.collection import Collection
 from indexer.faiss_index import set_search_params
 from indexer.metadata import Item
@@ -277,3 +278,14 @@ def test_the_rescoring_bench_reports_recall_rising_with_the_factor(tmp_path: Pat
     assert recalls[2] > recalls[0]  # r = 4 recovers what PQ codes lose
     assert min(recalls[1:]) >= recalls[0]
     assert "| `IVF76,PQ8` |" in result.output
+
+
+def test_cots_index_search_takes_the_factor(tmp_path: Path) -> None:
+    runner = CliRunner()
+    shown = runner.invoke(index_cli, ["search", "--help"])
+    assert shown.exit_code == 0
+    assert "--rescore" in shown.output
+    query = ["search", "--root", str(tmp_path), "--collection", "c", "--text", "a red circle"]
+    refused = runner.invoke(index_cli, [*query, "--rescore", "0"])
+    assert refused.exit_code == 2
+    assert "'--rescore': 0 is not in the range" in refused.output
