@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     help="A collection to serve (repeatable; default: all under the root) [COTS_COLLECTIONS].",
 )
 @click.option("--redis-url", help="Redis for cache, jobs and hot swap [COTS_REDIS_URL].")
+@click.option(
+    "--ray-address",
+    help="The Ray cluster serving sharded collections' shards, e.g. ray://head:10001 "
+    "[COTS_RAY_ADDRESS, else RAY_ADDRESS].",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to bind.")
 @click.option(
@@ -47,6 +52,7 @@ def serve(
     index_root: Path | None,
     collections: tuple[str, ...],
     redis_url: str | None,
+    ray_address: str | None,
     host: str,
     port: int,
     workers: int,
@@ -61,8 +67,9 @@ def serve(
     (COTS_LIMITS__MAX_K, ...), API keys (COTS_API_KEYS='[{"name": "ops", "sha256": "...",
     "scopes": ["write", "admin"]}]'), COTS_RATE_LIMIT_PER_MINUTE, COTS_DATA_ROOT,
     COTS_URL_FETCH_ALLOWLIST, COTS_CORS_ORIGINS (web apps on these origins may call the API:
-    '["https://app.example.com"]') and COTS_THUMBNAIL_DIR. Options given here win over the
-    environment.
+    '["https://app.example.com"]') and COTS_THUMBNAIL_DIR. Sharded collections (cots index
+    shard) are searched on the Ray cluster of --ray-address, each shard waited for at most
+    COTS_SHARD_TIMEOUT_S. Options given here win over the environment.
 
     The page is at /, the API under /v1 (OpenAPI docs at /docs), clip-retrieval's API at
     /knn-service, probes at /healthz and /readyz, Prometheus metrics at /metrics.
@@ -77,6 +84,7 @@ def serve(
         "COTS_INDEX_ROOT": str(index_root) if index_root else None,
         "COTS_COLLECTIONS": json.dumps(list(collections)) if collections else None,
         "COTS_REDIS_URL": redis_url,
+        "COTS_RAY_ADDRESS": ray_address,
         "COTS_BATCH__ENABLED": "false" if no_batching else None,
         "COTS_PRECISION": precision,
     }

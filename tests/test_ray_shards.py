@@ -10,6 +10,8 @@ CPU each, "a" and "b", each with a custom resource of its name.
   X-COTS-Partial, cots_partial_results_total), complete: true gets 503 with Retry-After; once
   "a" is back, Serve restarts the replica and answers are complete again.
 
+Without a Ray address, a sharded collection is listed unavailable, naming the setting.
+
 Ray missing fails these tests; it never skips.
 """
 
@@ -43,11 +45,11 @@ from indexer.sharded_update import add_sharded, remove_sharded
 from indexer.update import add_encoded, remove_from_collection
 from indexer.versions import publish, staging
 from runtime.bundle import BundleManifest, read_manifest
+from service.metrics import Metrics
+from service.registry import CollectionRegistry
 from service.settings import Settings
-from service.shard_router import RayShards, ShardedCollection, deployment_name
+from service.shard_router import RayShards, ShardedCollection, deployment_name, ray_address
 from tests.live_server import LiveServer, live_server
-
-pytestmark = pytest.mark.slow
 
 MB = 2**20
 OBJECT_STORE = 80 * MB
@@ -193,6 +195,7 @@ def assert_same_page(
         assert [(h.id, h.item) for h in have] == [(h.id, h.item) for h in expected]
 
 
+@pytest.mark.slow
 def test_sharded_answers_equal_single_node_through_random_changes(
     workers: Workers, root: Path, manifest: BundleManifest
 ) -> None:
@@ -346,6 +349,7 @@ def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_a_sharded_collection_answers_as_its_unsharded_twin_over_http(server: LiveServer) -> None:
     rng = np.random.default_rng(1)
     with server.client() as client:
@@ -374,6 +378,7 @@ def test_a_sharded_collection_answers_as_its_unsharded_twin_over_http(server: Li
         assert missing.status_code == 404, missing.text
 
 
+@pytest.mark.slow
 def test_a_dead_node_under_steady_load_fails_no_query(server: LiveServer, workers: Workers) -> None:
     rng = np.random.default_rng(2)
     vectors = [query(server, rng) for _ in range(8)]
@@ -412,6 +417,7 @@ def test_a_dead_node_under_steady_load_fails_no_query(server: LiveServer, worker
     wait_running(["solo"], replicas=1)
 
 
+@pytest.mark.slow
 def test_a_shard_without_replicas_answers_partial_until_its_node_returns(
     server: LiveServer, workers: Workers
 ) -> None:
@@ -467,3 +473,35 @@ def test_a_shard_without_replicas_answers_partial_until_its_node_returns(
         assert again.status_code == 200
         assert "x-cots-partial" not in again.headers
         assert hit_ids(again.json()) == hit_ids(complete)
+
+
+# Without Ray ----------------------------------------------------------------------------------
+
+
+def test_without_a_ray_address_a_sharded_collection_is_unavailable(tmp_path: Path) -> None:
+    manifest = BundleManifest.model_construct(embed_dim=16, bundle_id="b" * 64)
+    rng = np.random.default_rng(0)
+    items = items_for(np.arange(30), rng)
+    for name in ("plain", "split"):
+        build(tmp_path, name, manifest, unit(rng, 30, 16), items)
+    split_collection(tmp_path, "split", SHARDS, 2, progress=False)
+    registry = CollectionRegistry(tmp_path, "b" * 64, Metrics())
+    registry.refresh()
+    assert registry.names() == ["plain", "split"]
+    assert sorted(registry.loaded()) == ["plain"]  # the other collections are served
+    why = registry.unavailable()["split"]
+    assert "sharded" in why
+    assert "COTS_RAY_ADDRESS" in why
+    assert "RAY_ADDRESS" in why
+
+
+def test_the_ray_address_is_the_setting_else_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) is None
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert ray_address(None) == "ray://head:10001"
+    assert ray_address("auto") == "auto"
+    monkeypatch.setenv("COTS_RAY_ADDRESS", "ray://other:10001")
+    assert ray_address(Settings().ray_address) == "ray://other:10001"

@@ -87,10 +87,13 @@ def search(
     filters: Filters | None = None,
     min_score: float | None = None,
     sort: str | None = None,
+    complete: bool = False,
 ) -> Call[SearchResponse]:
     """One page of hits for exactly one of text, image, image_url, embedding or similar_to
     (an item id). An image goes as a multipart upload (no base64 inflation); the others as
-    JSON. ``min_score`` and ``sort`` (a metadata field, ``-field`` descending) go as given."""
+    JSON. ``min_score`` and ``sort`` (a metadata field, ``-field`` descending) go as given;
+    ``complete`` (sent only when set): a sharded collection missing a shard answers 503
+    instead of a partial page."""
     given = [
         name
         for name, value in (
@@ -111,8 +114,8 @@ def search(
     # Only what was given: a server without these fields refuses unknown ones.
     relevance = {
         name: value
-        for name, value in (("min_score", min_score), ("sort", sort))
-        if value is not None
+        for name, value in (("min_score", min_score), ("sort", sort), ("complete", complete))
+        if value is not None and value is not False
     }
     if image is not None:
         name, data = image_bytes(image)

@@ -71,6 +71,12 @@ from wire.schemas import SearchHit, SearchResponse
     show_default=True,
     help="Seconds to wait for one answer.",
 )
+@click.option(
+    "--complete",
+    is_flag=True,
+    help="A sharded collection with a shard down: fail (503) rather than show the other "
+    "shards' hits.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON answer.")
 def search(
     text: str | None,
@@ -85,6 +91,7 @@ def search(
     where: tuple[str, ...],
     api_key: str | None,
     timeout: float,
+    complete: bool,
     as_json: bool,
 ) -> None:
     """Search a collection (-c) of a running server by TEXT, by --image FILE, or for items
@@ -114,6 +121,7 @@ def search(
                 filters=filters,
                 min_score=min_score,
                 sort=sort,
+                complete=complete,
             )
     except ApiError as error:
         message = f"{url} answered {error.status} {error.code}: {error.message}"
@@ -150,6 +158,9 @@ def hits_table(page: SearchResponse, width: int | None = None) -> str:
         lines.append("  ".join([*cells, row[3].ljust(widths[3]), item]).rstrip())
     if not page.hits:
         lines.append("(no hits)")
+    if page.partial:
+        missing = ", ".join(str(shard) for shard in page.missing_shards)
+        lines.append(f"partial: shard {missing} did not answer; their items are missing")
     more = f", next page: --offset {page.next_offset}" if page.next_offset is not None else ""
     cached = ", embedding cached" if page.cached else ""
     lines.append(

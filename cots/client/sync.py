@@ -108,11 +108,14 @@ class Client:
         filters: Filters | None = None,
         min_score: float | None = None,
         sort: str | None = None,
+        complete: bool = False,
     ) -> SearchResponse:
         """One page of hits for exactly one of ``text``, ``image`` (bytes or a path),
         ``image_url``, ``embedding`` or ``similar_to`` (an item id: items like it, itself left
         out). ``min_score``: no hits below it; ``sort``: a metadata field (``-taken``
-        descending) ordering the hits at or above ``min_score``, which it needs."""
+        descending) ordering the hits at or above ``min_score``, which it needs. ``complete``:
+        a sharded collection missing a shard answers 503 (retried, then raised) instead of a
+        page with ``partial`` set."""
         return self._send(
             calls.search(
                 collection,
@@ -126,6 +129,7 @@ class Client:
                 filters=filters,
                 min_score=min_score,
                 sort=sort,
+                complete=complete,
             )
         )
 
