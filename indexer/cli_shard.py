@@ -274,16 +274,23 @@ def _sync(
         _echo_sharded(root, collection, f"{report.summary().rsplit(';', 1)[0]}; {done}")
 
 
-def _refuse(command: str) -> Callable[..., None]:
+def _refuse(command: str, hint: str = "") -> Callable[..., None]:
     def refuse(root: Path, collection: str, **_: Any) -> None:
-        from indexer.sharded import refuse_sharded
+        from indexer.sharded import SHARDED_JSON
 
-        try:
-            refuse_sharded(root, collection, f"`cots index {command}`")
-        except Exception as error:
-            raise _fail(error) from None
+        raise click.ClickException(
+            f"collection {collection!r} is sharded ({SHARDED_JSON}): `cots index {command}` "
+            f"takes unsharded collections only{hint.format(root=root, name=collection)}"
+        )
 
     return refuse
+
+
+_UNSHARD = (
+    "; build under a new name and split that (cots index shard), or make this one unsharded "
+    "again by deleting {root}/{name}/sharded.json and {root}/{name}/shards (back to the "
+    "snapshot it was split from, without the changes since)"
+)
 
 
 _HANDLERS: dict[str, Callable[..., None]] = {
@@ -293,7 +300,8 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     "info": _info,
     "search": _search,
     "sync": _sync,
-    "duplicates": _refuse("duplicates"),
+    "duplicates": _refuse("duplicates", " (yet)"),
+    "build": _refuse("build", _UNSHARD),
 }
 
 

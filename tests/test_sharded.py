@@ -369,6 +369,12 @@ def test_cli_shard_and_routed_commands(tmp_path: Path) -> None:
     result = runner.invoke(index_cli, ["duplicates", *root, "--collection", "c"])
     assert result.exit_code != 0, result.output
     assert "'c' is sharded" in result.output, result.output
+    result = runner.invoke(
+        index_cli, ["build", *root, "--collection", "c", "--bundle", str(tmp_path), "--corpus", "x"]
+    )
+    assert result.exit_code != 0, result.output
+    assert "`cots index build` takes unsharded collections only" in result.output
+    assert f"deleting {tmp_path}/c/sharded.json" in result.output
     result = runner.invoke(index_cli, ["shard", "--help"])
     assert result.exit_code == 0
     assert "goes to shard mix(i) % S" in result.output
