@@ -1,8 +1,8 @@
 """Sharded collections served by Ray Serve, seen by the query engine as one collection.
 
 ``engine -> ShardedCollection.nearest_partial(queries, k) -> every shard's deployment at once
-(handle calls; failed ones sent once more; shard_timeout_s) -> merge_shard_results -> (scores,
-ids, missing shards) -> hydrate_partial -> items from the shards that own them (id % S)``
+(handle calls; failed or slow ones sent again; shard_timeout_s) -> merge_shard_results ->
+(scores, ids, missing shards) -> hydrate_partial -> items from the shards that own them``
 
 A collection split by ``indexer.sharded`` has S shard collections; each is served by its own
 Ray Serve deployment ``<collection>-shard-<i>`` of R replicas, at most one per node
@@ -74,8 +74,8 @@ EXTRA_CALLS: Final = 2
 HEDGE_AFTER: Final = 0.25
 # With two calls out to one shard, each is waited for this long in turn.
 POLL_S: Final = 0.005
-# What a 503 for a missing shard asks the client to wait: about what Serve takes to start a
-# replica again on a node that is left (measured 3-8 s on a local cluster, tests/test_ray_shards).
+# What a 503 for a missing shard asks the client to wait: of the order of what Serve takes to
+# start a lost replica again where there is room for it (seconds).
 RETRY_AFTER_S: Final = 5
 # Each replica's CPU reservation, for placement only: small, so that S x R replicas fit a few
 # cores; a replica searches with one FAISS thread per call (service.shard_serve).
@@ -100,7 +100,7 @@ def deployment_name(collection: str, shard: int) -> str:
     return f"{collection}-shard-{shard}"
 
 
-def sharded_version(root: Path, name: str, shards: int) -> tuple[int, ...]:
+def shard_versions(root: Path, name: str, shards: int) -> tuple[int, ...]:
     """Each shard's live version (CollectionError when one has none)."""
     folder = shard_root(root, name)
     versions = []
@@ -175,7 +175,7 @@ class RayShards:
                 f"but queries are embedded with {self.bundle_id[:12]}; serve that bundle or "
                 "rebuild the collection with this one"
             )
-        versions = sharded_version(root, name, sharded.shards)
+        versions = shard_versions(root, name, sharded.shards)
         if isinstance(previous, ShardedCollection) and previous.shard_versions == versions:
             return previous
         infos = [
