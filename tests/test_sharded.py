@@ -269,8 +269,10 @@ def test_ivf_shards_share_one_quantizer(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ray_task_build_equals_local_build(tmp_path: Path) -> None:
-    """Flat shards (each chooses its own factory) and IVF ones (the trained quantizer sent to
-    every task): the shards Ray tasks write are the ones this process writes."""
+    """Flat shards built from vectors in memory (each shard chooses its own factory) and IVF
+    ones split from a collection (each task reads its items from the source's segment files;
+    the trained quantizer is sent to every task): Ray tasks write the shards this process
+    writes."""
     ray = pytest.importorskip("ray")
     rng = np.random.default_rng(3)
     vectors = unit(rng, 900)
@@ -278,15 +280,15 @@ def test_ray_task_build_equals_local_build(tmp_path: Path) -> None:
     items = items_for(ids, rng)
     common: dict[str, Any] = {"model_bundle_id": "b" * 64, "fields": ["year"], "progress": False}
     factories = {"flat": "auto", "ivf": "IVF8,Flat"}
-    for name, factory in factories.items():
-        build_sharded(tmp_path / "local", name, ids, vectors, items, 3, factory=factory, **common)
+    for where in ("local", "ray"):
+        build(tmp_path / where, "ivf", ids, vectors, items, factory="IVF8,Flat")
+        remove_from_collection(tmp_path / where, "ivf", ids=[1, 3, 5])  # split live items only
+    build_sharded(tmp_path / "local", "flat", ids, vectors, items, 3, **common)
+    split_collection(tmp_path / "local", "ivf", 3, progress=False)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for name, factory in factories.items():
-            build_sharded(
-                tmp_path / "ray", name, ids, vectors, items, 3, factory=factory,
-                parallel="ray", **common,
-            )  # fmt: skip
+        build_sharded(tmp_path / "ray", "flat", ids, vectors, items, 3, parallel="ray", **common)
+        split_collection(tmp_path / "ray", "ivf", 3, parallel="ray", progress=False)
     finally:
         ray.shutdown()
     queries = unit(rng, 5)
@@ -310,6 +312,11 @@ def test_ray_task_build_equals_local_build(tmp_path: Path) -> None:
                 local.nearest(queries, 7), remote.nearest(queries, 7), strict=True
             ):
                 np.testing.assert_array_equal(a_part, b_part)
+    with LocalShards.open(tmp_path / "ray", "ivf") as remote:
+        assert remote.live == 897
+        found = remote.get([1, 3, 5, 7])
+        assert found[:3] == [None, None, None]
+        assert found[3] == items[3]
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
