@@ -129,9 +129,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=64,
-        description="compressed indexes (IVF-PQ, SQ8, SQfp16) fetch k x rescore candidates and "
-        "rescore them exactly with the segment's stored vectors (unset: the default measured in "
-        "docs/bench/scale.md; 1: PQ scores as they are)",
+        description="compressed indexes (PQ, SQ8; SQfp16 codes are as precise as the stored "
+        "copy) fetch k x rescore candidates and rescore them exactly with the segment's stored "
+        "fp16 vectors (unset: 4, measured in docs/bench/scale.md; 1: the codes' own scores)",
     )
     ray_address: str | None = Field(
         None,
