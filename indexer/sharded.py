@@ -138,8 +138,9 @@ def refuse_sharded(root: Path, name: str, what: str) -> None:
     if is_sharded(root, name):
         raise CollectionError(
             f"collection {name!r} is sharded ({SHARDED_JSON} in {Path(root) / name}): {what} "
-            "works on unsharded collections only; `cots index add|remove|compact|search|info "
-            f"--collection {name}` go to its shards (indexer.sharded_update, LocalShards)"
+            "works on unsharded collections only; `cots index add|remove|compact|sync|search|"
+            f"info --collection {name}` go to its shards (indexer.sharded_update, "
+            "indexer.sharded_sync, LocalShards)"
         )
 
 
