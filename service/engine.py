@@ -408,9 +408,9 @@ class QueryEngine:
         with self.metrics.stage("search"):
             try:
                 if isinstance(collection, ShardedCollection):
-                    scores, ids, missing = collection.nearest_partial(
-                        queries, most, filters=filters
-                    )
+                    # The shards send the items along: hydrating needs no second trip.
+                    sharded = collection.nearest_items(queries, most, filters=filters)
+                    scores, ids, missing = sharded.scores, sharded.ids, sharded.missing
                 else:
                     scores, ids = collection.nearest(queries, most, filters=filters)
             except FilterError as error:  # a filter the store refuses
@@ -419,7 +419,7 @@ class QueryEngine:
             _drop_unwanted(scores[row], ids[row], job)
         with self.metrics.stage("hydrate"):
             if isinstance(collection, ShardedCollection):
-                hits, lost = collection.hydrate_partial(scores, ids, most)
+                hits, lost = collection.hydrate_partial(scores, ids, most, known=sharded.items)
                 missing = sorted({*missing, *lost})
             else:
                 hits = collection.hydrate(scores, ids, most)

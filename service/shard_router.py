@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -80,6 +81,9 @@ RETRY_AFTER_S: Final = 5
 # Each replica's CPU reservation, for placement only: small, so that S x R replicas fit a few
 # cores; a replica searches with one FAISS thread per call (service.shard_serve).
 REPLICA_CPUS: Final = 0.1
+# Up to this many results per query, shards send each result's item along with the ids (one
+# round trip per search instead of two); deeper searches ask for the kept ids' items after.
+INLINE_ITEMS: Final = 100
 # Calls one replica runs at once (the engine already batches queries into one call per shard).
 REPLICA_MAX_ONGOING: Final = 8
 # How long a replica being stopped may finish its calls (Serve's default, 20 s, is for long
@@ -110,6 +114,16 @@ def shard_versions(root: Path, name: str, shards: int) -> tuple[int, ...]:
             raise CollectionError(f"shard {i} of collection {name!r} has no live version")
         versions.append(version)
     return tuple(versions)
+
+
+@dataclass(frozen=True)
+class ShardHits:
+    """The merged top k of the shards that answered, with -inf / -1 padding."""
+
+    scores: np.ndarray  # [Q, k]
+    ids: np.ndarray  # [Q, k]
+    items: dict[int, Item]  # items of (some of) the ids, sent along by the shards
+    missing: list[int]  # shards that did not answer
 
 
 class ShardsUnavailableError(UnavailableError):
@@ -383,6 +397,36 @@ class ShardedCollection(Collection):
 
     # The Collection interface --------------------------------------------------------------
 
+    def nearest_items(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        filters: Filter | Mapping[str, Any] | None = None,
+        rescore: int | None = None,
+    ) -> ShardHits:
+        """:meth:`nearest` over the shards that answered, the shards that did not, and (for
+        ``k`` up to INLINE_ITEMS) the items of the ids, sent along by the shards: the hits
+        then need no second round trip (:meth:`hydrate_partial` with ``known``)."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.info.dim:
+            raise ValueError(f"queries must be [n, {self.info.dim}], got {queries.shape}")
+        filters_json = _filters_json(filters)
+        inline = k <= INLINE_ITEMS
+        calls = {i: (queries, k, filters_json, rescore, inline) for i in range(self.shards)}
+        answers, missing = self._ask("nearest", calls)
+        items: dict[int, Item] = {}
+        for answer in answers.values():
+            items.update(answer[2] or {})
+        parts = [answers[i][:2] for i in sorted(answers)]
+        if not parts:
+            empty = np.full((len(queries), k), -np.inf, dtype=np.float32)
+            return ShardHits(empty, np.full((len(queries), k), -1, dtype=np.int64), items, missing)
+        scores, ids = merge_shard_results(parts, k)
+        return ShardHits(scores, ids, items, missing)
+
     def nearest_partial(
         self,
         queries: np.ndarray,
@@ -392,20 +436,8 @@ class ShardedCollection(Collection):
         rescore: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """:meth:`nearest` over the shards that answered, and the shards that did not."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.info.dim:
-            raise ValueError(f"queries must be [n, {self.info.dim}], got {queries.shape}")
-        filters_json = _filters_json(filters)
-        calls = {i: (queries, k, filters_json, rescore) for i in range(self.shards)}
-        answers, missing = self._ask("nearest", calls)
-        parts = [answers[i][:2] for i in sorted(answers)]
-        if not parts:
-            empty = np.full((len(queries), k), -np.inf, dtype=np.float32)
-            return empty, np.full((len(queries), k), -1, dtype=np.int64), missing
-        scores, ids = merge_shard_results(parts, k)
-        return scores, ids, missing
+        found = self.nearest_items(queries, k, filters=filters, rescore=rescore)
+        return found.scores, found.ids, found.missing
 
     def nearest(
         self,
@@ -422,17 +454,23 @@ class ShardedCollection(Collection):
         return scores, ids
 
     def hydrate_partial(
-        self, scores: np.ndarray, ids: np.ndarray, k: int
+        self,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        k: int,
+        known: Mapping[int, Item] | None = None,
     ) -> tuple[list[list[Hit]], list[int]]:
-        """Up to ``k`` hits per row (items from their shards), and the shards that did not
-        answer (their hits left out)."""
+        """Up to ``k`` hits per row, and the shards that did not answer (their hits left
+        out). Items in ``known`` (sent along with the ids) are not asked for again."""
+        items = dict(known or {})
         wanted = np.unique(ids[ids >= 0])
-        answers, missing = self._ask(
-            "items", {i: (mine,) for i, mine in self._owned(wanted).items()}
-        )
-        items: dict[int, Item] = {}
-        for found, _ in answers.values():
-            items.update(found)
+        wanted = wanted[[int(i) not in items for i in wanted]] if items else wanted
+        missing: list[int] = []
+        if len(wanted):
+            calls = {i: (mine,) for i, mine in self._owned(wanted).items()}
+            answers, missing = self._ask("items", calls)
+            for found, _ in answers.values():
+                items.update(found)
         rows = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
             hits = []

@@ -121,13 +121,19 @@ class ShardReplica:
         k: int,
         filters_json: str,
         rescore: int | None,
+        with_items: bool,
         version: int,
-    ) -> tuple[np.ndarray, np.ndarray, int]:
-        """(scores [Q, k], ids [Q, k] with -1 padding, version answered from)."""
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, Item] | None, int]:
+        """(scores [Q, k], ids [Q, k] with -1 padding, the ids' items when ``with_items``,
+        version answered from)."""
         served = self._at_least(version)
         filters = as_filter(json.loads(filters_json)) if filters_json else None
         scores, ids = served.nearest(queries, k, filters=filters, rescore=rescore)
-        return scores, ids, served.version
+        items = None
+        if with_items:
+            found = np.unique(ids[ids >= 0])
+            items = {int(i): item for i, item in zip(found, served.get(found), strict=True) if item}
+        return scores, ids, items, served.version
 
     def items(self, ids: np.ndarray, version: int) -> tuple[dict[int, Item], int]:
         """The live items among ``ids`` (unknown and removed ones left out)."""

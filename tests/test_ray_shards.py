@@ -181,18 +181,22 @@ def assert_same_page(
     filters: dict[str, Any] | None,
 ) -> None:  # fmt: skip
     """The page at ``offset``: each side asked for offset + k, the rows sliced after."""
-    got_scores, got_ids, missing = sharded.nearest_partial(queries, offset + k, filters=filters)
-    assert missing == []
+    found = sharded.nearest_items(queries, offset + k, filters=filters)
+    assert found.missing == []
     want_scores, want_ids = plain.nearest(queries, offset + k, filters=filters)
-    np.testing.assert_array_equal(got_ids, want_ids, err_msg=f"{k=} {offset=} {filters=}")
+    np.testing.assert_array_equal(found.ids, want_ids, err_msg=f"{k=} {offset=} {filters=}")
     # A shard's segment holds a third of the vectors; FAISS's BLAS blocking may then sum the
     # same products in another order, which can change a score's last float bit.
-    np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
-    got, missing = sharded.hydrate_partial(got_scores[:, offset:], got_ids[:, offset:], k)
-    assert missing == []
+    np.testing.assert_allclose(found.scores, want_scores, rtol=0, atol=1e-6)
     want = plain.hydrate(want_scores[:, offset:], want_ids[:, offset:], k)
-    for have, expected in zip(got, want, strict=True):
-        assert [(h.id, h.item) for h in have] == [(h.id, h.item) for h in expected]
+    # Hydrated from the items the shards sent along, and asked of the shards again.
+    for known in (found.items, None):
+        got, missing = sharded.hydrate_partial(
+            found.scores[:, offset:], found.ids[:, offset:], k, known=known
+        )
+        assert missing == []
+        for have, expected in zip(got, want, strict=True):
+            assert [(h.id, h.item) for h in have] == [(h.id, h.item) for h in expected]
 
 
 @pytest.mark.slow
