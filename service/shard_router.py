@@ -90,6 +90,9 @@ REPLICA_MAX_ONGOING: Final = 8
 # requests; a shard call takes milliseconds).
 REPLICA_SHUTDOWN_S: Final = 5.0
 RAY_VARIABLE: Final = "RAY_ADDRESS"
+# How long one refresh waits to join the Ray cluster before reporting the collection
+# unavailable for now (the joining goes on).
+CONNECT_WAIT_S: Final = 10.0
 
 Placement = Callable[[str, int], dict[str, Any]]
 
@@ -167,17 +170,55 @@ class RayShards:
         self._handles: dict[tuple[str, str], list[DeploymentHandle]] = {}
         self._down: set[tuple[str, int]] = set()  # (collection, shard) last seen without answer
         self._lock = threading.Lock()
+        self._deploying = threading.Lock()
+        self._connecting = threading.Lock()
+        self._connector: threading.Thread | None = None
+        self._connect_error: Exception | None = None
         # Shard calls made from an event loop's thread (similar_to's stored vector) wait here:
         # a blocking Serve call refuses to run inside a running loop.
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shards")
 
     def connect(self) -> None:
-        """Join the Ray cluster (once per process; a process already in one stays there)."""
+        """Join the Ray cluster (once per process; a process already in one stays there).
+
+        ``ray.init`` waits minutes for a cluster that does not answer, so it runs in a thread
+        of its own and is waited for CONNECT_WAIT_S at most: the start-up and the registry's
+        polls go on, and the collection is unavailable (naming the address) until it joins."""
         import ray
 
-        if not ray.is_initialized():
-            log.info("connecting to the Ray cluster at %s for sharded collections", self.address)
+        if ray.is_initialized():
+            return
+        with self._connecting:
+            if self._connector is None:
+                log.info(
+                    "connecting to the Ray cluster at %s for sharded collections", self.address
+                )
+                self._connect_error = None
+                self._connector = threading.Thread(
+                    target=self._join, name="ray-connect", daemon=True
+                )
+                self._connector.start()
+            self._connector.join(CONNECT_WAIT_S)
+            if ray.is_initialized():
+                return
+            if self._connector.is_alive():
+                raise UnavailableError(
+                    f"the Ray cluster at {self.address} that serves the shards has not "
+                    f"answered yet (still trying)"
+                )
+            self._connector = None  # the next call tries again
+            raise UnavailableError(
+                f"cannot join the Ray cluster at {self.address} that serves the shards: "
+                f"{self._connect_error}"
+            )
+
+    def _join(self) -> None:
+        import ray
+
+        try:
             ray.init(address=self.address, log_to_driver=False)
+        except Exception as error:
+            self._connect_error = error
 
     def open(self, root: Path, name: str, previous: Collection | None) -> Collection:
         """The sharded collection ``name`` at its shards' live versions: ``previous`` itself
@@ -202,7 +243,7 @@ class RayShards:
     def handles(self, root: Path, name: str, sharded: ShardedInfo) -> list[DeploymentHandle]:
         """Handles to the shards' deployments, deployed first where none is running."""
         key = (str(Path(root).resolve()), name)
-        with self._lock:
+        with self._deploying:  # not self._lock: queries note shards under it meanwhile
             found = self._handles.get(key)
             if found is None or len(found) != sharded.shards:
                 found = self._handles[key] = self._deploy(Path(key[0]), name, sharded)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -509,3 +511,41 @@ def test_the_ray_address_is_the_setting_else_the_environment(
     assert ray_address("auto") == "auto"
     monkeypatch.setenv("COTS_RAY_ADDRESS", "ray://other:10001")
     assert ray_address(Settings().ray_address) == "ray://other:10001"
+
+
+UNREACHABLE = """
+import sys, time
+from pathlib import Path
+import service.shard_router as router
+from service.metrics import Metrics
+from service.registry import CollectionRegistry
+
+router.CONNECT_WAIT_S = 1.0
+shards = router.RayShards("127.0.0.1:9", bundle_id="b" * 64, timeout_s=1.0, poll_s=60.0)
+registry = CollectionRegistry(Path(sys.argv[1]), "b" * 64, Metrics(), shards=shards)
+start = time.monotonic()
+registry.refresh()
+print(round(time.monotonic() - start, 1), sorted(registry.loaded()), registry.unavailable())
+"""
+
+
+def test_an_unreachable_ray_cluster_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """ray.init waits minutes for a cluster that does not answer: the registry's refresh
+    waits CONNECT_WAIT_S (1 s here) and serves the other collections (in a process of its
+    own, whose joining thread dies with it)."""
+    manifest = BundleManifest.model_construct(embed_dim=16, bundle_id="b" * 64)
+    rng = np.random.default_rng(0)
+    items = items_for(np.arange(30), rng)
+    for name in ("plain", "split"):
+        build(tmp_path, name, manifest, unit(rng, 30, 16), items)
+    split_collection(tmp_path, "split", SHARDS, 2, progress=False)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env, check=True,
+    )  # fmt: skip
+    seconds, rest = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert float(seconds) < 10, done.stdout
+    assert "['plain']" in rest
+    assert "127.0.0.1:9" in rest
+    assert "has not answered yet" in rest
