@@ -304,7 +304,12 @@ def phase_build(
 
 
 def phase_rescore(
-    bench: Bench, count: int, kind: str, queries: int, nprobe: int | None
+    bench: Bench,
+    count: int,
+    kind: str,
+    queries: int,
+    nprobe: int | None,
+    factors: Sequence[int] = FACTORS,
 ) -> dict[str, Any]:
     from indexer.collection import Collection
 
@@ -317,7 +322,7 @@ def phase_rescore(
         if nprobe is not None:
             _set_nprobe(collection, nprobe)
         params = _search_params(collection)
-        for factor in FACTORS if kind == "pq" else (1,):
+        for factor in factors if kind == "pq" else (1,):
             collection.nearest(wanted[:64], K, rescore=factor)  # the page cache, warm
             start = time.perf_counter()
             found = np.concatenate(
@@ -733,6 +738,12 @@ def record(json_out: Path, phase: str, key: str, row: dict[str, Any], meta: dict
     help="serve: COTS_RESCORE (unset: the server's default).",
 )
 @click.option("--concurrency", default="1,8", show_default=True)
+@click.option(
+    "--factors",
+    default=",".join(map(str, FACTORS)),
+    show_default=True,
+    help="rescore: the rescore factors r measured.",
+)
 @click.option("--duration", type=float, default=10.0, show_default=True)
 @click.option("--replicas", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
@@ -759,6 +770,7 @@ def scale_bench(
     mmap: bool,
     rescore: int | None,
     concurrency: str,
+    factors: str,
     duration: float,
     replicas: int,
     json_out: Path,
@@ -776,8 +788,10 @@ def scale_bench(
         row = phase_build(bench, count, kind, factory or default_factory(kind, count, pq_m), nprobe)
         key = name
     elif phase == "rescore":
-        row = phase_rescore(bench, count, kind, queries, nprobe)
+        chosen = tuple(int(f) for f in factors.split(",") if f.strip())
+        row = phase_rescore(bench, count, kind, queries, nprobe, chosen)
         key = name + (f" nprobe {nprobe}" if nprobe else "")
+        key += f" r {factors}" if chosen != FACTORS else ""
     elif phase == "serve":
         if bundle is None:
             raise click.UsageError("--phase serve needs --bundle")
