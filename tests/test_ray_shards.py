@@ -137,11 +137,11 @@ def items_for(ids: np.ndarray, rng: np.random.Generator) -> list[Item]:
     ]
 
 
-def build(root: Path, name: str, manifest: BundleManifest, vectors: np.ndarray,
+def build(root: Path, name: str, bundle_id: str, vectors: np.ndarray,
           items: list[Item]) -> None:  # fmt: skip
     info = IndexInfo(
         collection=name, kind="image", modality="image", count=0, live=0,
-        dim=manifest.embed_dim, factory="Flat", model_bundle_id=manifest.bundle_id,
+        dim=vectors.shape[1], factory="Flat", model_bundle_id=bundle_id,
         recall_at_10=0.0, build={"index_fields": ["year"]},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )  # fmt: skip
@@ -161,7 +161,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, manifest: BundleManifest) -> 
     vectors[7] = vectors[5]  # equal scores: the order of ties (by id) is checked too
     items = items_for(np.arange(COUNT), rng)
     for name, replicas in (("plain", 0), ("prop-plain", 0), ("fleet", 2), ("solo", 1), ("prop", 2)):
-        build(folder, name, manifest, vectors, items)
+        build(folder, name, manifest.bundle_id, vectors, items)
         if replicas:
             split_collection(folder, name, SHARDS, replicas, progress=False)
     return folder
@@ -277,7 +277,11 @@ def wait_running(collections: list[str], replicas: int, timeout: float = 120.0) 
     while True:
         apps = serve.status().applications
         running = {
-            name: apps[name].deployments[name].replica_states.get("RUNNING", 0)
+            name: sum(
+                count
+                for state, count in apps[name].deployments[name].replica_states.items()
+                if state == "RUNNING"
+            )
             if name in apps
             else 0
             for name in names
@@ -485,11 +489,10 @@ def test_a_shard_without_replicas_answers_partial_until_its_node_returns(
 
 
 def test_without_a_ray_address_a_sharded_collection_is_unavailable(tmp_path: Path) -> None:
-    manifest = BundleManifest.model_construct(embed_dim=16, bundle_id="b" * 64)
     rng = np.random.default_rng(0)
     items = items_for(np.arange(30), rng)
     for name in ("plain", "split"):
-        build(tmp_path, name, manifest, unit(rng, 30, 16), items)
+        build(tmp_path, name, "b" * 64, unit(rng, 30, 16), items)
     split_collection(tmp_path, "split", SHARDS, 2, progress=False)
     registry = CollectionRegistry(tmp_path, "b" * 64, Metrics())
     registry.refresh()
@@ -533,11 +536,10 @@ def test_an_unreachable_ray_cluster_does_not_hold_up_the_others(tmp_path: Path) 
     """ray.init waits minutes for a cluster that does not answer: the registry's refresh
     waits CONNECT_WAIT_S (1 s here) and serves the other collections (in a process of its
     own, whose joining thread dies with it)."""
-    manifest = BundleManifest.model_construct(embed_dim=16, bundle_id="b" * 64)
     rng = np.random.default_rng(0)
     items = items_for(np.arange(30), rng)
     for name in ("plain", "split"):
-        build(tmp_path, name, manifest, unit(rng, 30, 16), items)
+        build(tmp_path, name, "b" * 64, unit(rng, 30, 16), items)
     split_collection(tmp_path, "split", SHARDS, 2, progress=False)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     done = subprocess.run(
