@@ -26,7 +26,9 @@ but is not yet declared dead holds its calls) gets a twin; Serve routes either t
 replica of the shard, and the first answer wins. A shard with no answer within
 ``shard_timeout_s`` (every replica gone) is missing: the engine answers without it and says
 so (``partial``), or refuses with 503 and Retry-After when complete results are asked for.
-Serve restarts the lost replicas on the nodes that are left or come back.
+Once Serve's status (read every second) says it runs no replica of a shard, calls to it are
+waited for a tenth of a second, not the whole timeout: a shard that stays away does not slow
+every query down. Serve restarts the lost replicas on the nodes that are left or come back.
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ REPLICA_MAX_ONGOING: Final = 8
 # requests; a shard call takes milliseconds).
 REPLICA_SHUTDOWN_S: Final = 5.0
 RAY_VARIABLE: Final = "RAY_ADDRESS"
+# How often Serve's status (replicas running per deployment) is read.
+STATUS_POLL_S: Final = 1.0
+# How long a call to a shard Serve runs no replica of is waited for.
+GONE_WAIT_S: Final = 0.1
 # How long one refresh waits to join the Ray cluster before reporting the collection
 # unavailable for now (the joining goes on).
 CONNECT_WAIT_S: Final = 10.0
@@ -174,6 +180,9 @@ class RayShards:
         self._connecting = threading.Lock()
         self._connector: threading.Thread | None = None
         self._connect_error: Exception | None = None
+        self._running: dict[str, int] = {}  # deployment -> replicas Serve runs (its status)
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
         # Shard calls made from an event loop's thread (similar_to's stored vector) wait here:
         # a blocking Serve call refuses to run inside a running loop.
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shards")
@@ -283,6 +292,11 @@ class RayShards:
                 rescore=self.rescore,
             )
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
+        if self._watcher is None:
+            self._watcher = threading.Thread(
+                target=self._watch_replicas, name="serve-status", daemon=True
+            )
+            self._watcher.start()
         if targets:
             log.info(
                 "deploying %d shard(s) of collection %s (%d replicas each) on Ray Serve",
@@ -311,7 +325,36 @@ class RayShards:
         else:
             log.warning("collection %s: shard %d did not answer (%s)", name, shard, why)
 
+    def has_replicas(self, deployment: str) -> bool:
+        """Whether Serve last said it runs a replica of ``deployment`` (true until told)."""
+        return self._running.get(deployment, 1) > 0
+
+    def _watch_replicas(self) -> None:
+        """Every STATUS_POLL_S, how many replicas Serve runs of each deployment."""
+        import ray
+        from ray import serve
+
+        while not self._closed.is_set():
+            if ray.is_initialized():  # shut down: serve.status() would join Ray again
+                self._read_status(serve)
+            self._closed.wait(STATUS_POLL_S)
+
+    def _read_status(self, serve: Any) -> None:
+        try:
+            applications = serve.status().applications
+        except Exception as error:  # the next poll tries again; the last counts stay
+            log.debug("cannot read Serve's status: %s", error)
+        else:
+            self._running = {
+                name: sum(
+                    count for state, count in status.replica_states.items() if state == "RUNNING"
+                )
+                for app in applications.values()
+                for name, status in app.deployments.items()
+            }
+
     def close(self) -> None:
+        self._closed.set()
         self.pool.shutdown(wait=False)
 
 
@@ -372,8 +415,14 @@ class ShardedCollection(Collection):
         answers: dict[int, Any] = {}
         missing: list[int] = []
         for shard, live in sent.items():
+            hedge_at, deadline = start + timeout * HEDGE_AFTER, start + timeout
+            if not self.link.has_replicas(deployment_name(self.name, shard)):
+                # Serve said it runs no replica: waited for briefly (its status may be a
+                # second old), not the whole timeout, which every query would pay, one
+                # batch at a time, while the shard's node is away.
+                hedge_at = deadline = start + min(timeout, GONE_WAIT_S)
             answered, answer, why = self._first(
-                shard, method, calls[shard], live, start + timeout * HEDGE_AFTER, start + timeout
+                shard, method, calls[shard], live, hedge_at, deadline
             )
             self.link.note(self.name, shard, answered=answered, why=why)
             if answered:
