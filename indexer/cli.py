@@ -290,7 +290,8 @@ def info(root: Path, collection: str, as_json: bool) -> None:
     type=click.IntRange(min=1, max=64),
     default=None,
     help="Compressed indexes (PQ, SQ) rescore k x N candidates exactly with the stored vectors "
-    "(1: their own scores) [default: indexer.segments.DEFAULT_RESCORE].",
+    "(1: their own scores) [default: by segment size: 4 up to 200k vectors, 16 up to 2M, "
+    "32 beyond].",
 )
 def search(
     root: Path,

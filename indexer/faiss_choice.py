@@ -75,7 +75,7 @@ def choose_factory(
     no ``remove_ids`` (HNSW cannot remove): a collection edited in place gets IVF.
     Searches default to nprobe = nlist/8 in [1, 64] and efSearch = 64.
 
-    Row 5 is served with exact rescoring (``indexer.rescore``): k x ``DEFAULT_RESCORE`` (4)
+    Row 5 is served with exact rescoring (``indexer.rescore``): k x ``default_rescore(n)`` (4 to 32)
     candidates ranked by their inner products with the segment's fp16 copy of its vectors,
     read through a memory map. That copy costs disk (2·d bytes a vector, written for every
     compressed segment anyway) and page cache, which the kernel may evict, not the budget,

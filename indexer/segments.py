@@ -69,10 +69,24 @@ RECALL_QUERIES: Final = 200
 GPU_MAX_K: Final = 2048
 """The largest k FAISS's GPU indexes take: rescoring fetches at most this many there."""
 DEFAULT_RESCORE: Final = 4
-"""Candidates per result a lossy segment rescores exactly: the smallest factor whose recall@10
-reaches 0.95 for both PQ factories ``choose_factory`` picks at 100k x 256 (IVF1264,PQ32: 0.668
-at r = 1, 0.878 at 2, 0.966 at 4; IVF1264,PQ64: 0.806, 0.972, 0.994;
-``python -m benchmarks.index_rescore``). 1: the codes' scores as they are."""
+"""Candidates per result a lossy segment of up to ``RESCORE_STEPS[0]``'s count rescores exactly
+(larger segments: ``RESCORE_STEPS``). The smallest factor whose recall@10 reaches 0.95 for both
+PQ factories ``choose_factory`` picks at 100k x 256 (IVF1264,PQ32: 0.668 at r = 1, 0.878 at 2,
+0.966 at 4; IVF1264,PQ64: 0.806, 0.972, 0.994; ``python -m benchmarks.index_rescore``).
+1: the codes' scores as they are."""
+RESCORE_STEPS: Final = ((200_000, DEFAULT_RESCORE), (2_000_000, 16), (None, 32))
+"""(segments of up to this many vectors, their default factor): the denser a collection, the
+closer each vector's neighbours and the longer the list rescoring must read to hold them.
+Measured with IVF-PQ32 at nprobe 64 (docs/bench/scale.md): 1M reaches 0.982 at r = 16 (0.947 at
+8), 10M 0.959 at r = 32 (0.910 at 16)."""
+
+
+def default_rescore(count: int) -> int:
+    """The measured rescoring factor for a lossy segment of ``count`` vectors."""
+    for most, factor in RESCORE_STEPS:
+        if most is None or count <= most:
+            return factor
+    raise AssertionError("RESCORE_STEPS ends with an open step")
 
 
 @dataclass(frozen=True)
@@ -320,8 +334,9 @@ class SegmentedIndex:
         self, segments: Sequence[Segment], deleted: np.ndarray, *, rescore: int | None = None
     ) -> None:
         ordered = sorted(segments, key=lambda s: s.info.first_id)
-        # Candidates per result that lossy segments rescore (None: DEFAULT_RESCORE).
-        self.rescore = DEFAULT_RESCORE if rescore is None else check_rescore(rescore)
+        # Candidates per result that lossy segments rescore (None: by each segment's size,
+        # ``default_rescore``).
+        self.rescore = None if rescore is None else check_rescore(rescore)
         self.deleted = np.unique(np.asarray(deleted, dtype=np.int64))
         self._parts = [
             _Live(s, np.intersect1d(s.ids, self.deleted, assume_unique=True)) for s in ordered
@@ -401,7 +416,8 @@ class SegmentedIndex:
         [Q, k], ids int64 [Q, k]), best first (ties: lower id first), padded with -inf and -1.
 
         Lossy segments return ``k x rescore`` candidates ranked again by their exact scores
-        (``indexer.rescore``; None: this version's ``rescore``, 1: their codes' scores)."""
+        (``indexer.rescore``; None: this version's ``rescore``, else ``default_rescore`` of the
+        segment's size; 1: their codes' scores)."""
         filters = as_filter(filters)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -437,7 +453,7 @@ class SegmentedIndex:
         k: int,
         allowed: AllowedIds | None,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
-        rescore: int = 1,
+        rescore: int | None = 1,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """One segment's top ``k`` live ids (only ``allowed`` ones, when filtered);
         ``coarse``: the base's quantizer pass for ``queries``, already made; a lossy segment
@@ -446,7 +462,9 @@ class SegmentedIndex:
         if segment.index is None:
             return None
         exact_codes = keeps_exact_floats(segment.info.factory)
-        factor = rescore if rescores(segment.info.factory) else 1
+        factor = 1
+        if rescores(segment.info.factory):
+            factor = default_rescore(segment.info.count) if rescore is None else rescore
         if allowed is not None and len(allowed) <= EXACT_FILTER_IDS and (exact_codes or factor > 1):
             # Few matches: exact over their stored vectors (the index's own codes as float32,
             # or the copy rescoring reads) costs less than scanning nprobe lists to reject

@@ -57,7 +57,7 @@ class CollectionRegistry:
         self.fixed_names = list(names or [])
         self.use_gpu = use_gpu
         self.mmap = mmap
-        self.rescore = rescore  # None: indexer.segments.DEFAULT_RESCORE
+        self.rescore = rescore  # None: indexer.segments.default_rescore by segment size
         # Sharded collections' link to Ray Serve (service.shard_router); None: not served.
         self.shards = shards
         self.grace_s = grace_s

@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         le=64,
         description="compressed indexes (PQ, SQ8; SQfp16 codes are as precise as the stored "
         "copy) fetch k x rescore candidates and rescore them exactly with the segment's stored "
-        "fp16 vectors (unset: 4, measured in docs/bench/scale.md; 1: the codes' own scores)",
+        "fp16 vectors (unset: by segment size, 4 up to 200k vectors, 16 up to 2M, 32 beyond, "
+        "as measured in docs/bench/scale.md; 1: the codes' own scores)",
     )
     ray_address: str | None = Field(
         None,

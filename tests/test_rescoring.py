@@ -28,8 +28,10 @@ from indexer.rescore import best_k
 from indexer.segments import (
     DEFAULT_RESCORE,
     OVERFETCH_TOMBSTONES,
+    RESCORE_STEPS,
     Segment,
     SegmentedIndex,
+    default_rescore,
     merge_top_k,
     new_segment_id,
     rescores,
@@ -115,8 +117,9 @@ def test_rescoring_returns_the_exact_top_k_where_pq_alone_gets_it_wrong(made: Se
     scores, ids = index.nearest(queries, k, rescore=8)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(scores, want_scores, atol=1e-3)
-    # The default is the measured one, and at least finds the same here.
-    assert index.rescore == DEFAULT_RESCORE
+    # The default is the measured one for the segment's size, and at least finds the same here.
+    assert index.rescore is None
+    assert default_rescore(segment.info.count) == DEFAULT_RESCORE
     np.testing.assert_array_equal(index.nearest(queries, k)[1], want_ids)
 
 
@@ -289,3 +292,12 @@ def test_cots_index_search_takes_the_factor(tmp_path: Path) -> None:
     refused = runner.invoke(index_cli, [*query, "--rescore", "0"])
     assert refused.exit_code == 2
     assert "'--rescore': 0 is not in the range" in refused.output
+
+
+def test_the_default_factor_grows_with_the_segment_as_measured() -> None:
+    """docs/bench/scale.md: IVF-PQ32 at nprobe 64 needs r = 4 at 100k, 16 at 1M and 32 at 10M
+    for recall@10 >= 0.95."""
+    assert default_rescore(100_000) == DEFAULT_RESCORE == 4
+    assert default_rescore(1_000_000) == 16
+    assert default_rescore(10_000_000) == 32
+    assert [factor for _, factor in RESCORE_STEPS] == sorted(f for _, f in RESCORE_STEPS)
