@@ -78,7 +78,8 @@ class Collection:
         ``mmap=True`` (serving) maps the new segments' index data and ids from their files
         instead of reading them: replicas on a host share the page cache, and the indexes are
         read-only (reused segments keep how they were opened). ``rescore``: candidates per
-        result that lossy segments rescore exactly (None: ``segments.default_rescore`` of each segment's size)."""
+        result that lossy segments rescore exactly (None: ``segments.default_rescore`` of each
+        segment's size)."""
         if rescore is not None:
             check_rescore(rescore)  # before anything is opened
         folder = current_dir(root, name) if version is None else version_dir(root, name, version)
