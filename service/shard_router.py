@@ -6,10 +6,9 @@
 
 A collection split by ``indexer.sharded`` has S shard collections; each is served by its own
 Ray Serve deployment ``<collection>-shard-<i>`` of R replicas, at most one per node
-(``service.shard_serve``). :class:`RayShards` is the front door's link to that cluster: it
-connects once, deploys a collection's shards when they are not running yet (a deployment
-already running, started by another front door or by the cluster's own config, is used as
-it is) and opens a :class:`ShardedCollection` per version.
+(``service.shard_serve``). :class:`RayShards` opens a :class:`ShardedCollection` per version
+over the link to that cluster (``service.shard_link.ShardLink``: joins it once, deploys a
+collection's shards where none run, reads Serve's status).
 
 Every shard holds distinct items, so each shard's top ``k`` (``k`` = offset + page, as the
 engine asks) merged by score, ties by id, is the top ``k`` single-node search gives, pages
@@ -26,9 +25,10 @@ but is not yet declared dead holds its calls) gets a twin; Serve routes either t
 replica of the shard, and the first answer wins. A shard with no answer within
 ``shard_timeout_s`` (every replica gone) is missing: the engine answers without it and says
 so (``partial``), or refuses with 503 and Retry-After when complete results are asked for.
-Once Serve's status (read every second) says it runs no replica of a shard, calls to it are
-waited for a tenth of a second, not the whole timeout: a shard that stays away does not slow
-every query down. Serve restarts the lost replicas on the nodes that are left or come back.
+Once a shard has missed a query and Serve's status (read every second) says it runs no
+replica of it, calls to it are waited for a tenth of a second, not the whole timeout: a shard
+that stays away does not slow every query down. Serve restarts the lost replicas on the
+nodes that are left or come back.
 """
 
 from __future__ import annotations
@@ -36,12 +36,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -64,11 +61,31 @@ from indexer.sharded import (
 )
 from indexer.versions import current_version, segments_dir, version_dir
 from service.errors import UnavailableError
+from service.shard_link import (
+    REPLICA_CPUS,
+    REPLICA_MAX_ONGOING,
+    ShardLink,
+    deployment_name,
+    ray_address,
+)
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 log = logging.getLogger("cots.shards")
+
+# The link's names too, for the modules that name the router's (service.shard_app, state).
+__all__ = [
+    "REPLICA_CPUS",
+    "REPLICA_MAX_ONGOING",
+    "RETRY_AFTER_S",
+    "RayShards",
+    "ShardHits",
+    "ShardedCollection",
+    "ShardsUnavailableError",
+    "deployment_name",
+    "ray_address",
+]
 
 # Calls to one shard beyond the first, for one query: a failed call sent again, or a slow one
 # doubled (Serve routes either to another replica when one is live).
@@ -80,37 +97,11 @@ POLL_S: Final = 0.005
 # What a 503 for a missing shard asks the client to wait: of the order of what Serve takes to
 # start a lost replica again where there is room for it (seconds).
 RETRY_AFTER_S: Final = 5
-# Each replica's CPU reservation, for placement only: small, so that S x R replicas fit a few
-# cores; a replica searches with one FAISS thread per call (service.shard_serve).
-REPLICA_CPUS: Final = 0.1
 # Up to this many results per query, shards send each result's item along with the ids (one
 # round trip per search instead of two); deeper searches ask for the kept ids' items after.
 INLINE_ITEMS: Final = 100
-# Calls one replica runs at once (the engine already batches queries into one call per shard).
-REPLICA_MAX_ONGOING: Final = 8
-# How long a replica being stopped may finish its calls (Serve's default, 20 s, is for long
-# requests; a shard call takes milliseconds).
-REPLICA_SHUTDOWN_S: Final = 5.0
-RAY_VARIABLE: Final = "RAY_ADDRESS"
-# How often Serve's status (replicas running per deployment) is read.
-STATUS_POLL_S: Final = 1.0
 # How long a call to a shard Serve runs no replica of is waited for.
 GONE_WAIT_S: Final = 0.1
-# How long one refresh waits to join the Ray cluster before reporting the collection
-# unavailable for now (the joining goes on).
-CONNECT_WAIT_S: Final = 10.0
-
-Placement = Callable[[str, int], dict[str, Any]]
-
-
-def ray_address(configured: str | None) -> str | None:
-    """The Ray cluster of sharded collections: COTS_RAY_ADDRESS, else RAY_ADDRESS, else none."""
-    return configured or os.environ.get(RAY_VARIABLE) or None
-
-
-def deployment_name(collection: str, shard: int) -> str:
-    """The Serve application and deployment of one shard."""
-    return f"{collection}-shard-{shard}"
 
 
 def shard_versions(root: Path, name: str, shards: int) -> tuple[int, ...]:
@@ -149,85 +140,9 @@ class ShardsUnavailableError(UnavailableError):
         self.missing = list(missing)
 
 
-class RayShards:
-    """The front door's link to the Ray cluster that serves its sharded collections."""
-
-    def __init__(
-        self,
-        address: str,
-        *,
-        bundle_id: str,
-        timeout_s: float,
-        poll_s: float,
-        mmap: bool = True,
-        rescore: int | None = None,
-        placement: Placement | None = None,
-    ) -> None:
-        """``placement(collection, shard)``: Ray actor options merged into each replica's,
-        e.g. ``{"resources": {"shard-host": 0.01}}`` to keep replicas on the nodes that have
-        that resource (default: any node with a little CPU, one replica of a shard per node)."""
-        self.address = address
-        self.bundle_id = bundle_id
-        self.timeout_s = timeout_s
-        self.poll_s = poll_s
-        self.mmap = mmap
-        self.rescore = rescore
-        self.placement = placement
-        self._handles: dict[tuple[str, str], list[DeploymentHandle]] = {}
-        self._down: set[tuple[str, int]] = set()  # (collection, shard) last seen without answer
-        self._lock = threading.Lock()
-        self._deploying = threading.Lock()
-        self._connecting = threading.Lock()
-        self._connector: threading.Thread | None = None
-        self._connect_error: Exception | None = None
-        self._running: dict[str, int] = {}  # deployment -> replicas Serve runs (its status)
-        self._closed = threading.Event()
-        self._watcher: threading.Thread | None = None
-        # Shard calls made from an event loop's thread (similar_to's stored vector) wait here:
-        # a blocking Serve call refuses to run inside a running loop.
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shards")
-
-    def connect(self) -> None:
-        """Join the Ray cluster (once per process; a process already in one stays there).
-
-        ``ray.init`` waits minutes for a cluster that does not answer, so it runs in a thread
-        of its own and is waited for CONNECT_WAIT_S at most: the start-up and the registry's
-        polls go on, and the collection is unavailable (naming the address) until it joins."""
-        import ray
-
-        if ray.is_initialized():
-            return
-        with self._connecting:
-            if self._connector is None:
-                log.info(
-                    "connecting to the Ray cluster at %s for sharded collections", self.address
-                )
-                self._connect_error = None
-                self._connector = threading.Thread(
-                    target=self._join, name="ray-connect", daemon=True
-                )
-                self._connector.start()
-            self._connector.join(CONNECT_WAIT_S)
-            if ray.is_initialized():
-                return
-            if self._connector.is_alive():
-                raise UnavailableError(
-                    f"the Ray cluster at {self.address} that serves the shards has not "
-                    f"answered yet (still trying)"
-                )
-            self._connector = None  # the next call tries again
-            raise UnavailableError(
-                f"cannot join the Ray cluster at {self.address} that serves the shards: "
-                f"{self._connect_error}"
-            )
-
-    def _join(self) -> None:
-        import ray
-
-        try:
-            ray.init(address=self.address, log_to_driver=False)
-        except Exception as error:
-            self._connect_error = error
+class RayShards(ShardLink):
+    """The link to the Ray cluster, and what the registry calls to serve a sharded
+    collection (``service.registry.ShardedOpener``)."""
 
     def open(self, root: Path, name: str, previous: Collection | None) -> Collection:
         """The sharded collection ``name`` at its shards' live versions: ``previous`` itself
@@ -249,114 +164,6 @@ class RayShards:
         handles = self.handles(root, name, sharded)
         return ShardedCollection(root, name, sharded, infos, versions, handles, self)
 
-    def handles(self, root: Path, name: str, sharded: ShardedInfo) -> list[DeploymentHandle]:
-        """Handles to the shards' deployments, deployed first where none is running."""
-        key = (str(Path(root).resolve()), name)
-        with self._deploying:  # not self._lock: queries note shards under it meanwhile
-            found = self._handles.get(key)
-            if found is None or len(found) != sharded.shards:
-                found = self._handles[key] = self._deploy(Path(key[0]), name, sharded)
-            return found
-
-    def _deploy(self, root: Path, name: str, sharded: ShardedInfo) -> list[DeploymentHandle]:
-        self.connect()
-        from ray import serve
-
-        from service.shard_serve import ShardDeployment
-
-        serve.start(proxy_location="Disabled")  # handles only; joins a running Serve as it is
-        running = serve.status().applications
-        targets = []
-        for i in range(sharded.shards):
-            app = deployment_name(name, i)
-            if app in running:
-                continue
-            deployment = ShardDeployment.options(  # type: ignore[attr-defined]
-                name=app,
-                num_replicas=sharded.replicas,
-                max_replicas_per_node=1,  # a node's death takes one replica of a shard at most
-                ray_actor_options={
-                    "num_cpus": REPLICA_CPUS,
-                    **(self.placement(name, i) if self.placement else {}),
-                },
-                max_ongoing_requests=REPLICA_MAX_ONGOING,
-                graceful_shutdown_timeout_s=REPLICA_SHUTDOWN_S,
-            )
-            bound = deployment.bind(
-                str(root),
-                name,
-                i,
-                self.bundle_id,
-                poll_s=self.poll_s,
-                mmap=self.mmap,
-                rescore=self.rescore,
-            )
-            targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
-        if self._watcher is None:
-            self._watcher = threading.Thread(
-                target=self._watch_replicas, name="serve-status", daemon=True
-            )
-            self._watcher.start()
-        if targets:
-            log.info(
-                "deploying %d shard(s) of collection %s (%d replicas each) on Ray Serve",
-                len(targets), name, sharded.replicas,
-            )  # fmt: skip
-            # Not waiting for the replicas: a shard that cannot be placed yet (fewer nodes than
-            # replicas) leaves the collection partial, not the service unstarted.
-            serve.run_many(targets, wait_for_applications_running=False)
-        return [
-            serve.get_deployment_handle(deployment_name(name, i), deployment_name(name, i))
-            for i in range(sharded.shards)
-        ]
-
-    def note(self, name: str, shard: int, *, answered: bool, why: str = "") -> None:
-        """Log a shard going down or coming back (once per change, not once per query)."""
-        key = (name, shard)
-        with self._lock:
-            if answered == (key not in self._down):
-                return
-            if answered:
-                self._down.discard(key)
-            else:
-                self._down.add(key)
-        if answered:
-            log.info("collection %s: shard %d answers again", name, shard)
-        else:
-            log.warning("collection %s: shard %d did not answer (%s)", name, shard, why)
-
-    def has_replicas(self, deployment: str) -> bool:
-        """Whether Serve last said it runs a replica of ``deployment`` (true until told)."""
-        return self._running.get(deployment, 1) > 0
-
-    def _watch_replicas(self) -> None:
-        """Every STATUS_POLL_S, how many replicas Serve runs of each deployment."""
-        import ray
-        from ray import serve
-
-        while not self._closed.is_set():
-            if ray.is_initialized():  # shut down: serve.status() would join Ray again
-                self._read_status(serve)
-            self._closed.wait(STATUS_POLL_S)
-
-    def _read_status(self, serve: Any) -> None:
-        try:
-            applications = serve.status().applications
-        except Exception as error:  # the next poll tries again; the last counts stay
-            log.debug("cannot read Serve's status: %s", error)
-        else:
-            self._running = {
-                name: sum(
-                    count for state, count in status.replica_states.items() if state == "RUNNING"
-                )
-                for app in applications.values()
-                for name, status in app.deployments.items()
-            }
-
-    def close(self) -> None:
-        self._closed.set()
-        self.pool.shutdown(wait=False)
-
 
 class ShardedCollection(Collection):
     """One version of a sharded collection (each shard at a version), answering as the
@@ -371,7 +178,7 @@ class ShardedCollection(Collection):
         infos: Sequence[IndexInfo],
         versions: tuple[int, ...],
         handles: Sequence[DeploymentHandle],
-        link: RayShards,
+        link: ShardLink,
     ) -> None:
         # Not Collection.__init__: nothing of the shards is opened in this process.
         self.folder = Path(root) / name
@@ -416,10 +223,10 @@ class ShardedCollection(Collection):
         missing: list[int] = []
         for shard, live in sent.items():
             hedge_at, deadline = start + timeout * HEDGE_AFTER, start + timeout
-            if not self.link.has_replicas(deployment_name(self.name, shard)):
-                # Serve said it runs no replica: waited for briefly (its status may be a
-                # second old), not the whole timeout, which every query would pay, one
-                # batch at a time, while the shard's node is away.
+            if self.link.is_away(self.name, shard):
+                # Missed before, and Serve says it runs no replica: waited for briefly, not
+                # the whole timeout, which every query would pay, one batch at a time, while
+                # the shard's node is away. (A shard still starting is waited for.)
                 hedge_at = deadline = start + min(timeout, GONE_WAIT_S)
             answered, answer, why = self._first(
                 shard, method, calls[shard], live, hedge_at, deadline

@@ -530,11 +530,12 @@ def test_the_ray_address_is_the_setting_else_the_environment(
 UNREACHABLE = """
 import sys, time
 from pathlib import Path
+import service.shard_link as link
 import service.shard_router as router
 from service.metrics import Metrics
 from service.registry import CollectionRegistry
 
-router.CONNECT_WAIT_S = 1.0
+link.CONNECT_WAIT_S = 1.0
 shards = router.RayShards("127.0.0.1:9", bundle_id="b" * 64, timeout_s=1.0, poll_s=60.0)
 registry = CollectionRegistry(Path(sys.argv[1]), "b" * 64, Metrics(), shards=shards)
 start = time.monotonic()
