@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from indexer.filters import Filter, parse_where, split_where
+from indexer.cli_where import parse_filters
 from indexer.home import DEFAULT_INDEX_ROOT, INDEX_ROOT_VARIABLE
 
 if TYPE_CHECKING:
@@ -331,15 +331,6 @@ def search(
                 moment = f" [{hit.item.start_s:.1f}-{hit.item.end_s:.1f} s]"
             caption = f"  {hit.item.caption!r}" if hit.item.caption else ""
             click.echo(f"  {hit.score:.3f}  {hit.item.uri}{moment}{caption}")
-
-
-def parse_filters(where: tuple[str, ...]) -> Filter | None:
-    """``--where`` conditions as a filter (``indexer.filters.parse_where``), or a usage error.
-    One ``--where`` may hold several, comma-separated, as the page's filter box does."""
-    try:
-        return parse_where([part for text in where for part in split_where(text)])
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--where") from None
 
 
 def _echo_info(root: Path, collection: str, what: str) -> None:

@@ -133,7 +133,7 @@ def _add(**options: Any) -> None:
 def _remove(
     root: Path, collection: str, ids: tuple[int, ...], where: tuple[str, ...], keep_versions: int
 ) -> None:
-    from indexer.cli import parse_filters
+    from indexer.cli_where import parse_filters
     from indexer.errors import IndexerError
     from indexer.sharded_update import remove_sharded
 
@@ -204,7 +204,7 @@ def _search(
 ) -> None:
     import numpy as np
 
-    from indexer.cli import parse_filters
+    from indexer.cli_where import parse_filters
     from indexer.errors import IndexerError
     from indexer.sharded import LocalShards, read_sharded
     from runtime.encoder import Encoder
