@@ -10,12 +10,12 @@ bundle) -> ``ShardDeployment`` bound with the options the front door's router wo
 The front door (``service.shard_router.RayShards``) deploys a shard's application when none
 of that name is running and uses a running one as it finds it, so an application deployed
 from the cluster's config is the one it queries. Its name, its deployment's name and its
-options are the router's (``deployment_name``, one replica per node, ``REPLICA_CPUS``,
-``REPLICA_MAX_ONGOING``); the replica count and the model bundle come from ``sharded.json``
-(``cots index shard --replicas``) unless the config says otherwise. Serving settings that the
-router passes from the front door's settings (``COTS_MMAP``, ``COTS_RESCORE``,
-``COTS_RELOAD_POLL_S``) are read here from the environment of the cluster's nodes, so give the
-Ray pods the same ``COTS_*`` variables as the front door.
+options are the ones the front door gives (``service.shard_link``: ``deployment_name``, one
+replica per node, ``REPLICA_CPUS``, ``REPLICA_MAX_ONGOING``); the replica count and the model
+bundle come from ``sharded.json`` (``cots index shard --replicas``) unless the config says
+otherwise. Serving settings that the router passes from the front door's settings
+(``COTS_MMAP``, ``COTS_RESCORE``, ``COTS_RELOAD_POLL_S``) are read here from the environment
+of the cluster's nodes, so give the Ray pods the same ``COTS_*`` variables as the front door.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ray.serve import Application
 
 from indexer.sharded import read_sharded
 from service.settings import Settings
-from service.shard_router import REPLICA_CPUS, REPLICA_MAX_ONGOING, deployment_name
+from service.shard_link import REPLICA_CPUS, REPLICA_MAX_ONGOING, deployment_name
 from service.shard_serve import ShardDeployment
 
 

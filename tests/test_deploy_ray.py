@@ -376,7 +376,7 @@ def serve_config() -> dict[str, Any]:
 def test_serve_config_is_valid_and_names_the_shards_as_the_router_does() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from service.shard_router import deployment_name
+    from service.shard_link import deployment_name
 
     config = serve_config()
     ServeDeploySchema.model_validate(config)  # Ray Serve's own schema of a config file
@@ -425,7 +425,7 @@ def test_shard_app_binds_the_router_s_deployment_from_sharded_json(tmp_path: Pat
     from ray.serve import Application
 
     from service.shard_app import app
-    from service.shard_router import REPLICA_CPUS, REPLICA_MAX_ONGOING, deployment_name
+    from service.shard_link import REPLICA_CPUS, REPLICA_MAX_ONGOING, deployment_name
 
     build_photos(tmp_path, shards=3, replicas=2)
     built = app({"root": str(tmp_path), "collection": "photos", "shard": 2})
