@@ -69,7 +69,7 @@ Chunks = Callable[[], Iterable[Chunk]]
 """A source that can be read again from the start: one pass samples, the next adds."""
 
 FAISS_KMEANS_SEED: Final = 1234  # FAISS's own default: seed 0 trains as build_index does
-READ_BYTES: Final = 16 * 2**20  # float32 vectors read back from vectors.npy at once
+READ_BYTES: Final = 8 * 2**20  # float32 vectors read back from vectors.npy at once
 
 
 def train_index(sample: np.ndarray, factory: str, dim: int, *, seed: int = 0) -> faiss.Index:
@@ -180,7 +180,7 @@ def _timed(timings: dict[str, float] | None, step: str) -> Iterator[None]:
 
 
 def stored_blocks(folder: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, float32 vectors) of a written segment, 16 MiB of float32 vectors at a time, read
+    """(ids, float32 vectors) of a written segment, 8 MiB of float32 vectors at a time, read
     through file handles: a memory map would leave every page read in the resident set."""
     ids_map = np.load(folder / SEGMENT_IDS, mmap_mode="r")
     vectors_map = np.load(folder / SEGMENT_VECTORS, mmap_mode="r")
@@ -193,9 +193,12 @@ def stored_blocks(folder: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         f.seek(vectors_at)
         for start in range(0, count, block):
             n = min(block, count - start)
-            ids = np.frombuffer(ids_file.read(n * 8), dtype=np.int64)
-            vectors = np.frombuffer(f.read(n * dim * dtype.itemsize), dtype=dtype)
-            yield ids, vectors.reshape(n, dim).astype(np.float32)
+            ids = np.empty(n, dtype=np.int64)
+            stored = np.empty((n, dim), dtype=dtype)
+            read = ids_file.readinto(ids.data), f.readinto(stored.data)
+            if read != (ids.nbytes, stored.nbytes):
+                raise ValueError(f"{folder} ends before its {count} rows")
+            yield ids, stored.astype(np.float32)
 
 
 def write_segment_streaming(
