@@ -34,10 +34,10 @@ import ray
 from ray import serve
 
 from indexer.collection import Collection
-from indexer.errors import IndexerError
 from indexer.filters import as_filter
 from indexer.metadata import Item
 from indexer.sharded import shard_name, shard_root
+from service.errors import UnavailableError
 from service.metrics import Metrics
 from service.registry import CollectionRegistry
 
@@ -48,8 +48,9 @@ log = logging.getLogger("cots.shards")
 FAISS_THREADS: Final = 1
 
 
-class ShardLoadError(IndexerError):
-    """The replica has no version of its shard it can serve."""
+class ShardLoadError(UnavailableError):
+    """The replica has no version of its shard it can serve (the router counts the shard as
+    missing; a 503 where it reaches a client)."""
 
 
 class ShardReplica:
