@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from indexer.cli_hits import echo_hits
 from indexer.cli_where import parse_filters
 from indexer.home import DEFAULT_INDEX_ROOT, INDEX_ROOT_VARIABLE
 
@@ -323,14 +324,7 @@ def search(
             results = opened.search(np.concatenate(queries), k, filters=filters, rescore=rescore)
     except (IndexerError, BundleRuntimeError) as error:
         raise _fail(error) from None
-    for query, hits in zip([*texts, *map(str, images)], results, strict=True):
-        click.echo(f"{query}")
-        for hit in hits:
-            moment = ""
-            if hit.item.start_s is not None and hit.item.kind == "segment":
-                moment = f" [{hit.item.start_s:.1f}-{hit.item.end_s:.1f} s]"
-            caption = f"  {hit.item.caption!r}" if hit.item.caption else ""
-            click.echo(f"  {hit.score:.3f}  {hit.item.uri}{moment}{caption}")
+    echo_hits([*texts, *map(str, images)], results)
 
 
 def _echo_info(root: Path, collection: str, what: str) -> None:

@@ -559,18 +559,7 @@ class SegmentedIndex:
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         """Up to ``k`` hits per row of :meth:`nearest`'s result; one metadata
         query per segment the ids fall in."""
-        found = self.items(np.unique(ids[ids >= 0]))
-        results = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, item_id in zip(row_scores, row_ids, strict=True):
-                item = found.get(int(item_id)) if item_id >= 0 else None
-                if item is not None:
-                    hits.append(Hit(int(item_id), float(score), item))
-                if len(hits) == k:
-                    break
-            results.append(hits)
-        return results
+        return hits_of(scores, ids, self.items(np.unique(ids[ids >= 0])), k)
 
     def items(self, ids: np.ndarray) -> dict[int, Item]:
         """The live items of ``ids`` (unknown and tombstoned ones left out)."""
@@ -614,6 +603,25 @@ class SegmentedIndex:
     def close(self) -> None:
         for part in self._parts:
             part.segment.close()
+
+
+def hits_of(
+    scores: np.ndarray, ids: np.ndarray, items: Mapping[int, Item], k: int
+) -> list[list[Hit]]:
+    """Up to ``k`` hits per row of (scores, ids) [Q, n], best first as given: ids without an
+    item in ``items`` (padding, removed, unknown) are left out. Segments, local shards and the
+    shard router hydrate through this one rule."""
+    results = []
+    for row_scores, row_ids in zip(scores, ids, strict=True):
+        hits = []
+        for score, item_id in zip(row_scores, row_ids, strict=True):
+            item = items.get(int(item_id)) if item_id >= 0 else None
+            if item is not None:
+                hits.append(Hit(int(item_id), float(score), item))
+                if len(hits) == k:
+                    break
+        results.append(hits)
+    return results
 
 
 def merge_top_k(

@@ -44,7 +44,7 @@ from indexer.collection import Collection
 from indexer.errors import CollectionError, first_problem
 from indexer.filters import Filter
 from indexer.metadata import Item
-from indexer.segments import Hit, merge_top_k
+from indexer.segments import Hit, hits_of, merge_top_k
 
 SHARDED_JSON: Final = "sharded.json"
 SHARDS: Final = "shards"
@@ -220,18 +220,8 @@ class LocalShards:
         """Up to ``k`` hits per row of :meth:`nearest`'s result (each id's item read from the
         shard that owns it)."""
         wanted = np.unique(ids[ids >= 0])
-        items = dict(zip(wanted.tolist(), self.get(wanted), strict=True))
-        results = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, item_id in zip(row_scores, row_ids, strict=True):
-                item = items.get(int(item_id)) if item_id >= 0 else None
-                if item is not None:
-                    hits.append(Hit(int(item_id), float(score), item))
-                if len(hits) == k:
-                    break
-            results.append(hits)
-        return results
+        found = zip(wanted.tolist(), self.get(wanted), strict=True)
+        return hits_of(scores, ids, {i: item for i, item in found if item is not None}, k)
 
     def get(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         """The live items of ``ids`` in that order, None for unknown or removed ids."""

@@ -50,7 +50,7 @@ from indexer.errors import CollectionError, FilterError
 from indexer.filters import Filter, as_filter
 from indexer.index_bundle import IndexInfo, read_info
 from indexer.metadata import Item
-from indexer.segments import Hit, SegmentedIndex
+from indexer.segments import Hit, SegmentedIndex, hits_of
 from indexer.sharded import (
     ShardedInfo,
     merge_shard_results,
@@ -368,17 +368,7 @@ class ShardedCollection(Collection):
             answers, missing = self._ask("items", calls)
             for found, _ in answers.values():
                 items.update(found)
-        rows = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            hits = []
-            for score, item_id in zip(row_scores, row_ids, strict=True):
-                item = items.get(int(item_id)) if item_id >= 0 else None
-                if item is not None:
-                    hits.append(Hit(int(item_id), float(score), item))
-                    if len(hits) == k:
-                        break
-            rows.append(hits)
-        return rows, missing
+        return hits_of(scores, ids, items, k), missing
 
     def hydrate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
         hits, missing = self.hydrate_partial(scores, ids, k)
