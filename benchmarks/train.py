@@ -58,8 +58,10 @@ def _measure(
     warmup: int,
     threads: int | None,
     queue_size: int,
+    log_every: int = 1,
 ) -> dict[str, Any]:
-    """Runs in a fresh process: build, warm up, time ``steps`` optimiser steps.
+    """Runs in a fresh process: build, warm up, time ``steps`` optimiser steps, the objective's
+    diagnostics computed on every ``log_every``-th (as training computes them for its log).
 
     Video variants take ``batch_size / 4`` clips of 4 frames, so every variant pushes the
     same number of images through the image tower; their samples are clips.
@@ -72,7 +74,7 @@ def _measure(
     from model.config import TrainConfig
     from model.distributed import DistInfo
     from model.factory import build_towers, model_config
-    from model.objectives import OnlineModel, build_objective
+    from model.objectives import OnlineModel, build_objective, report_diagnostics
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
     from training.train import StepInputs, forward_loss
 
@@ -116,6 +118,7 @@ def _measure(
     grid = online.towers.patch_grid if tokenizer is not None else None
 
     def step(offset: int) -> None:
+        report_diagnostics(objective, (offset + 1) % log_every == 0)
         batch = StepInputs(images, tokens, groups + offset * samples)
         out = forward_loss(online, objective, config, batch, patch_grid=grid, generator=generator)
         out.loss.backward()
@@ -135,7 +138,8 @@ def _measure(
     elapsed = time.perf_counter() - start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "objective": variant,
+        "objective": variant if log_every == 1 else f"{variant}, log every {log_every}",
+        "log_every": log_every,
         "model": model_name,
         "device": str(device),
         "batch_size": samples,
@@ -189,6 +193,14 @@ def _measure(
     "reference. Video variants use batch-size/4 clips of 4 frames.",
 )
 @click.option(
+    "--log-every",
+    default="1",
+    show_default=True,
+    help="Comma-separated: the objective computes its diagnostics every N steps, as training "
+    "does for its log (log_every); each variant is measured at each value, side by side "
+    "(1,10: diagnostics on every step against the training default).",
+)
+@click.option(
     "--json-out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as JSON here.",
@@ -201,6 +213,7 @@ def train_bench(
     queue_size: int,
     threads: int | None,
     objectives: str,
+    log_every: str,
     json_out: Path | None,
 ) -> None:
     """Training throughput (samples/s) and peak memory of each objective on the same model.
@@ -214,7 +227,16 @@ def train_bench(
         raise click.BadParameter(
             f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}", param_hint="--objectives"
         )
-    for kind in tqdm(kinds, desc="variants", unit="variant"):
+    try:
+        everies = [int(n) for n in log_every.split(",") if n.strip()]
+    except ValueError:
+        everies = []
+    if not everies or min(everies) < 1:
+        raise click.BadParameter(
+            f"{log_every!r}: give positive integers, comma-separated", param_hint="--log-every"
+        )
+    runs = [(kind, every) for kind in kinds for every in everies]
+    for kind, every in tqdm(runs, desc="variants", unit="variant"):
         args = {
             "model_name": model_name,
             "variant": kind,
@@ -223,6 +245,7 @@ def train_bench(
             "warmup": warmup,
             "threads": threads,
             "queue_size": queue_size,
+            "log_every": every,
         }
         result = subprocess.run(
             [sys.executable, "-m", WORKER, json.dumps(args)],

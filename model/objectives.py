@@ -342,6 +342,10 @@ class CotsObjective(nn.Module):
         )
         # The schedules' clock, checkpointed with the queues.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # Whether forward reports its diagnostics (the spread's two SVDs, the softmax's mass on
+        # the queue, the filter's statistics: about twenty host syncs). The training loop turns
+        # them on only for the steps it logs; the loss never depends on them.
+        self.diagnostics = True
 
     def _steps(self, fraction: float) -> int:
         return round(fraction * self.total_steps)
@@ -452,6 +456,8 @@ class CotsObjective(nn.Module):
             self._gather_kept(captions, kept),
         )
         self.steps += 1
+        if not self.diagnostics:
+            return LossOutput(loss, {"loss": float(loss.detach())})
         parts = {
             "loss": float(loss.detach()),
             "loss_i2t": float(loss_i2t.detach()),
@@ -519,6 +525,13 @@ def _spread(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
         "image_erank": effective_rank(image),
         "text_erank": effective_rank(text),
     }
+
+
+def report_diagnostics(objective: nn.Module, on: bool) -> None:
+    """Whether ``objective``'s next forward computes its diagnostics (the COTS objective's;
+    the baseline reports only its losses, which cost nothing more)."""
+    if isinstance(objective, CotsObjective):
+        objective.diagnostics = on
 
 
 def build_objective(

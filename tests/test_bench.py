@@ -99,3 +99,25 @@ def test_train_bench_measures_every_variant(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["bench", "train", "--objectives", "nope"])
     assert bad.exit_code != 0
     assert "unknown variant" in bad.output
+
+
+def test_train_bench_measures_diagnostics_every_step_against_logged_steps_only(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "train.json"
+    args = [
+        "bench", "train", "--model", "cots-micro", "--batch-size", "8", "--steps", "2",
+        "--warmup", "0", "--threads", "1", "--json-out", str(out),
+        "--objectives", "cots", "--log-every", "1,10",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["objective"], r["log_every"]) for r in rows] == [
+        ("cots", 1),
+        ("cots, log every 10", 10),
+    ]
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    bad = CliRunner().invoke(main, ["bench", "train", "--log-every", "0"])
+    assert bad.exit_code != 0
+    assert "--log-every" in bad.output

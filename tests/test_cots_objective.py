@@ -519,3 +519,36 @@ def test_nothing_is_dropped_during_the_filter_warm_up() -> None:
     assert enqueued[:2] == [BATCH, QUEUE - BATCH]  # the queue is full after the second
     # and the first step after the warm-up drops them.
     assert filtered[2] == pytest.approx(under[2] / BATCH)
+
+
+def test_steps_without_diagnostics_train_exactly_as_steps_with_them() -> None:
+    """Diagnostics are computed only for logged steps (issue 40 item 5): turning them off
+    leaves the loss, its gradients, the queues, the filter and the schedules' clock exactly as
+    they are with them, over several steps with the queue and momentum working."""
+    runs = []
+    for diagnostics in (True, False):
+        online, cots = _objective(
+            total_steps=10, kl_weight=0.5, momentum=0.5, distill_alpha=0.4, queue_size=QUEUE
+        )
+        cots.diagnostics = diagnostics
+        losses, grads = [], []
+        for step in range(3):
+            images, tokens = _batch(seed=step)
+            features, _, _ = _features(online, images, tokens)
+            out = cots(features, torch.arange(BATCH), online=online, images=images, tokens=tokens)
+            online.zero_grad()
+            out.loss.backward()
+            losses.append(float(out.loss.detach()))
+            grads.append(
+                torch.cat([p.grad.flatten() for p in online.parameters() if p.grad is not None])
+            )
+            assert ("image_erank" in out.parts) is diagnostics
+            assert "loss" in out.parts
+        runs.append((losses, grads, {k: v.clone() for k, v in cots.state_dict().items()}))
+    (losses_on, grads_on, state_on), (losses_off, grads_off, state_off) = runs
+    assert losses_on == losses_off
+    for on, off in zip(grads_on, grads_off, strict=True):
+        torch.testing.assert_close(on, off, rtol=0, atol=0)
+    assert state_on.keys() == state_off.keys()
+    for key, value in state_on.items():
+        torch.testing.assert_close(value, state_off[key], rtol=0, atol=0, msg=key)

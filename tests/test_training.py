@@ -311,6 +311,34 @@ def test_cli_train_and_eval(corpus: Path, tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def test_diagnostics_only_on_logged_steps_leave_training_unchanged(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """The objective's diagnostics are computed only for the steps the log writes (issue 40
+    item 5): a run logging every 4th step, with accumulation, ends with the same weights and
+    queue as one logging every step, and its logged records still carry the diagnostics."""
+    every = micro(corpus, tmp_path / "every", batch_size=8, accum_steps=2, epochs=1)
+    sparse = micro(corpus, tmp_path / "sparse", batch_size=8, accum_steps=2, epochs=1, log_every=4)
+    train(every, progress=False)
+    train(sparse, progress=False)
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()
+    ]
+    logged = [r for r in records if "loss" in r and "step" in r]
+    assert [r["step"] for r in logged] == [4, 8, 10]
+    assert all("image_erank" in r and "queue_mass" in r for r in logged)
+    losses = train_losses(tmp_path / "every")
+    for record in logged:
+        assert record["loss"] == pytest.approx(losses[record["step"]], rel=1e-6, abs=1e-7)
+    a = load_checkpoint(tmp_path / "every" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "sparse" / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, tensor in a["objective"].items():
+        assert torch.equal(tensor, b["objective"][name]), name
+
+
 def test_gradient_accumulation_counts_optimiser_steps(corpus: Path, tmp_path: Path) -> None:
     config = micro(corpus, tmp_path / "accum", batch_size=8, accum_steps=2, epochs=1)
     result = train(config, progress=False)

@@ -26,7 +26,7 @@ from model.data.records import CorpusError
 from model.distributed import DistInfo, cleanup, init_distributed
 from model.errors import ModelError
 from model.factory import Towers, build_towers, model_config
-from model.objectives import LossOutput, OnlineModel, build_objective
+from model.objectives import LossOutput, OnlineModel, build_objective, report_diagnostics
 from model.tokenizer import tokenize
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
@@ -473,6 +473,10 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
     for batch in run.loader:
         images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch)
         generator = _aux_generator(config, run.step, micro % config.accum_steps)
+        # Diagnostics only for the micro-batch whose step is logged: the rest never reach a log.
+        completes = (micro + 1) % config.accum_steps == 0
+        logged = (run.step + 1) % config.log_every == 0 or run.step + 1 == run.total_steps
+        report_diagnostics(run.objective, completes and logged)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = forward_loss(
                 run.model,
