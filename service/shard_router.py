@@ -376,17 +376,6 @@ class ShardedCollection(Collection):
             raise ShardsUnavailableError(self.name, missing)
         return hits
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        *,
-        filters: Filter | Mapping[str, Any] | None = None,
-        rescore: int | None = None,
-    ) -> list[list[Hit]]:
-        scores, ids = self.nearest(queries, k, filters=filters, rescore=rescore)
-        return self.hydrate(scores, ids, k)
-
     def get(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         wanted = np.asarray(ids, dtype=np.int64)
         answers, missing = self._ask("items", {i: (m,) for i, m in self._owned(wanted).items()})

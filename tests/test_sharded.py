@@ -13,6 +13,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+import ray
 from click.testing import CliRunner
 
 from indexer.assemble import write_version
@@ -273,7 +274,6 @@ def test_ray_task_build_equals_local_build(tmp_path: Path) -> None:
     ones split from a collection (each task reads its items from the source's segment files;
     the trained quantizer is sent to every task): Ray tasks write the shards this process
     writes."""
-    ray = pytest.importorskip("ray")
     rng = np.random.default_rng(3)
     vectors = unit(rng, 900)
     ids = np.arange(900, dtype=np.int64) * 2 + 1
