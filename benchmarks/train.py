@@ -1,12 +1,15 @@
 """``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
 
 Variants: the CLIP baseline, COTS (momentum towers, queues, KL), COTS with masked language
-modeling and with masked vision-language modeling (token level), CLIP with COOKIE's shared
-head and intra-modal losses, and video training with either objective.
+modeling (over the full vocabulary, and over the corpus's words: mlm_vocab corpus) and with
+masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
+losses, and video training with either objective.
 
 Each objective runs in its own process, so peak memory is that objective's alone. Inputs are
 random tensors of the model's shapes, so the numbers measure the model and objective, not
-data loading.
+data loading. With ``--corpus`` the token ids are a synthetic corpus's training captions
+instead (real lengths and words), and the corpus-vocabulary MLM predicts among that split's
+words, as training does; without it, among the ids the random batch uses.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "clip": {"objective": {"kind": "clip"}},
     "cots": {"objective": {"kind": "cots"}},
     "cots+mlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0}}},
+    "cots+mlm-corpus": {
+        "objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mlm_vocab": "corpus"}}
+    },
     "cots+mvlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mvm_weight": 1.0}}},
     "clip+cookie": {
         "objective": {"kind": "clip", "intra": {"weight": 0.5}},
@@ -59,6 +65,7 @@ def _measure(
     threads: int | None,
     queue_size: int,
     log_every: int = 1,
+    corpus: str | None = None,
 ) -> dict[str, Any]:
     """Runs in a fresh process: build, warm up, time ``steps`` optimiser steps, the objective's
     diagnostics computed on every ``log_every``-th (as training computes them for its log).
@@ -70,13 +77,16 @@ def _measure(
 
     import torch
 
+    from model.aux_inputs import mlm_corpus_vocab
     from model.clip_tokens import EOT_ID, SOT_ID
     from model.config import TrainConfig
     from model.distributed import DistInfo
     from model.factory import build_towers, model_config
     from model.objectives import OnlineModel, build_objective, report_diagnostics
+    from model.tokenizer import tokenize
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
     from training.train import StepInputs, forward_loss
+    from training.training_data import csv_reader
 
     if threads:
         torch.set_num_threads(threads)
@@ -97,22 +107,34 @@ def _measure(
         save_tokenizer(tokenizer, path, {})
         overrides["objective"]["masked"]["tokenizer"] = str(path)
     config = TrainConfig.model_validate({"model": model_name, **overrides})
-    online = OnlineModel(
-        build_towers(config),
-        config.objective,
-        tokenizer.config.codebook_size if tokenizer else None,
-    ).to(device)
-    objective = build_objective(online, config.objective, DistInfo(), tokenizer).to(device)
-    optimizer = torch.optim.AdamW(online.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     video = config.data.modality == "video"
     frames = config.video.frames  # the video tower's clip length, which the model is built for
     samples = batch_size // frames if video else batch_size
     shape = (samples, frames) if video else (samples,)
     images = torch.randn(*shape, 3, image_size, image_size, generator=generator).to(device)
-    tokens = torch.randint(1, 49000, (samples, context), generator=generator)
-    tokens[:, 0] = SOT_ID
-    tokens[:, -1] = EOT_ID
+    if corpus is not None:
+        # the training split's captions: the first ``samples`` are the batch (repeated if
+        # fewer), all of them the corpus vocabulary, as training builds it
+        data = config.data.model_copy(update={"train": Path(corpus) / "images.csv"})
+        records = csv_reader(data, data.train_split or None).records()
+        split_tokens = tokenize([c for r in records for c in r.captions], context)
+        tokens = split_tokens[torch.arange(samples) % len(split_tokens)]
+    else:
+        tokens = torch.randint(1, 49000, (samples, context), generator=generator)
+        tokens[:, 0] = SOT_ID
+        tokens[:, -1] = EOT_ID
+        split_tokens = tokens
+    masked = config.objective.masked
+    corpus_vocab = masked.mlm_weight > 0 and masked.mlm_vocab == "corpus"
+    online = OnlineModel(
+        build_towers(config),
+        config.objective,
+        tokenizer.config.codebook_size if tokenizer else None,
+        mlm_corpus_vocab([split_tokens]) if corpus_vocab else None,
+    ).to(device)
+    objective = build_objective(online, config.objective, DistInfo(), tokenizer).to(device)
+    optimizer = torch.optim.AdamW(online.parameters(), lr=1e-4)
     tokens = tokens.to(device)
     groups = torch.arange(samples, device=device)
     grid = online.towers.patch_grid if tokenizer is not None else None
@@ -151,6 +173,8 @@ def _measure(
         "model_rss_mb": peak_rss - rss_before,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
+        "mlm_vocab": len(online.mlm_vocab) if online.mlm_vocab is not None else None,
+        "tokens": "corpus" if corpus is not None else "random",
     }
 
 
@@ -201,6 +225,13 @@ def _measure(
     "(1,10: diagnostics on every step against the training default).",
 )
 @click.option(
+    "--corpus",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Synthetic corpus folder (cots data synth): the batch's token ids are its training "
+    "captions and cots+mlm-corpus predicts among their words. Default: random token ids.",
+)
+@click.option(
     "--json-out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the results as JSON here.",
@@ -214,6 +245,7 @@ def train_bench(
     threads: int | None,
     objectives: str,
     log_every: str,
+    corpus: Path | None,
     json_out: Path | None,
 ) -> None:
     """Training throughput (samples/s) and peak memory of each objective on the same model.
@@ -246,6 +278,7 @@ def train_bench(
             "threads": threads,
             "queue_size": queue_size,
             "log_every": every,
+            "corpus": str(corpus) if corpus is not None else None,
         }
         result = subprocess.run(
             [sys.executable, "-m", WORKER, json.dumps(args)],
@@ -260,7 +293,8 @@ def train_bench(
     cpu = platform.processor() or platform.machine()
     click.echo(
         f"model {model_name}, batch {batch_size}, {steps} timed steps, "
-        f"{rows[0]['device']}, {rows[0]['threads']} threads, {cpu}"
+        f"{rows[0]['device']}, {rows[0]['threads']} threads, {cpu}, "
+        + (f"tokens: the training captions of {corpus}" if corpus else "tokens: random ids")
     )
     click.echo(
         "| variant | pairs/step | images/step | samples/s | step ms | ratio vs first "

@@ -6,6 +6,7 @@ augments exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,27 @@ def augment_view(
     return images + offsets.to(images.device, images.dtype)
 
 
+def mlm_corpus_vocab(tokens: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The MLM head's corpus vocabulary (``masked.mlm_vocab: corpus``): the sorted ids the
+    captions ``tokens`` (e.g. a training split's per-item [n_captions, L]) use, less padding,
+    start, end and [MASK]. Those are never labels, so every masked training word is in it."""
+    used = torch.unique(torch.cat([t.reshape(-1) for t in tokens]))
+    excluded = torch.tensor([*SPECIAL_TEXT_IDS, MASK_TOKEN_ID], dtype=used.dtype)
+    return used[~torch.isin(used, excluded)]
+
+
 def make_aux_inputs(
     config: ObjectiveConfig,
     images: torch.Tensor,
     tokens: torch.Tensor,
     patch_grid: tuple[int, int] | None,
     generator: torch.Generator,
+    *,
+    mlm_vocab: torch.Tensor | None = None,
 ) -> AuxInputs | None:
-    """What the enabled auxiliary objectives need for this batch; None when none is on."""
+    """What the enabled auxiliary objectives need for this batch; None when none is on.
+    ``mlm_vocab``: the MLM head's corpus vocabulary, which masking's random tokens come from
+    (None: the full vocabulary)."""
     aux = AuxInputs()
     masked = config.masked
     if masked.mlm_weight > 0:
@@ -65,6 +79,7 @@ def make_aux_inputs(
             special_ids=SPECIAL_TEXT_IDS,
             generator=generator,
             mask_prob=masked.text_mask_prob,
+            replacement_ids=None if mlm_vocab is None else mlm_vocab.cpu(),
         )
         aux.masked_tokens = masked_tokens.to(tokens.device)
         aux.mlm_labels = labels.to(tokens.device)

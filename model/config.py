@@ -57,6 +57,12 @@ class MaskedModelingConfig(_Strict):
         description="visual tokenizer file (cots train-visual-tokenizer); needed for MVM",
     )
 
+    mlm_vocab: Literal["full", "corpus"] = Field(
+        "full",
+        description="predict a masked word among every id of the tokenizer (full: a 49,409-way "
+        "output) or among the ids the training captions use (corpus: a few hundred, far cheaper)",
+    )
+
     @property
     def enabled(self) -> bool:
         return self.mlm_weight > 0 or self.mvm_weight > 0

@@ -21,13 +21,16 @@ def mask_text_tokens(
     special_ids: tuple[int, ...],
     generator: torch.Generator,
     mask_prob: float = 0.15,
+    replacement_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of token ids [B, L]: returns (masked tokens, labels).
 
     Of the non-special positions, ``mask_prob`` are chosen (at least one per caption that has
     any); of those 80 % become ``mask_token_id``, 10 % a random ordinary token, 10 % stay.
     Labels hold the original id at chosen positions and IGNORE_INDEX elsewhere. Special tokens
-    (start, end, padding) are never chosen.
+    (start, end, padding) are never chosen. The random tokens are drawn from
+    ``replacement_ids`` when given (the MLM head's corpus vocabulary: BERT draws them from the
+    words it predicts among), else from every ordinary id below ``vocab_size``.
     """
     special = torch.zeros_like(tokens, dtype=torch.bool)
     for token_id in special_ids:
@@ -45,7 +48,11 @@ def mask_text_tokens(
     action = torch.rand(tokens.shape, generator=generator)
     masked = tokens.clone()
     masked[chosen & (action < 0.8)] = mask_token_id
-    ordinary = _ordinary_ids(vocab_size, (*special_ids, mask_token_id))
+    ordinary = (
+        _ordinary_ids(vocab_size, (*special_ids, mask_token_id))
+        if replacement_ids is None
+        else replacement_ids
+    )
     to_random = chosen & (action >= 0.8) & (action < 0.9)
     picks = torch.randint(len(ordinary), (int(to_random.sum()),), generator=generator)
     masked[to_random] = ordinary[picks]

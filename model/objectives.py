@@ -61,6 +61,7 @@ class Features:
     temperature: torch.Tensor  # scalar
     # auxiliary outputs, present when the matching AuxInputs were given
     mlm_logits: torch.Tensor | None = None  # [N masked tokens, V]
+    mlm_targets: torch.Tensor | None = None  # [N] the mlm_logits column of each masked word
     mvm_logits: torch.Tensor | None = None  # [N masked patches, K]
     image_view2: torch.Tensor | None = None  # [B, D] second view of the images
     text_view2: torch.Tensor | None = None  # [B, D] second dropout pass of the texts
@@ -72,8 +73,14 @@ class OnlineModel(nn.Module):
     DDP wraps, so every pass that needs gradients runs inside ``forward``)."""
 
     def __init__(
-        self, towers: Towers, config: ObjectiveConfig, codebook_size: int | None = None
+        self,
+        towers: Towers,
+        config: ObjectiveConfig,
+        codebook_size: int | None = None,
+        mlm_vocab: torch.Tensor | None = None,
     ) -> None:
+        """``mlm_vocab``: sorted token ids the MLM head predicts among (``masked.mlm_vocab``
+        corpus: the training captions' ids, aux_inputs.mlm_corpus_vocab); None: all of them."""
         super().__init__()
         self.towers = towers
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
@@ -84,6 +91,7 @@ class OnlineModel(nn.Module):
                 towers.text_width,
                 towers.embed_dim,
                 int(towers.text.token_embedding.num_embeddings),  # type: ignore[union-attr,arg-type]
+                mlm_vocab,
             )
             if masked.mlm_weight > 0
             else None
@@ -95,6 +103,11 @@ class OnlineModel(nn.Module):
             if masked.mvm_weight > 0 and codebook_size
             else None
         )
+
+    @property
+    def mlm_vocab(self) -> torch.Tensor | None:
+        """The MLM head's corpus vocabulary (masking draws its random words from it), or None."""
+        return self.mlm.vocab if self.mlm is not None else None
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, aux: AuxInputs | None = None
@@ -118,7 +131,12 @@ class OnlineModel(nn.Module):
         aux: AuxInputs,
     ) -> None:
         if self.mlm is not None and aux.masked_tokens is not None and aux.mlm_labels is not None:
-            _, states = self.towers.text_tower(aux.masked_tokens)
+            # The corpus head's pass over the masked captions is cut into length groups as the
+            # main pass is (about half the tower's cost; masked positions lie before each end of
+            # text). The full head keeps the one full-length pass: grouping moves its results
+            # by rounding, and its runs must match earlier ones bit for bit.
+            buckets = TEXT_BUCKETS if self.mlm.vocab is not None else 1
+            _, states = self.towers.text_tower(aux.masked_tokens, buckets)
             chosen = aux.mlm_labels != IGNORE_INDEX
             rows = chosen.nonzero()[:, 0]
             # The heads see the normalised global feature, the one retrieval uses: fed the raw
@@ -129,6 +147,7 @@ class OnlineModel(nn.Module):
                 F.normalize(features.image, dim=-1)[rows],
                 self.towers.text.token_embedding.weight,  # type: ignore[union-attr]
             )
+            features.mlm_targets = self.mlm.targets(aux.mlm_labels[chosen])
         if self.mvm is not None and aux.patch_mask is not None:
             patch_states = self.towers.masked_patch_tokens(
                 images, aux.patch_mask, self.mvm.mask_embedding
@@ -194,8 +213,11 @@ class AuxiliaryLosses(nn.Module):
         masked = self.config.masked
         if features.mlm_logits is not None and aux.mlm_labels is not None:
             chosen = aux.mlm_labels != IGNORE_INDEX
+            targets = features.mlm_targets
             loss, accuracy = _token_loss(
-                features.mlm_logits, aux.mlm_labels[chosen], keep[chosen.nonzero()[:, 0]]
+                features.mlm_logits,
+                aux.mlm_labels[chosen] if targets is None else targets,
+                keep[chosen.nonzero()[:, 0]],
             )
             total = total + masked.mlm_weight * loss
             parts.update(loss_mlm=float(loss.detach()), mlm_accuracy=accuracy)

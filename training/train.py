@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.aux_inputs import make_aux_inputs
+from model.aux_inputs import make_aux_inputs, mlm_corpus_vocab
 from model.config import TrainConfig
 from model.data.records import CorpusError
 from model.distributed import DistInfo, cleanup, init_distributed
@@ -270,7 +270,11 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     _freeze(towers, config.freeze)
     tokenizer = _visual_tokenizer(config, towers)
     codebook_size = tokenizer.config.codebook_size if tokenizer else None
-    online = OnlineModel(towers, config.objective, codebook_size).to(device)
+    masked = config.objective.masked
+    # MLM among the words the training captions use: every masked word is one of them
+    corpus = masked.mlm_weight > 0 and masked.mlm_vocab == "corpus"
+    mlm_vocab = mlm_corpus_vocab(train_split.tokens) if corpus else None
+    online = OnlineModel(towers, config.objective, codebook_size, mlm_vocab).to(device)
     objective_steps = total_steps * config.accum_steps  # the objective runs per micro-batch
     objective = build_objective(
         online,
@@ -447,7 +451,14 @@ def forward_loss(
     run it: the masks drawn from ``generator``, the towers (``model``: the online model, or its
     DDP wrapper), then the loss. The caller owns backward, the optimiser and autocast."""
     online = model.module if isinstance(model, DistributedDataParallel) else model
-    aux = make_aux_inputs(config.objective, batch.images, batch.tokens, patch_grid, generator)
+    aux = make_aux_inputs(
+        config.objective,
+        batch.images,
+        batch.tokens,
+        patch_grid,
+        generator,
+        mlm_vocab=online.mlm_vocab if isinstance(online, OnlineModel) else None,
+    )
     features = model(batch.images, batch.tokens, aux)
     out: LossOutput = objective(
         features,
