@@ -131,7 +131,7 @@ def _video_config(
         "model": model_name,
         "data.train": str(corpus / "videos.csv"),
         "init_from": str(workdir / "runs" / model_name / "checkpoint.pt"),
-        "objective.text_anchor.captions": str(corpus / "images.csv"),
+        "learn_new_words": str(corpus / "images.csv"),
         "output": str(workdir / "runs" / f"{model_name}-video"),
     }
     overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
@@ -163,6 +163,7 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
     import torch
 
     from model.config import TrainConfig
+    from training.binding_check import binding_check
     from training.checkpoint import load_checkpoint
     from training.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
     from training.scene_eval import scene_query_check
@@ -184,6 +185,9 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
         if name == "test" and isinstance(split, CaptionedImages):
             checked = scene_query_check(towers, image_config, split, context_length, cpu)
             evals[name].update(checked[0] if checked else {})
+            evals[name].update(
+                binding_check(towers, split, image_config.preprocess, context_length, cpu)
+            )
     cached.write_text(json.dumps(evals, indent=2))
     return evals
 
@@ -325,9 +329,10 @@ def demo(
         run, video_evals = video_config.output, _train_video(video_config, quiet)
         click.echo(f"      video training: {time.monotonic() - train_started:.0f} s")
         click.echo("  " + format_metrics("videos test", video_evals["test"]))
-        # The bundle's text tower is the video run's: these are the images it finds.
+        # The bundle's towers are the video run's: these are the images it finds (its text
+        # tower learnt only words image captions never use, so they equal the image run's).
         served = _image_metrics_of(run, image_config.output)
-        click.echo("      images, with the exported bundle's towers (the video run's text tower):")
+        click.echo("      images, with the exported bundle's towers (the video run's):")
         for split in ("test", "heldout"):
             click.echo("  " + format_metrics(split, served[split]))
     bundle = _export(workdir, run, quiet)

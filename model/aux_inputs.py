@@ -27,6 +27,8 @@ class AuxInputs:
     patch_mask: torch.Tensor | None = None  # [B, P] True = patch masked
     second_view: torch.Tensor | None = None  # [B, 3, S, S] augmented copy of the images
     time_order: bool = False  # also embed each clip played backwards
+    negative_tokens: torch.Tensor | None = None  # [N, L] hard negative captions of some rows
+    negative_rows: torch.Tensor | None = None  # [N] long: the batch row each negative is of
 
 
 def augment_view(
@@ -65,11 +67,17 @@ def make_aux_inputs(
     generator: torch.Generator,
     *,
     mlm_vocab: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> AuxInputs | None:
     """What the enabled auxiliary objectives need for this batch; None when none is on.
     ``mlm_vocab``: the MLM head's corpus vocabulary, which masking's random tokens come from
-    (None: the full vocabulary)."""
+    (None: the full vocabulary). ``negatives``: [B, L] each row's hard negative caption, all
+    zeros where it has none."""
     aux = AuxInputs()
+    if negatives is not None:
+        rows = negatives.any(dim=1).nonzero()[:, 0]
+        if len(rows):
+            aux.negative_tokens, aux.negative_rows = negatives[rows], rows
     masked = config.masked
     if masked.mlm_weight > 0:
         masked_tokens, labels = mask_text_tokens(
@@ -95,5 +103,7 @@ def make_aux_inputs(
             images, config.intra.max_shift, config.intra.brightness, generator
         )
     aux.time_order = config.time_order_weight > 0 and images.ndim == 5
-    empty = all(v is None for v in (aux.masked_tokens, aux.patch_mask, aux.second_view))
+    empty = all(
+        v is None for v in (aux.masked_tokens, aux.patch_mask, aux.second_view, aux.negative_tokens)
+    )
     return None if empty and not aux.time_order else aux

@@ -88,6 +88,35 @@ class TextAnchorConfig(_Strict):
     batch_size: int = Field(128, ge=1, description="anchor captions sampled per step")
 
 
+NegativeKind = Literal["colour", "shape", "size", "position", "relation", "binding"]
+NEGATIVE_KINDS: tuple[NegativeKind, ...] = (
+    "colour",
+    "shape",
+    "size",
+    "position",
+    "relation",
+    "binding",
+)
+
+
+class HardNegativeConfig(_Strict):
+    """NegCLIP-style hard negative captions (model/hard_negatives.py): a training caption also
+    brings a copy of itself with one attribute or relation swapped, which every image scores
+    as a negative in the image->text loss."""
+
+    enabled: bool = False
+    kinds: list[NegativeKind] = Field(
+        list(NEGATIVE_KINDS), min_length=1, description="which swaps the negatives may make"
+    )
+    fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of a batch's captions that bring a negative (each costs one more "
+        "caption through the text tower)",
+    )
+
+
 class ObjectiveConfig(_Strict):
     kind: Literal["cots", "clip"] = "cots"
     # 0.95, not ALBEF's 0.995: over a few hundred CPU steps from scratch a slower EMA leaves the
@@ -154,6 +183,7 @@ class ObjectiveConfig(_Strict):
     masked: MaskedModelingConfig = MaskedModelingConfig()
     intra: IntraModalConfig = IntraModalConfig()
     text_anchor: TextAnchorConfig = TextAnchorConfig()
+    hard_negatives: HardNegativeConfig = HardNegativeConfig()
     time_order_weight: float = Field(
         0.0,
         ge=0.0,
@@ -236,6 +266,12 @@ class TrainConfig(_Strict):
         description="towers whose weights stay as they start (e.g. the image tower while a "
         "video model learns its temporal pooling from an image run's towers)",
     )
+    learn_new_words: Path | None = Field(
+        None,
+        description="with 'text' frozen: a caption CSV (e.g. the image run's) whose train-split "
+        "words keep their embeddings; the token embeddings of words it never uses still learn, "
+        "so text made of its words embeds exactly as before while new words gain a meaning",
+    )
     output: Path = Path("runs/cots-tiny-p16")
     seed: int = 0
     # 16 epochs of cots-tiny-p16 fit the demo's 8-minute budget on two cores (issue 16).
@@ -277,6 +313,8 @@ class TrainConfig(_Strict):
             )
         if self.freeze and self.objective.kind == "cots":
             raise ValueError("freeze is for the CLIP objective (momentum towers would drift)")
+        if self.learn_new_words is not None and "text" not in self.freeze:
+            raise ValueError("learn_new_words needs 'text' in freeze")
         if self.video.frames > self.video.decode_frames:
             raise ValueError("video.frames must not exceed video.decode_frames")
         return self

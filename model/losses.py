@@ -124,14 +124,26 @@ def clip_loss(
     groups: torch.Tensor,
     temperature: torch.Tensor,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    extra_i2t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The CLIP baseline: InfoNCE both ways. Returns per-row (i2t, t2i) losses [B].
 
     ``batch``: (images, texts, groups) of the whole global batch, which this rank's rows score
     against (open_clip's ``ClipLoss`` with ``local_loss``: every rank's pairs are negatives);
-    None: this batch alone."""
+    None: this batch alone. ``extra_i2t``: [B, N] logits of more texts that are negatives of
+    every image (hard negative captions, :func:`with_negatives`)."""
     all_image, all_text, all_groups = batch if batch is not None else (image, text, groups)
     targets = multi_positive_targets(groups, all_groups)
-    i2t = soft_cross_entropy(image @ all_text.t() / temperature, targets)
+    logits_i2t, targets_i2t = with_negatives(image @ all_text.t() / temperature, targets, extra_i2t)
+    i2t = soft_cross_entropy(logits_i2t, targets_i2t)
     t2i = soft_cross_entropy(text @ all_image.t() / temperature, targets)
     return i2t, t2i
+
+
+def with_negatives(
+    logits: torch.Tensor, targets: torch.Tensor, negative_logits: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, K + N] logits and targets: the N negative columns appended, with no target mass."""
+    if negative_logits is None:
+        return logits, targets
+    return torch.cat([logits, negative_logits], dim=1), F.pad(targets, (0, len(negative_logits[0])))

@@ -38,6 +38,7 @@ from model.losses import (
     positive_mask,
     soft_cross_entropy,
     symmetric_kl,
+    with_negatives,
 )
 from model.masking import IGNORE_INDEX
 from model.momentum import FeatureQueues, ema_update
@@ -66,6 +67,7 @@ class Features:
     image_view2: torch.Tensor | None = None  # [B, D] second view of the images
     text_view2: torch.Tensor | None = None  # [B, D] second dropout pass of the texts
     video_reversed: torch.Tensor | None = None  # [B, D] each clip played backwards
+    negative_text: torch.Tensor | None = None  # [N, D] hard negative captions (aux rows)
 
 
 class OnlineModel(nn.Module):
@@ -155,6 +157,9 @@ class OnlineModel(nn.Module):
             rows = aux.patch_mask.nonzero()[:, 0]
             text_global = F.normalize(features.text, dim=-1)[rows]
             features.mvm_logits = self.mvm(patch_states[aux.patch_mask], text_global)
+        if aux.negative_tokens is not None:
+            pooled, states = self.towers.text_tower(aux.negative_tokens, TEXT_BUCKETS)
+            features.negative_text = self.towers.add_text_head(pooled, states, aux.negative_tokens)
         if aux.time_order and self.towers.temporal is not None:
             # frame features do not depend on order: only the pooling sees the reversal
             features.video_reversed = self.towers.temporal(features.image_tokens.flip(1))
@@ -274,6 +279,32 @@ def _intra_loss(
     return (one_way.mean() + other_way.mean()) / 2
 
 
+def _hard_negative_logits(
+    image: torch.Tensor, features: Features, aux: AuxInputs | None, captions: torch.Tensor
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """([B, N] logits of every image against the batch's hard negative captions, or None;
+    how often a caption outscores its own negative). A negative that is exactly a row's own
+    caption (another caption's swap can be) is no negative of that row: -inf there."""
+    if (
+        features.negative_text is None
+        or aux is None
+        or aux.negative_tokens is None
+        or aux.negative_rows is None
+    ):
+        return None, {}
+    negatives = F.normalize(features.negative_text.float(), dim=-1)
+    logits = image @ negatives.t() / features.temperature
+    own_caption = captions[:, None] == caption_ids(aux.negative_tokens)[None, :]
+    logits = logits.masked_fill(own_caption, float("-inf"))
+    with torch.no_grad():
+        rows = aux.negative_rows
+        text = F.normalize(features.text.float(), dim=-1)
+        positive = (image[rows] * text[rows]).sum(-1)
+        negative = (image[rows] * negatives).sum(-1)
+        accuracy = float((positive > negative).float().mean())
+    return logits, {"hard_negative_accuracy": accuracy, "hard_negatives": float(len(rows))}
+
+
 class ClipObjective(nn.Module):
     """The baseline: plain in-batch InfoNCE, no momentum, no queue, no filter (auxiliary
     losses still apply when configured, e.g. for COOKIE on top of the baseline)."""
@@ -304,6 +335,7 @@ class ClipObjective(nn.Module):
         online: OnlineModel,
         images: torch.Tensor,
         aux: AuxInputs | None = None,
+        tokens: torch.Tensor | None = None,
         **_: torch.Tensor | None,
     ) -> LossOutput:
         image = F.normalize(features.image.float(), dim=-1)
@@ -316,7 +348,12 @@ class ClipObjective(nn.Module):
             all_gather_keeping_grad(text, self.dist),
             all_gather_cat(groups, self.dist),
         )
-        i2t, t2i = clip_loss(image, text, groups, features.temperature, batch)
+        negative_logits, negative_parts = (
+            _hard_negative_logits(image, features, aux, caption_ids(tokens))
+            if tokens is not None
+            else (None, {})
+        )
+        i2t, t2i = clip_loss(image, text, groups, features.temperature, batch, negative_logits)
         contrastive = (i2t.mean() + t2i.mean()) / 2
         keep = torch.ones(len(groups), device=groups.device)
         extra, extra_parts = self.auxiliary(features, aux, images, groups, keep)
@@ -332,6 +369,7 @@ class ClipObjective(nn.Module):
                 "loss_i2t": float(i2t.mean().detach()),
                 "loss_t2i": float(t2i.mean().detach()),
                 "temperature": float(features.temperature.detach()),
+                **negative_parts,
                 **extra_parts,
             },
         )
@@ -458,7 +496,10 @@ class CotsObjective(nn.Module):
                 teacher_t2i = masked_logits(text_m, image_keys_m, temperature, key_valid)
                 targets_i2t = distilled_targets(targets, teacher_i2t, alpha)
                 targets_t2i = distilled_targets(targets, teacher_t2i, alpha)
-        loss_i2t = _masked_mean(soft_cross_entropy(logits_i2t, targets_i2t), keep)
+        negative_logits, negative_parts = _hard_negative_logits(image, features, aux, captions)
+        loss_i2t = _masked_mean(
+            soft_cross_entropy(*with_negatives(logits_i2t, targets_i2t, negative_logits)), keep
+        )
         loss_t2i = _masked_mean(soft_cross_entropy(logits_t2i, targets_t2i), keep)
         # Task level over the queue columns only: aligned slot by slot, and free of the in-batch
         # positive that would dominate both distributions.
@@ -495,6 +536,7 @@ class CotsObjective(nn.Module):
             "queue_used": int(queue_valid.sum()),
             **_key_diagnostics(logits_i2t, groups, captions, key_groups, key_captions, key_valid),
             **_spread(image, text),
+            **negative_parts,
             **extra_parts,
         }
         if noisy is not None and bool(noisy.any()):

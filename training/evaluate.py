@@ -189,7 +189,7 @@ def format_metrics(name: str, metrics: dict[str, float], keys: Sequence[str] | N
     if keys is None:
         directions = ("t2v", "v2t") if "t2v_R@1" in metrics else ("t2i", "i2t")
         keys = [f"{d}_R@{k}" for d in directions for k in KS] + ["mean_recall"]
-        optional = ["i2i_R@1", "t2t_R@1", "scene_match@1", "scene_match@5"]
+        optional = ["i2i_R@1", "t2t_R@1", "scene_match@1", "scene_match@5", "binding_acc"]
         optional += ["time_order_acc", "direction_acc"]
         keys += [k for k in optional if k in metrics]
     return f"{name}: " + "  ".join(f"{k} {metrics[k]:.1f}" for k in keys)

@@ -6,6 +6,10 @@ Data flow: the corpus's ``dataset.json`` gives the synthetic config, from which
 are embedded as in evaluation, the queries (``training.scene_queries``) are tokenised and
 embedded by the text tower, ranked by cosine, and scored. Corpora that are not synthetic have
 no scene specs: the check returns None for them.
+
+:func:`collection_scene_check` asks the demo's question instead: the same queries (written from
+the test scenes), searched over every image of the corpus, all splits together, as the demo's
+``images`` collection holds them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from model.factory import Towers
 from model.tokenizer import tokenize
 from training.evaluate import embed_split
 from training.scene_queries import SceneQuery, corpus_scenes, score, write_queries
-from training.training_data import CaptionedImages
+from training.training_data import CaptionedImages, load_split
 
 
 def split_scenes(split: CaptionedImages, corpus: Path) -> list[Scene] | None:
@@ -60,3 +64,40 @@ def scene_query_check(
     ranked = (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
     ranked_lists = [list(map(int, row)) for row in np.asarray(ranked)]
     return score(queries, scenes, ranked), list(zip(queries, ranked_lists, strict=True))
+
+
+@torch.no_grad()
+def collection_scene_check(
+    towers: Towers,
+    config: TrainConfig,
+    context_length: int,
+    device: torch.device,
+    n_queries: int = 200,
+) -> dict[str, float] | None:
+    """Scene match over the whole corpus (``collection_scene_match@1/@5``, in %): queries from
+    the test scenes, as the demo writes them, ranked over all images of every split; None for
+    a corpus without scene specs."""
+    corpus = Path(config.data.train).parent
+    scenes = corpus_scenes(corpus)
+    if scenes is None:
+        return None
+    everything = load_split(config.data, None, context_length, preprocess=config.preprocess)
+    test = [r.group_id for r in load_split(config.data, "test", context_length).records]
+    try:
+        gallery = [scenes[record.group_id] for record in everything.records]
+        queries = write_queries([scenes[i] for i in dict.fromkeys(test)], n_queries)
+    except KeyError:
+        return None
+    image_emb = embed_split(towers, everything, config.preprocess, device)[0]
+    was_training = towers.training
+    towers.eval()
+    tokens = tokenize([q.text for q in queries], context_length).to(device)
+    text_emb = towers.encode_text(tokens).float().cpu()
+    towers.train(was_training)
+    ranked = (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
+    scored = score(queries, gallery, ranked)
+    return {
+        "collection_scene_match@1": scored["scene_match@1"],
+        "collection_scene_match@5": scored["scene_match@5"],
+        "collection_images": float(len(gallery)),
+    }

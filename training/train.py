@@ -26,15 +26,18 @@ from model.data.records import CorpusError
 from model.distributed import DistInfo, cleanup, init_distributed
 from model.errors import ModelError
 from model.factory import Towers, build_towers, model_config
+from model.new_words import NO_WEIGHT_DECAY, learn_only_new_words
 from model.objectives import LossOutput, OnlineModel, build_objective, report_diagnostics
 from model.tokenizer import tokenize
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
+from training.binding_check import binding_check
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from training.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
 from training.evaluate import format_metrics
 from training.scene_eval import scene_query_check
 from training.training_data import (
     CaptionedImages,
+    CaptionNegatives,
     EpochBatches,
     PairDataset,
     collate,
@@ -92,13 +95,19 @@ _PRETRAINED_PREFIXES = ("towers.visual.", "towers.text.")
 def param_groups(
     model: torch.nn.Module, weight_decay: float, lr: float, pretrained_lr: float | None = None
 ) -> list[dict[str, Any]]:
-    """No weight decay on gains, biases, embeddings' positions and the temperature; with
+    """No weight decay on gains, biases, embeddings' positions, the temperature and parameters
+    marked ``NO_WEIGHT_DECAY`` (model/new_words.py); with
     ``pretrained_lr``, the towers' own weights learn at that rate, the rest at ``lr``."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim < 2 or "positional_embedding" in name or "class_embedding" in name
+        skip = (
+            param.ndim < 2
+            or "positional_embedding" in name
+            or "class_embedding" in name
+            or getattr(param, NO_WEIGHT_DECAY, False)
+        )
         pretrained = pretrained_lr is not None and name.startswith(_PRETRAINED_PREFIXES)
         groups.setdefault((pretrained, skip), []).append(param)
     return [
@@ -210,7 +219,8 @@ class _Run:
 
     def evaluate(self, name: str, split: Split, checks: bool = False) -> None:
         """Retrieval metrics; with ``checks``, also the scene-query check (images of a
-        synthetic corpus) or the time-order and direction checks (videos)."""
+        synthetic corpus) and the binding check (images), or the time-order and direction
+        checks (videos)."""
         towers = self.online.towers
         metrics = evaluate_loaded(towers, self.config, split, self.device)
         if checks and isinstance(split, CaptionedImages):
@@ -218,6 +228,11 @@ class _Run:
                 towers, self.config, split, self.context_length, self.device
             )
             metrics.update(checked[0] if checked else {})
+            metrics.update(
+                binding_check(
+                    towers, split, self.config.preprocess, self.context_length, self.device
+                )
+            )
         elif checks and isinstance(split, CaptionedVideos):
             frames = self.config.video.frames
             metrics.update(
@@ -248,6 +263,7 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
         config.seed,
         dist.rank,
         dist.world_size,
+        negative_draws=_hard_negatives_on(config),
     )
     # Workers are spawned, not forked (DataLoader's default on Linux): a fork would copy this
     # process's threads, locks and signal handlers into them (see docs/decisions.md).
@@ -268,6 +284,7 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     if config.init_from is not None:
         _init_towers(towers, Path(config.init_from))
     _freeze(towers, config.freeze)
+    _learn_new_words(towers, config, context_length)
     tokenizer = _visual_tokenizer(config, towers)
     codebook_size = tokenizer.config.codebook_size if tokenizer else None
     masked = config.objective.masked
@@ -347,7 +364,16 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
         seed=seed,
         preprocess=config.preprocess,
     )
-    return images, PairDataset(images, config.preprocess)
+    negatives = (
+        CaptionNegatives(config.objective.hard_negatives) if _hard_negatives_on(config) else None
+    )
+    return images, PairDataset(images, config.preprocess, negatives)
+
+
+def _hard_negatives_on(config: TrainConfig) -> bool:
+    """Hard negative captions are written for image captions (video captions' events have
+    their own hard negative, the clip played backwards)."""
+    return config.objective.hard_negatives.enabled and config.data.modality == "image"
 
 
 def _init_towers(towers: torch.nn.Module, path: Path) -> None:
@@ -371,14 +397,22 @@ def _anchor_tokens(config: TrainConfig, context_length: int) -> torch.Tensor | N
     anchor = config.objective.text_anchor
     if anchor.weight <= 0 or anchor.captions is None:
         return None
-    data = config.data.model_copy(update={"train": anchor.captions, "group_key": "image_id"})
+    return _csv_caption_tokens(config, anchor.captions, context_length, "text_anchor.captions")
+
+
+def _csv_caption_tokens(
+    config: TrainConfig, csv: Path, context_length: int, setting: str
+) -> torch.Tensor:
+    """Tokens of the captions of an image-caption CSV's train split (``setting`` names the
+    option that gave the CSV, for errors)."""
+    data = config.data.model_copy(update={"train": csv, "group_key": "image_id"})
     try:
         records = list(csv_reader(data, data.train_split or None).records())
     except CorpusError as error:
-        raise ModelError(f"text_anchor.captions: {error}") from None
+        raise ModelError(f"{setting}: {error}") from None
     captions = [c for record in records for c in record.captions]
     if not captions:
-        raise ModelError(f"text_anchor.captions: no captions in {anchor.captions}")
+        raise ModelError(f"{setting}: no captions in {csv}")
     return tokenize(captions, context_length)
 
 
@@ -390,6 +424,16 @@ def _freeze(towers: Towers, parts: Sequence[str]) -> None:
         modules[part].requires_grad_(False)
     if parts:
         logger.info("frozen towers: %s", ", ".join(parts))
+
+
+def _learn_new_words(towers: Towers, config: TrainConfig, context_length: int) -> None:
+    """With ``learn_new_words``, the frozen text tower's token embeddings learn again, but only
+    for ids the given captions never use (model/new_words.py)."""
+    if config.learn_new_words is None:
+        return
+    seen = _csv_caption_tokens(config, config.learn_new_words, context_length, "learn_new_words")
+    learned = learn_only_new_words(towers, seen)
+    logger.info("text tower frozen but for the embeddings of %d unseen token ids", learned)
 
 
 def _visual_tokenizer(config: TrainConfig, towers: Towers) -> VisualTokenizer | None:
@@ -436,6 +480,15 @@ class StepInputs:
     tokens: torch.Tensor
     groups: torch.Tensor
     noisy: torch.Tensor | None = None
+    negatives: torch.Tensor | None = None  # [B, L] hard negative captions' ids; 0 rows: none
+
+
+def negative_tokens(texts: Sequence[str], context_length: int) -> torch.Tensor:
+    """[B, L] token ids of a batch's hard negative captions; all zeros where a caption has
+    none (""), the objectives' mark of an absent negative."""
+    tokens = tokenize(texts, context_length)
+    tokens[torch.tensor([not text for text in texts], dtype=torch.bool)] = 0
+    return tokens
 
 
 def forward_loss(
@@ -458,6 +511,7 @@ def forward_loss(
         patch_grid,
         generator,
         mlm_vocab=online.mlm_vocab if isinstance(online, OnlineModel) else None,
+        negatives=batch.negatives,
     )
     features = model(batch.images, batch.tokens, aux)
     out: LossOutput = objective(
@@ -482,7 +536,9 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
     use_bf16 = config.precision == "bf16" and device.type == "cuda"
     micro = 0
     for batch in run.loader:
-        images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch)
+        images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch[:4])
+        negatives = negative_tokens(batch[4], run.context_length) if len(batch) > 4 else None
+        negatives = negatives.to(device) if negatives is not None else None
         generator = _aux_generator(config, run.step, micro % config.accum_steps)
         # Diagnostics only for the micro-batch whose step is logged: the rest never reach a log.
         completes = (micro + 1) % config.accum_steps == 0
@@ -493,7 +549,7 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
                 run.model,
                 run.objective,
                 config,
-                StepInputs(images, tokens, groups, noisy),
+                StepInputs(images, tokens, groups, noisy, negatives),
                 patch_grid=run.patch_grid,
                 generator=generator,
             )

@@ -20,10 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model.config import DataConfig, PreprocessConfig
+from model.config import DataConfig, HardNegativeConfig, PreprocessConfig
 from model.data.readers import BadItemError, CsvImageReader, load_image
 from model.data.records import CorpusError, ImageRecord, VideoRecord
 from model.errors import ModelError
+from model.hard_negatives import hard_negatives
 from model.preprocess import image_pixels, image_transform, normalise_pixels
 from model.tokenizer import tokenize
 
@@ -149,28 +150,72 @@ def _swap_captions(
     return swapped, noisy
 
 
-class PairDataset(Dataset):
-    """Indexable by (image index, caption index) -> (image tensor, tokens, group, noisy)."""
+class CaptionNegatives:
+    """Picks a training caption's hard negative (model/hard_negatives.py) from a uniform draw:
+    a draw under ``fraction`` brings one, of a kind chosen uniformly among the kinds the
+    caption has, then one of that kind; each caption's negatives are written once."""
 
-    def __init__(self, split: CaptionedImages, preprocess: PreprocessConfig) -> None:
+    def __init__(self, config: HardNegativeConfig) -> None:
+        self.kinds = tuple(config.kinds)
+        self.fraction = config.fraction
+        self._by_caption: dict[str, list[list[str]]] = {}
+
+    def _grouped(self, caption: str) -> list[list[str]]:
+        grouped = self._by_caption.get(caption)
+        if grouped is None:
+            by_kind: dict[str, list[str]] = {}
+            for negative in hard_negatives(caption, self.kinds):
+                by_kind.setdefault(negative.kind, []).append(negative.text)
+            grouped = self._by_caption[caption] = list(by_kind.values())
+        return grouped
+
+    def pick(self, caption: str, draw: float) -> str:
+        """The negative for ``draw`` in [0, 1), or "" (none: the draw is above the fraction,
+        or the caption has nothing to swap)."""
+        if draw >= self.fraction:
+            return ""
+        grouped = self._grouped(caption)
+        if not grouped:
+            return ""
+        spread = draw / self.fraction * len(grouped)
+        kind = min(int(spread), len(grouped) - 1)
+        options = grouped[kind]
+        return options[min(int((spread - kind) * len(options)), len(options) - 1)]
+
+
+class PairDataset(Dataset):
+    """Indexable by (image index, caption index[, negative draw]) -> (image tensor, tokens,
+    group, noisy[, hard negative caption or ""])."""
+
+    def __init__(
+        self,
+        split: CaptionedImages,
+        preprocess: PreprocessConfig,
+        negatives: CaptionNegatives | None = None,
+    ) -> None:
         self.split = split
         self.preprocess = preprocess
         self.transform = image_transform(preprocess)
+        self.negatives = negatives
 
     def __len__(self) -> int:
         return len(self.split.records)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, caption = key
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, float]):
+        index, caption = key[0], key[1]
         image = split_image(self.split, index, self.preprocess, self.transform)
         if image is None:
             return None
-        return (
+        item = (
             image,
             self.split.tokens[index][caption],
             self.split.groups[index],
             self.split.noisy[index],
         )
+        if self.negatives is None:
+            return item
+        draw = key[2] if len(key) == 3 else 1.0
+        return (*item, self.negatives.pick(self.split.captions[index][caption], draw))
 
 
 def split_image(
@@ -191,15 +236,20 @@ def split_image(
     return (transform or image_transform(preprocess))(image)
 
 
-def collate(items: list) -> tuple[torch.Tensor, ...]:
+def collate(items: list) -> tuple[torch.Tensor | list[str], ...]:
+    """Stacks the tensor columns of a batch's items; a text column (hard negatives) stays a
+    list. Items that could not be read (None) are left out."""
     items = [item for item in items if item is not None]
-    images, tokens, groups, noisy = zip(*items, strict=True)
-    return torch.stack(images), torch.stack(tokens), torch.stack(groups), torch.stack(noisy)
+    return tuple(
+        list(column) if isinstance(column[0], str) else torch.stack(column)
+        for column in zip(*items, strict=True)
+    )
 
 
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of (image, caption) keys for one rank: a seeded permutation per epoch, cut into
-    equal shards per rank and into full batches (the remainder is dropped)."""
+    equal shards per rank and into full batches (the remainder is dropped). With
+    ``negative_draws`` each key also carries a uniform draw that picks its hard negative."""
 
     def __init__(
         self,
@@ -208,9 +258,11 @@ class EpochBatches(torch.utils.data.Sampler):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        negative_draws: bool = False,
     ) -> None:
         self.n_captions = n_captions
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.negative_draws = negative_draws
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ModelError(
@@ -224,11 +276,16 @@ class EpochBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.n_captions) // self.world_size // self.batch_size
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]] | list[tuple[int, int, float]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.n_captions), generator=generator)
         picks = torch.rand(len(self.n_captions), generator=generator)
+        # Drawn after the order and the caption picks, so those stay what they were without.
+        draws = torch.rand(len(self.n_captions), generator=generator).tolist()
         shard = order[self.rank :: self.world_size][: len(self) * self.batch_size].tolist()
         for b in range(self.start_batch, len(self)):
             chunk = shard[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(i, int(picks[i] * self.n_captions[i])) for i in chunk]
+            if self.negative_draws:
+                yield [(i, int(picks[i] * self.n_captions[i]), draws[i]) for i in chunk]
+            else:
+                yield [(i, int(picks[i] * self.n_captions[i])) for i in chunk]
