@@ -1,6 +1,7 @@
 """``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
 
-Variants: the CLIP baseline, COTS (momentum towers, queues, KL), COTS with masked language
+Variants: the CLIP baseline, COTS (momentum towers, queues, KL), either with hard negative
+captions (+hn: one per caption), COTS with masked language
 modeling (over the full vocabulary, and over the corpus's words: mlm_vocab corpus) and with
 masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
 losses, and video training with either objective.
@@ -39,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mlm_vocab": "corpus"}}
     },
     "cots+mvlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mvm_weight": 1.0}}},
+    "clip+hn": {"objective": {"kind": "clip", "hard_negatives": {"enabled": True}}},
+    "cots+hn": {"objective": {"kind": "cots", "hard_negatives": {"enabled": True}}},
     "clip+cookie": {
         "objective": {"kind": "clip", "intra": {"weight": 0.5}},
         "cookie": {"enabled": True},
@@ -85,8 +88,8 @@ def _measure(
     from model.objectives import OnlineModel, build_objective, report_diagnostics
     from model.tokenizer import tokenize
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
-    from training.train import StepInputs, forward_loss
-    from training.training_data import csv_reader
+    from training.train import StepInputs, forward_loss, negative_tokens
+    from training.training_data import CaptionNegatives, csv_reader
 
     if threads:
         torch.set_num_threads(threads)
@@ -118,13 +121,26 @@ def _measure(
         # fewer), all of them the corpus vocabulary, as training builds it
         data = config.data.model_copy(update={"train": Path(corpus) / "images.csv"})
         records = csv_reader(data, data.train_split or None).records()
-        split_tokens = tokenize([c for r in records for c in r.captions], context)
+        texts = [c for r in records for c in r.captions]
+        split_tokens = tokenize(texts, context)
         tokens = split_tokens[torch.arange(samples) % len(split_tokens)]
+        batch_texts = [texts[i % len(texts)] for i in range(samples)]
     else:
         tokens = torch.randint(1, 49000, (samples, context), generator=generator)
         tokens[:, 0] = SOT_ID
         tokens[:, -1] = EOT_ID
         split_tokens = tokens
+        batch_texts = None
+    negatives = None
+    if config.objective.hard_negatives.enabled:
+        # one negative per caption, as at fraction 1: the corpus's own swaps, else random ids
+        if batch_texts is not None:
+            picker = CaptionNegatives(config.objective.hard_negatives)
+            draws = torch.rand(samples, generator=generator).tolist()
+            picked = [picker.pick(t, d) for t, d in zip(batch_texts, draws, strict=True)]
+            negatives = negative_tokens(picked, context).to(device)
+        else:
+            negatives = tokens[torch.randperm(samples, generator=generator)].to(device)
     masked = config.objective.masked
     corpus_vocab = masked.mlm_weight > 0 and masked.mlm_vocab == "corpus"
     online = OnlineModel(
@@ -141,7 +157,7 @@ def _measure(
 
     def step(offset: int) -> None:
         report_diagnostics(objective, (offset + 1) % log_every == 0)
-        batch = StepInputs(images, tokens, groups + offset * samples)
+        batch = StepInputs(images, tokens, groups + offset * samples, negatives=negatives)
         out = forward_loss(online, objective, config, batch, patch_grid=grid, generator=generator)
         out.loss.backward()
         optimizer.step()

@@ -115,6 +115,14 @@ class HardNegativeConfig(_Strict):
         description="share of a batch's captions that bring a negative (each costs one more "
         "caption through the text tower)",
     )
+    similar_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each batch filled with images whose captions name the same "
+        "colour first (hard negative images for text->image: a query must tell them apart by "
+        "shape, size and place); costs nothing, it only orders the epoch",
+    )
 
 
 class ObjectiveConfig(_Strict):

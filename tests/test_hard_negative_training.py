@@ -23,6 +23,7 @@ from model.hard_negatives import coverage
 from model.tokenizer import tokenize
 from tests.test_training import _assert_resume_is_exact, micro, train_losses, trained_towers
 from training.train import train
+from training.training_data import EpochBatches, colour_keys
 
 NEGATIVES: dict[str, Any] = {"hard_negatives": {"enabled": True}}
 
@@ -41,7 +42,8 @@ def _metrics(output: Path) -> list[dict[str, Any]]:
 def test_a_resumed_cots_run_with_hard_negatives_equals_the_uninterrupted_one(
     corpus: Path, tmp_path: Path
 ) -> None:
-    _assert_resume_is_exact(corpus, tmp_path, objective=NEGATIVES)
+    negatives = {"hard_negatives": {"enabled": True, "similar_share": 0.5}}
+    _assert_resume_is_exact(corpus, tmp_path, objective=negatives)
     rows = [r for r in _metrics(tmp_path / "straight") if "hard_negatives" in r]
     assert rows
     # nearly every synthetic caption has something to swap: the batch of 16 brings 16
@@ -192,3 +194,23 @@ def test_learn_new_words_moves_only_the_embeddings_of_unseen_words(
         assert torch.equal(before.eval().encode_text(known), after.eval().encode_text(known))
     with pytest.raises(ValueError, match="learn_new_words needs 'text' in freeze"):
         micro(corpus, tmp_path / "c", objective=clip, learn_new_words=str(corpus))
+
+
+def test_similar_batches_open_with_one_colour_and_keep_every_item_once() -> None:
+    captions = [[f"a {colour} circle"] for colour in ("red", "blue", "green", "pink")] * 40
+    captions += [["a dog on the beach"]] * 40
+    keys = colour_keys(captions)
+    assert keys[:4] == [0, 2, 1, 7]
+    assert keys[-1] == -1
+    sampler = EpochBatches([1] * len(captions), 20, seed=3, similar=keys, similar_share=0.5)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        items = [key[0] for batch in batches for key in batch]
+        assert len(items) == len(set(items)) == 200
+        opening = [len({keys[key[0]] for key in batch[:10]}) for batch in batches]
+        assert sum(opening) <= len(batches) + 4  # at most a few batches straddle two colours
+        rest = [len({keys[key[0]] for key in batch[10:]}) for batch in batches]
+        assert max(rest) >= 3  # the other half is the random draw it was
+    sampler.set_epoch(1, start_batch=4)
+    assert list(sampler) == batches[4:]  # resumed mid-epoch, the same batches

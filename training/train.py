@@ -41,6 +41,7 @@ from training.training_data import (
     EpochBatches,
     PairDataset,
     collate,
+    colour_keys,
     csv_reader,
     load_split,
 )
@@ -264,6 +265,8 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
         dist.rank,
         dist.world_size,
         negative_draws=_hard_negatives_on(config),
+        similar=colour_keys(train_split.captions) if _similar_batches_on(config) else None,
+        similar_share=config.objective.hard_negatives.similar_share,
     )
     # Workers are spawned, not forked (DataLoader's default on Linux): a fork would copy this
     # process's threads, locks and signal handlers into them (see docs/decisions.md).
@@ -368,6 +371,11 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
         CaptionNegatives(config.objective.hard_negatives) if _hard_negatives_on(config) else None
     )
     return images, PairDataset(images, config.preprocess, negatives)
+
+
+def _similar_batches_on(config: TrainConfig) -> bool:
+    negatives = config.objective.hard_negatives
+    return negatives.enabled and negatives.similar_share > 0 and config.data.modality == "image"
 
 
 def _hard_negatives_on(config: TrainConfig) -> bool:

@@ -24,7 +24,7 @@ from model.config import DataConfig, HardNegativeConfig, PreprocessConfig
 from model.data.readers import BadItemError, CsvImageReader, load_image
 from model.data.records import CorpusError, ImageRecord, VideoRecord
 from model.errors import ModelError
-from model.hard_negatives import hard_negatives
+from model.hard_negatives import COLOURS, hard_negatives
 from model.preprocess import image_pixels, image_transform, normalise_pixels
 from model.tokenizer import tokenize
 
@@ -249,7 +249,12 @@ def collate(items: list) -> tuple[torch.Tensor | list[str], ...]:
 class EpochBatches(torch.utils.data.Sampler):
     """Batches of (image, caption) keys for one rank: a seeded permutation per epoch, cut into
     equal shards per rank and into full batches (the remainder is dropped). With
-    ``negative_draws`` each key also carries a uniform draw that picks its hard negative."""
+    ``negative_draws`` each key also carries a uniform draw that picks its hard negative.
+
+    With ``similar`` (a key per item, e.g. :func:`colour_keys`) and ``similar_share`` s, the
+    first s of each batch are items of one key (the shard's first part, sorted by key and cut
+    into chunks whose order is shuffled), the rest as before: a query then meets images that
+    agree with it on that key and must be told apart by the rest of what it says."""
 
     def __init__(
         self,
@@ -259,10 +264,14 @@ class EpochBatches(torch.utils.data.Sampler):
         rank: int = 0,
         world_size: int = 1,
         negative_draws: bool = False,
+        similar: list[int] | None = None,
+        similar_share: float = 0.0,
     ) -> None:
         self.n_captions = n_captions
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.negative_draws = negative_draws
+        self.similar = similar
+        self.n_similar = round(similar_share * batch_size) if similar is not None else 0
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ModelError(
@@ -283,9 +292,38 @@ class EpochBatches(torch.utils.data.Sampler):
         # Drawn after the order and the caption picks, so those stay what they were without.
         draws = torch.rand(len(self.n_captions), generator=generator).tolist()
         shard = order[self.rank :: self.world_size][: len(self) * self.batch_size].tolist()
+        if self.n_similar:
+            shard = self._grouped(shard, generator)
         for b in range(self.start_batch, len(self)):
             chunk = shard[b * self.batch_size : (b + 1) * self.batch_size]
             if self.negative_draws:
                 yield [(i, int(picks[i] * self.n_captions[i]), draws[i]) for i in chunk]
             else:
                 yield [(i, int(picks[i] * self.n_captions[i])) for i in chunk]
+
+    def _grouped(self, shard: list[int], generator: torch.Generator) -> list[int]:
+        """The shard reordered so each batch opens with ``n_similar`` items of (mostly) one key;
+        every item still comes once per epoch."""
+        assert self.similar is not None
+        n, size, batches = self.n_similar, self.batch_size, len(self)
+        similar = shard[: n * batches]
+        rest = shard[n * batches :]
+        keys = self.similar
+        similar.sort(key=lambda i: keys[i])  # stable: random order within a key
+        chunks = [similar[b * n : (b + 1) * n] for b in range(batches)]
+        chunk_order = torch.randperm(batches, generator=generator).tolist()
+        grouped = []
+        for b, c in enumerate(chunk_order):
+            grouped += chunks[c] + rest[b * (size - n) : (b + 1) * (size - n)]
+        return grouped
+
+
+def colour_keys(captions: Sequence[Sequence[str]]) -> list[int]:
+    """Per item: which colour word (model/hard_negatives.COLOURS) its first caption names
+    first, or -1; the key of ``EpochBatches(similar=...)`` (words, not scene specs)."""
+    index = {colour: i for i, colour in enumerate(COLOURS)}
+    keys = []
+    for item in captions:
+        words = item[0].lower().replace(",", " ").split() if item else []
+        keys.append(next((index[w] for w in words if w in index), -1))
+    return keys
