@@ -88,7 +88,7 @@ class TextAnchorConfig(_Strict):
     batch_size: int = Field(128, ge=1, description="anchor captions sampled per step")
 
 
-NegativeKind = Literal["colour", "shape", "size", "position", "relation", "binding"]
+NegativeKind = Literal["colour", "shape", "size", "position", "relation", "binding", "motion"]
 NEGATIVE_KINDS: tuple[NegativeKind, ...] = (
     "colour",
     "shape",
@@ -96,6 +96,7 @@ NEGATIVE_KINDS: tuple[NegativeKind, ...] = (
     "position",
     "relation",
     "binding",
+    "motion",
 )
 
 

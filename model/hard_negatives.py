@@ -15,7 +15,10 @@ that differs from it in exactly one attribute or relation:
 - ``relation``: one relation word replaced by its converse (above/below, over/under,
   left of/right of);
 - ``binding``: two objects exchange their values of one attribute ("a red circle and a blue
-  square" -> "a blue circle and a red square").
+  square" -> "a blue circle and a red square");
+- ``motion``: a change in time turned around: a motion word replaced by its opposite (rises/
+  falls, upwards/downwards, grows/shrinks, leftwards/rightwards), or the two ends of "from X to
+  Y" or "starts X and ends Y" exchanged ("changes from red to blue" -> "from blue to red").
 
 An object's attribute is identified by its value and its head word (the noun after a colour or
 size; the colour before a shape), and is changed at every mention, so "a red circle ... the red
@@ -92,6 +95,32 @@ RELATION_CONVERSE: Final = {
     "beneath": "above",
     "underneath": "above",
 }
+# Motions and changes: each word and its opposite in time.
+MOTION_OPPOSITE: Final = {
+    "up": "down",
+    "down": "up",
+    "upwards": "downwards",
+    "downwards": "upwards",
+    "upward": "downward",
+    "downward": "upward",
+    "leftwards": "rightwards",
+    "rightwards": "leftwards",
+    "rises": "falls",
+    "falls": "rises",
+    "rising": "falling",
+    "falling": "rising",
+    "grows": "shrinks",
+    "shrinks": "grows",
+    "growing": "shrinking",
+    "shrinking": "growing",
+    "bigger": "smaller",
+    "smaller": "bigger",
+    "expands": "contracts",
+    "contracts": "expands",
+}
+# "from X to Y" and "starts X and ends Y": the two ends of a change, exchanged.
+_ENDS: Final = (("from", "to"), ("starts", "ends"))
+_SKIPPED: Final = frozenset(("the", "a", "an", "and"))
 _SIDES: Final = ("left", "right")
 _ATTRIBUTE_WORDS: Final = frozenset((*COLOURS, *SMALL_WORDS, *LARGE_WORDS))
 _PIECES: Final = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
@@ -226,11 +255,37 @@ def _spatial_negatives(caption: _Caption) -> list[Negative]:
     return negatives
 
 
+def _motion_negatives(caption: _Caption) -> list[Negative]:
+    negatives = []
+    words = caption.words
+    for piece, word in words:
+        if word in MOTION_OPPOSITE:
+            negatives.append(Negative(caption.replaced({piece: MOTION_OPPOSITE[word]}), "motion"))
+    for start, end in _ENDS:
+        for n, (_, word) in enumerate(words):
+            if word != start:
+                continue
+            # the first word after ``start`` and after the next ``end`` (articles skipped)
+            after = [(p, w) for p, w in words[n + 1 :] if w not in _SKIPPED]
+            if not after or after[0][1] == end:
+                continue
+            first = after[0]
+            rest = [w for w in after[1:]]
+            if end not in [w for _, w in rest]:
+                continue
+            second = rest[[w for _, w in rest].index(end) + 1 :][:1]
+            if second and second[0][1] != first[1]:
+                changes = {first[0]: second[0][1], second[0][0]: first[1]}
+                negatives.append(Negative(caption.replaced(changes), "motion"))
+    return negatives
+
+
 def hard_negatives(caption: str, kinds: Sequence[NegativeKind] = NEGATIVE_KINDS) -> list[Negative]:
     """Every caption that differs from ``caption`` in exactly one attribute or relation, of the
     given kinds, each once, in a fixed order; [] when it has nothing to swap."""
     parsed = _Caption(caption)
     found = _attribute_negatives(parsed, parsed.mentions()) + _spatial_negatives(parsed)
+    found += _motion_negatives(parsed)
     seen = {caption.lower()}
     negatives = []
     for negative in found:

@@ -13,6 +13,7 @@ from model.config import HardNegativeConfig
 from model.hard_negatives import (
     COLOURS,
     LARGE_WORDS,
+    MOTION_OPPOSITE,
     POSITION_OPPOSITE,
     RELATION_CONVERSE,
     SHAPES,
@@ -28,6 +29,7 @@ _KIND_WORDS = {
     "size": {*SMALL_WORDS, *LARGE_WORDS},
     "position": set(POSITION_OPPOSITE),
     "relation": {*RELATION_CONVERSE, "left", "right"},
+    "motion": set(MOTION_OPPOSITE),
 }
 
 HAND_WRITTEN = [
@@ -40,6 +42,12 @@ HAND_WRITTEN = [
     "A man in a red shirt stands next to a blue car",
     "two black dogs sleeping under a wooden table",
     "a little girl holding a big yellow balloon on the left side of the street",
+    # video captions: motions and changes in time
+    "a small red circle moves from left to right",
+    "a red heart rises upwards",
+    "a green ring travels rightwards, while a small white star stays still",
+    "a big blue square grows",
+    "a man walks up the stairs",
 ]
 NOTHING_TO_SWAP = [
     "a dog running on the beach",
@@ -71,11 +79,13 @@ def test_each_negative_changes_exactly_one_attribute_or_relation(caption: str) -
     for negative in negatives:
         changed = _substitutions(caption, negative.text)
         words = {word for pair in changed for word in pair}
-        if negative.kind == "binding":
-            # one exchange between two objects: x -> y and y -> x, nothing else
+        if negative.kind == "binding" or (negative.kind == "motion" and len(changed) == 2):
+            # one exchange between two objects (or the two ends of a change): x -> y and
+            # y -> x, nothing else
             assert len(changed) == 2, (caption, negative)
             (x, y), (y2, x2) = sorted(changed)
             assert (x, y) == (x2, y2), (caption, negative)
+            continue
         else:
             assert len(changed) == 1, (caption, negative)
             assert negative.kind in _kind_of(words), (caption, negative)
@@ -145,3 +155,21 @@ def test_training_picks_are_deterministic_and_respect_the_fraction() -> None:
     # draws spread over the kinds, not only the most numerous (colour)
     assert {kinds[text] for text in picked} == set(kinds.values())
     assert picker.pick(caption, 0.3) == picker.pick(caption, 0.3)
+
+
+def test_motions_and_changes_turn_around() -> None:
+    def motions(caption: str) -> set[str]:
+        return {n.text for n in hard_negatives(caption, kinds=["motion"])}
+
+    assert motions("a small red circle moves from left to right") == {
+        "a small red circle moves from right to left"
+    }
+    assert motions("a blue square moves from the top to the bottom") == {
+        "a blue square moves from the bottom to the top"
+    }
+    assert "a red heart falls upwards" in motions("a red heart rises upwards")
+    assert "a red heart rises downwards" in motions("a red heart rises upwards")
+    assert motions("a big blue square grows") == {"a big blue square shrinks"}
+    # a change of colour turns around as an exchange of its two ends (a binding of colours)
+    texts = {n.text for n in hard_negatives("a big star changes from red to blue")}
+    assert "a big star changes from blue to red" in texts

@@ -358,7 +358,9 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
             noise_fraction=noise,
             seed=seed,
         )
-        return videos, VideoPairDataset(videos, config.preprocess, config.video.frames)
+        return videos, VideoPairDataset(
+            videos, config.preprocess, config.video.frames, negatives=_caption_negatives(config)
+        )
     images = load_split(
         data,
         data.train_split,
@@ -367,10 +369,7 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
         seed=seed,
         preprocess=config.preprocess,
     )
-    negatives = (
-        CaptionNegatives(config.objective.hard_negatives) if _hard_negatives_on(config) else None
-    )
-    return images, PairDataset(images, config.preprocess, negatives)
+    return images, PairDataset(images, config.preprocess, _caption_negatives(config))
 
 
 def _similar_batches_on(config: TrainConfig) -> bool:
@@ -379,9 +378,12 @@ def _similar_batches_on(config: TrainConfig) -> bool:
 
 
 def _hard_negatives_on(config: TrainConfig) -> bool:
-    """Hard negative captions are written for image captions (video captions' events have
-    their own hard negative, the clip played backwards)."""
-    return config.objective.hard_negatives.enabled and config.data.modality == "image"
+    return config.objective.hard_negatives.enabled
+
+
+def _caption_negatives(config: TrainConfig) -> CaptionNegatives | None:
+    """The picker of the training captions' hard negatives, when the objective has them."""
+    return CaptionNegatives(config.objective.hard_negatives) if _hard_negatives_on(config) else None
 
 
 def _init_towers(towers: torch.nn.Module, path: Path) -> None:

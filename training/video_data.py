@@ -26,7 +26,7 @@ from model.errors import ModelError
 from model.preprocess import _INTERPOLATION, normalise_pixels
 from runtime.video_decode import segment_centres
 from training.evaluate import embed_captions, retrieval_metrics
-from training.training_data import caption_tensors
+from training.training_data import CaptionNegatives, caption_tensors
 
 logger = logging.getLogger("cots.train")
 
@@ -176,7 +176,8 @@ def _check_size(split: CaptionedVideos, preprocess: PreprocessConfig) -> None:
 
 
 class VideoPairDataset(Dataset):
-    """Indexable by (video index, caption index) -> (video [T, 3, S, S], tokens, group, noisy).
+    """Indexable by (video index, caption index[, negative draw]) -> (video [T, 3, S, S], tokens,
+    group, noisy[, hard negative caption or ""]).
 
     In training the frame offsets come from torch's global generator, which the training loop
     checkpoints, so a resumed run (0 workers) samples the frames an uninterrupted one would.
@@ -188,6 +189,7 @@ class VideoPairDataset(Dataset):
         preprocess: PreprocessConfig,
         num_frames: int,
         train: bool = True,
+        negatives: CaptionNegatives | None = None,
     ) -> None:
         if num_frames < 1:
             raise ModelError(f"num_frames must be at least 1, got {num_frames}")
@@ -196,27 +198,30 @@ class VideoPairDataset(Dataset):
         self.preprocess = preprocess
         self.num_frames = num_frames
         self.train = train
+        self.negatives = negatives
         self.centre = sample_frame_indices(split.frames.shape[1], num_frames, None)
 
     def __len__(self) -> int:
         return len(self.split.records)
 
-    def __getitem__(
-        self, key: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        index, caption = key
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, float]) -> tuple:
+        index, caption = key[0], key[1]
         if self.train:
             indices = sample_frame_indices(
                 self.split.frames.shape[1], self.num_frames, torch.default_generator
             )
         else:
             indices = self.centre
-        return (
+        item = (
             normalise_pixels(self.split.frames[index, indices], self.preprocess),
             self.split.tokens[index][caption],
             self.split.groups[index],
             self.split.noisy[index],
         )
+        if self.negatives is None:
+            return item
+        draw = key[2] if len(key) == 3 else 1.0
+        return (*item, self.negatives.pick(self.split.captions[index][caption], draw))
 
 
 @torch.no_grad()
