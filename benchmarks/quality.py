@@ -101,8 +101,7 @@ class Plan:
                 "group_key": "video_id",
                 "eval_splits": ["test"],  # the synthetic corpus holds no held-out videos
             }
-            # The image run's words keep their embeddings (model/new_words.py).
-            base["learn_new_words"] = str(self.corpus / "images.csv")
+            base["objective"]["text_anchor"] = {"captions": str(self.corpus / "images.csv")}
         config = _merge(base, row.overrides)
         if row.needs_tokenizer:
             config = _merge(config, {"objective": {"masked": {"visual_tokenizer": str(tokenizer)}}})

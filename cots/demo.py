@@ -131,7 +131,7 @@ def _video_config(
         "model": model_name,
         "data.train": str(corpus / "videos.csv"),
         "init_from": str(workdir / "runs" / model_name / "checkpoint.pt"),
-        "learn_new_words": str(corpus / "images.csv"),
+        "objective.text_anchor.captions": str(corpus / "images.csv"),
         "output": str(workdir / "runs" / f"{model_name}-video"),
     }
     overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
@@ -330,7 +330,7 @@ def demo(
         click.echo(f"      video training: {time.monotonic() - train_started:.0f} s")
         click.echo("  " + format_metrics("videos test", video_evals["test"]))
         # The bundle's towers are the video run's: these are the images it finds (its text
-        # tower learnt only words image captions never use, so they equal the image run's).
+        # tower is held to the image run's embeddings of the image captions).
         served = _image_metrics_of(run, image_config.output)
         click.echo("      images, with the exported bundle's towers (the video run's):")
         for split in ("test", "heldout"):
