@@ -24,6 +24,10 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     ),
     "train": ("training.cli:train", "Train the two-tower model (COTS or the CLIP baseline)."),
     "eval": ("training.cli:evaluate", "Evaluate a checkpoint: Recall@K and median rank."),
+    "negatives": (
+        "training.negatives_cli:negatives",
+        "Show the hard negative captions training would write for a corpus, and their coverage.",
+    ),
     "export": ("training.cli:export", "Export a checkpoint to an ONNX model bundle."),
     "index": ("indexer.cli:index", "Build and change collections (versioned FAISS indexes)."),
     "worker": ("indexer.worker_cli:worker", "Run re-indexing jobs from the Redis queue."),

@@ -7,8 +7,12 @@ mention of one object) between two words of one kind, or one exchange (x <-> y) 
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from cots.cli import cli
 from model.config import HardNegativeConfig
 from model.hard_negatives import (
     COLOURS,
@@ -173,3 +177,20 @@ def test_motions_and_changes_turn_around() -> None:
     # a change of colour turns around as an exchange of its two ends (a binding of colours)
     texts = {n.text for n in hard_negatives("a big star changes from red to blue")}
     assert "a big star changes from blue to red" in texts
+
+
+def test_cots_negatives_reports_the_coverage_of_a_users_captions(tmp_path: Path) -> None:
+    rows = ["filepath,caption,image_id,split"]
+    for i, caption in enumerate([*HAND_WRITTEN[5:8], *NOTHING_TO_SWAP[:2]]):
+        rows.append(f"img{i}.jpg,{caption},{i},train")
+        (tmp_path / f"img{i}.jpg").write_bytes(b"")  # captions only: pixels are never read
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(cli, ["negatives", str(csv_path), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    assert "5 captions; with a negative: 60.0 %" in result.output
+    assert "A man in a red shirt stands next to a blue car" in result.output
+    assert "binding   'A man in a blue shirt stands next to a red car'" in result.output
+    missing = CliRunner().invoke(cli, ["negatives", str(tmp_path / "nothing.csv")])
+    assert missing.exit_code != 0
+    assert "Traceback" not in missing.output
