@@ -39,6 +39,25 @@ def split_scenes(split: CaptionedImages, corpus: Path) -> list[Scene] | None:
         return None  # a CSV that is not the one dataset.json describes
 
 
+def _top5(
+    towers: Towers,
+    config: TrainConfig,
+    split: CaptionedImages,
+    queries: list[SceneQuery],
+    context_length: int,
+    device: torch.device,
+) -> np.ndarray:
+    """[Q, <=5] indices of the split's images each query ranks first (a split smaller than
+    five images ranks all of them)."""
+    image_emb = embed_split(towers, split, config.preprocess, device)[0]
+    was_training = towers.training
+    towers.eval()
+    tokens = tokenize([q.text for q in queries], context_length).to(device)
+    text_emb = towers.encode_text(tokens).float().cpu()
+    towers.train(was_training)
+    return (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
+
+
 @torch.no_grad()
 def scene_query_check(
     towers: Towers,
@@ -54,14 +73,7 @@ def scene_query_check(
     if scenes is None:
         return None
     queries = write_queries(scenes, n_queries)
-    image_emb = embed_split(towers, split, config.preprocess, device)[0]
-    was_training = towers.training
-    towers.eval()
-    tokens = tokenize([q.text for q in queries], context_length).to(device)
-    text_emb = towers.encode_text(tokens).float().cpu()
-    towers.train(was_training)
-    # A split smaller than five images ranks all of them.
-    ranked = (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
+    ranked = _top5(towers, config, split, queries, context_length, device)
     ranked_lists = [list(map(int, row)) for row in np.asarray(ranked)]
     return score(queries, scenes, ranked), list(zip(queries, ranked_lists, strict=True))
 
@@ -88,13 +100,7 @@ def collection_scene_check(
         queries = write_queries([scenes[i] for i in dict.fromkeys(test)], n_queries)
     except KeyError:
         return None
-    image_emb = embed_split(towers, everything, config.preprocess, device)[0]
-    was_training = towers.training
-    towers.eval()
-    tokens = tokenize([q.text for q in queries], context_length).to(device)
-    text_emb = towers.encode_text(tokens).float().cpu()
-    towers.train(was_training)
-    ranked = (text_emb @ image_emb.T).topk(min(5, len(image_emb)), dim=1).indices.numpy()
+    ranked = _top5(towers, config, everything, queries, context_length, device)
     scored = score(queries, gallery, ranked)
     return {
         "collection_scene_match@1": scored["scene_match@1"],
