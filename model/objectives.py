@@ -280,11 +280,16 @@ def _intra_loss(
 
 
 def _hard_negative_logits(
-    image: torch.Tensor, features: Features, aux: AuxInputs | None, captions: torch.Tensor
+    image: torch.Tensor,
+    features: Features,
+    aux: AuxInputs | None,
+    captions: torch.Tensor,
+    report: bool = True,
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
     """([B, N] logits of every image against the batch's hard negative captions, or None;
-    how often a caption outscores its own negative). A negative that is exactly a row's own
-    caption (another caption's swap can be) is no negative of that row: -inf there."""
+    with ``report``, how often a caption outscores its own negative: two host syncs). A
+    negative that is exactly a row's own caption (another caption's swap can be) is no
+    negative of that row: -inf there."""
     if (
         features.negative_text is None
         or aux is None
@@ -296,6 +301,8 @@ def _hard_negative_logits(
     logits = image @ negatives.t() / features.temperature
     own_caption = captions[:, None] == caption_ids(aux.negative_tokens)[None, :]
     logits = logits.masked_fill(own_caption, float("-inf"))
+    if not report:
+        return logits, {}
     with torch.no_grad():
         rows = aux.negative_rows
         text = F.normalize(features.text.float(), dim=-1)
@@ -496,7 +503,9 @@ class CotsObjective(nn.Module):
                 teacher_t2i = masked_logits(text_m, image_keys_m, temperature, key_valid)
                 targets_i2t = distilled_targets(targets, teacher_i2t, alpha)
                 targets_t2i = distilled_targets(targets, teacher_t2i, alpha)
-        negative_logits, negative_parts = _hard_negative_logits(image, features, aux, captions)
+        negative_logits, negative_parts = _hard_negative_logits(
+            image, features, aux, captions, report=self.diagnostics
+        )
         loss_i2t = _masked_mean(
             soft_cross_entropy(*with_negatives(logits_i2t, targets_i2t, negative_logits)), keep
         )
