@@ -1,7 +1,7 @@
 """``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
 
 Variants: the CLIP baseline, COTS (momentum towers, queues, KL), either with hard negative
-captions (+hn: one per caption), COTS with masked language
+captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), COTS with masked language
 modeling (over the full vocabulary, and over the corpus's words: mlm_vocab corpus) and with
 masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
 losses, and video training with either objective.
@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cots+mvlm": {"objective": {"kind": "cots", "masked": {"mlm_weight": 1.0, "mvm_weight": 1.0}}},
     "clip+hn": {"objective": {"kind": "clip", "hard_negatives": {"enabled": True}}},
     "cots+hn": {"objective": {"kind": "cots", "hard_negatives": {"enabled": True}}},
+    "cots+hn+conv": {
+        "objective": {"kind": "cots", "hard_negatives": {"enabled": True}},
+        "image_stem": "conv",
+    },
     "clip+cookie": {
         "objective": {"kind": "clip", "intra": {"weight": 0.5}},
         "cookie": {"enabled": True},

@@ -118,19 +118,22 @@ def _video_fit(splits: dict[str, int]) -> dict[str, object] | None:
 
 
 def _video_config(
-    workdir: Path, corpus: Path, model_name: str, fit: dict[str, object]
+    workdir: Path, corpus: Path, image_config: TrainConfig, fit: dict[str, object]
 ) -> TrainConfig:
     """The video run's config: training/recipes/demo-video.json (the temporal video model on the
-    image run's towers, see its _note), fitted to the corpus (:func:`_video_fit`)."""
+    image run's towers, see its _note), fitted to the corpus (:func:`_video_fit`); its towers
+    are built as the image run's (model and image stem), since it starts from them."""
     import json
 
     from training.recipes import load_train_config, recipe_path
 
+    model_name = image_config.model
     settings = {
         **fit,
         "model": model_name,
+        "image_stem": image_config.image_stem,
         "data.train": str(corpus / "videos.csv"),
-        "init_from": str(workdir / "runs" / model_name / "checkpoint.pt"),
+        "init_from": str(image_config.output / "checkpoint.pt"),
         "objective.text_anchor.captions": str(corpus / "images.csv"),
         "output": str(workdir / "runs" / f"{model_name}-video"),
     }
@@ -325,7 +328,7 @@ def demo(
     video_fit = _video_fit(description["videos"]["splits"]) if videos else None
     if video_fit is not None:
         train_started = time.monotonic()
-        video_config = _video_config(workdir, corpus, image_config.model, video_fit)
+        video_config = _video_config(workdir, corpus, image_config, video_fit)
         run, video_evals = video_config.output, _train_video(video_config, quiet)
         click.echo(f"      video training: {time.monotonic() - train_started:.0f} s")
         click.echo("  " + format_metrics("videos test", video_evals["test"]))

@@ -18,6 +18,7 @@ from torch import nn
 
 from model.clip_tokens import VOCAB_SIZE
 from model.config import TrainConfig
+from model.conv_stem import add_conv_stem
 from model.cookie import SharedHead, text_valid_mask
 from model.errors import ModelError
 from model.video import TemporalPooling
@@ -214,7 +215,8 @@ class Towers(nn.Module):
         """Patch tokens [B, P, W_v] of images whose masked patches (``patch_mask`` [B, P]) are
         replaced by ``mask_embedding`` [W_v] right after the patch embedding."""
         conv = getattr(self.visual, "conv1", None)
-        if not isinstance(conv, nn.Conv2d):
+        # A Conv2d (linear patch embedding) or a conv stem; both return [B, W, grid, grid].
+        if not isinstance(conv, nn.Conv2d | nn.Sequential):
             raise ModelError("masked vision modeling needs a ViT image tower (patch conv1)")
 
         def replace(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
@@ -314,6 +316,8 @@ def build_towers(config: TrainConfig, *, pretrained: bool = True) -> Towers:
     """The towers a training config describes: base model, COOKIE head, video pooling and the
     [MASK] row. Export and evaluation rebuild a checkpoint's towers with this."""
     towers = create_towers(config.model, config.pretrained if pretrained else None)
+    if config.image_stem == "conv":
+        add_conv_stem(towers.visual)
     if config.cookie.enabled:
         c = config.cookie
         towers.head = SharedHead(
