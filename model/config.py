@@ -116,6 +116,15 @@ class HardNegativeConfig(_Strict):
         description="share of a batch's captions that bring a negative (each costs one more "
         "caption through the text tower)",
     )
+    image_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="share of each batch given to hard negative images: for as many of its "
+        "items, another training image one of whose captions is, word for word in any order, "
+        "one of the item's captions' hard negatives (a small purple circle beside a small "
+        "purple square); both directions then meet them, at no extra cost a step",
+    )
     similar_share: float = Field(
         0.0,
         ge=0.0,

@@ -34,6 +34,7 @@ from training.binding_check import binding_check
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from training.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
 from training.evaluate import format_metrics
+from training.negative_images import negative_image_twins, twin_coverage
 from training.scene_eval import scene_query_check
 from training.training_data import (
     CaptionedImages,
@@ -267,6 +268,8 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
         negative_draws=_hard_negatives_on(config),
         similar=colour_keys(train_split.captions) if _similar_batches_on(config) else None,
         similar_share=config.objective.hard_negatives.similar_share,
+        twins=_negative_image_twins(config, train_split.captions, dataset),
+        twin_share=config.objective.hard_negatives.image_share,
     )
     # Workers are spawned, not forked (DataLoader's default on Linux): a fork would copy this
     # process's threads, locks and signal handlers into them (see docs/decisions.md).
@@ -375,6 +378,25 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
 def _similar_batches_on(config: TrainConfig) -> bool:
     negatives = config.objective.hard_negatives
     return negatives.enabled and negatives.similar_share > 0 and config.data.modality == "image"
+
+
+def _negative_image_twins(
+    config: TrainConfig, captions: Sequence[Sequence[str]], dataset: Dataset
+) -> list[list[int]] | None:
+    """Per training item, its hard negative images (training/negative_images.py), when the
+    run gives them a share of its batches; found with the dataset's own negatives picker, so
+    each caption's negatives are written once."""
+    negatives = getattr(dataset, "negatives", None)
+    if config.objective.hard_negatives.image_share == 0 or not isinstance(
+        negatives, CaptionNegatives
+    ):
+        return None
+    twins = negative_image_twins(captions, negatives)
+    logger.info(
+        "hard negative images: %.0f %% of the training images have one",
+        100 * twin_coverage(twins),
+    )
+    return twins
 
 
 def _hard_negatives_on(config: TrainConfig) -> bool:

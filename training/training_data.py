@@ -169,6 +169,10 @@ class CaptionNegatives:
             grouped = self._by_caption[caption] = list(by_kind.values())
         return grouped
 
+    def every(self, caption: str) -> list[str]:
+        """All of ``caption``'s negatives (written once, as :meth:`pick` uses them)."""
+        return [text for options in self._grouped(caption) for text in options]
+
     def pick(self, caption: str, draw: float) -> str:
         """The negative for ``draw`` in [0, 1), or "" (none: the draw is above the fraction,
         or the caption has nothing to swap)."""
@@ -254,7 +258,12 @@ class EpochBatches(torch.utils.data.Sampler):
     With ``similar`` (a key per item, e.g. :func:`colour_keys`) and ``similar_share`` s, the
     first s of each batch are items of one key (the shard's first part, sorted by key and cut
     into chunks whose order is shuffled), the rest as before: a query then meets images that
-    agree with it on that key and must be told apart by the rest of what it says."""
+    agree with it on that key and must be told apart by the rest of what it says.
+
+    With ``twins`` (per item, the items that are its hard negative images, e.g.
+    training/negative_images.py) and ``twin_share`` t, up to t of each batch's places are
+    given to a twin of one of the batch's first items (drawn per epoch), in place of the
+    batch's last items, which this epoch then skips."""
 
     def __init__(
         self,
@@ -266,12 +275,16 @@ class EpochBatches(torch.utils.data.Sampler):
         negative_draws: bool = False,
         similar: list[int] | None = None,
         similar_share: float = 0.0,
+        twins: list[list[int]] | None = None,
+        twin_share: float = 0.0,
     ) -> None:
         self.n_captions = n_captions
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.negative_draws = negative_draws
         self.similar = similar
         self.n_similar = round(similar_share * batch_size) if similar is not None else 0
+        self.twins = twins
+        self.n_twins = round(twin_share * batch_size) if twins is not None else 0
         self.epoch, self.start_batch = 0, 0
         if len(self) == 0:
             raise ModelError(
@@ -294,12 +307,35 @@ class EpochBatches(torch.utils.data.Sampler):
         shard = order[self.rank :: self.world_size][: len(self) * self.batch_size].tolist()
         if self.n_similar:
             shard = self._grouped(shard, generator)
+        # Drawn last, so every draw above stays what it was without twins.
+        twin_draws = (
+            torch.rand(len(self.n_captions), generator=generator).tolist() if self.n_twins else []
+        )
         for b in range(self.start_batch, len(self)):
             chunk = shard[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.n_twins:
+                chunk = self._with_twins(chunk, twin_draws)
             if self.negative_draws:
                 yield [(i, int(picks[i] * self.n_captions[i]), draws[i]) for i in chunk]
             else:
                 yield [(i, int(picks[i] * self.n_captions[i])) for i in chunk]
+
+    def _with_twins(self, chunk: list[int], draws: list[float]) -> list[int]:
+        """``chunk`` with its last places given to twins of its first items (twins not already
+        in the batch)."""
+        assert self.twins is not None
+        keep = len(chunk) - self.n_twins
+        present = set(chunk)
+        added: list[int] = []
+        for i in chunk[:keep]:
+            options = [j for j in self.twins[i] if j not in present]
+            if options:
+                twin = options[min(int(draws[i] * len(options)), len(options) - 1)]
+                present.add(twin)
+                added.append(twin)
+                if len(added) == self.n_twins:
+                    break
+        return chunk[:keep] + added + chunk[keep : len(chunk) - len(added)]
 
     def _grouped(self, shard: list[int], generator: torch.Generator) -> list[int]:
         """The shard reordered so each batch opens with ``n_similar`` items of (mostly) one key;
