@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
@@ -112,7 +113,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_run_with_hard_negative_images_resumes_exactly_and_differs_from_one_without(
     corpus: Path, tmp_path: Path
 ) -> None:
-    data = {"val_split": None, "eval_splits": []}
+    data: dict[str, Any] = {"val_split": None, "eval_splits": []}
     negatives = {"hard_negatives": {"enabled": True, "image_share": 0.25}}
     _assert_resume_is_exact(corpus, tmp_path, objective=negatives, data=data, epochs=4)
     without = micro(
