@@ -111,10 +111,11 @@ class HardNegativeConfig(_Strict):
     )
     fraction: float = Field(
         1.0,
-        gt=0.0,
+        ge=0.0,
         le=1.0,
         description="share of a batch's captions that bring a negative (each costs one more "
-        "caption through the text tower)",
+        "caption through the text tower); 0: none, while the negatives still find the hard "
+        "negative images of image_share",
     )
     image_share: float = Field(
         0.0,

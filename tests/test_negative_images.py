@@ -4,6 +4,7 @@ on hand-written captions; how batches take them in; and that a run with them res
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,21 @@ def test_a_run_with_hard_negative_images_resumes_exactly_and_differs_from_one_wi
     )
     train(without, progress=False)
     assert train_losses(tmp_path / "without") != train_losses(tmp_path / "straight")
+
+
+def test_hard_negative_images_without_negative_captions(corpus: Path, tmp_path: Path) -> None:
+    """``fraction`` 0: no caption goes through the text tower twice, and the negatives still
+    find the images that batches take in."""
+    data: dict[str, Any] = {"val_split": None, "eval_splits": []}
+
+    def run(name: str, image_share: float) -> dict[int, float]:
+        negatives = {"enabled": True, "fraction": 0.0, "image_share": image_share}
+        config = micro(
+            corpus, tmp_path / name, objective={"hard_negatives": negatives}, data=data, epochs=1
+        )
+        train(config, progress=False)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        assert not any(r.get("hard_negatives") for r in rows)
+        return train_losses(tmp_path / name)
+
+    assert run("twins", 0.25) != run("plain", 0.0)
