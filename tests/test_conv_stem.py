@@ -108,6 +108,17 @@ def test_a_frozen_conv_stem_tower_does_not_move(corpus: Path, tmp_path: Path) ->
     )
     train(frozen, progress=False)
     after = trained_towers(tmp_path / "b" / "checkpoint.pt").state_dict()
+    mismatched = micro(
+        corpus,
+        tmp_path / "c",
+        objective=clip,
+        data=data,
+        epochs=1,
+        freeze=["image"],
+        init_from=str(tmp_path / "a" / "checkpoint.pt"),
+    )
+    with pytest.raises(ModelError, match="'conv' stem and this run's the 'patch' one"):
+        train(mismatched, progress=False)
     visual = [k for k in source if k.startswith("visual.")]
     assert any(k.startswith("visual.conv1.0.") for k in visual)
     assert all(torch.equal(source[k], after[k]) for k in visual)

@@ -141,6 +141,28 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             }
         },
     ),
+    # second pass: the conv stem, then hard negative images with and without negative captions
+    Row(
+        "COTS + hard negatives + conv stem",
+        {"image_stem": "conv", "objective": {"kind": "cots", "hard_negatives": {"enabled": True}}},
+    ),
+    Row(
+        "COTS + hard negatives + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {"kind": "cots", "hard_negatives": {"enabled": True, "image_share": 0.5}},
+        },
+    ),
+    Row(
+        "COTS + conv stem + hard negative images, no negative captions",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {"enabled": True, "fraction": 0.0, "image_share": 0.5},
+            },
+        },
+    ),
 )
 
 

@@ -288,7 +288,7 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
 
     towers = build_towers(config)
     if config.init_from is not None:
-        _init_towers(towers, Path(config.init_from))
+        _init_towers(towers, Path(config.init_from), config.image_stem)
     _freeze(towers, config.freeze)
     _learn_new_words(towers, config, context_length)
     tokenizer = _visual_tokenizer(config, towers)
@@ -408,13 +408,20 @@ def _caption_negatives(config: TrainConfig) -> CaptionNegatives | None:
     return CaptionNegatives(config.objective.hard_negatives) if _hard_negatives_on(config) else None
 
 
-def _init_towers(towers: torch.nn.Module, path: Path) -> None:
+def _init_towers(towers: torch.nn.Module, path: Path, image_stem: str) -> None:
     """Start from another run's towers; parts that run did not have (a temporal model, a
     COOKIE head) keep their fresh initialisation."""
     try:
-        state = towers_state(load_checkpoint(path)["model"])
+        checkpoint = load_checkpoint(path)
+        state = towers_state(checkpoint["model"])
     except ModelError as error:
         raise ModelError(f"init_from: {error}") from None
+    stem = checkpoint.get("train_config", {}).get("image_stem", "patch")
+    if stem != image_stem:
+        raise ModelError(
+            f"init_from {path}: its image tower has the {stem!r} stem and this run's the "
+            f"{image_stem!r} one; set image_stem={json.dumps(stem)}"
+        )
     try:
         missing, unexpected = towers.load_state_dict(state, strict=False)
     except RuntimeError as error:
