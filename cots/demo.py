@@ -290,7 +290,7 @@ def demo(
 ) -> None:
     """Build the demo on the embedded synthetic corpus, reusing finished steps, and serve it.
 
-    Renders the corpus, trains the default CPU model with the COTS objective (about seven
+    Renders the corpus, trains the default CPU model with the COTS objective (about eleven
     minutes on two cores) and the temporal video model on its towers (about two), reports
     Recall@K on the test split and on the held-out colour-shape combinations, exports the
     ONNX model bundle, builds the image, caption and video collections (FAISS + SQLite), runs

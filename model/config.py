@@ -299,7 +299,8 @@ class TrainConfig(_Strict):
     )
     output: Path = Path("runs/cots-tiny-p16")
     seed: int = 0
-    # 16 epochs of cots-tiny-p16 fit the demo's 8-minute budget on two cores (issue 16).
+    # 16 epochs of cots-tiny-p16 fit the demo's 8-minute budget on two cores (issue 16); the
+    # demo's recipe (conv stem, hard negatives) takes about 11 (issue 40, docs/results.md).
     epochs: int = Field(16, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
     batch_size: int = Field(128, ge=2, description="per process, per micro-batch")

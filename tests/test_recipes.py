@@ -85,13 +85,13 @@ def old_video_config(
 
 
 # ---- changes since the reference, each named with its issue -----------------------------------
-# Issue 40: the video run holds its text tower to the image run's embeddings at weight 100, not
-# 10, and trains with hard negative captions; the bench's video rows start from the new default
-# image row (COTS + hard negatives).
+# Issue 40: the video run holds its text tower to the image run's embeddings at weight 300 (100
+# in the first pass), not 10, and trains with hard negative captions; the bench's video rows
+# start from the first pass's default image row (COTS + hard negatives).
 def issue_40_video(old: TrainConfig) -> TrainConfig:
     objective = old.objective.model_copy(
         update={
-            "text_anchor": old.objective.text_anchor.model_copy(update={"weight": 100.0}),
+            "text_anchor": old.objective.text_anchor.model_copy(update={"weight": 300.0}),
             "hard_negatives": HardNegativeConfig(enabled=True),
         }
     )
@@ -111,12 +111,13 @@ def issue_40_video_init(old: TrainConfig, plan: Plan) -> TrainConfig:
     )
 
 
-# Issue 40: the demo's image run trains with hard negative captions.
+# Issue 40: the demo's image run trains with hard negative captions; since its second pass, with
+# the conv stem and hard negative images too.
 def issue_40_image(old: TrainConfig) -> TrainConfig:
     objective = old.objective.model_copy(
-        update={"hard_negatives": HardNegativeConfig(enabled=True)}
+        update={"hard_negatives": HardNegativeConfig(enabled=True, image_share=0.5)}
     )
-    return old.model_copy(update={"objective": objective})
+    return old.model_copy(update={"objective": objective, "image_stem": "conv"})
 
 
 # Issue 40: rows added after the reference's twelve (the old rows keep their numbers).
