@@ -1,8 +1,9 @@
 """``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
 
 Variants: the CLIP baseline, COTS (momentum towers, queues, KL), either with hard negative
-captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), COTS with masked language
-modeling (over the full vocabulary, and over the corpus's words: mlm_vocab corpus) and with
+captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), COTS
+with masked language modeling (over the full vocabulary, and over the corpus's words:
+mlm_vocab corpus) and with
 masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
 losses, and video training with either objective.
 
