@@ -146,6 +146,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
     Row(
         "COTS + hard negatives + conv stem",
         {"image_stem": "conv", "objective": {"kind": "cots", "hard_negatives": {"enabled": True}}},
+        main=True,
     ),
     Row(
         "COTS + hard negatives + conv stem + hard negative images",
@@ -153,6 +154,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             "image_stem": "conv",
             "objective": {"kind": "cots", "hard_negatives": {"enabled": True, "image_share": 0.5}},
         },
+        main=True,
     ),
     Row(
         "COTS + conv stem + hard negative images, no negative captions",
