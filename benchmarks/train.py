@@ -93,7 +93,7 @@ def _measure(
     from model.objectives import OnlineModel, build_objective, report_diagnostics
     from model.tokenizer import tokenize
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
-    from training.train import StepInputs, forward_loss, negative_tokens
+    from training.train import FUSED_ADAMW_DEVICES, StepInputs, forward_loss, negative_tokens
     from training.training_data import CaptionNegatives, csv_reader
 
     if threads:
@@ -155,7 +155,9 @@ def _measure(
         mlm_corpus_vocab([split_tokens]) if corpus_vocab else None,
     ).to(device)
     objective = build_objective(online, config.objective, DistInfo(), tokenizer).to(device)
-    optimizer = torch.optim.AdamW(online.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(
+        online.parameters(), lr=1e-4, fused=device.type in FUSED_ADAMW_DEVICES
+    )
     tokens = tokens.to(device)
     groups = torch.arange(samples, device=device)
     grid = online.towers.patch_grid if tokenizer is not None else None
