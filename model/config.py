@@ -126,6 +126,11 @@ class HardNegativeConfig(_Strict):
         "one of the item's captions' hard negatives (a small purple circle beside a small "
         "purple square); both directions then meet them, at no extra cost a step",
     )
+    text_grad: bool = Field(
+        True,
+        description="whether the negative captions' pass through the text tower has a gradient "
+        "(NegCLIP's); false: they teach only the image tower, for about a third of their cost",
+    )
     similar_share: float = Field(
         0.0,
         ge=0.0,
@@ -277,11 +282,12 @@ class TrainConfig(_Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     cookie: CookieConfig = CookieConfig()
     video: VideoConfig = VideoConfig()
-    image_stem: Literal["patch", "conv"] = Field(
+    image_stem: Literal["patch", "conv", "conv-deep"] = Field(
         "patch",
         description="how the ViT image tower embeds its patches: 'patch', the model's own linear "
         "map per patch; 'conv', overlapping 3x3 convolutions down to the same token grid, which "
-        "see shape within a patch (model/conv_stem.py)",
+        "see shape within a patch (model/conv_stem.py); 'conv-deep', one more stride-1 convolution "
+        "before the patchify",
     )
     init_from: Path | None = Field(
         None, description="a COTS checkpoint whose towers start this run (e.g. video from image)"
