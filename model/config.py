@@ -282,12 +282,11 @@ class TrainConfig(_Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
     cookie: CookieConfig = CookieConfig()
     video: VideoConfig = VideoConfig()
-    image_stem: Literal["patch", "conv", "conv-deep"] = Field(
+    image_stem: Literal["patch", "conv"] = Field(
         "patch",
         description="how the ViT image tower embeds its patches: 'patch', the model's own linear "
         "map per patch; 'conv', overlapping 3x3 convolutions down to the same token grid, which "
-        "see shape within a patch (model/conv_stem.py); 'conv-deep', one more stride-1 convolution "
-        "before the patchify",
+        "see shape within a patch (model/conv_stem.py)",
     )
     init_from: Path | None = Field(
         None, description="a COTS checkpoint whose towers start this run (e.g. video from image)"

@@ -31,12 +31,8 @@ FIRST_CHANNELS = 32
 STRIDE2_CONVS = 2
 
 
-def conv_stem(
-    patch_size: int, width: int, first_channels: int = FIRST_CHANNELS, refine: int = 0
-) -> nn.Sequential:
-    """A stem mapping [B, 3, S, S] to [B, width, S/patch_size, S/patch_size]; ``refine`` more
-    stride-1 3x3 convolutions after the last stride-2 one widen what each position sees
-    (an 11 px shape spans about 3 positions there) before the patchify."""
+def conv_stem(patch_size: int, width: int, first_channels: int = FIRST_CHANNELS) -> nn.Sequential:
+    """A stem mapping [B, 3, S, S] to [B, width, S/patch_size, S/patch_size]."""
     levels = math.log2(patch_size)
     if patch_size < 2 ** (STRIDE2_CONVS + 1) or levels != int(levels):
         raise ModelError(
@@ -52,21 +48,15 @@ def conv_stem(
             nn.GELU(),
         ]
         channels_in, channels = channels, channels * 2
-    for _ in range(refine):
-        layers += [
-            nn.Conv2d(channels_in, channels_in, 3, padding=1, bias=False),
-            nn.GroupNorm(max(1, channels_in // 16), channels_in),
-            nn.GELU(),
-        ]
     rest = patch_size // 2**STRIDE2_CONVS
     layers.append(nn.Conv2d(channels_in, width, rest, stride=rest))
     return nn.Sequential(*layers)
 
 
-def add_conv_stem(visual: nn.Module, refine: int = 0) -> None:
+def add_conv_stem(visual: nn.Module) -> None:
     """Replace an open_clip ViT's patch embedding (``visual.conv1``) by :func:`conv_stem`."""
     patch = getattr(visual, "conv1", None)
     if not isinstance(patch, nn.Conv2d):
         raise ModelError("a conv stem needs a ViT image tower (patch embedding conv1)")
     kernel = patch.kernel_size[0]
-    visual.conv1 = conv_stem(int(kernel), int(patch.out_channels), refine=refine)
+    visual.conv1 = conv_stem(int(kernel), int(patch.out_channels))

@@ -316,8 +316,8 @@ def build_towers(config: TrainConfig, *, pretrained: bool = True) -> Towers:
     """The towers a training config describes: base model, COOKIE head, video pooling and the
     [MASK] row. Export and evaluation rebuild a checkpoint's towers with this."""
     towers = create_towers(config.model, config.pretrained if pretrained else None)
-    if config.image_stem in ("conv", "conv-deep"):
-        add_conv_stem(towers.visual, refine=int(config.image_stem == "conv-deep"))
+    if config.image_stem == "conv":
+        add_conv_stem(towers.visual)
     if config.cookie.enabled:
         c = config.cookie
         towers.head = SharedHead(

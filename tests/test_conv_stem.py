@@ -35,27 +35,6 @@ def test_the_stem_ends_in_the_patch_embeddings_grid(patch: int, side: int) -> No
     assert stem(images).shape == linear(images).shape == (2, 48, side // patch, side // patch)
 
 
-@pytest.mark.parametrize("refine", [0, 1, 2])
-def test_refining_convolutions_keep_the_grid(refine: int) -> None:
-    """``conv-deep``'s stride-1 3x3 convolutions sit at the last stride-2 level, before the
-    patchify, and leave the token grid as it was."""
-    stem = conv_stem(16, 48, refine=refine)
-    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
-    assert [(c.kernel_size[0], c.stride[0]) for c in convs] == (
-        [(3, 2), (3, 2)] + [(3, 1)] * refine + [(4, 4)]
-    )
-    assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 48, 4, 4)
-
-
-def test_the_deep_stem_is_a_training_setting() -> None:
-    config = TrainConfig.model_validate({"model": "cots-micro", "image_stem": "conv-deep"})
-    towers = build_towers(config)
-    stem = towers.visual.conv1
-    assert isinstance(stem, nn.Sequential)
-    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
-    assert any(c.stride == (1, 1) and c.kernel_size == (3, 3) for c in convs)
-
-
 @pytest.mark.parametrize("patch", [4, 12, 7])
 def test_patch_sizes_the_stem_cannot_reach_are_refused(patch: int) -> None:
     with pytest.raises(ModelError, match="power-of-two patch size"):
