@@ -47,10 +47,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "objective": {"kind": "cots", "hard_negatives": {"enabled": True}},
         "image_stem": "conv",
     },
-    "cots+hn-textgrad+conv": {
-        "objective": {"kind": "cots", "hard_negatives": {"enabled": True, "text_grad": False}},
-        "image_stem": "conv",
-    },
     "clip+cookie": {
         "objective": {"kind": "clip", "intra": {"weight": 0.5}},
         "cookie": {"enabled": True},

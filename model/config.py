@@ -126,11 +126,6 @@ class HardNegativeConfig(_Strict):
         "one of the item's captions' hard negatives (a small purple circle beside a small "
         "purple square); both directions then meet them, at no extra cost a step",
     )
-    text_grad: bool = Field(
-        True,
-        description="whether the negative captions' pass through the text tower has a gradient "
-        "(NegCLIP's); false: they teach only the image tower, for about a third of their cost",
-    )
     similar_share: float = Field(
         0.0,
         ge=0.0,

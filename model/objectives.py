@@ -87,7 +87,6 @@ class OnlineModel(nn.Module):
         self.towers = towers
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
         self.min_temperature, self.max_temperature = config.min_temperature, config.max_temperature
-        self.negative_text_grad = config.hard_negatives.text_grad
         masked = config.masked
         self.mlm = (
             MlmHead(
@@ -159,12 +158,8 @@ class OnlineModel(nn.Module):
             text_global = F.normalize(features.text, dim=-1)[rows]
             features.mvm_logits = self.mvm(patch_states[aux.patch_mask], text_global)
         if aux.negative_tokens is not None:
-            # Without text_grad the negatives only teach the image tower (their backward pass
-            # was two thirds of their cost); the text tower learns from the positives alone.
-            with torch.set_grad_enabled(self.negative_text_grad and torch.is_grad_enabled()):
-                pooled, states = self.towers.text_tower(aux.negative_tokens, TEXT_BUCKETS)
-                negative = self.towers.add_text_head(pooled, states, aux.negative_tokens)
-            features.negative_text = negative
+            pooled, states = self.towers.text_tower(aux.negative_tokens, TEXT_BUCKETS)
+            features.negative_text = self.towers.add_text_head(pooled, states, aux.negative_tokens)
         if aux.time_order and self.towers.temporal is not None:
             # frame features do not depend on order: only the pooling sees the reversal
             features.video_reversed = self.towers.temporal(features.image_tokens.flip(1))

@@ -120,6 +120,12 @@ def issue_40_image(old: TrainConfig) -> TrainConfig:
     return old.model_copy(update={"objective": objective, "image_stem": "conv"})
 
 
+_SHAPE_NEGATIVES: dict[str, Any] = {
+    "enabled": True,
+    "kinds": ["shape", "binding", "relation"],
+    "image_share": 0.5,
+}
+
 # Issue 40: rows added after the reference's twelve (the old rows keep their numbers).
 ISSUE_40_ROWS: tuple[Row, ...] = (
     Row(
@@ -163,6 +169,37 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             "objective": {
                 "kind": "cots",
                 "hard_negatives": {"enabled": True, "fraction": 0.0, "image_share": 0.5},
+            },
+        },
+    ),
+    # third pass: negatives of the kinds shape is in, their text gradient, distillation
+    Row(
+        "COTS + hard negatives of kind shape, binding, relation + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {"kind": "cots", "hard_negatives": {**_SHAPE_NEGATIVES}},
+        },
+    ),
+    Row(
+        "COTS without momentum distillation + hard negatives + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "distill_alpha": 0.0,
+                "hard_negatives": {"enabled": True, "image_share": 0.5},
+            },
+        },
+    ),
+    Row(
+        "COTS with momentum distillation 0.6 + hard negatives of kind shape, binding, relation"
+        " + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "distill_alpha": 0.6,
+                "hard_negatives": {**_SHAPE_NEGATIVES},
             },
         },
     ),
