@@ -112,12 +112,16 @@ def issue_40_video_init(old: TrainConfig, plan: Plan) -> TrainConfig:
 
 
 # Issue 40: the demo's image run trains with hard negative captions; since its second pass, with
-# the conv stem and hard negative images too.
+# the conv stem and hard negative images too; since its third, negatives of the kinds shape,
+# binding and relation only, and no validation pass after each epoch.
 def issue_40_image(old: TrainConfig) -> TrainConfig:
-    objective = old.objective.model_copy(
-        update={"hard_negatives": HardNegativeConfig(enabled=True, image_share=0.5)}
+    negatives = HardNegativeConfig(
+        enabled=True, image_share=0.5, kinds=["shape", "binding", "relation"]
     )
-    return old.model_copy(update={"objective": objective, "image_stem": "conv"})
+    objective = old.objective.model_copy(update={"hard_negatives": negatives})
+    return old.model_copy(
+        update={"objective": objective, "image_stem": "conv", "eval_every_epoch": False}
+    )
 
 
 _SHAPE_NEGATIVES: dict[str, Any] = {
