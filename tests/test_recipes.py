@@ -207,6 +207,14 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
+    Row(
+        "COTS + hard negatives of kind shape, binding, relation for half the captions + conv stem"
+        " + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {"kind": "cots", "hard_negatives": {**_SHAPE_NEGATIVES, "fraction": 0.5}},
+        },
+    ),
 )
 
 
