@@ -3,9 +3,8 @@
 Variants: the CLIP baseline, COTS (momentum towers, queues, KL), either with hard negative
 captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), COTS
 with masked language modeling (over the full vocabulary, and over the corpus's words:
-mlm_vocab corpus) and with
-masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
-losses, and video training with either objective.
+mlm_vocab corpus) and with masked vision-language modeling (token level), CLIP with COOKIE's
+shared head and intra-modal losses, and video training with either objective.
 
 Each objective runs in its own process, so peak memory is that objective's alone. Inputs are
 random tensors of the model's shapes, so the numbers measure the model and objective, not

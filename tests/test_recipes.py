@@ -176,7 +176,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
-    # third pass: negatives of the kinds shape is in, their text gradient, distillation
+    # third pass: negatives of the kinds shape is in, distillation off and at 0.6, half the captions
     Row(
         "COTS + hard negatives of kind shape, binding, relation + conv stem + hard negative images",
         {
