@@ -30,6 +30,10 @@ ARG GATEWAY_IMAGE=debian:bookworm-slim
 
 # ---- the operating system: Python 3.11, tini, the cots user ------------------------------------
 FROM ${BASE_IMAGE} AS os
+# Every image this file builds carries the label, so that superseded builds (untagged when a
+# rebuild takes their tag) can be pruned without touching anyone else's images:
+# `docker image prune --filter label=io.cots-search.build`.
+LABEL io.cots-search.build="1"
 RUN if command -v python3.11 >/dev/null; then extra=""; \
     else extra="python3.11 python3.11-venv ca-certificates"; fi \
  && apt-get update \
@@ -77,6 +81,7 @@ CMD ["cots", "--help"]
 
 # ---- gateway: nginx in front of the API replicas -----------------------------------------------
 FROM ${GATEWAY_IMAGE} AS gateway
+LABEL io.cots-search.build="1"
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       nginx-light curl tini \

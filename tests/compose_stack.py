@@ -19,6 +19,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
+# The Dockerfile puts it on every image it builds (see its first stage).
+BUILD_LABEL = "io.cots-search.build"
 
 
 def find_compose() -> tuple[list[str], str] | None:
@@ -123,6 +125,16 @@ class ComposeStack:
         if stopped_too:
             args.append("--all")
         return sorted(self.engine_run(*args).split())
+
+    def prune_superseded_images(self) -> str:
+        """Remove the untagged images of earlier builds of the Dockerfile (each fresh checkout's
+        build leaves ~10 GB of them behind, enough to fill a CI machine's disk in a few runs);
+        images without the Dockerfile's label are never touched."""
+        return self._run(
+            [self.engine, "image", "prune", "--force", "--filter", f"label={BUILD_LABEL}"],
+            300,
+            merge_stderr=True,
+        )
 
     def leftovers(self) -> dict[str, list[str]]:
         """This project's containers, volumes and networks that still exist."""

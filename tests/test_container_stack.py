@@ -1,6 +1,6 @@
 """The Docker deployment, for real: the images of the Dockerfile and the stack of
 docker-compose.yml, built and started as a user would, then searched, re-indexed, scaled and
-torn down.
+torn down; the untagged images of earlier builds are pruned.
 
 The stack's first start trains and indexes a small demo (COTS_DEMO_OPTIONS) in the init service;
 the test then searches text→image through the gateway, runs a re-index job that the worker
@@ -86,6 +86,7 @@ def stack() -> Iterator[tuple[ComposeStack, httpx.Client]]:
         time.sleep(5)
         said += _down(stack)
         left = stack.leftovers()
+    stack.prune_superseded_images()
     assert not left, f"compose down left {left}; it said:\n{said}"
 
 

@@ -12,6 +12,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.compose_stack import BUILD_LABEL
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -76,3 +78,21 @@ def test_constraints_pin_every_requirement_within_pyproject() -> None:
         assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{name}=={pins[name]} does not satisfy pyproject.toml's {line!r}"
         )
+
+
+def test_every_image_the_dockerfile_builds_carries_the_build_label() -> None:
+    # The container tests prune superseded builds by this label; a stage started from an outside
+    # image without it would leave its old builds on disk (about 10 GB a fresh checkout).
+    stages: dict[str, str] = {}  # stage -> the image or stage it starts from
+    labelled: set[str] = set()
+    current = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = words[3]
+            stages[current] = words[1]
+        elif words[:1] == ["LABEL"] and words[1].startswith(f"{BUILD_LABEL}="):
+            labelled.add(current)
+    from_outside = {stage for stage, base in stages.items() if base not in stages}
+    assert from_outside == {"os", "gateway"}
+    assert from_outside <= labelled
