@@ -1,10 +1,11 @@
 """``cots bench train``: the cost of COTS's machinery as measured ratios against CLIP.
 
 Variants: the CLIP baseline, COTS (momentum towers, queues, KL), either with hard negative
-captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), COTS
-with masked language modeling (over the full vocabulary, and over the corpus's words:
-mlm_vocab corpus) and with masked vision-language modeling (token level), CLIP with COOKIE's
-shared head and intra-modal losses, and video training with either objective.
+captions (+hn: one per caption), COTS with them and the image tower's conv stem (+conv), and
+with caption-word prediction from both embeddings too (+words), COTS with masked language
+modeling (over the full vocabulary, and over the corpus's words: mlm_vocab corpus) and with
+masked vision-language modeling (token level), CLIP with COOKIE's shared head and intra-modal
+losses, and video training with either objective.
 
 Each objective runs in its own process, so peak memory is that objective's alone. Inputs are
 random tensors of the model's shapes, so the numbers measure the model and objective, not
@@ -44,6 +45,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cots+hn": {"objective": {"kind": "cots", "hard_negatives": {"enabled": True}}},
     "cots+hn+conv": {
         "objective": {"kind": "cots", "hard_negatives": {"enabled": True}},
+        "image_stem": "conv",
+    },
+    "cots+hn+conv+words": {
+        "objective": {
+            "kind": "cots",
+            "hard_negatives": {"enabled": True},
+            "word_prediction": {"weight": 1.0, "text": True},
+        },
         "image_stem": "conv",
     },
     "clip+cookie": {
@@ -92,6 +101,7 @@ def _measure(
     from model.objectives import OnlineModel, build_objective, report_diagnostics
     from model.tokenizer import tokenize
     from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+    from model.word_head import word_vocabulary
     from training.train import FUSED_ADAMW_DEVICES, StepInputs, forward_loss, negative_tokens
     from training.training_data import CaptionNegatives, csv_reader
 
@@ -152,6 +162,7 @@ def _measure(
         config.objective,
         tokenizer.config.codebook_size if tokenizer else None,
         mlm_corpus_vocab([split_tokens]) if corpus_vocab else None,
+        word_vocabulary([split_tokens]) if config.objective.word_prediction.weight > 0 else None,
     ).to(device)
     objective = build_objective(online, config.objective, DistInfo(), tokenizer).to(device)
     optimizer = torch.optim.AdamW(

@@ -136,6 +136,25 @@ class HardNegativeConfig(_Strict):
     )
 
 
+class WordPredictionConfig(_Strict):
+    """Caption-word prediction from the image's embedding (SuperClass: Huang et al.,
+    "Classification done right for vision-language pre-training", NeurIPS 2024).
+
+    A linear head on the normalised image embedding scores every word (token id) the training
+    captions use; the target is the caption's own words, weighted by inverse document frequency
+    and normalised, under a softmax cross-entropy. The image tower is then told, for every
+    image, each word its caption says (a shape too), where the contrastive loss only asks it to
+    beat the batch's other captions, most of which differ in colour or place already.
+    """
+
+    weight: float = Field(0.0, ge=0.0, description="weight of the loss (0: off)")
+    text: bool = Field(
+        False,
+        description="the same head also names each caption's words from its text embedding, "
+        "so both towers put a word in one direction of the shared space",
+    )
+
+
 class ObjectiveConfig(_Strict):
     kind: Literal["cots", "clip"] = "cots"
     # 0.95, not ALBEF's 0.995: over a few hundred CPU steps from scratch a slower EMA leaves the
@@ -203,6 +222,7 @@ class ObjectiveConfig(_Strict):
     intra: IntraModalConfig = IntraModalConfig()
     text_anchor: TextAnchorConfig = TextAnchorConfig()
     hard_negatives: HardNegativeConfig = HardNegativeConfig()
+    word_prediction: WordPredictionConfig = WordPredictionConfig()
     time_order_weight: float = Field(
         0.0,
         ge=0.0,

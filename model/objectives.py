@@ -47,6 +47,7 @@ from model.schedules import linear_ramp, momentum_at
 from model.text_anchor import TextAnchor
 from model.token_heads import MlmHead, MvmHead
 from model.visual_tokenizer import VisualTokenizer
+from model.word_head import WordHead, word_loss
 
 # Length groups of a training batch's captions in the text tower (Towers.text_tower): four
 # halved the text tower's step cost on the synthetic corpus (docs/results.md).
@@ -68,6 +69,9 @@ class Features:
     text_view2: torch.Tensor | None = None  # [B, D] second dropout pass of the texts
     video_reversed: torch.Tensor | None = None  # [B, D] each clip played backwards
     negative_text: torch.Tensor | None = None  # [N, D] hard negative captions (aux rows)
+    word_logits: torch.Tensor | None = None  # [B, V] each image's caption-word scores
+    word_targets: torch.Tensor | None = None  # [B, V] its caption's IDF-weighted words
+    text_word_logits: torch.Tensor | None = None  # [B, V] the same head on the captions
 
 
 class OnlineModel(nn.Module):
@@ -80,9 +84,12 @@ class OnlineModel(nn.Module):
         config: ObjectiveConfig,
         codebook_size: int | None = None,
         mlm_vocab: torch.Tensor | None = None,
+        word_vocab: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """``mlm_vocab``: sorted token ids the MLM head predicts among (``masked.mlm_vocab``
-        corpus: the training captions' ids, aux_inputs.mlm_corpus_vocab); None: all of them."""
+        corpus: the training captions' ids, aux_inputs.mlm_corpus_vocab); None: all of them.
+        ``word_vocab``: the word-prediction head's ids and their IDF weights
+        (word_head.word_vocabulary of the training captions), needed when it is on."""
         super().__init__()
         self.towers = towers
         self.temperature = nn.Parameter(torch.tensor(config.temperature))
@@ -105,6 +112,12 @@ class OnlineModel(nn.Module):
             if masked.mvm_weight > 0 and codebook_size
             else None
         )
+        self.words: WordHead | None = None
+        self.words_from_text = config.word_prediction.text
+        if config.word_prediction.weight > 0:
+            if word_vocab is None:
+                raise ModelError("word prediction needs the training captions' vocabulary")
+            self.words = WordHead(towers.embed_dim, *word_vocab)
 
     @property
     def mlm_vocab(self) -> torch.Tensor | None:
@@ -120,6 +133,11 @@ class OnlineModel(nn.Module):
         text_pooled, text_tokens = self.towers.text_tower(tokens, TEXT_BUCKETS)
         text = self.towers.add_text_head(text_pooled, text_tokens, tokens)
         features = Features(image, image_tokens, text, text_tokens, self.temperature)
+        if self.words is not None:
+            features.word_logits = self.words(image)
+            features.word_targets = self.words.targets(tokens)
+            if self.words_from_text:
+                features.text_word_logits = self.words(text)
         if aux is not None:
             self._auxiliary(features, images, tokens, text_pooled, aux)
         return features
@@ -183,10 +201,11 @@ def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class AuxiliaryLosses(nn.Module):
-    """The token-level (MLM, MVM) and COOKIE intra-modal losses, added to either objective.
+    """The token-level (MLM, MVM), caption-word prediction and COOKIE intra-modal losses, added
+    to either objective.
 
-    Pairs the noise filter dropped (``keep`` 0) are left out of MLM and MVM too: a wrong
-    caption would teach the heads to predict words from an unrelated image. The intra-modal
+    Pairs the noise filter dropped (``keep`` 0) are left out of MLM, MVM and word prediction:
+    a wrong caption would teach the heads to predict words from an unrelated image. The intra-modal
     losses see one modality at a time, so a mismatched pair does not hurt them.
     """
 
@@ -213,6 +232,14 @@ class AuxiliaryLosses(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         total = features.image.new_zeros(())
         parts: dict[str, float] = {}
+        if features.word_logits is not None and features.word_targets is not None:
+            loss, accuracy = word_loss(features.word_logits, features.word_targets, keep)
+            total = total + self.config.word_prediction.weight * loss
+            parts.update(loss_words=float(loss.detach()), word_accuracy=accuracy)
+            if features.text_word_logits is not None:
+                loss, accuracy = word_loss(features.text_word_logits, features.word_targets, keep)
+                total = total + self.config.word_prediction.weight * loss
+                parts.update(loss_words_text=float(loss.detach()), text_word_accuracy=accuracy)
         if aux is None:
             return total, parts
         masked = self.config.masked

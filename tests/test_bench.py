@@ -87,12 +87,13 @@ def test_train_bench_measures_every_variant(tmp_path: Path) -> None:
     args = [
         "bench", "train", "--model", "cots-micro", "--batch-size", "8", "--steps", "1",
         "--warmup", "0", "--threads", "1", "--json-out", str(out),
-        "--objectives", "clip,cots+mvlm,clip+cookie,video-clip",
+        "--objectives", "clip,cots+mvlm,clip+cookie,video-clip,cots+hn+conv+words",
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
-    assert [r["objective"] for r in rows] == ["clip", "cots+mvlm", "clip+cookie", "video-clip"]
+    names = ["clip", "cots+mvlm", "clip+cookie", "video-clip", "cots+hn+conv+words"]
+    assert [r["objective"] for r in rows] == names
     assert rows[3]["batch_size"] == 2
     assert rows[3]["images_per_step"] == 8
     assert all(r["samples_per_s"] > 0 for r in rows)

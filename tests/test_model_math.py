@@ -287,8 +287,8 @@ def test_length_bucketed_text_tower_equals_the_whole_batch() -> None:
     torch.testing.assert_close(states_b[upto_end], states[upto_end], atol=1e-5, rtol=1e-5)
     # and trains the same: the groups share one embedding lookup, whose gradient equals the
     # whole batch's
-    embedding = towers.text.token_embedding.weight
-    grads = []
+    embedding = towers.text.token_embedding.weight  # type: ignore[union-attr]
+    grads: list[torch.Tensor] = []
     for buckets in (1, 4):
         embedding.grad = None
         towers.text_tower(tokens, buckets=buckets)[0].square().sum().backward()

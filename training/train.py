@@ -30,6 +30,7 @@ from model.new_words import NO_WEIGHT_DECAY, learn_only_new_words
 from model.objectives import LossOutput, OnlineModel, build_objective, report_diagnostics
 from model.tokenizer import tokenize
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
+from model.word_head import word_vocabulary
 from training.binding_check import binding_check
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from training.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
@@ -301,7 +302,10 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     # MLM among the words the training captions use: every masked word is one of them
     corpus = masked.mlm_weight > 0 and masked.mlm_vocab == "corpus"
     mlm_vocab = mlm_corpus_vocab(train_split.tokens) if corpus else None
-    online = OnlineModel(towers, config.objective, codebook_size, mlm_vocab).to(device)
+    words = config.objective.word_prediction.weight > 0
+    word_vocab = word_vocabulary(train_split.tokens) if words else None
+    online = OnlineModel(towers, config.objective, codebook_size, mlm_vocab, word_vocab)
+    online = online.to(device)
     objective_steps = total_steps * config.accum_steps  # the objective runs per micro-batch
     objective = build_objective(
         online,
