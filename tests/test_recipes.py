@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from benchmarks.quality import ROWS, Plan, Row
 from cots.demo import _image_config, _video_config, _video_fit
-from model.config import HardNegativeConfig, TrainConfig
+from model.config import HardNegativeConfig, TrainConfig, WordPredictionConfig
 from model.errors import ModelError
 from training.cli import train as train_command
 from training.recipes import (
@@ -113,12 +113,16 @@ def issue_40_video_init(old: TrainConfig, plan: Plan) -> TrainConfig:
 
 # Issue 40: the demo's image run trains with hard negative captions; since its second pass, with
 # the conv stem and hard negative images too; since its third, negatives of the kinds shape,
-# binding and relation only, and no validation pass after each epoch.
+# binding and relation only, and no validation pass after each epoch; since its fourth,
+# caption-word prediction from the image and the text embeddings through one head.
 def issue_40_image(old: TrainConfig) -> TrainConfig:
     negatives = HardNegativeConfig(
         enabled=True, image_share=0.5, kinds=["shape", "binding", "relation"]
     )
-    objective = old.objective.model_copy(update={"hard_negatives": negatives})
+    words = WordPredictionConfig(weight=1.0, text=True)
+    objective = old.objective.model_copy(
+        update={"hard_negatives": negatives, "word_prediction": words}
+    )
     return old.model_copy(
         update={"objective": objective, "image_stem": "conv", "eval_every_epoch": False}
     )
@@ -213,6 +217,30 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
         {
             "image_stem": "conv",
             "objective": {"kind": "cots", "hard_negatives": {**_SHAPE_NEGATIVES, "fraction": 0.5}},
+        },
+    ),
+    Row(
+        "COTS + caption-word prediction + hard negatives of kind shape, binding, relation + conv"
+        " stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 1.0},
+            },
+        },
+    ),
+    Row(
+        "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
+        " binding, relation + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 1.0, "text": True},
+            },
         },
     ),
 )
