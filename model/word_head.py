@@ -9,12 +9,13 @@ asks the tower for the shape (issue 40: the demo's image tower tells shapes apar
 55 % of the time; the same tower trained on shape labels, 99.7 %).
 
 Data flow: the training split's captions (token ids) -> :func:`word_vocabulary` -> the sorted
-ids they use (less padding, start, end and [MASK]) and each one's inverse document frequency
-over the captions; per step, the batch's captions [B, L] -> :meth:`WordHead.targets` -> [B, V],
-each caption's words weighted by IDF and normalised to sum 1 (so "a" and "the", in every
-caption, weigh nothing); its images' embeddings [B, D] -> :meth:`WordHead.forward` (on the
-normalised embedding, the one retrieval uses) -> logits [B, V]; :func:`word_loss` -> softmax
-cross-entropy against the targets over the pairs the noise filter kept.
+ids they use (``aux_inputs.mlm_corpus_vocab``: less padding, start, end and [MASK]) and each
+one's inverse document frequency over the captions; per step, the batch's captions [B, L] ->
+:meth:`WordHead.targets` -> [B, V], each caption's words weighted by IDF and normalised to sum 1
+(so "a" and "the", in every caption, weigh nothing); its images' embeddings [B, D] ->
+:meth:`WordHead.forward` (on the normalised embedding, the one retrieval uses) -> logits [B, V];
+:func:`word_loss` -> softmax cross-entropy against the targets over the pairs the noise filter
+kept.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.clip_tokens import SPECIAL_IDS
+from model.aux_inputs import mlm_corpus_vocab
 from model.errors import ModelError
-from model.factory import MASK_TOKEN_ID
 
 # The normalised embedding is scaled before the linear map so that logits of a useful range
 # need no large weights (weight decay pulls on those); the probe of issue 40 used the same.
@@ -37,19 +37,19 @@ INPUT_SCALE = 10.0
 def word_vocabulary(tokens: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions' token ids (tensors [n, L], e.g. a split's per item) -> (the sorted ids they
     use, less special ones [V]; each id's inverse document frequency log(N / df) [V])."""
+    tokens = list(tokens)
     rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]).long()
     if len(rows) == 0:
         raise ModelError("word prediction needs training captions; the split has none")
+    # the captions' words, as masked language modeling's corpus vocabulary has them
+    vocab = mlm_corpus_vocab(tokens).long()
+    if len(vocab) == 0:
+        raise ModelError("word prediction needs captions with words; these have none")
     # document frequency: each id counted once per caption (its first place in the sorted row)
     ordered = rows.sort(dim=1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     frequency = torch.bincount(ordered[first])
-    special = [i for i in (*SPECIAL_IDS, MASK_TOKEN_ID) if i < len(frequency)]
-    frequency[special] = 0
-    vocab = frequency.nonzero()[:, 0]
-    if len(vocab) == 0:
-        raise ModelError("word prediction needs captions with words; these have none")
     idf = torch.log(len(rows) / frequency[vocab].double()).float()
     return vocab, idf
 
