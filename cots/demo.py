@@ -166,10 +166,13 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
     import torch
 
     from model.config import TrainConfig
-    from training.binding_check import binding_check
     from training.checkpoint import load_checkpoint
-    from training.eval_splits import evaluate_loaded, load_named_split, towers_from_checkpoint
-    from training.scene_eval import scene_query_check
+    from training.eval_splits import (
+        evaluate_image_checks,
+        evaluate_loaded,
+        load_named_split,
+        towers_from_checkpoint,
+    )
     from training.training_data import CaptionedImages
 
     cached = run / "image_evals.json"
@@ -184,13 +187,10 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
     evals = {}
     for name in ("test", "heldout"):
         split = load_named_split(image_config, name, context_length)
-        evals[name] = evaluate_loaded(towers, image_config, split, cpu)
         if name == "test" and isinstance(split, CaptionedImages):
-            checked = scene_query_check(towers, image_config, split, context_length, cpu)
-            evals[name].update(checked[0] if checked else {})
-            evals[name].update(
-                binding_check(towers, split, image_config.preprocess, context_length, cpu)
-            )
+            evals[name] = evaluate_image_checks(towers, image_config, split, context_length, cpu)
+        else:
+            evals[name] = evaluate_loaded(towers, image_config, split, cpu)
     cached.write_text(json.dumps(evals, indent=2))
     return evals
 

@@ -96,10 +96,12 @@ def example_queries(bundle: Path, root: Path, corpus: Path, samples: list) -> li
             await _scene_queries(engine, corpus)
             pixels = engine.prepare_image(image.read_bytes())
             vector, _ = await engine.embed_image(image.read_bytes(), pixels)
-            page = await engine.search("captions", vector, k=3)
+            # the corpus repeats captions word for word across images: show three distinct
+            page = await engine.search("captions", vector, k=12)
             click.echo(f"      captions <- image {image.name}")
-            for hit in page.hits:
-                click.echo(f"        {hit.score:.3f}  {hit.item.caption}")
+            distinct = {hit.item.caption: hit.score for hit in reversed(page.hits)}
+            for caption, score in sorted(distinct.items(), key=lambda kv: -kv[1])[:3]:
+                click.echo(f"        {score:.3f}  {caption}")
         finally:
             await state.stop()
 

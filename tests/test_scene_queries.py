@@ -7,11 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from model.config import TrainConfig
 from model.data.synth import SynthConfig, generate_corpus, image_scenes
 from model.data.synth.scenes import Relation, Scene, SceneObject
+from model.factory import build_towers, model_config
 from tests.captions import objects_in
+from training.binding_check import binding_check
+from training.eval_splits import evaluate_image_checks, evaluate_loaded, load_named_split
+from training.scene_eval import scene_query_check
 from training.scene_queries import SceneQuery, Wanted, satisfies, score, write_queries
+from training.train import resolve_image_size
+from training.training_data import CaptionedImages
 
 
 def _obj(shape: str, colour: str, size: str, cell: tuple[int, int]) -> SceneObject:
@@ -87,3 +95,42 @@ def test_recomputed_scenes_are_the_ones_the_captions_describe(tmp_path: Path) ->
 def test_a_gallery_smaller_than_five_is_scored_on_what_it_ranks() -> None:
     heart = SceneQuery("a big white heart", "object", (Wanted("large", "white", "heart"),))
     assert score([heart], [TWO, ONE], np.array([[0, 1]]))["scene_match@5"] == 100.0
+
+
+def test_the_image_checks_embed_the_split_once_and_equal_the_separate_checks(
+    tmp_path: Path,
+) -> None:
+    """Training's final evaluation (and the demo's of the served towers) ranks the test images
+    three times: recall, scene queries, binding. It embeds them once; the figures are the
+    three checks' own."""
+    generate_corpus(tmp_path, SynthConfig(seed=4, n_images=80, n_videos=0, image_size=32))
+    config = resolve_image_size(
+        TrainConfig.model_validate(
+            {"model": "cots-micro", "data": {"train": str(tmp_path / "images.csv")}}
+        )
+    )
+    towers = build_towers(config, pretrained=False).eval()
+    context = int(model_config("cots-micro")["text_cfg"]["context_length"])
+    split = load_named_split(config, "test", context)
+    assert isinstance(split, CaptionedImages)
+    assert len(split.records) >= 5
+    cpu = torch.device("cpu")
+    separate = evaluate_loaded(towers, config, split, cpu)
+    checked = scene_query_check(towers, config, split, context, cpu)
+    assert checked is not None
+    separate.update(checked[0])
+    separate.update(binding_check(towers, split, config.preprocess, context, cpu))
+    assert {"scene_match@1", "binding_acc", "t2i_R@1"} <= separate.keys()
+
+    embedded: list[int] = []
+    encode_image = towers.encode_image
+
+    def counting(images: torch.Tensor) -> torch.Tensor:
+        embedded.append(len(images))
+        return encode_image(images)
+
+    towers.encode_image = counting  # type: ignore[method-assign]
+    together = evaluate_image_checks(towers, config, split, context, cpu)
+    assert together == separate
+    # each test image and its fixed second view (the i2i queries), once each
+    assert sum(embedded) == 2 * len(split.records)

@@ -1,4 +1,5 @@
-"""Evaluating a split by name, whatever its modality, and rebuilding a checkpoint's towers."""
+"""Evaluating a split by name, whatever its modality (images with their scene-query and binding
+checks, their images embedded once), and rebuilding a checkpoint's towers."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 from model.config import TrainConfig
 from model.errors import ModelError
 from model.factory import Towers, build_towers
+from training.binding_check import binding_check
 from training.checkpoint import load_checkpoint
-from training.evaluate import evaluate
+from training.evaluate import evaluate, evaluate_and_embed
+from training.scene_eval import scene_query_check
 from training.training_data import CaptionedImages, load_split
 from training.video_data import CaptionedVideos, evaluate_videos, load_video_split
 
@@ -37,6 +40,24 @@ def evaluate_loaded(
     if isinstance(split, CaptionedVideos):
         return evaluate_videos(towers, split, config.preprocess, device, config.video.frames)
     return evaluate(towers, split, config.preprocess, device)
+
+
+def evaluate_image_checks(
+    towers: Towers,
+    config: TrainConfig,
+    split: CaptionedImages,
+    context_length: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """An image split's retrieval metrics, scene-query check (synthetic corpora only) and
+    binding check, its images embedded once for all three."""
+    metrics, image_emb = evaluate_and_embed(towers, split, config.preprocess, device)
+    checked = scene_query_check(towers, config, split, context_length, device, image_emb=image_emb)
+    metrics.update(checked[0] if checked else {})
+    metrics.update(
+        binding_check(towers, split, config.preprocess, context_length, device, image_emb)
+    )
+    return metrics
 
 
 def towers_state(model_state: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -172,6 +172,18 @@ def evaluate(
     intra: bool = True,
 ) -> dict[str, float]:
     """Cross-modal metrics, plus image->image and text->text ones with ``intra``."""
+    return evaluate_and_embed(towers, split, preprocess, device, intra)[0]
+
+
+def evaluate_and_embed(
+    towers: Towers,
+    split: CaptionedImages,
+    preprocess: PreprocessConfig,
+    device: torch.device,
+    intra: bool = True,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate`'s metrics and the split's image embeddings [N, D], which the checks
+    that rank the same images (scene queries, binding) reuse instead of embedding again."""
     views: list[torch.Tensor] | None = [] if intra else None
     image_emb, text_emb, image_groups, text_groups = embed_split(
         towers, split, preprocess, device, views=views
@@ -181,7 +193,7 @@ def evaluate(
         metrics.update(
             intra_modal_metrics(image_emb, torch.cat(views), text_emb, image_groups, text_groups)
         )
-    return metrics
+    return metrics, image_emb
 
 
 def format_metrics(name: str, metrics: dict[str, float], keys: Sequence[str] | None = None) -> str:

@@ -46,10 +46,13 @@ def _top5(
     queries: list[SceneQuery],
     context_length: int,
     device: torch.device,
+    image_emb: torch.Tensor | None = None,
 ) -> np.ndarray:
     """[Q, <=5] indices of the split's images each query ranks first (a split smaller than
-    five images ranks all of them)."""
-    image_emb = embed_split(towers, split, config.preprocess, device)[0]
+    five images ranks all of them); ``image_emb``: the split's image embeddings when the caller
+    has them already."""
+    if image_emb is None:
+        image_emb = embed_split(towers, split, config.preprocess, device)[0]
     was_training = towers.training
     towers.eval()
     tokens = tokenize([q.text for q in queries], context_length).to(device)
@@ -66,14 +69,15 @@ def scene_query_check(
     context_length: int,
     device: torch.device,
     n_queries: int = 200,
+    image_emb: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], list[tuple[SceneQuery, list[int]]]] | None:
     """(scene_match@1/@5 and the oracle in %, each query with its top-5 split indices), or
-    None when the corpus has no scene specs."""
+    None when the corpus has no scene specs; ``image_emb`` as :func:`_top5` takes it."""
     scenes = split_scenes(split, Path(config.data.train).parent)
     if scenes is None:
         return None
     queries = write_queries(scenes, n_queries)
-    ranked = _top5(towers, config, split, queries, context_length, device)
+    ranked = _top5(towers, config, split, queries, context_length, device, image_emb)
     ranked_lists = [list(map(int, row)) for row in np.asarray(ranked)]
     return score(queries, scenes, ranked), list(zip(queries, ranked_lists, strict=True))
 

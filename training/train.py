@@ -31,12 +31,16 @@ from model.objectives import LossOutput, OnlineModel, build_objective, report_di
 from model.tokenizer import tokenize
 from model.visual_tokenizer import VisualTokenizer, load_tokenizer
 from model.word_head import word_vocabulary
-from training.binding_check import binding_check
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
-from training.eval_splits import Split, evaluate_loaded, load_named_split, towers_state
+from training.eval_splits import (
+    Split,
+    evaluate_image_checks,
+    evaluate_loaded,
+    load_named_split,
+    towers_state,
+)
 from training.evaluate import format_metrics
 from training.negative_images import negative_image_twins, twin_coverage
-from training.scene_eval import scene_query_check
 from training.training_data import (
     CaptionedImages,
     CaptionNegatives,
@@ -229,18 +233,13 @@ class _Run:
         synthetic corpus) and the binding check (images), or the time-order and direction
         checks (videos)."""
         towers = self.online.towers
-        metrics = evaluate_loaded(towers, self.config, split, self.device)
         if checks and isinstance(split, CaptionedImages):
-            checked = scene_query_check(
+            metrics = evaluate_image_checks(
                 towers, self.config, split, self.context_length, self.device
             )
-            metrics.update(checked[0] if checked else {})
-            metrics.update(
-                binding_check(
-                    towers, split, self.config.preprocess, self.context_length, self.device
-                )
-            )
-        elif checks and isinstance(split, CaptionedVideos):
+        else:
+            metrics = evaluate_loaded(towers, self.config, split, self.device)
+        if checks and isinstance(split, CaptionedVideos):
             frames = self.config.video.frames
             metrics.update(
                 time_checks(
