@@ -153,6 +153,11 @@ class WordPredictionConfig(_Strict):
         description="the same head also names each caption's words from its text embedding, "
         "so both towers put a word in one direction of the shared space",
     )
+    bigrams: bool = Field(
+        False,
+        description="the head also names the adjacent word pairs the training captions say "
+        '("blue star"), so the target tells which attribute goes with which object',
+    )
 
 
 class ObjectiveConfig(_Strict):

@@ -16,6 +16,13 @@ one's inverse document frequency over the captions; per step, the batch's captio
 :meth:`WordHead.forward` (on the normalised embedding, the one retrieval uses) -> logits [B, V];
 :func:`word_loss` -> softmax cross-entropy against the targets over the pairs the noise filter
 kept.
+
+With ``bigrams`` (``word_prediction.bigrams``) the vocabulary also holds the adjacent word pairs
+that at least :data:`MIN_BIGRAM_CAPTIONS` training captions say ("blue star", "star above"),
+keyed above every token id (:func:`caption_keys`), and a caption's target names its pairs
+beside its words: a bag of words cannot tell "a blue star above a green square" from "a green
+star above a blue square", a bag of pairs can, so the shared direction of "blue star" is one
+that a green star's image does not take.
 """
 
 from __future__ import annotations
@@ -32,26 +39,57 @@ from model.errors import ModelError
 # The normalised embedding is scaled before the linear map so that logits of a useful range
 # need no large weights (weight decay pulls on those); the probe of issue 40 used the same.
 INPUT_SCALE = 10.0
+# A pair's key is (first id << BIGRAM_SHIFT) | second id, above every token id: the tokenisers
+# the project ships have fewer than 2**20 ids (CLIP's 49,408).
+BIGRAM_SHIFT = 20
+# Rarer pairs name one image's caption, not an attribute bound to an object.
+MIN_BIGRAM_CAPTIONS = 5
 
 
-def word_vocabulary(tokens: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions' token ids (tensors [n, L], e.g. a split's per item) -> (the sorted ids they
-    use, less special ones [V]; each id's inverse document frequency log(N / df) [V])."""
+def caption_keys(tokens: torch.Tensor, bigrams: bool) -> torch.Tensor:
+    """Captions [B, L] -> their keys [B, K]: the token ids, then with ``bigrams`` each adjacent
+    pair's key (pairs with padding or a start or end token are keyed too; no vocabulary holds
+    them)."""
+    tokens = tokens.long()
+    if not bigrams:
+        return tokens
+    if tokens.numel() and int(tokens.max()) >= 1 << BIGRAM_SHIFT:
+        raise ModelError(f"bigram keys need token ids below 2**{BIGRAM_SHIFT}")
+    pairs = (tokens[:, :-1] << BIGRAM_SHIFT) | tokens[:, 1:]
+    return torch.cat([tokens, pairs], dim=1)
+
+
+def word_vocabulary(
+    tokens: Iterable[torch.Tensor], bigrams: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions' token ids (tensors [n, L], e.g. a split's per item) -> (the sorted keys they
+    use [V]: their word ids, less special ones, and with ``bigrams`` the keys of the word
+    pairs at least MIN_BIGRAM_CAPTIONS captions say; each key's inverse document frequency
+    log(N / df) [V])."""
     tokens = list(tokens)
     rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]).long()
     if len(rows) == 0:
         raise ModelError("word prediction needs training captions; the split has none")
     # the captions' words, as masked language modeling's corpus vocabulary has them
-    vocab = mlm_corpus_vocab(tokens).long()
-    if len(vocab) == 0:
+    words = mlm_corpus_vocab(tokens).long()
+    if len(words) == 0:
         raise ModelError("word prediction needs captions with words; these have none")
-    # document frequency: each id counted once per caption (its first place in the sorted row)
-    ordered = rows.sort(dim=1).values
+    # document frequency: each key counted once per caption (its first place in the sorted row)
+    ordered = caption_keys(rows, bigrams).sort(dim=1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    frequency = torch.bincount(ordered[first])
-    idf = torch.log(len(rows) / frequency[vocab].double()).float()
-    return vocab, idf
+    keys, frequency = torch.unique(ordered[first], return_counts=True)
+    keep = torch.isin(keys, words)
+    if bigrams:
+        low = (1 << BIGRAM_SHIFT) - 1
+        keep |= (
+            (keys > low)
+            & torch.isin(keys >> BIGRAM_SHIFT, words)
+            & torch.isin(keys & low, words)
+            & (frequency >= MIN_BIGRAM_CAPTIONS)
+        )
+    idf = torch.log(len(rows) / frequency[keep].double()).float()
+    return keys[keep], idf
 
 
 class WordHead(nn.Module):
@@ -68,17 +106,20 @@ class WordHead(nn.Module):
         self.linear = nn.Linear(embed_dim, len(vocab))
         self.register_buffer("vocab", vocab.long().clone())
         self.register_buffer("idf", idf.float().clone())
+        # what the vocabulary holds says whether captions are keyed with their pairs
+        self.bigrams = bool((self.vocab >> BIGRAM_SHIFT).any())
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image embeddings [B, D] (not normalised) -> word logits [B, V]."""
         return self.linear(INPUT_SCALE * F.normalize(image, dim=-1))
 
     def targets(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Captions [B, L] -> [B, V]: each caption's vocabulary words (once each, however
-        often it says them), IDF-weighted and summing to 1; all zeros for a caption with none
-        (a word outside the vocabulary counts for nothing)."""
-        positions = torch.searchsorted(self.vocab, tokens.long()).clamp(max=len(self.vocab) - 1)
-        known = (self.vocab[positions] == tokens).float()
+        """Captions [B, L] -> [B, V]: each caption's vocabulary words and pairs (once each,
+        however often it says them), IDF-weighted and summing to 1; all zeros for a caption
+        with none (a word or pair outside the vocabulary counts for nothing)."""
+        keys = caption_keys(tokens, self.bigrams)
+        positions = torch.searchsorted(self.vocab, keys).clamp(max=len(self.vocab) - 1)
+        known = (self.vocab[positions] == keys).float()
         hot = torch.zeros(tokens.shape[0], len(self.vocab), device=tokens.device)
         hot.scatter_reduce_(1, positions, known, reduce="amax")
         weighted = hot * self.idf

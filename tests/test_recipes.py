@@ -243,6 +243,43 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
+    # fifth pass: a heavier head, a head that names word pairs, and no negative captions
+    Row(
+        "COTS + caption-word prediction 2.0 from image and text + hard negatives of kind shape,"
+        " binding, relation + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 2.0, "text": True},
+            },
+        },
+    ),
+    Row(
+        "COTS + caption-word and word-pair prediction from image and text + hard negatives of"
+        " kind shape, binding, relation + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 1.0, "text": True, "bigrams": True},
+            },
+        },
+    ),
+    Row(
+        "COTS + caption-word prediction from image and text + conv stem + hard negative images,"
+        " no negative captions",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES, "fraction": 0.0},
+                "word_prediction": {"weight": 1.0, "text": True},
+            },
+        },
+    ),
 )
 
 

@@ -18,7 +18,13 @@ from model.errors import ModelError
 from model.factory import create_towers
 from model.objectives import OnlineModel
 from model.tokenizer import tokenize
-from model.word_head import WordHead, word_loss, word_vocabulary
+from model.word_head import (
+    BIGRAM_SHIFT,
+    MIN_BIGRAM_CAPTIONS,
+    WordHead,
+    word_loss,
+    word_vocabulary,
+)
 from tests.test_training import _assert_resume_is_exact, micro
 from training.checkpoint import load_checkpoint
 from training.train import train
@@ -152,3 +158,69 @@ def test_with_text_the_same_head_names_the_captions_words_from_the_text_embeddin
         towers, ObjectiveConfig(word_prediction={"weight": 1.0}), word_vocab=vocab
     )
     assert image_only(images, tokens).text_word_logits is None
+
+
+# Each attribute-object pair said by enough captions to enter a bigram vocabulary, in
+# phrasings of a user's own (not the synthetic corpus's templates).
+PAIRED = [
+    f"{opener} {colour} {shape}"
+    for colour in ("blue", "green")
+    for shape in ("star", "square")
+    for opener in ("a", "my", "one", "the old", "that", "this")
+]
+
+
+def test_with_bigrams_the_vocabulary_adds_the_word_pairs_enough_captions_say() -> None:
+    tokens = tokenize([*PAIRED, "a blue moon"], CONTEXT)
+    words, word_idf = word_vocabulary([tokens])
+    keys, idf = word_vocabulary([tokens], bigrams=True)
+    pairs = (keys >> BIGRAM_SHIFT) > 0
+    # the words and their weights are the ones without pairs
+    assert torch.equal(keys[~pairs], words)
+    assert torch.equal(idf[~pairs], word_idf)
+    weight = dict(zip(keys.tolist(), idf.tolist(), strict=True))
+    blue_star = (_id("blue") << BIGRAM_SHIFT) | _id("star")
+    assert weight[blue_star] == pytest.approx(math.log(len(PAIRED) + 1) - math.log(6))
+    # "blue moon" is said once, "a blue" twice: under MIN_BIGRAM_CAPTIONS, not in it
+    assert MIN_BIGRAM_CAPTIONS > 2
+    assert (_id("blue") << BIGRAM_SHIFT) | _id("moon") not in weight
+    assert (_id("a") << BIGRAM_SHIFT) | _id("blue") not in weight
+    # pairs with the start or end of text are no word pairs
+    assert all(
+        int(key) >> BIGRAM_SHIFT not in (SOT_ID, 0) and int(key) & 0xFFFFF != EOT_ID
+        for key in keys[pairs]
+    )
+
+
+def test_bigram_targets_tell_which_colour_goes_with_which_shape() -> None:
+    """A bag of words scores "a blue star and a green square" and "a green star and a blue
+    square" alike; with pairs their targets differ, in exactly the swapped bindings."""
+    tokens = tokenize(PAIRED, CONTEXT)
+    queries = tokenize(["a blue star and a green square", "a green star and a blue square"], 16)
+    words = WordHead(8, *word_vocabulary([tokens])).targets(queries)
+    assert torch.equal(words[0], words[1])
+    head = WordHead(8, *word_vocabulary([tokens], bigrams=True))
+    assert head.bigrams
+    paired = head.targets(queries)
+    assert float(paired[0].sum()) == pytest.approx(1.0)
+    differ = {int(head.vocab[i]) for i in (paired[0] != paired[1]).nonzero()[:, 0]}
+    assert differ == {
+        (_id(colour) << BIGRAM_SHIFT) | _id(shape)
+        for colour, shape in (
+            ("blue", "star"),
+            ("green", "square"),
+            ("green", "star"),
+            ("blue", "square"),
+        )
+    }
+
+
+def test_a_run_with_bigram_prediction_keeps_its_pairs_and_resumes_exactly(
+    corpus: Path, tmp_path: Path
+) -> None:
+    objective = {"word_prediction": {"weight": 1.0, "text": True, "bigrams": True}}
+    _assert_resume_is_exact(corpus, tmp_path, objective=objective)
+    config = micro(corpus, tmp_path / "run", objective=objective)
+    train(config, progress=False)
+    vocab = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]["words.vocab"]
+    assert int(((vocab >> BIGRAM_SHIFT) > 0).sum()) > 0

@@ -302,7 +302,8 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     corpus = masked.mlm_weight > 0 and masked.mlm_vocab == "corpus"
     mlm_vocab = mlm_corpus_vocab(train_split.tokens) if corpus else None
     words = config.objective.word_prediction.weight > 0
-    word_vocab = word_vocabulary(train_split.tokens) if words else None
+    bigrams = config.objective.word_prediction.bigrams
+    word_vocab = word_vocabulary(train_split.tokens, bigrams) if words else None
     online = OnlineModel(towers, config.objective, codebook_size, mlm_vocab, word_vocab)
     online = online.to(device)
     objective_steps = total_steps * config.accum_steps  # the objective runs per micro-batch
