@@ -340,7 +340,7 @@ def demo(
             click.echo("  " + format_metrics(split, served[split]))
     bundle = _export(workdir, run, quiet)
     _search_sample(bundle, samples)
-    indices = build_indices(workdir, corpus, bundle)
+    indices = build_indices(workdir, corpus, bundle, quiet)
     queries = example_queries(bundle, indices, corpus, samples)
     click.echo(
         f"corpus: {corpus} ({description['images']['count']:,} images, "

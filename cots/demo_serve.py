@@ -21,9 +21,9 @@ DEMO_COLLECTIONS = {
 }
 
 
-def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
+def build_indices(workdir: Path, corpus: Path, bundle: Path, quiet: bool = False) -> Path:
     """[4/6] Build each demo collection, or reuse it when its live version was built from
-    this corpus by this bundle."""
+    this corpus by this bundle (``quiet``: no progress bars)."""
     from indexer.build import build_collection
     from indexer.build_spec import BuildSpec
     from indexer.errors import CollectionError
@@ -50,7 +50,7 @@ def build_indices(workdir: Path, corpus: Path, bundle: Path) -> Path:
             continue
         click.echo(f"[4/6] index: building {name} ({kind} vectors of {source.name})")
         spec = BuildSpec(collection=name, root=root, bundle=bundle, corpus=str(source), kind=kind)
-        version = build_collection(spec)  # shows its own progress bar
+        version = build_collection(spec, bar_shown=not quiet)
         info = read_info(current_dir(root, name))
         click.echo(
             f"      {name} version {version}: {info.live:,} vectors, {info.factory}, "

@@ -58,8 +58,11 @@ def build_key(spec: BuildSpec, manifest: BundleManifest) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_collection(spec: BuildSpec, *, progress: Progress | None = None) -> int:
-    """Build ``spec.collection`` from ``spec.corpus``; returns the new, now current, version."""
+def build_collection(
+    spec: BuildSpec, *, progress: Progress | None = None, bar_shown: bool = True
+) -> int:
+    """Build ``spec.collection`` from ``spec.corpus``; returns the new, now current, version
+    (``bar_shown``: the terminal's progress bar while encoding)."""
     if spec.engine == "ray":
         # Imported on use: it imports Ray Data, of the optional distributed extra, which the
         # serving image lacks (tests/test_layering.py still sees this edge: it hides no cycle).
@@ -77,7 +80,7 @@ def build_collection(spec: BuildSpec, *, progress: Progress | None = None) -> in
     work.mkdir(parents=True, exist_ok=True)
     with _exclusive(work):
         (work / "spec.json").write_text(spec.model_dump_json(indent=2))
-        paths = encode_shards(spec, records, work, progress)
+        paths = encode_shards(spec, records, work, progress, bar_shown)
         shards = [Shard.load(path) for path in paths]
         skipped = skipped_summary(shards, listing_skipped)
         version = assemble_version(spec, manifest, shards, skipped, progress)

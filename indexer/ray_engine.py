@@ -144,16 +144,27 @@ def connected(workers: int) -> Iterator[None]:
 
 
 def encode_shards_with_ray(
-    spec: BuildSpec, records: list[Record], work: Path, progress: Progress | None
+    spec: BuildSpec,
+    records: list[Record],
+    work: Path,
+    progress: Progress | None,
+    bar_shown: bool = True,
 ) -> list[Path]:
-    """Encode every shard not saved yet on a Ray cluster; returns all shard paths in order."""
+    """Encode every shard not saved yet on a Ray cluster; returns all shard paths in order
+    (``bar_shown``: the terminal's progress bar)."""
     plan = ShardPlan.scan(spec, len(records), work)
     if not plan.pending:
         return plan.paths
     rows, parts_of = _input_rows(spec, records, plan)
     manifest = read_manifest(spec.bundle, verify=False)  # build_collection verified it
     done = plan.done
-    bar = tqdm(total=plan.total, initial=done, desc=f"indexing {spec.collection}", unit="item")
+    bar = tqdm(
+        total=plan.total,
+        initial=done,
+        desc=f"indexing {spec.collection}",
+        unit="item",
+        disable=not bar_shown,
+    )
     with bar, connected(spec.workers):
         dataset = _pipeline(spec, rows, manifest)
         arrived: dict[int, dict[int, Shard]] = defaultdict(dict)

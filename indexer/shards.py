@@ -391,15 +391,26 @@ def shard_path(work: Path, index: int) -> Path:
 
 
 def encode_shards_locally(
-    spec: BuildSpec, records: list[Record], work: Path, progress: Progress | None
+    spec: BuildSpec,
+    records: list[Record],
+    work: Path,
+    progress: Progress | None,
+    bar_shown: bool = True,
 ) -> list[Path]:
-    """Encode every shard not saved yet; returns all shard paths in order."""
+    """Encode every shard not saved yet; returns all shard paths in order (``bar_shown``:
+    the terminal's progress bar; ``progress`` reports to a job either way)."""
     numbered = list(enumerate(records))
     plan = ShardPlan.scan(spec, len(numbered), work)
     # build_collection has just hashed the bundle's files; hashing them again costs seconds for
     # a large model and proves nothing new.
     encoder = Encoder(spec.bundle, batch_size=spec.batch_size, verify=False)
-    bar = tqdm(total=plan.total, initial=plan.done, desc=f"indexing {spec.collection}", unit="item")
+    bar = tqdm(
+        total=plan.total,
+        initial=plan.done,
+        desc=f"indexing {spec.collection}",
+        unit="item",
+        disable=not bar_shown,
+    )
     with bar, ShardEncoder(spec, encoder) as shards:
         for shard in plan.pending:
             start, end = plan.bounds(shard)

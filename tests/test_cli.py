@@ -121,7 +121,11 @@ def test_demo_synthesises_trains_then_reuses(tmp_path: Path) -> None:
         16,
         "--no-serve",
     )
-    first = cots(*args).stdout
+    run = cots(*args)
+    first = run.stdout
+    # --quiet: no progress bar of any stage (training, video decoding, indexing) on stderr
+    assert "it/s" not in run.stderr
+    assert "%|" not in run.stderr
     assert "rendering 80 images" in first
     assert "[2/6] train: cots-micro" in first
     # the summary block, not the evaluation lines training prints as it goes

@@ -21,7 +21,11 @@ from training.video_data import CaptionedVideos, evaluate_videos, load_video_spl
 Split = CaptionedImages | CaptionedVideos
 
 
-def load_named_split(config: TrainConfig, name: str | None, context_length: int) -> Split:
+def load_named_split(
+    config: TrainConfig, name: str | None, context_length: int, progress: bool = True
+) -> Split:
+    """The split ``name`` (None: every item) of the config's corpus; ``progress``: show the
+    video decoding bar."""
     if config.data.modality == "video":
         return load_video_split(
             config.data,
@@ -29,6 +33,7 @@ def load_named_split(config: TrainConfig, name: str | None, context_length: int)
             context_length,
             config.preprocess,
             decode_frames=config.video.decode_frames,
+            progress=progress,
         )
     return load_split(config.data, name, context_length, preprocess=config.preprocess)
 

@@ -251,8 +251,11 @@ class _Run:
         tqdm.write(f"step {self.step} " + format_metrics(name, metrics))
 
 
-def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume: bool) -> _Run:
-    """Data, model, objective, optimiser and schedule; restored from the checkpoint if asked."""
+def _build_run(
+    config: TrainConfig, dist: DistInfo, device: torch.device, resume: bool, progress: bool
+) -> _Run:
+    """Data, model, objective, optimiser and schedule; restored from the checkpoint if asked
+    (``progress``: the bars of loading, such as video decoding)."""
     torch.manual_seed(config.seed + dist.rank)
     output = Path(config.output)
     if dist.is_master:
@@ -261,8 +264,12 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     config = resolve_image_size(config)
 
     data = config.data
-    train_split, dataset = _training_pairs(config, context_length)
-    val_split = load_named_split(config, data.val_split, context_length) if data.val_split else None
+    train_split, dataset = _training_pairs(config, context_length, progress)
+    val_split = (
+        load_named_split(config, data.val_split, context_length, progress)
+        if data.val_split
+        else None
+    )
     sampler = EpochBatches(
         [len(t) for t in train_split.tokens],
         config.batch_size,
@@ -361,7 +368,9 @@ def _build_run(config: TrainConfig, dist: DistInfo, device: torch.device, resume
     )
 
 
-def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Dataset]:
+def _training_pairs(
+    config: TrainConfig, context_length: int, progress: bool
+) -> tuple[Split, Dataset]:
     data = config.data
     noise, seed = data.noise_fraction, config.seed
     if data.modality == "video":
@@ -373,6 +382,7 @@ def _training_pairs(config: TrainConfig, context_length: int) -> tuple[Split, Da
             decode_frames=config.video.decode_frames,
             noise_fraction=noise,
             seed=seed,
+            progress=progress,
         )
         return videos, VideoPairDataset(
             videos, config.preprocess, config.video.frames, negatives=_caption_negatives(config)
@@ -645,7 +655,7 @@ def _train(
     stop_after_steps: int | None,
     progress: bool,
 ) -> RunResult:
-    run = _build_run(config, dist, device, resume)
+    run = _build_run(config, dist, device, resume, progress and dist.is_master)
     stop_at = min(run.total_steps, stop_after_steps or run.total_steps)
     bar = tqdm(
         total=run.total_steps,
@@ -667,7 +677,7 @@ def _train(
     if run.step >= run.total_steps and dist.is_master:
         for name in run.config.data.eval_splits:
             # The checks beyond recall run on the test split only.
-            split = load_named_split(run.config, name, run.context_length)
+            split = load_named_split(run.config, name, run.context_length, progress)
             run.evaluate(name, split, checks=name == "test")
         run.save()
         results = {"step": run.step, "evals": run.result.evals}

@@ -64,8 +64,10 @@ def load_video_split(
     decode_frames: int = 16,
     noise_fraction: float = 0.0,
     seed: int = 0,
+    progress: bool = True,
 ) -> CaptionedVideos:
-    """Read a split, decoding ``decode_frames`` uniformly spaced frames of every video once.
+    """Read a split, decoding ``decode_frames`` uniformly spaced frames of every video once
+    (with a progress bar unless ``progress`` is False).
 
     Frames get the image transform's geometry (shorter side to ``preprocess.image_size``,
     centre crop) but stay uint8; :func:`model.preprocess.normalise_pixels` finishes them per
@@ -93,7 +95,13 @@ def load_video_split(
         ]
     )
     records: list[VideoRecord] = []
-    bar = tqdm(listed, desc=f"decoding {split or 'all'} videos", unit="video", leave=False)
+    bar = tqdm(
+        listed,
+        desc=f"decoding {split or 'all'} videos",
+        unit="video",
+        leave=False,
+        disable=not progress,
+    )
     for record in bar:
         try:
             sample = reader.decode(record)
