@@ -188,6 +188,7 @@ def _image_checks(checkpoint: Path, have: dict[str, float]) -> dict[str, float]:
     from model.factory import model_config
     from training.binding_check import binding_check
     from training.eval_splits import load_named_split, towers_from_checkpoint
+    from training.evaluate import embed_split
     from training.scene_eval import collection_scene_check, scene_query_check
     from training.training_data import CaptionedImages
 
@@ -197,11 +198,19 @@ def _image_checks(checkpoint: Path, have: dict[str, float]) -> dict[str, float]:
     split = load_named_split(config, "test", context_length)
     assert isinstance(split, CaptionedImages)
     found: dict[str, float] = {}
+    # both checks rank the same test images: embedded once for whichever run
+    image_emb = (
+        embed_split(towers, split, config.preprocess, cpu)[0]
+        if {"scene_match@1", "binding_acc"} - have.keys()
+        else None
+    )
     if "scene_match@1" not in have:
-        checked = scene_query_check(towers, config, split, context_length, cpu)
+        checked = scene_query_check(towers, config, split, context_length, cpu, image_emb=image_emb)
         found.update(checked[0] if checked else {})
     if "binding_acc" not in have:
-        found.update(binding_check(towers, split, config.preprocess, context_length, cpu))
+        found.update(
+            binding_check(towers, split, config.preprocess, context_length, cpu, image_emb)
+        )
     if "collection_scene_match@1" not in have:
         found.update(collection_scene_check(towers, config, context_length, cpu) or {})
     return found

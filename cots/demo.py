@@ -168,12 +168,11 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
     from model.config import TrainConfig
     from training.checkpoint import load_checkpoint
     from training.eval_splits import (
-        evaluate_image_checks,
+        evaluate_checked,
         evaluate_loaded,
         load_named_split,
         towers_from_checkpoint,
     )
-    from training.training_data import CaptionedImages
 
     cached = run / "image_evals.json"
     if cached.is_file():
@@ -187,10 +186,11 @@ def _image_metrics_of(run: Path, image_run: Path) -> dict:
     evals = {}
     for name in ("test", "heldout"):
         split = load_named_split(image_config, name, context_length)
-        if name == "test" and isinstance(split, CaptionedImages):
-            evals[name] = evaluate_image_checks(towers, image_config, split, context_length, cpu)
-        else:
-            evals[name] = evaluate_loaded(towers, image_config, split, cpu)
+        evals[name] = (
+            evaluate_checked(towers, image_config, split, context_length, cpu)
+            if name == "test"
+            else evaluate_loaded(towers, image_config, split, cpu)
+        )
     cached.write_text(json.dumps(evals, indent=2))
     return evals
 

@@ -16,6 +16,7 @@ from training.checkpoint import load_checkpoint
 from training.evaluate import evaluate, evaluate_and_embed
 from training.scene_eval import scene_query_check
 from training.training_data import CaptionedImages, load_split
+from training.video_checks import time_checks
 from training.video_data import CaptionedVideos, evaluate_videos, load_video_split
 
 Split = CaptionedImages | CaptionedVideos
@@ -62,6 +63,23 @@ def evaluate_image_checks(
     metrics.update(
         binding_check(towers, split, config.preprocess, context_length, device, image_emb)
     )
+    return metrics
+
+
+def evaluate_checked(
+    towers: Towers,
+    config: TrainConfig,
+    split: Split,
+    context_length: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Recall plus the checks a split's modality has: scene queries and binding for images
+    (:func:`evaluate_image_checks`), time order and direction for videos."""
+    if isinstance(split, CaptionedImages):
+        return evaluate_image_checks(towers, config, split, context_length, device)
+    metrics = evaluate_loaded(towers, config, split, device)
+    frames = config.video.frames
+    metrics.update(time_checks(towers, split, config.preprocess, device, frames, context_length))
     return metrics
 
 

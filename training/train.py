@@ -34,7 +34,7 @@ from model.word_head import word_vocabulary
 from training.checkpoint import config_differences, load_checkpoint, save_checkpoint
 from training.eval_splits import (
     Split,
-    evaluate_image_checks,
+    evaluate_checked,
     evaluate_loaded,
     load_named_split,
     towers_state,
@@ -42,7 +42,6 @@ from training.eval_splits import (
 from training.evaluate import format_metrics
 from training.negative_images import negative_image_twins, twin_coverage
 from training.training_data import (
-    CaptionedImages,
     CaptionNegatives,
     EpochBatches,
     PairDataset,
@@ -51,8 +50,7 @@ from training.training_data import (
     csv_reader,
     load_split,
 )
-from training.video_checks import time_checks
-from training.video_data import CaptionedVideos, VideoPairDataset, load_video_split
+from training.video_data import VideoPairDataset, load_video_split
 
 logger = logging.getLogger("cots.train")
 CHECKPOINT = "checkpoint.pt"
@@ -233,19 +231,11 @@ class _Run:
         synthetic corpus) and the binding check (images), or the time-order and direction
         checks (videos)."""
         towers = self.online.towers
-        if checks and isinstance(split, CaptionedImages):
-            metrics = evaluate_image_checks(
-                towers, self.config, split, self.context_length, self.device
-            )
-        else:
-            metrics = evaluate_loaded(towers, self.config, split, self.device)
-        if checks and isinstance(split, CaptionedVideos):
-            frames = self.config.video.frames
-            metrics.update(
-                time_checks(
-                    towers, split, self.config.preprocess, self.device, frames, self.context_length
-                )
-            )
+        metrics = (
+            evaluate_checked(towers, self.config, split, self.context_length, self.device)
+            if checks
+            else evaluate_loaded(towers, self.config, split, self.device)
+        )
         self.result.evals[name] = metrics
         self.log.write({"step": self.step, "eval": name, **metrics})
         tqdm.write(f"step {self.step} " + format_metrics(name, metrics))
