@@ -30,6 +30,10 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "Texts/s and images/s, torch vs ONNX Runtime (fp32, int8), and their recall.",
     ),
     "serve": ("benchmarks.serve:serve_bench", "Search latency and QPS through cots serve."),
+    "querybank": (
+        "benchmarks.querybank:querybank_bench",
+        "Hubness correction (querybank normalisation) against plain cosine ranking.",
+    ),
 }
 
 NO_CHECKOUT: Final = (

@@ -1,0 +1,259 @@
+"""``cots bench querybank``: does a hubness correction of the gallery rank what people type better?
+
+In a high-dimensional gallery some items are *hubs*: near many queries, they crowd the top of
+lists they do not belong to (Radovanović et al., JMLR 2010). CSLS (Conneau et al., ICLR 2018)
+and querybank normalisation (QB-Norm, Bogolin et al., CVPR 2022) correct for it with a bank of
+typical queries: an item x scores ``2 cos(q, x) - r(q) - r(x)`` for a query q, where ``r(x)`` is
+the mean similarity of x to its k nearest bank queries. ``r(q)`` is the same for every item of
+one query, so the ranking is that of ``cos(q, x) - beta * r(x)``: one number per item, computed
+once, offline, from the item's vector and the bank, and a search as cheap as a plain one.
+
+Data flow: a run's checkpoint -> its image tower over every image of the corpus (all splits,
+as the demo's ``images`` collection holds them) -> its text tower over the bank (the training
+split's distinct captions: no test caption, so no test image is penalised for being described)
+-> ``r(x)`` per k -> for each (k, beta), two figures side by side with the plain ranking
+(beta 0):
+
+- **selection**: each validation caption searched over the whole gallery, R@1 / R@5 of its own
+  image. (k, beta) is chosen on this alone;
+- **check**: on a synthetic corpus, the demo's 200 scene queries (written from the test scenes)
+  scored as the demo scores them, which no choice here looks at.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+# Bank rows scored per block: a [block, M] similarity matrix at a time, not [N, M].
+_BLOCK = 2048
+
+
+def hubness(items: torch.Tensor, bank: torch.Tensor, k: int, block: int = _BLOCK) -> torch.Tensor:
+    """[N] the mean of each item's ``k`` highest inner products with the bank's rows (items
+    [N, D] and bank [M, D], both L2-normalised: cosines); k is capped at M."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    k = min(k, len(bank))
+    parts = [
+        (items[start : start + block] @ bank.T).topk(k, dim=1).values.mean(dim=1)
+        for start in range(0, len(items), block)
+    ]
+    return torch.cat(parts) if parts else items.new_zeros(0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    k: int
+    beta: float
+
+    @property
+    def label(self) -> str:
+        return "plain cosine" if self.beta == 0 else f"k={self.k}, beta={self.beta:g}"
+
+
+def _own_image_recall(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """R@1 and R@5 (%) of each query's own gallery index under ``scores`` [Q, N]."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hits = top == targets[:, None]
+    return {
+        "val_R@1": 100.0 * float(hits[:, 0].float().mean()),
+        "val_R@5": 100.0 * float(hits.any(dim=1).float().mean()),
+    }
+
+
+def _encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) -> torch.Tensor:
+    from model.tokenizer import tokenize
+
+    parts = [
+        towers.encode_text(tokenize(texts[start : start + batch], context)).float()
+        for start in range(0, len(texts), batch)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def _captions(corpus: Path) -> list[dict[str, str]]:
+    with (corpus / "images.csv").open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@torch.no_grad()
+def measure(
+    checkpoint: Path, corpus: Path, settings: list[Setting], n_queries: int = 200
+) -> dict[str, Any]:
+    """Every setting's figures (plus the plain ranking's), and the sizes they rest on."""
+    from model.data.synth.scenes import Scene
+    from training.eval_splits import towers_from_checkpoint
+    from training.evaluate import embed_split
+    from training.scene_queries import SceneQuery, corpus_scenes, score, write_queries
+    from training.training_data import load_split
+
+    towers, config, state = towers_from_checkpoint(checkpoint)
+    context = int(state["context_length"])
+    data = config.data.model_copy(update={"train": corpus / "images.csv"})
+    gallery = load_split(data, None, context, preprocess=config.preprocess)
+    image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
+    position = {record.group_id: i for i, record in enumerate(gallery.records)}
+
+    rows = _captions(corpus)
+    bank_texts = sorted({row["caption"] for row in rows if row.get("split") == "train"})
+    if not bank_texts:
+        raise click.ClickException(f"{corpus / 'images.csv'}: no train-split caption for a bank")
+    val = [row for row in rows if row.get("split") == "val" and row["image_id"] in position]
+    if not val:
+        raise click.ClickException(f"{corpus / 'images.csv'}: no val-split caption to select on")
+    bank = _encode_texts(towers, bank_texts, context)
+    val_emb = _encode_texts(towers, [row["caption"] for row in val], context)
+    val_targets = torch.tensor([position[row["image_id"]] for row in val])
+    val_scores = val_emb @ image_emb.T
+
+    scenes = corpus_scenes(corpus)
+    queries: list[SceneQuery] = []
+    scene_gallery: list[Scene] = []
+    query_scores: torch.Tensor | None = None
+    if scenes is not None:
+        test_ids = dict.fromkeys(row["image_id"] for row in rows if row.get("split") == "test")
+        scene_gallery = [scenes[record.group_id] for record in gallery.records]
+        queries = write_queries([scenes[i] for i in test_ids if i in scenes], n_queries)
+        query_scores = _encode_texts(towers, [q.text for q in queries], context) @ image_emb.T
+
+    hub = {k: hubness(image_emb, bank, k) for k in sorted({s.k for s in settings})}
+    results = []
+    for setting in [Setting(0, 0.0), *settings]:
+        offset = setting.beta * hub[setting.k] if setting.beta else 0.0
+        figures = _own_image_recall(val_scores - offset, val_targets)
+        if query_scores is not None:
+            ranked = (query_scores - offset).topk(min(5, len(image_emb)), dim=1).indices
+            scored = score(queries, scene_gallery, ranked.numpy())
+            figures["scene@1"] = scored["scene_match@1"]
+            figures["scene@5"] = scored["scene_match@5"]
+        results.append({"k": setting.k, "beta": setting.beta, "label": setting.label, **figures})
+    chosen = max(results[1:], key=lambda r: (r["val_R@1"], r["val_R@5"]), default=results[0])
+    return {
+        "checkpoint": str(checkpoint),
+        "corpus": str(corpus),
+        "gallery": len(image_emb),
+        "bank": len(bank_texts),
+        "val_captions": len(val),
+        "scene_queries": len(queries),
+        "results": results,
+        "chosen": chosen["label"],
+    }
+
+
+def render(measured: dict[str, Any], command: str, hardware: str) -> str:
+    scene = measured["scene_queries"] > 0
+    head = "| ranking | val R@1 | val R@5 |" + (" scene @1 | scene @5 |" if scene else "")
+    lines = [
+        "# Querybank normalisation: `cots bench querybank`",
+        "",
+        f"- command: `{command}`",
+        f"- run: {measured['checkpoint']}; corpus: {measured['corpus']}",
+        f"- gallery: every image of the corpus ({measured['gallery']:,}); bank: the train "
+        f"split's {measured['bank']:,} distinct captions; selection: {measured['val_captions']:,}"
+        " val captions, each searched for its own image over the whole gallery"
+        + (
+            f"; check: the demo's {measured['scene_queries']} scene queries (never used to choose)"
+            if scene
+            else ""
+        ),
+        f"- hardware: {hardware}; date: {time.strftime('%Y-%m-%d')}",
+        f"- chosen on val R@1: **{measured['chosen']}**",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for row in measured["results"]:
+        cells = [f"{row['val_R@1']:.1f}", f"{row['val_R@5']:.1f}"]
+        if scene:
+            cells += [f"{row['scene@1']:.1f}", f"{row['scene@5']:.1f}"]
+        label = f"**{row['label']}**" if row["label"] == measured["chosen"] else row["label"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"each k must be at least 1: {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"each beta must be above 0: {text!r}")
+    return values
+
+
+@click.command("querybank", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--run",
+    "run",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="A cots train run folder (its checkpoint.pt) or a checkpoint file.",
+)
+@click.option(
+    "--corpus",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Corpus folder with images.csv (train, val and test splits). Default: the run's own.",
+)
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Bank neighbours per item.")
+@click.option("--beta", "betas", default="0.25,0.5,1.0", show_default=True, help="Weights.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the table here (markdown), and its figures beside it as .json.",
+)
+def querybank_bench(
+    run: Path,
+    corpus: Path | None,
+    ks: str,
+    betas: str,
+    threads: int | None,
+    out: Path | None,
+) -> None:
+    """Hubness correction (CSLS / querybank normalisation) against the plain cosine ranking of
+    a trained run, over every image of its corpus: val captions choose (k, beta), the demo's
+    scene queries check. Prints a markdown table."""
+    import platform
+
+    from training.eval_splits import towers_from_checkpoint
+
+    settings = [Setting(k, beta) for k in _ints(ks) for beta in _floats(betas)]
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    if not checkpoint.is_file():
+        raise click.ClickException(f"{run}: no checkpoint.pt in this run folder")
+    if corpus is None:
+        _, config, _ = towers_from_checkpoint(checkpoint)
+        corpus = Path(config.data.train).parent
+    if not (corpus / "images.csv").is_file():
+        raise click.ClickException(f"{corpus}: no images.csv")
+    measured = measure(checkpoint, corpus, settings)
+    cpu = platform.processor() or platform.machine()
+    hardware = f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    command = f"cots bench querybank --run {run} --corpus {corpus} --k {ks} --beta {betas}"
+    text = render(measured, command + (f" --threads {threads}" if threads else ""), hardware)
+    click.echo(text)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(measured, indent=2), encoding="utf-8")
