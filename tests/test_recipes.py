@@ -280,6 +280,24 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
+    # sixth pass: the recipe (row 24) at three quarters and one and a half of its steps
+    *(
+        Row(
+            "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
+            f" binding, relation + conv stem + hard negative images, {steps} steps ({epochs}"
+            " epochs)",
+            {
+                "max_steps": steps,
+                "image_stem": "conv",
+                "objective": {
+                    "kind": "cots",
+                    "hard_negatives": {**_SHAPE_NEGATIVES},
+                    "word_prediction": {"weight": 1.0, "text": True},
+                },
+            },
+        )
+        for steps, epochs in ((744, 12), (1488, 24))
+    ),
 )
 
 
