@@ -298,6 +298,19 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
         )
         for steps, epochs in ((744, 12), (1488, 24))
     ),
+    # and CLIP with every lever of the recipe, the same recipe in the comparison
+    Row(
+        "CLIP + caption-word prediction from image and text + hard negatives of kind shape,"
+        " binding, relation + conv stem + hard negative images",
+        {
+            "image_stem": "conv",
+            "objective": {
+                "kind": "clip",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 1.0, "text": True},
+            },
+        },
+    ),
 )
 
 
