@@ -34,7 +34,7 @@ from typing import Any
 import click
 import torch
 
-# Bank rows scored per block: a [block, M] similarity matrix at a time, not [N, M].
+# Items scored per block: a [block, M] similarity matrix at a time, not [N, M].
 _BLOCK = 2048
 
 
@@ -113,16 +113,19 @@ def measure(
     image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
     position = {record.group_id: i for i, record in enumerate(gallery.records)}
 
+    caption, group, split = data.caption_key, data.group_key, data.split_key
+    if group is None or split is None:
+        raise click.ClickException("the bench needs the corpus's image id and split columns")
     rows = _captions(corpus)
-    bank_texts = sorted({row["caption"] for row in rows if row.get("split") == "train"})
+    bank_texts = sorted({row[caption] for row in rows if row.get(split) == data.train_split})
     if not bank_texts:
         raise click.ClickException(f"{corpus / 'images.csv'}: no train-split caption for a bank")
-    val = [row for row in rows if row.get("split") == "val" and row["image_id"] in position]
+    val = [row for row in rows if row.get(split) == data.val_split and row[group] in position]
     if not val:
         raise click.ClickException(f"{corpus / 'images.csv'}: no val-split caption to select on")
     bank = _encode_texts(towers, bank_texts, context)
-    val_emb = _encode_texts(towers, [row["caption"] for row in val], context)
-    val_targets = torch.tensor([position[row["image_id"]] for row in val])
+    val_emb = _encode_texts(towers, [row[caption] for row in val], context)
+    val_targets = torch.tensor([position[row[group]] for row in val])
     val_scores = val_emb @ image_emb.T
 
     scenes = corpus_scenes(corpus)
@@ -131,8 +134,8 @@ def measure(
     scene_sets: dict[str, tuple[list[SceneQuery], torch.Tensor]] = {}
     if scenes is not None:
         scene_gallery = [scenes[record.group_id] for record in gallery.records]
-        for name, split_name in (("val_scene", "val"), ("scene", "test")):
-            ids = dict.fromkeys(row["image_id"] for row in rows if row.get("split") == split_name)
+        for name, split_name in (("val_scene", data.val_split), ("scene", "test")):
+            ids = dict.fromkeys(row[group] for row in rows if row.get(split) == split_name)
             written = write_queries([scenes[i] for i in ids if i in scenes], n_queries)
             emb = _encode_texts(towers, [q.text for q in written], context)
             scene_sets[name] = (written, emb @ image_emb.T)
