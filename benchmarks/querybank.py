@@ -24,7 +24,6 @@ split's distinct captions: no test caption, so no test image is penalised for be
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -90,42 +89,45 @@ def _encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512)
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def _captions(corpus: Path) -> list[dict[str, str]]:
-    with (corpus / "images.csv").open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
 @torch.no_grad()
 def measure(
-    checkpoint: Path, corpus: Path, settings: list[Setting], n_queries: int = 200
+    checkpoint: Path, corpus: Path | None, settings: list[Setting], n_queries: int = 200
 ) -> dict[str, Any]:
-    """Every setting's figures (plus the plain ranking's), and the sizes they rest on."""
+    """Every setting's figures (plus the plain ranking's), and the sizes they rest on;
+    ``corpus`` None: the run's own."""
     from model.data.synth.scenes import Scene
     from training.eval_splits import towers_from_checkpoint
     from training.evaluate import embed_split
-    from training.scene_queries import SceneQuery, corpus_scenes, score, write_queries
+    from training.scene_eval import split_queries
+    from training.scene_queries import SceneQuery, corpus_scenes, score
     from training.training_data import load_split
 
     towers, config, state = towers_from_checkpoint(checkpoint)
     context = int(state["context_length"])
+    corpus = Path(config.data.train).parent if corpus is None else corpus
+    if not (corpus / "images.csv").is_file():
+        raise click.ClickException(f"{corpus}: no images.csv")
     data = config.data.model_copy(update={"train": corpus / "images.csv"})
+    # every split: the gallery, and through each image's split its bank or validation captions
     gallery = load_split(data, None, context, preprocess=config.preprocess)
     image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
-    position = {record.group_id: i for i, record in enumerate(gallery.records)}
-
-    caption, group, split = data.caption_key, data.group_key, data.split_key
-    if group is None or split is None:
-        raise click.ClickException("the bench needs the corpus's image id and split columns")
-    rows = _captions(corpus)
-    bank_texts = sorted({row[caption] for row in rows if row.get(split) == data.train_split})
+    records = list(enumerate(gallery.records))
+    bank_texts = sorted(
+        {
+            text
+            for _, record in records
+            if record.split == data.train_split
+            for text in record.captions
+        }
+    )
     if not bank_texts:
         raise click.ClickException(f"{corpus / 'images.csv'}: no train-split caption for a bank")
-    val = [row for row in rows if row.get(split) == data.val_split and row[group] in position]
+    val = [(text, i) for i, r in records if r.split == data.val_split for text in r.captions]
     if not val:
         raise click.ClickException(f"{corpus / 'images.csv'}: no val-split caption to select on")
     bank = _encode_texts(towers, bank_texts, context)
-    val_emb = _encode_texts(towers, [row[caption] for row in val], context)
-    val_targets = torch.tensor([position[row[group]] for row in val])
+    val_emb = _encode_texts(towers, [text for text, _ in val], context)
+    val_targets = torch.tensor([i for _, i in val])
     val_scores = val_emb @ image_emb.T
 
     scenes = corpus_scenes(corpus)
@@ -135,8 +137,7 @@ def measure(
     if scenes is not None:
         scene_gallery = [scenes[record.group_id] for record in gallery.records]
         for name, split_name in (("val_scene", data.val_split), ("scene", "test")):
-            ids = dict.fromkeys(row[group] for row in rows if row.get(split) == split_name)
-            written = write_queries([scenes[i] for i in ids if i in scenes], n_queries)
+            written = split_queries(scenes, gallery, split_name, n_queries)
             emb = _encode_texts(towers, [q.text for q in written], context)
             scene_sets[name] = (written, emb @ image_emb.T)
 
@@ -257,23 +258,18 @@ def querybank_bench(
     table."""
     import platform
 
-    from training.eval_splits import towers_from_checkpoint
-
     settings = [Setting(k, beta) for k in _ints(ks) for beta in _floats(betas)]
     if threads:
         torch.set_num_threads(threads)
     checkpoint = run / "checkpoint.pt" if run.is_dir() else run
     if not checkpoint.is_file():
         raise click.ClickException(f"{run}: no checkpoint.pt in this run folder")
-    if corpus is None:
-        _, config, _ = towers_from_checkpoint(checkpoint)
-        corpus = Path(config.data.train).parent
-    if not (corpus / "images.csv").is_file():
-        raise click.ClickException(f"{corpus}: no images.csv")
     measured = measure(checkpoint, corpus, settings)
     cpu = platform.processor() or platform.machine()
     hardware = f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-    command = f"cots bench querybank --run {run} --corpus {corpus} --k {ks} --beta {betas}"
+    command = (
+        f"cots bench querybank --run {run} --corpus {measured['corpus']} --k {ks} --beta {betas}"
+    )
     text = render(measured, command + (f" --threads {threads}" if threads else ""), hardware)
     click.echo(text)
     if out is not None:

@@ -39,6 +39,15 @@ def split_scenes(split: CaptionedImages, corpus: Path) -> list[Scene] | None:
         return None  # a CSV that is not the one dataset.json describes
 
 
+def split_queries(
+    scenes: dict[str, Scene], gallery: CaptionedImages, split: str | None, n_queries: int = 200
+) -> list[SceneQuery]:
+    """Queries written from the scenes of the ``split`` images of a gallery that holds every
+    split (in corpus order, as the demo writes them); KeyError for an image without a scene."""
+    ids = dict.fromkeys(record.group_id for record in gallery.records if record.split == split)
+    return write_queries([scenes[i] for i in ids], n_queries)
+
+
 def _top5(
     towers: Towers,
     config: TrainConfig,
@@ -98,10 +107,9 @@ def collection_scene_check(
     if scenes is None:
         return None
     everything = load_split(config.data, None, context_length, preprocess=config.preprocess)
-    test = [r.group_id for r in load_split(config.data, "test", context_length).records]
     try:
         gallery = [scenes[record.group_id] for record in everything.records]
-        queries = write_queries([scenes[i] for i in dict.fromkeys(test)], n_queries)
+        queries = split_queries(scenes, everything, "test", n_queries)
     except KeyError:
         return None
     ranked = _top5(towers, config, everything, queries, context_length, device)
