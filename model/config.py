@@ -284,6 +284,14 @@ class DataConfig(_Strict):
     noise_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="give this fraction of train images wrong captions"
     )
+    partial_captions: int = Field(
+        0,
+        ge=0,
+        description="per training image, up to this many captions cut after their first "
+        "conjunct (model/partial_captions.py: 'a red star above a blue square, and ...' -> "
+        "'a red star above a blue square') added to its captions, so a query that names part "
+        "of a scene still finds it; 0: off",
+    )
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     cache_images_mb: float = Field(
         4096,
@@ -291,6 +299,12 @@ class DataConfig(_Strict):
         description="keep a split's decoded, resized pixels in memory (uint8) when they take "
         "at most this many MiB, instead of decoding every image again each epoch; 0: never",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.partial_captions and self.modality != "image":
+            raise ValueError("data.partial_captions applies to image corpora only (modality image)")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -384,6 +384,7 @@ def _training_pairs(
         noise_fraction=noise,
         seed=seed,
         preprocess=config.preprocess,
+        partial_captions=data.partial_captions,
     )
     return images, PairDataset(images, config.preprocess, _caption_negatives(config))
 

@@ -25,6 +25,7 @@ from model.data.readers import BadItemError, CsvImageReader, load_image
 from model.data.records import CorpusError, ImageRecord, VideoRecord
 from model.errors import ModelError
 from model.hard_negatives import COLOURS, hard_negatives
+from model.partial_captions import with_partial_captions
 from model.preprocess import image_pixels, image_transform, normalise_pixels
 from model.tokenizer import tokenize
 
@@ -64,9 +65,12 @@ def load_split(
     noise_fraction: float = 0.0,
     seed: int = 0,
     preprocess: PreprocessConfig | None = None,
+    partial_captions: int = 0,
 ) -> CaptionedImages:
     """Read a split, decoding every image once so corrupt files are reported up front; with
-    ``preprocess``, keep the decoded pixels when they fit the cache budget."""
+    ``preprocess``, keep the decoded pixels when they fit the cache budget; with
+    ``partial_captions`` n, each image also gets up to n of its captions cut after their first
+    conjunct (model/partial_captions.py; for training splits only)."""
     cache = _PixelCache(preprocess, data.cache_images_mb)
     records: list[ImageRecord] = []
     try:
@@ -80,7 +84,11 @@ def load_split(
     if not records:
         raise ModelError(f"no usable images in {data.train} for split {split!r}")
     captions, tokens, groups, noisy = caption_tensors(
-        records, context_length, noise_fraction=noise_fraction, seed=seed
+        records,
+        context_length,
+        noise_fraction=noise_fraction,
+        seed=seed,
+        partial_captions=partial_captions,
     )
     return CaptionedImages(records, captions, tokens, groups, noisy, cache.tensor())
 
@@ -116,15 +124,22 @@ def caption_tensors(
     *,
     noise_fraction: float = 0.0,
     seed: int = 0,
+    partial_captions: int = 0,
 ) -> tuple[list[list[str]], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(captions, tokens per item [n_captions, L], group ids [N], noisy [N]) of the records,
-    with ``noise_fraction`` of the items given another item's captions."""
+    with ``noise_fraction`` of the items given another item's captions and up to
+    ``partial_captions`` partial captions added to each item's (after the swap, so a swapped
+    item's partial captions are as wrong as its captions)."""
     captions = [list(r.captions) for r in records]
     group_index: dict[str, int] = {}
     groups = torch.tensor([group_index.setdefault(r.group_id, len(group_index)) for r in records])
     noisy = torch.zeros(len(records), dtype=torch.bool)
     if noise_fraction > 0:
         captions, noisy = _swap_captions(captions, noise_fraction, seed)
+    if partial_captions:
+        captions = [with_partial_captions(caps, partial_captions) for caps in captions]
+        added = sum(len(c) for c in captions) - sum(len(r.captions) for r in records)
+        logger.info("partial captions: %d added to %d items", added, len(captions))
     flat = [c for caps in captions for c in caps]
     all_tokens = tokenize(flat, context_length)
     tokens, start = [], 0
