@@ -101,6 +101,17 @@ def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_images_200(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """images.csv of a 200-image synthetic corpus (seed 3, 32 px, no videos), made once per
+    session for the training tests that read its captions or train cots-micro on it."""
+    from model.data.synth import SynthConfig, generate_corpus
+
+    out = tmp_path_factory.mktemp("synth-200") / "corpus"
+    generate_corpus(out, SynthConfig(seed=3, n_images=200, n_videos=0, image_size=32), workers=2)
+    return out / "images.csv"
+
+
+@pytest.fixture(scope="session")
 def served_root(micro_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(corpus, index root) holding collections images, captions and videos built with the
     micro bundle; tests that change a collection copy the root first."""

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from model.config import TrainConfig
-from model.data.synth import SynthConfig, generate_corpus
 from model.partial_captions import partial_caption, partial_coverage, with_partial_captions
 from tests.captions import objects_in
 from tests.test_training import _assert_resume_is_exact
@@ -88,11 +87,9 @@ def test_partial_captions_are_added_once_up_to_the_limit() -> None:
     ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("partial-corpus") / "corpus"
-    generate_corpus(out, SynthConfig(seed=3, n_images=200, n_videos=0, image_size=32), workers=2)
-    return out / "images.csv"
+@pytest.fixture
+def corpus(synth_images_200: Path) -> Path:
+    return synth_images_200
 
 
 def test_every_partial_synthetic_caption_names_a_subset_of_its_objects(corpus: Path) -> None:

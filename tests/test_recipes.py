@@ -311,6 +311,20 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
+    # seventh pass: the recipe with a partial caption (cut after its first conjunct) per image
+    Row(
+        "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
+        " binding, relation + conv stem + hard negative images + partial captions",
+        {
+            "image_stem": "conv",
+            "data": {"partial_captions": 1},
+            "objective": {
+                "kind": "cots",
+                "hard_negatives": {**_SHAPE_NEGATIVES},
+                "word_prediction": {"weight": 1.0, "text": True},
+            },
+        },
+    ),
 )
 
 

@@ -13,7 +13,6 @@ import torch
 
 from model.clip_tokens import EOT_ID, SOT_ID
 from model.config import ObjectiveConfig
-from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
 from model.factory import create_towers
 from model.objectives import OnlineModel
@@ -39,11 +38,9 @@ CAPTIONS = [
 CONTEXT = 16
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("word-corpus") / "corpus"
-    generate_corpus(out, SynthConfig(seed=3, n_images=200, n_videos=0, image_size=32), workers=2)
-    return out / "images.csv"
+@pytest.fixture
+def corpus(synth_images_200: Path) -> Path:
+    return synth_images_200
 
 
 def _id(word: str) -> int:
