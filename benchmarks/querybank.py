@@ -24,7 +24,6 @@ split's distinct captions: no test caption, so no test image is penalised for be
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 
 import click
 import torch
+
+from benchmarks.run_options import emit, hardware, run_checkpoint, run_options
 
 # Items scored per block: a [block, M] similarity matrix at a time, not [N, M].
 _BLOCK = 2048
@@ -79,7 +80,7 @@ def _own_image_recall(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     }
 
 
-def _encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) -> torch.Tensor:
+def encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) -> torch.Tensor:
     from model.tokenizer import tokenize
 
     parts = [
@@ -125,8 +126,8 @@ def measure(
     val = [(text, i) for i, r in records if r.split == data.val_split for text in r.captions]
     if not val:
         raise click.ClickException(f"{corpus / 'images.csv'}: no val-split caption to select on")
-    bank = _encode_texts(towers, bank_texts, context)
-    val_emb = _encode_texts(towers, [text for text, _ in val], context)
+    bank = encode_texts(towers, bank_texts, context)
+    val_emb = encode_texts(towers, [text for text, _ in val], context)
     val_targets = torch.tensor([i for _, i in val])
     val_scores = val_emb @ image_emb.T
 
@@ -138,7 +139,7 @@ def measure(
         scene_gallery = [scenes[record.group_id] for record in gallery.records]
         for name, split_name in (("val_scene", data.val_split), ("scene", "test")):
             written = split_queries(scenes, gallery, split_name, n_queries)
-            emb = _encode_texts(towers, [q.text for q in written], context)
+            emb = encode_texts(towers, [q.text for q in written], context)
             scene_sets[name] = (written, emb @ image_emb.T)
 
     hub = {k: hubness(image_emb, bank, k) for k in sorted({s.k for s in settings})}
@@ -222,56 +223,26 @@ def _floats(text: str) -> list[float]:
 
 
 @click.command("querybank", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--run",
-    "run",
-    type=click.Path(exists=True, path_type=Path),
-    required=True,
-    help="A cots train run folder (its checkpoint.pt) or a checkpoint file.",
-)
-@click.option(
-    "--corpus",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Corpus folder with images.csv (train, val and test splits). Default: the run's own.",
-)
+@run_options("Corpus folder with images.csv (train, val and test splits).")
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Bank neighbours per item.")
 @click.option("--beta", "betas", default="0.25,0.5,1.0", show_default=True, help="Weights.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the table here (markdown), and its figures beside it as .json.",
-)
 def querybank_bench(
     run: Path,
     corpus: Path | None,
-    ks: str,
-    betas: str,
     threads: int | None,
     out: Path | None,
+    ks: str,
+    betas: str,
 ) -> None:
     """Hubness correction (CSLS / querybank normalisation) against the plain cosine ranking of
     a trained run, over every image of its corpus: val captions and scene queries written from
     the val scenes choose (k, beta), the demo's test scene queries check. Prints a markdown
     table."""
-    import platform
-
     settings = [Setting(k, beta) for k in _ints(ks) for beta in _floats(betas)]
-    if threads:
-        torch.set_num_threads(threads)
-    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
-    if not checkpoint.is_file():
-        raise click.ClickException(f"{run}: no checkpoint.pt in this run folder")
+    checkpoint = run_checkpoint(run, threads)
     measured = measure(checkpoint, corpus, settings)
-    cpu = platform.processor() or platform.machine()
-    hardware = f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
     command = (
         f"cots bench querybank --run {run} --corpus {measured['corpus']} --k {ks} --beta {betas}"
     )
-    text = render(measured, command + (f" --threads {threads}" if threads else ""), hardware)
-    click.echo(text)
-    if out is not None:
-        out.write_text(text, encoding="utf-8")
-        out.with_suffix(".json").write_text(json.dumps(measured, indent=2), encoding="utf-8")
+    text = render(measured, command + (f" --threads {threads}" if threads else ""), hardware())
+    emit(text, measured, out)

@@ -34,6 +34,10 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "benchmarks.querybank:querybank_bench",
         "Hubness correction (querybank normalisation) against plain cosine ranking.",
     ),
+    "scenes": (
+        "benchmarks.scenes:scenes_bench",
+        "Scene queries by kind and scene size; test captions' recall by object count.",
+    ),
 }
 
 NO_CHECKOUT: Final = (

@@ -1,0 +1,73 @@
+"""What the benches that read one trained run share: its --run and --corpus options, the
+checkpoint a --run names, and the tables' markdown and JSON output (querybank, scenes)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+_OUT_HELP = "Also write the table here (markdown), and its figures beside it as .json."
+
+
+def run_options(corpus_help: str) -> Callable[[F], F]:
+    """--run (a run folder or checkpoint file), --corpus (default: the run's own), --threads
+    and --out, in that order."""
+    options = (
+        click.option(
+            "--run",
+            "run",
+            type=click.Path(exists=True, path_type=Path),
+            required=True,
+            help="A cots train run folder (its checkpoint.pt) or a checkpoint file.",
+        ),
+        click.option(
+            "--corpus",
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
+            default=None,
+            help=f"{corpus_help} Default: the run's own.",
+        ),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads."),
+        click.option(
+            "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help=_OUT_HELP
+        ),
+    )
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def run_checkpoint(run: Path, threads: int | None) -> Path:
+    """The checkpoint a --run names (a ClickException when its folder has none); sets the
+    torch threads first."""
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint = run / "checkpoint.pt" if run.is_dir() else run
+    if not checkpoint.is_file():
+        raise click.ClickException(f"{run}: no checkpoint.pt in this run folder")
+    return checkpoint
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def emit(text: str, measured: dict[str, Any], out: Path | None) -> None:
+    """Print the table; with ``out``, also write it there and the figures beside it (.json)."""
+    click.echo(text)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(measured, indent=2), encoding="utf-8")
