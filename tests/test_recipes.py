@@ -133,6 +133,25 @@ _SHAPE_NEGATIVES: dict[str, Any] = {
     "kinds": ["shape", "binding", "relation"],
     "image_share": 0.5,
 }
+_RECIPE_LEVERS = (
+    "caption-word prediction from image and text + hard negatives of kind shape, binding,"
+    " relation + conv stem + hard negative images"
+)
+
+
+def _recipe(kind: str = "cots", **top: Any) -> dict[str, Any]:
+    """Row 24's overrides (the demo recipe's levers) with the objective ``kind`` and extra
+    top-level keys (``max_steps``, ``data``)."""
+    return {
+        **top,
+        "image_stem": "conv",
+        "objective": {
+            "kind": kind,
+            "hard_negatives": {**_SHAPE_NEGATIVES},
+            "word_prediction": {"weight": 1.0, "text": True},
+        },
+    }
+
 
 # Issue 40: rows added after the reference's twelve (the old rows keep their numbers).
 ISSUE_40_ROWS: tuple[Row, ...] = (
@@ -231,18 +250,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
-    Row(
-        "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
-        " binding, relation + conv stem + hard negative images",
-        {
-            "image_stem": "conv",
-            "objective": {
-                "kind": "cots",
-                "hard_negatives": {**_SHAPE_NEGATIVES},
-                "word_prediction": {"weight": 1.0, "text": True},
-            },
-        },
-    ),
+    Row(f"COTS + {_RECIPE_LEVERS}", _recipe()),
     # fifth pass: a heavier head, a head that names word pairs, and no negative captions
     Row(
         "COTS + caption-word prediction 2.0 from image and text + hard negatives of kind shape,"
@@ -282,48 +290,15 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
     ),
     # sixth pass: the recipe (row 24) at three quarters and one and a half of its steps
     *(
-        Row(
-            "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
-            f" binding, relation + conv stem + hard negative images, {steps} steps ({epochs}"
-            " epochs)",
-            {
-                "max_steps": steps,
-                "image_stem": "conv",
-                "objective": {
-                    "kind": "cots",
-                    "hard_negatives": {**_SHAPE_NEGATIVES},
-                    "word_prediction": {"weight": 1.0, "text": True},
-                },
-            },
-        )
+        Row(f"COTS + {_RECIPE_LEVERS}, {steps} steps ({epochs} epochs)", _recipe(max_steps=steps))
         for steps, epochs in ((744, 12), (1488, 24))
     ),
     # and CLIP with every lever of the recipe, the same recipe in the comparison
-    Row(
-        "CLIP + caption-word prediction from image and text + hard negatives of kind shape,"
-        " binding, relation + conv stem + hard negative images",
-        {
-            "image_stem": "conv",
-            "objective": {
-                "kind": "clip",
-                "hard_negatives": {**_SHAPE_NEGATIVES},
-                "word_prediction": {"weight": 1.0, "text": True},
-            },
-        },
-    ),
+    Row(f"CLIP + {_RECIPE_LEVERS}", _recipe("clip")),
     # seventh pass: the recipe with a partial caption (cut after its first conjunct) per image
     Row(
-        "COTS + caption-word prediction from image and text + hard negatives of kind shape,"
-        " binding, relation + conv stem + hard negative images + partial captions",
-        {
-            "image_stem": "conv",
-            "data": {"partial_captions": 1},
-            "objective": {
-                "kind": "cots",
-                "hard_negatives": {**_SHAPE_NEGATIVES},
-                "word_prediction": {"weight": 1.0, "text": True},
-            },
-        },
+        f"COTS + {_RECIPE_LEVERS} + partial captions",
+        _recipe(data={"partial_captions": 1}),
     ),
 )
 
