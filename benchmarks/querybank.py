@@ -32,7 +32,14 @@ from typing import Any
 import click
 import torch
 
-from benchmarks.run_options import emit, hardware, run_checkpoint, run_options
+from benchmarks.run_options import (
+    emit,
+    encode_texts,
+    hardware,
+    load_run_gallery,
+    run_checkpoint,
+    run_options,
+)
 
 # Items scored per block: a [block, M] similarity matrix at a time, not [N, M].
 _BLOCK = 2048
@@ -80,16 +87,6 @@ def _own_image_recall(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     }
 
 
-def encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) -> torch.Tensor:
-    from model.tokenizer import tokenize
-
-    parts = [
-        towers.encode_text(tokenize(texts[start : start + batch], context)).float()
-        for start in range(0, len(texts), batch)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
-
-
 @torch.no_grad()
 def measure(
     checkpoint: Path, corpus: Path | None, settings: list[Setting], n_queries: int = 200
@@ -97,21 +94,13 @@ def measure(
     """Every setting's figures (plus the plain ranking's), and the sizes they rest on;
     ``corpus`` None: the run's own."""
     from model.data.synth.scenes import Scene
-    from training.eval_splits import towers_from_checkpoint
-    from training.evaluate import embed_split
     from training.scene_eval import split_queries
     from training.scene_queries import SceneQuery, corpus_scenes, score
-    from training.training_data import load_split
 
-    towers, config, state = towers_from_checkpoint(checkpoint)
-    context = int(state["context_length"])
-    corpus = Path(config.data.train).parent if corpus is None else corpus
-    if not (corpus / "images.csv").is_file():
-        raise click.ClickException(f"{corpus}: no images.csv")
-    data = config.data.model_copy(update={"train": corpus / "images.csv"})
     # every split: the gallery, and through each image's split its bank or validation captions
-    gallery = load_split(data, None, context, preprocess=config.preprocess)
-    image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
+    run = load_run_gallery(checkpoint, corpus)
+    towers, context, corpus, data = run.towers, run.context, run.corpus, run.data
+    gallery, image_emb = run.gallery, run.image_emb
     records = list(enumerate(gallery.records))
     bank_texts = sorted(
         {

@@ -1,11 +1,14 @@
 """What the benches that read one trained run share: its --run and --corpus options, the
-checkpoint a --run names, and the tables' markdown and JSON output (querybank, scenes)."""
+checkpoint a --run names, the run's towers over every image of its corpus (the demo's
+``images`` collection), text embedding in batches, and the tables' markdown and JSON output
+(querybank, scenes)."""
 
 from __future__ import annotations
 
 import json
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +61,48 @@ def run_checkpoint(run: Path, threads: int | None) -> Path:
     if not checkpoint.is_file():
         raise click.ClickException(f"{run}: no checkpoint.pt in this run folder")
     return checkpoint
+
+
+@dataclass
+class RunGallery:
+    """A run's towers and every image of its corpus, all splits, embedded by them."""
+
+    towers: Any
+    context: int  # the text tower's context length
+    corpus: Path
+    data: Any  # the run's DataConfig, reading ``corpus``'s images.csv
+    gallery: Any  # CaptionedImages of every split
+    image_emb: torch.Tensor  # [N, D], L2-normalised
+
+
+@torch.no_grad()
+def load_run_gallery(checkpoint: Path, corpus: Path | None) -> RunGallery:
+    """The run's towers over every image of ``corpus`` (None: the run's own corpus)."""
+    from training.eval_splits import towers_from_checkpoint
+    from training.evaluate import embed_split
+    from training.training_data import load_split
+
+    towers, config, state = towers_from_checkpoint(checkpoint)
+    context = int(state["context_length"])
+    corpus = Path(config.data.train).parent if corpus is None else corpus
+    if not (corpus / "images.csv").is_file():
+        raise click.ClickException(f"{corpus}: no images.csv")
+    data = config.data.model_copy(update={"train": corpus / "images.csv"})
+    gallery = load_split(data, None, context, preprocess=config.preprocess)
+    image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
+    return RunGallery(towers, context, corpus, data, gallery, image_emb)
+
+
+@torch.no_grad()
+def encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) -> torch.Tensor:
+    """[len(texts), D] the text tower's L2-normalised embeddings, ``batch`` texts at a time."""
+    from model.tokenizer import tokenize
+
+    parts = [
+        towers.encode_text(tokenize(texts[start : start + batch], context)).float()
+        for start in range(0, len(texts), batch)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 def hardware() -> str:

@@ -25,7 +25,14 @@ from typing import Any
 import click
 import torch
 
-from benchmarks.run_options import emit, hardware, run_checkpoint, run_options
+from benchmarks.run_options import (
+    emit,
+    encode_texts,
+    hardware,
+    load_run_gallery,
+    run_checkpoint,
+    run_options,
+)
 
 
 def _rates(hits: list[tuple[bool, bool]]) -> dict[str, float]:
@@ -41,32 +48,27 @@ def _rates(hits: list[tuple[bool, bool]]) -> dict[str, float]:
 @torch.no_grad()
 def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict[str, Any]:
     """Scene queries by group and test captions by object count; ``corpus`` None: the run's."""
-    from benchmarks.querybank import encode_texts
-    from training.eval_splits import towers_from_checkpoint
-    from training.evaluate import embed_split
     from training.scene_eval import split_queries
     from training.scene_queries import corpus_scenes, satisfies
-    from training.training_data import load_split
 
-    towers, config, state = towers_from_checkpoint(checkpoint)
-    context = int(state["context_length"])
-    corpus = Path(config.data.train).parent if corpus is None else corpus
-    if not (corpus / "images.csv").is_file():
-        raise click.ClickException(f"{corpus}: no images.csv")
-    scenes = corpus_scenes(corpus)
-    if scenes is None:
+    if corpus is not None and corpus_scenes(corpus) is None:  # before any embedding
         raise click.ClickException(f"{corpus}: no dataset.json (scene specs): not synthetic")
-    data = config.data.model_copy(update={"train": corpus / "images.csv"})
-    gallery = load_split(data, None, context, preprocess=config.preprocess)
-    image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
-    image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+    run = load_run_gallery(checkpoint, corpus)
+    scenes = corpus_scenes(run.corpus)
+    if scenes is None:
+        raise click.ClickException(f"{run.corpus}: no dataset.json (scene specs): not synthetic")
+    towers, context, corpus, gallery, image_emb = (
+        run.towers,
+        run.context,
+        run.corpus,
+        run.gallery,
+        run.image_emb,
+    )
     gallery_scenes = [scenes[record.group_id] for record in gallery.records]
     top5 = min(5, len(image_emb))
 
     queries = split_queries(scenes, gallery, "test", n_queries)
-    query_emb = torch.nn.functional.normalize(
-        encode_texts(towers, [q.text for q in queries], context), dim=-1
-    )
+    query_emb = encode_texts(towers, [q.text for q in queries], context)
     ranked = (query_emb @ image_emb.T).topk(top5, dim=1).indices.tolist()
     groups: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for query, row in zip(queries, ranked, strict=True):
@@ -85,9 +87,7 @@ def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict
         if record.split == "test"
         for text in gallery.captions[i]
     ]
-    caption_emb = torch.nn.functional.normalize(
-        encode_texts(towers, [text for text, _ in captions], context), dim=-1
-    )
+    caption_emb = encode_texts(towers, [text for text, _ in captions], context)
     by_size: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for start in range(0, len(captions), 1024):
         block = captions[start : start + 1024]

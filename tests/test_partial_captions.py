@@ -121,9 +121,8 @@ def test_only_the_training_split_gets_partial_captions(corpus: Path) -> None:
         added += len(after) - len(before)
     assert added > len(plain.captions) // 10
     # evaluation reads splits without the argument: their captions are the corpus's
-    assert load_split(data, "test", 32).captions == [
-        list(r.captions) for r in load_split(data, "test", 32).records
-    ]
+    test = load_split(data, "test", 32)
+    assert test.captions == [list(record.captions) for record in test.records]
 
 
 def test_a_video_config_with_partial_captions_is_refused() -> None:

@@ -29,15 +29,15 @@ def test_scenes_bench_splits_the_queries_and_the_captions(
     if "relation" in queries:  # every relation query is true of its own scene: one size each
         assert sum(queries[name]["n"] for name in by_size) == queries["relation"]["n"]
     with (corpus / "images.csv").open(newline="") as handle:
-        test_rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+        rows = list(csv.DictReader(handle))
     captions = measured["test_captions"]
-    assert sum(group["n"] for group in captions.values()) == len(test_rows)
+    assert sum(group["n"] for group in captions.values()) == sum(
+        row["split"] == "test" for row in rows
+    )
     assert all(name.endswith("-object images") for name in captions)
     for group in [*queries.values(), *captions.values()]:
         assert 0.0 <= group["@1"] <= group["@5"] <= 100.0
-    assert measured["gallery"] == len(
-        {row["image_id"] for row in csv.DictReader((corpus / "images.csv").open(newline=""))}
-    )
+    assert measured["gallery"] == len({row["image_id"] for row in rows})
     assert result.output.startswith("# Scene queries by kind and scene size")
     assert "| all | " in out.read_text()
 
