@@ -35,6 +35,7 @@ import torch
 from benchmarks.run_options import (
     emit,
     encode_texts,
+    float_list,
     hardware,
     load_run_gallery,
     run_checkpoint,
@@ -201,16 +202,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or min(values) <= 0:
-        raise click.BadParameter(f"each beta must be above 0: {text!r}")
-    return values
-
-
 @click.command("querybank", context_settings={"help_option_names": ["-h", "--help"]})
 @run_options("Corpus folder with images.csv (train, val and test splits).")
 @click.option("--k", "ks", default="1,5,10", show_default=True, help="Bank neighbours per item.")
@@ -227,7 +218,7 @@ def querybank_bench(
     a trained run, over every image of its corpus: val captions and scene queries written from
     the val scenes choose (k, beta), the demo's test scene queries check. Prints a markdown
     table."""
-    settings = [Setting(k, beta) for k in _ints(ks) for beta in _floats(betas)]
+    settings = [Setting(k, beta) for k in _ints(ks) for beta in float_list(betas, "beta")]
     checkpoint = run_checkpoint(run, threads)
     measured = measure(checkpoint, corpus, settings)
     command = (

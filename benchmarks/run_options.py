@@ -105,6 +105,19 @@ def encode_texts(towers: Any, texts: list[str], context: int, batch: int = 512) 
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
+def float_list(text: str, name: str, allow_zero: bool = False) -> list[float]:
+    """A comma-separated option of numbers, each above 0 (or at least 0 with ``allow_zero``);
+    click.BadParameter naming ``name`` otherwise."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or min(values) < 0 or (min(values) == 0 and not allow_zero):
+        bound = "at least 0" if allow_zero else "above 0"
+        raise click.BadParameter(f"each {name} must be {bound}: {text!r}")
+    return values
+
+
 def hardware() -> str:
     cpu = platform.processor() or platform.machine()
     return f"CPU ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}"

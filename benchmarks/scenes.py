@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
 
 from benchmarks.run_options import (
+    RunGallery,
     emit,
     encode_texts,
     hardware,
@@ -33,6 +35,10 @@ from benchmarks.run_options import (
     run_checkpoint,
     run_options,
 )
+
+if TYPE_CHECKING:
+    from model.data.synth.scenes import Scene
+    from training.scene_queries import SceneQuery
 
 
 def _rates(hits: list[tuple[bool, bool]]) -> dict[str, float]:
@@ -45,18 +51,50 @@ def _rates(hits: list[tuple[bool, bool]]) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
-def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict[str, Any]:
-    """Scene queries by group and test captions by object count; ``corpus`` None: the run's."""
-    from training.scene_eval import split_queries
-    from training.scene_queries import corpus_scenes, satisfies
+def query_groups(
+    queries: Sequence[SceneQuery], ranked: Sequence[Sequence[int]], gallery_scenes: list[Scene]
+) -> dict[str, dict[str, float]]:
+    """Exact-match rates of queries whose top gallery indices are ``ranked`` (best first, up
+    to five), for all of them, per kind, and per relation query's scene size (the fewest
+    objects of a gallery scene that satisfies it), sorted by group name."""
+    from training.scene_queries import satisfies
 
-    if corpus is not None and corpus_scenes(corpus) is None:  # before any embedding
+    groups: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for query, row in zip(queries, ranked, strict=True):
+        hits = [satisfies(gallery_scenes[i], query) for i in row]
+        result = (hits[0], any(hits))
+        groups["all"].append(result)
+        groups[query.kind].append(result)
+        if query.kind == "relation":
+            sizes = [len(s.objects) for s in gallery_scenes if satisfies(s, query)]
+            if sizes:
+                groups[f"relation, {min(sizes)}-object scenes"].append(result)
+    return {name: _rates(hits) for name, hits in sorted(groups.items())}
+
+
+def synthetic_run_gallery(
+    checkpoint: Path, corpus: Path | None
+) -> tuple[RunGallery, dict[str, Scene]]:
+    """The run's gallery (``load_run_gallery``) and its corpus's scene per image id; a
+    ClickException for a corpus without scene specs, checked before any image is embedded
+    when ``corpus`` is given."""
+    from training.scene_queries import corpus_scenes
+
+    if corpus is not None and corpus_scenes(corpus) is None:
         raise click.ClickException(f"{corpus}: no dataset.json (scene specs): not synthetic")
     run = load_run_gallery(checkpoint, corpus)
     scenes = corpus_scenes(run.corpus)
     if scenes is None:
         raise click.ClickException(f"{run.corpus}: no dataset.json (scene specs): not synthetic")
+    return run, scenes
+
+
+@torch.no_grad()
+def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict[str, Any]:
+    """Scene queries by group and test captions by object count; ``corpus`` None: the run's."""
+    from training.scene_eval import split_queries
+
+    run, scenes = synthetic_run_gallery(checkpoint, corpus)
     towers, context, corpus, gallery, image_emb = (
         run.towers,
         run.context,
@@ -70,16 +108,7 @@ def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict
     queries = split_queries(scenes, gallery, "test", n_queries)
     query_emb = encode_texts(towers, [q.text for q in queries], context)
     ranked = (query_emb @ image_emb.T).topk(top5, dim=1).indices.tolist()
-    groups: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
-    for query, row in zip(queries, ranked, strict=True):
-        hits = [satisfies(gallery_scenes[i], query) for i in row]
-        result = (hits[0], any(hits))
-        groups["all"].append(result)
-        groups[query.kind].append(result)
-        if query.kind == "relation":
-            sizes = [len(s.objects) for s in gallery_scenes if satisfies(s, query)]
-            if sizes:
-                groups[f"relation, {min(sizes)}-object scenes"].append(result)
+    grouped = query_groups(queries, ranked, gallery_scenes)
 
     captions = [
         (text, i)
@@ -99,7 +128,7 @@ def measure(checkpoint: Path, corpus: Path | None, n_queries: int = 200) -> dict
         "checkpoint": str(checkpoint),
         "corpus": str(corpus),
         "gallery": len(image_emb),
-        "scene_queries": {name: _rates(hits) for name, hits in sorted(groups.items())},
+        "scene_queries": grouped,
         "test_captions": {name: _rates(hits) for name, hits in sorted(by_size.items())},
     }
 

@@ -38,6 +38,10 @@ BENCHMARKS: Final[dict[str, tuple[str, str]]] = {
         "benchmarks.scenes:scenes_bench",
         "Scene queries by kind and scene size; test captions' recall by object count.",
     ),
+    "scene-scoring": (
+        "benchmarks.scene_scoring:scene_scoring_bench",
+        "Scoring rules without retraining (word head, masked views) on the scene queries.",
+    ),
 }
 
 NO_CHECKOUT: Final = (

@@ -120,7 +120,7 @@ def embed_split(
     image_emb = []
     generator = torch.Generator().manual_seed(0)
     for start in range(0, len(split.records), batch_size):
-        images = _split_images(split, start, start + batch_size, preprocess).to(device)
+        images = split_images(split, start, start + batch_size, preprocess).to(device)
         image_emb.append(towers.encode_image(images).float().cpu())
         if views is not None:
             second = augment_view(images, EVAL_VIEW.max_shift, EVAL_VIEW.brightness, generator)
@@ -130,7 +130,7 @@ def embed_split(
     return torch.cat(image_emb), text_emb, split.groups, text_groups
 
 
-def _split_images(
+def split_images(
     split: CaptionedImages, start: int, stop: int, preprocess: PreprocessConfig
 ) -> torch.Tensor:
     """Normalised images [start:stop] of a split: from its pixel cache when it has one."""
