@@ -250,7 +250,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
             },
         },
     ),
-    Row(f"COTS + {_RECIPE_LEVERS}", _recipe()),
+    Row(f"COTS + {_RECIPE_LEVERS}", _recipe(), main=True),
     # fifth pass: a heavier head, a head that names word pairs, and no negative captions
     Row(
         "COTS + caption-word prediction 2.0 from image and text + hard negatives of kind shape,"
@@ -294,7 +294,7 @@ ISSUE_40_ROWS: tuple[Row, ...] = (
         for steps, epochs in ((744, 12), (1488, 24))
     ),
     # and CLIP with every lever of the recipe, the same recipe in the comparison
-    Row(f"CLIP + {_RECIPE_LEVERS}", _recipe("clip")),
+    Row(f"CLIP + {_RECIPE_LEVERS}", _recipe("clip"), main=True),
     # seventh pass: the recipe with a partial caption (cut after its first conjunct) per image
     Row(
         f"COTS + {_RECIPE_LEVERS} + partial captions",
