@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -44,6 +44,9 @@ from benchmarks.run_options import (
     run_options,
 )
 from benchmarks.scenes import query_groups, synthetic_run_gallery
+
+if TYPE_CHECKING:
+    from model.word_head import WordHead
 
 # Region grids as (row slice, column slice) in thirds of the side; "rows+cols" hides a row or
 # a column, "cells" one cell of the 3x3 grid.
@@ -102,7 +105,9 @@ def _view_embeddings(run: RunGallery, preprocess: Any, grid: str) -> torch.Tenso
     return torch.cat(parts)
 
 
-def _word_log_probs(checkpoint: Path, image_emb: torch.Tensor) -> Any:
+def _word_log_probs(
+    checkpoint: Path, image_emb: torch.Tensor
+) -> tuple[WordHead, torch.Tensor] | None:
     """(the run's word head, [N, V] its log-probabilities of each word under each image), or
     None for a run trained without word prediction."""
     from model.word_head import WordHead
@@ -136,6 +141,8 @@ def measure(
     from training.scene_eval import split_queries
 
     run, scenes = synthetic_run_gallery(checkpoint, corpus)
+    if run.data.val_split is None:
+        raise click.ClickException(f"{checkpoint}: the run has no val split to choose settings on")
     config = TrainConfig.model_validate(load_checkpoint(checkpoint)["train_config"])
     gallery_scenes = [scenes[record.group_id] for record in run.gallery.records]
     top5 = min(5, len(run.image_emb))
@@ -148,8 +155,9 @@ def measure(
     settings += [Setting(grid, delta) for grid in GRIDS for delta in deltas]
     figures: dict[str, dict[str, Any]] = {s.label: {} for s in settings}
     query_counts = {}
-    for split in ("val", "test"):
-        queries = split_queries(scenes, run.gallery, split, n_queries)
+    # the val split chooses, the test split (the demo's queries) checks
+    for split, split_name in (("val", run.data.val_split), ("test", "test")):
+        queries = split_queries(scenes, run.gallery, split_name, n_queries)
         query_counts[split] = len(queries)
         query_emb = encode_texts(run.towers, [q.text for q in queries], run.context)
         plain = query_emb @ run.image_emb.T
@@ -166,8 +174,7 @@ def measure(
         for setting in settings:
             if setting.rule == "plain":
                 scores = plain
-            elif setting.rule == "word head":
-                assert word_score is not None
+            elif setting.rule == "word head" and word_score is not None:
                 scores = plain + setting.strength * word_score
             else:
                 scores = torch.maximum(plain, best_view[setting.rule] - setting.strength)

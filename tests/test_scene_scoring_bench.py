@@ -109,3 +109,21 @@ def test_scene_scoring_refuses_bad_strengths(
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2
         assert "Invalid value" in result.output
+
+
+def test_scene_scoring_refuses_a_run_without_a_val_split(
+    trained: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, corpus = trained
+    run = tmp_path / "no-val"
+    args = [
+        "train", "--data", str(corpus / "images.csv"), "--model", "cots-micro",
+        "--output", str(run), "--quiet", "--set", "max_steps=1", "--set", "batch_size=16",
+        "--set", "threads=1", "--set", "data.val_split=null",
+    ]  # fmt: skip
+    trained_run = CliRunner().invoke(main, args)
+    assert trained_run.exit_code == 0, trained_run.output
+    result = CliRunner().invoke(main, ["bench", "scene-scoring", "--run", str(run)])
+    assert result.exit_code == 1
+    assert "no val split to choose settings on" in result.output
