@@ -73,6 +73,8 @@ class RunGallery:
     data: Any  # the run's DataConfig, reading ``corpus``'s images.csv
     gallery: Any  # CaptionedImages of every split
     image_emb: torch.Tensor  # [N, D], L2-normalised
+    config: Any  # the run's TrainConfig
+    model_state: dict[str, Any]  # the checkpoint's raw model weights (heads the towers lack)
 
 
 @torch.no_grad()
@@ -90,7 +92,7 @@ def load_run_gallery(checkpoint: Path, corpus: Path | None) -> RunGallery:
     data = config.data.model_copy(update={"train": corpus / "images.csv"})
     gallery = load_split(data, None, context, preprocess=config.preprocess)
     image_emb = embed_split(towers, gallery, config.preprocess, torch.device("cpu"))[0]
-    return RunGallery(towers, context, corpus, data, gallery, image_emb)
+    return RunGallery(towers, context, corpus, data, gallery, image_emb, config, state["model"])
 
 
 @torch.no_grad()

@@ -91,29 +91,28 @@ class Setting:
 
 
 @torch.no_grad()
-def _view_embeddings(run: RunGallery, preprocess: Any, grid: str) -> torch.Tensor:
+def _view_embeddings(run: RunGallery, grid: str) -> torch.Tensor:
     """[N, V, D] the image tower's embeddings of every gallery image's masked views."""
     from training.evaluate import split_images
 
     parts = []
     n = len(run.gallery.records)
     for start in range(0, n, _IMAGES_PER_BATCH):
-        images = split_images(run.gallery, start, min(n, start + _IMAGES_PER_BATCH), preprocess)
+        images = split_images(
+            run.gallery, start, min(n, start + _IMAGES_PER_BATCH), run.config.preprocess
+        )
         masks = region_masks(images.shape[-1], grid)
         emb = run.towers.encode_image(masked_views(images, masks)).float()
         parts.append(emb.reshape(len(images), len(masks), -1))
     return torch.cat(parts)
 
 
-def _word_log_probs(
-    checkpoint: Path, image_emb: torch.Tensor
-) -> tuple[WordHead, torch.Tensor] | None:
+def _word_log_probs(run: RunGallery) -> tuple[WordHead, torch.Tensor] | None:
     """(the run's word head, [N, V] its log-probabilities of each word under each image), or
     None for a run trained without word prediction."""
     from model.word_head import WordHead
-    from training.checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint)["model"]
+    state, image_emb = run.model_state, run.image_emb
     if "words.vocab" not in state:
         return None
     weights = {k.removeprefix("words."): v for k, v in state.items() if k.startswith("words.")}
@@ -135,19 +134,16 @@ def measure(
     n_queries: int = 200,
 ) -> dict[str, Any]:
     """Every setting's figures on the val and test scene queries, and each rule's choice."""
-    from model.config import TrainConfig
     from model.tokenizer import tokenize
-    from training.checkpoint import load_checkpoint
     from training.scene_eval import split_queries
 
     run, scenes = synthetic_run_gallery(checkpoint, corpus)
     if run.data.val_split is None:
         raise click.ClickException(f"{checkpoint}: the run has no val split to choose settings on")
-    config = TrainConfig.model_validate(load_checkpoint(checkpoint)["train_config"])
     gallery_scenes = [scenes[record.group_id] for record in run.gallery.records]
     top5 = min(5, len(run.image_emb))
-    words = _word_log_probs(checkpoint, run.image_emb)
-    views = {grid: _view_embeddings(run, config.preprocess, grid) for grid in GRIDS}
+    words = _word_log_probs(run)
+    views = {grid: _view_embeddings(run, grid) for grid in GRIDS}
 
     settings = [Setting("plain", 0.0)]
     if words is not None:

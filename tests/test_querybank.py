@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from benchmarks.querybank import hubness
 from cots.cli import cli as main
 from model.data.synth import SynthConfig, generate_corpus
+from tests.micro import train_micro
 
 
 def _unit(*rows: list[float]) -> torch.Tensor:
@@ -52,13 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     corpus = root / "corpus"
     generate_corpus(corpus, SynthConfig(seed=5, n_images=120, n_videos=0, image_size=32))
     run = root / "run"
-    args = [
-        "train", "--data", str(corpus / "images.csv"), "--model", "cots-micro",
-        "--output", str(run), "--quiet",
-        "--set", "max_steps=3", "--set", "batch_size=16", "--set", "threads=1",
-    ]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    train_micro(corpus / "images.csv", run, max_steps=3, batch_size=16)
     return run, corpus
 
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from benchmarks.scene_scoring import masked_views, region_masks
 from cots.cli import cli as main
+from tests.micro import train_micro
 from tests.test_querybank import trained  # noqa: F401  (the shared trained-run fixture)
 
 
@@ -86,13 +87,8 @@ def test_scene_scoring_uses_the_word_head_of_a_run_that_has_one(
 ) -> None:
     _, corpus = trained
     run = tmp_path / "words"
-    args = [
-        "train", "--data", str(corpus / "images.csv"), "--model", "cots-micro",
-        "--output", str(run), "--quiet", "--set", "max_steps=2", "--set", "batch_size=16",
-        "--set", "threads=1", "--set", "objective.word_prediction.weight=1.0",
-    ]  # fmt: skip
-    trained_run = CliRunner().invoke(main, args)
-    assert trained_run.exit_code == 0, trained_run.output
+    objective = {"queue_size": 16, "word_prediction": {"weight": 1.0}}
+    train_micro(corpus / "images.csv", run, objective=objective)
     measured = _bench(run, tmp_path / "scoring.md", "--lambda", "0.1,1", "--delta", "0")
     assert measured["word_head"] is True
     labels = [r["label"] for r in measured["results"]]
@@ -117,13 +113,9 @@ def test_scene_scoring_refuses_a_run_without_a_val_split(
 ) -> None:
     _, corpus = trained
     run = tmp_path / "no-val"
-    args = [
-        "train", "--data", str(corpus / "images.csv"), "--model", "cots-micro",
-        "--output", str(run), "--quiet", "--set", "max_steps=1", "--set", "batch_size=16",
-        "--set", "threads=1", "--set", "data.val_split=null",
-    ]  # fmt: skip
-    trained_run = CliRunner().invoke(main, args)
-    assert trained_run.exit_code == 0, trained_run.output
+    train_micro(
+        corpus / "images.csv", run, data={"train": str(corpus / "images.csv"), "val_split": None}
+    )
     result = CliRunner().invoke(main, ["bench", "scene-scoring", "--run", str(run)])
     assert result.exit_code == 1
     assert "no val split to choose settings on" in result.output
