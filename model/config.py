@@ -268,6 +268,25 @@ class VideoConfig(_Strict):
     pooling: Literal["temporal", "mean"] = "temporal"
     layers: int = Field(2, ge=1, description="temporal transformer layers")
     heads: int = Field(4, ge=1)
+    reverse_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of the training clips whose caption names a change in time that are "
+        "played backwards, with the caption turned around to match (model/hard_negatives.py "
+        "time_reversed: 'changes from blue to red' -> 'changes from red to blue'): each such "
+        "clip shows its change both ways; 0: off",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoConfig:
+        if self.reverse_share > 0 and self.pooling == "mean":
+            # a clip and its reverse pool to one vector, which both captions would then claim
+            raise ValueError(
+                "reverse_share needs pooling=temporal: mean pooling cannot tell a "
+                "clip from its reverse"
+            )
+        return self
 
 
 class DataConfig(_Strict):

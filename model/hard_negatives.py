@@ -256,11 +256,17 @@ def _spatial_negatives(caption: _Caption) -> list[Negative]:
 
 
 def _motion_negatives(caption: _Caption) -> list[Negative]:
-    negatives = []
+    return [Negative(caption.replaced(changes), "motion") for changes in _time_changes(caption)]
+
+
+def _time_changes(caption: _Caption) -> list[dict[int, str]]:
+    """Each change in time the caption names, as the word replacements that turn it around:
+    a motion word by its opposite, or the two ends of a change exchanged."""
+    found = []
     words = caption.words
     for piece, word in words:
         if word in MOTION_OPPOSITE:
-            negatives.append(Negative(caption.replaced({piece: MOTION_OPPOSITE[word]}), "motion"))
+            found.append({piece: MOTION_OPPOSITE[word]})
     for start, end in _ENDS:
         for n, (_, word) in enumerate(words):
             if word != start:
@@ -275,9 +281,41 @@ def _motion_negatives(caption: _Caption) -> list[Negative]:
                 continue
             second = rest[[w for _, w in rest].index(end) + 1 :][:1]
             if second and second[0][1] != first[1]:
-                changes = {first[0]: second[0][1], second[0][0]: first[1]}
-                negatives.append(Negative(caption.replaced(changes), "motion"))
-    return negatives
+                found.append({first[0]: second[0][1], second[0][0]: first[1]})
+    return found
+
+
+def _turns_change(caption: _Caption) -> dict[int, str] | None:
+    """ "a blue cross turns white" -> {blue: white, white: blue}: the colour an object is named
+    with and the one it turns, exchanged; None when the caption has no such change."""
+    words = caption.words
+    for n, (_, word) in enumerate(words):
+        following = words[n + 1 : n + 2]
+        if word != "turns" or not following or following[0][1] not in COLOURS:
+            continue
+        before = [(p, w) for p, w in words[:n] if w in COLOURS]
+        if before and before[-1][1] != following[0][1]:
+            (first, old), (second, new) = before[-1], following[0]
+            return {first: new, second: old}
+    return None
+
+
+def time_reversed(caption: str) -> str | None:
+    """The caption of the same clip played backwards: every change in time it names turned
+    around at once ("expands from small to large" -> "contracts from large to small", "a blue
+    cross turns white" -> "a white cross turns blue"), or None when it names no change in time
+    (a still scene reads the same both ways) or two changes touch the same word."""
+    parsed = _Caption(caption)
+    changes = _time_changes(parsed)
+    turns = _turns_change(parsed)
+    if turns is not None:
+        changes.append(turns)
+    merged: dict[int, str] = {}
+    for change in changes:
+        if merged.keys() & change.keys():
+            return None
+        merged |= change
+    return parsed.replaced(merged) if merged else None
 
 
 def hard_negatives(caption: str, kinds: Sequence[NegativeKind] = NEGATIVE_KINDS) -> list[Negative]:

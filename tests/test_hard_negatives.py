@@ -24,6 +24,7 @@ from model.hard_negatives import (
     SMALL_WORDS,
     coverage,
     hard_negatives,
+    time_reversed,
 )
 from training.training_data import CaptionNegatives
 
@@ -177,6 +178,32 @@ def test_motions_and_changes_turn_around() -> None:
     # a change of colour turns around as an exchange of its two ends (a binding of colours)
     texts = {n.text for n in hard_negatives("a big star changes from red to blue")}
     assert "a big star changes from blue to red" in texts
+
+
+def test_time_reversed_turns_every_change_around_at_once() -> None:
+    # several changes of one clip turn together, so the result stays true of the reversed clip
+    assert time_reversed("a square expands from small to large") == (
+        "a square contracts from large to small"
+    )
+    assert time_reversed("A red balloon rises upwards, next to a tree that does not move") == (
+        "A red balloon falls downwards, next to a tree that does not move"
+    )
+    assert time_reversed("a little star that starts white and ends purple") == (
+        "a little star that starts purple and ends white"
+    )
+    # "turns": the colour it is named with and the one it turns are exchanged, article fitted
+    assert time_reversed("an orange cat turns grey") == "a grey cat turns orange"
+    assert time_reversed("a man walks from left to right") == "a man walks from right to left"
+    # nothing changes in time, nothing to exchange, or a change the word lists do not know
+    # ("to the right" is also a place): no reversed caption
+    for still in (
+        "a red circle on the left",
+        "the sky turns dark",
+        "a blue ball turns blue",
+        "a dog sleeping under a table",
+        "a blue square slides to the right",
+    ):
+        assert time_reversed(still) is None, still
 
 
 def test_cots_negatives_reports_the_coverage_of_a_users_captions(tmp_path: Path) -> None:

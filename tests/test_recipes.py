@@ -104,6 +104,13 @@ def issue_40_stem_video(old: TrainConfig, image: TrainConfig) -> TrainConfig:
     return old.model_copy(update={"image_stem": image.image_stem})
 
 
+# Issue 40 (ninth pass): the demo's video run also plays half the clips whose caption names a
+# change in time backwards, with the caption turned around (video.reverse_share). The bench's
+# video rows keep the recipe they were measured with.
+def issue_40_reversed_video(old: TrainConfig) -> TrainConfig:
+    return old.model_copy(update={"video": old.video.model_copy(update={"reverse_share": 0.5})})
+
+
 def issue_40_video_init(old: TrainConfig, plan: Plan) -> TrainConfig:
     source = next(row for row in ROWS if row.name == "COTS + hard negatives")
     return old.model_copy(
@@ -386,7 +393,8 @@ def test_the_demo_video_recipe_builds_the_old_config(splits: dict[str, int]) -> 
         old = old_video_config(WORKDIR, CORPUS, model_name, old_options)
         image = _image_config(WORKDIR, CORPUS, {"model": model_name})
         new = _video_config(WORKDIR, CORPUS, image, fit)
-        assert new.model_dump() == issue_40_stem_video(issue_40_video(old), image).model_dump()
+        expected = issue_40_reversed_video(issue_40_stem_video(issue_40_video(old), image))
+        assert new.model_dump() == expected.model_dump()
 
 
 def test_the_quality_rows_are_the_old_rows_and_build_the_old_configs(tmp_path: Path) -> None:
@@ -420,7 +428,8 @@ def test_the_quality_rows_are_the_old_rows_and_build_the_old_configs(tmp_path: P
 
 
 def test_the_bench_video_rows_are_the_demo_video_recipe() -> None:
-    """The video rows train the demo's video recipe, with the bench's batch and steps."""
+    """The video rows train the demo's video recipe, with the bench's batch and steps (and
+    without its reversed clips, added after they were measured: issue_40_reversed_video)."""
     demo = strip_notes(read_recipe(recipe_path("demo-video")))
     for row in ROWS:
         if row.modality == "video":

@@ -14,9 +14,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from model.config import DataConfig, PreprocessConfig
+from model.config import DataConfig, PreprocessConfig, VideoConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.errors import ModelError
+from model.hard_negatives import time_reversed
 from model.preprocess import image_transform
 from model.preprocess import normalise_pixels as normalise_frames
 from model.tokenizer import tokenize
@@ -233,6 +234,67 @@ def test_training_offsets_follow_the_global_rng(train_split: CaptionedVideos) ->
     torch.manual_seed(12)
     other = [dataset[i, 0][0] for i in range(len(dataset))]
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_reversed_clips_play_backwards_with_their_caption_turned_around(
+    train_split: CaptionedVideos,
+) -> None:
+    keys = [(i, c) for i, caps in enumerate(train_split.captions) for c in range(len(caps))]
+    turned = {key: time_reversed(train_split.captions[key[0]][key[1]]) for key in keys}
+    assert any(t is not None for t in turned.values())  # the synthetic events change in time
+    always = VideoPairDataset(train_split, PRE, num_frames=4, train=True, reverse_share=1.0)
+    never = VideoPairDataset(train_split, PRE, num_frames=4, train=True)
+    for key in keys:
+        torch.manual_seed(3)
+        backwards_video, backwards_tokens, *_ = always[key]
+        torch.manual_seed(3)
+        video, tokens, *_ = never[key]
+        text = turned[key]
+        if text is None:  # a caption with no change in time reads the same both ways: kept
+            assert torch.equal(backwards_video, video)
+            assert torch.equal(backwards_tokens, tokens)
+        else:
+            assert torch.equal(backwards_video, video.flip(0))
+            assert torch.equal(backwards_tokens, tokenize([text], CONTEXT)[0])
+    # evaluation never reverses, and a share of 0 draws nothing from the generator
+    evaluated = VideoPairDataset(train_split, PRE, num_frames=4, train=False, reverse_share=1.0)
+    plain = VideoPairDataset(train_split, PRE, num_frames=4, train=False)
+    assert all(torch.equal(evaluated[key][0], plain[key][0]) for key in keys)
+    torch.manual_seed(5)
+    [never[key] for key in keys]
+    after_plain = torch.rand(())
+    torch.manual_seed(5)
+    [VideoPairDataset(train_split, PRE, num_frames=4, reverse_share=0.0)[key] for key in keys]
+    assert torch.equal(torch.rand(()), after_plain)
+
+
+def test_reversed_clips_need_temporal_pooling() -> None:
+    assert VideoConfig(reverse_share=0.5).pooling == "temporal"
+    with pytest.raises(ValueError, match="reverse_share needs pooling=temporal"):
+        VideoConfig(pooling="mean", reverse_share=0.5)
+    assert VideoConfig(pooling="mean").reverse_share == 0.0
+
+
+def test_reversed_clips_take_the_share_and_follow_the_global_rng(
+    train_split: CaptionedVideos,
+) -> None:
+    keys = [
+        (i, c)
+        for i, caps in enumerate(train_split.captions)
+        for c, caption in enumerate(caps)
+        if time_reversed(caption) is not None
+    ]
+    half = VideoPairDataset(train_split, PRE, num_frames=4, train=True, reverse_share=0.5)
+    torch.manual_seed(7)
+    draws = [half[key][1] for key in keys * 20]
+    flipped = sum(
+        not torch.equal(t, train_split.tokens[k[0]][k[1]])
+        for t, k in zip(draws, keys * 20, strict=True)
+    )
+    assert 0.3 < flipped / len(draws) < 0.7
+    torch.manual_seed(7)
+    again = [half[key][1] for key in keys * 20]
+    assert all(torch.equal(a, b) for a, b in zip(draws, again, strict=True))
 
 
 def test_size_mismatch_is_refused(train_split: CaptionedVideos) -> None:

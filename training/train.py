@@ -375,7 +375,11 @@ def _training_pairs(
             progress=progress,
         )
         return videos, VideoPairDataset(
-            videos, config.preprocess, config.video.frames, negatives=_caption_negatives(config)
+            videos,
+            config.preprocess,
+            config.video.frames,
+            negatives=_caption_negatives(config),
+            reverse_share=config.video.reverse_share,
         )
     images = load_split(
         data,

@@ -23,7 +23,9 @@ from model.config import DataConfig, PreprocessConfig
 from model.data.readers import BadItemError, VideoCsvReader
 from model.data.records import CorpusError, VideoRecord
 from model.errors import ModelError
+from model.hard_negatives import time_reversed
 from model.preprocess import _INTERPOLATION, normalise_pixels
+from model.tokenizer import tokenize
 from runtime.video_decode import segment_centres
 from training.evaluate import embed_captions, retrieval_metrics
 from training.training_data import CaptionNegatives, caption_tensors
@@ -189,6 +191,9 @@ class VideoPairDataset(Dataset):
 
     In training the frame offsets come from torch's global generator, which the training loop
     checkpoints, so a resumed run (0 workers) samples the frames an uninterrupted one would.
+    With ``reverse_share`` > 0, a training clip whose caption names a change in time is played
+    backwards with that share, drawn from the same generator, and its caption (and so its hard
+    negative) is the caption turned around (``time_reversed``).
     """
 
     def __init__(
@@ -198,6 +203,7 @@ class VideoPairDataset(Dataset):
         num_frames: int,
         train: bool = True,
         negatives: CaptionNegatives | None = None,
+        reverse_share: float = 0.0,
     ) -> None:
         if num_frames < 1:
             raise ModelError(f"num_frames must be at least 1, got {num_frames}")
@@ -208,6 +214,14 @@ class VideoPairDataset(Dataset):
         self.train = train
         self.negatives = negatives
         self.centre = sample_frame_indices(split.frames.shape[1], num_frames, None)
+        self.reverse_share = reverse_share if train else 0.0
+        # per video, per caption: the caption of the clip played backwards and its tokens, or
+        # None where the caption names no change in time
+        self.reversed: list[list[tuple[str, torch.Tensor] | None]] = (
+            [_reversed_captions(captions, split.tokens[0].shape[-1]) for captions in split.captions]
+            if self.reverse_share > 0
+            else []
+        )
 
     def __len__(self) -> int:
         return len(self.split.records)
@@ -220,16 +234,31 @@ class VideoPairDataset(Dataset):
             )
         else:
             indices = self.centre
+        text, tokens = self.split.captions[index][caption], self.split.tokens[index][caption]
+        backwards = self.reversed[index][caption] if self.reversed else None
+        if backwards is not None and float(torch.rand(())) < self.reverse_share:
+            indices = indices.flip(0)
+            text, tokens = backwards
         item = (
             normalise_pixels(self.split.frames[index, indices], self.preprocess),
-            self.split.tokens[index][caption],
+            tokens,
             self.split.groups[index],
             self.split.noisy[index],
         )
         if self.negatives is None:
             return item
         draw = key[2] if len(key) == 3 else 1.0
-        return (*item, self.negatives.pick(self.split.captions[index][caption], draw))
+        return (*item, self.negatives.pick(text, draw))
+
+
+def _reversed_captions(
+    captions: list[str], context_length: int
+) -> list[tuple[str, torch.Tensor] | None]:
+    """Each caption of one video turned around in time, with its tokens, or None."""
+    turned = [time_reversed(caption) for caption in captions]
+    present = [text for text in turned if text is not None]
+    tokens = iter(tokenize(present, context_length)) if present else iter(())
+    return [None if text is None else (text, next(tokens)) for text in turned]
 
 
 @torch.no_grad()
