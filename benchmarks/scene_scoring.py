@@ -27,6 +27,7 @@ with the best mean of the val rates at 1 and 5, and its test figures beside the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,32 @@ def _word_log_probs(run: RunGallery) -> tuple[WordHead, torch.Tensor] | None:
     return head, torch.log_softmax(head(image_emb), dim=-1)
 
 
+ScoreRule = Callable[[float], torch.Tensor]  # a strength -> [Q, N] scores of queries x images
+
+
+def _score_rules(
+    plain: torch.Tensor,
+    query_emb: torch.Tensor,
+    views: dict[str, torch.Tensor],
+    word_score: torch.Tensor | None,
+) -> dict[str, ScoreRule]:
+    """Each rule's scores by its strength: the plain cosine; the cosine plus lambda times the
+    word head's score of the query's words (``word_score`` [Q, N], where the run has a head);
+    per grid, an image's best masked view less delta, never below its own cosine."""
+    rules: dict[str, ScoreRule] = {"plain": lambda _: plain}
+    if word_score is not None:
+        rules["word head"] = lambda lam: plain + lam * word_score
+    for grid, emb in views.items():
+        rules[grid] = _best_view_rule(plain, torch.einsum("qd,nvd->qnv", query_emb, emb))
+    return rules
+
+
+def _best_view_rule(plain: torch.Tensor, view_scores: torch.Tensor) -> ScoreRule:
+    """[Q, N, V] the queries' cosines with every image's views -> the best view less delta."""
+    best = view_scores.amax(dim=2)
+    return lambda delta: torch.maximum(plain, best - delta)
+
+
 def _selection_key(figures: dict[str, Any]) -> float:
     return (figures["val"]["all"]["@1"] + figures["val"]["all"]["@5"]) / 2
 
@@ -163,17 +190,9 @@ def measure(
             word_score = head.targets(tokenize([q.text for q in queries], run.context)) @ (
                 log_probs.T
             )
-        best_view = {
-            grid: torch.einsum("qd,nvd->qnv", query_emb, emb).amax(dim=2)
-            for grid, emb in views.items()
-        }
+        rules = _score_rules(plain, query_emb, views, word_score)
         for setting in settings:
-            if setting.rule == "plain":
-                scores = plain
-            elif setting.rule == "word head" and word_score is not None:
-                scores = plain + setting.strength * word_score
-            else:
-                scores = torch.maximum(plain, best_view[setting.rule] - setting.strength)
+            scores = rules[setting.rule](setting.strength)
             ranked = scores.topk(top5, dim=1).indices.tolist()
             figures[setting.label][split] = query_groups(queries, ranked, gallery_scenes)
 
