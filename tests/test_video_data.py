@@ -244,6 +244,9 @@ def test_reversed_clips_play_backwards_with_their_caption_turned_around(
     assert any(t is not None for t in turned.values())  # the synthetic events change in time
     always = VideoPairDataset(train_split, PRE, num_frames=4, train=True, reverse_share=1.0)
     never = VideoPairDataset(train_split, PRE, num_frames=4, train=True)
+    reversible = sum(t is not None for t in turned.values()) / len(turned)
+    assert always.reversible_share == pytest.approx(reversible)
+    assert never.reversible_share == 0.0
     for key in keys:
         torch.manual_seed(3)
         backwards_video, backwards_tokens, *_ = always[key]

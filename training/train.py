@@ -374,13 +374,22 @@ def _training_pairs(
             seed=seed,
             progress=progress,
         )
-        return videos, VideoPairDataset(
+        pairs = VideoPairDataset(
             videos,
             config.preprocess,
             config.video.frames,
             negatives=_caption_negatives(config),
             reverse_share=config.video.reverse_share,
         )
+        if config.video.reverse_share > 0:
+            # a user's captions may name no change the word lists can turn around
+            logger.info(
+                "reversed clips: %.0f %% of the training captions can be turned around in time, "
+                "and their clips are played backwards %.0f %% of the time",
+                100 * pairs.reversible_share,
+                100 * config.video.reverse_share,
+            )
+        return videos, pairs
     images = load_split(
         data,
         data.train_split,

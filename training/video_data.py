@@ -226,6 +226,13 @@ class VideoPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split.records)
 
+    @property
+    def reversible_share(self) -> float:
+        """The share of the training captions that can be turned around in time (0 when
+        reversal is off): only their clips are ever played backwards."""
+        turned = [text for captions in self.reversed for text in captions]
+        return sum(text is not None for text in turned) / len(turned) if turned else 0.0
+
     def __getitem__(self, key: tuple[int, int] | tuple[int, int, float]) -> tuple:
         index, caption = key[0], key[1]
         if self.train:
