@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,13 +274,29 @@ def _scene_table(records: dict[str, list[dict[str, Any]]]) -> list[str]:
         "test t2i R@1 | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
+    return lines + _test_rows(records, "scene_match@1", keys)
+
+
+def _test_rows(
+    records: dict[str, list[dict[str, Any]]], marker: str, keys: Sequence[str]
+) -> list[str]:
+    """A table line per row whose test evals hold ``marker``: each key's mean ± half range
+    ("—" where a seed lacks it), and the seed count."""
+    lines = []
     for name, runs in records.items():
-        evals = [r["evals"]["test"] for r in runs if "scene_match@1" in r["evals"].get("test", {})]
+        evals = [r["evals"]["test"] for r in runs if marker in r["evals"].get("test", {})]
         if not evals:
             continue
         cells = [_cell([e[k] for e in evals]) if all(k in e for e in evals) else "—" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(evals)} |")
     return lines
+
+
+def _time_table(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The video rows' time checks (training/video_checks.py), beside t2v R@1."""
+    keys = ("t2v_R@1", "time_order_acc", "direction_acc")
+    lines = ["| row | t2v R@1 | time order | direction | seeds |", "|---|---|---|---|---|"]
+    return lines + _test_rows(records, "time_order_acc", keys)
 
 
 BINDING_KINDS = ("colour", "shape", "size", "position", "relation", "binding")
@@ -291,14 +308,8 @@ def _binding_table(records: dict[str, list[dict[str, Any]]]) -> list[str]:
         "| row | " + " | ".join(header) + " | seeds |",
         "|---|" + "---|" * (len(header) + 1),
     ]
-    for name, runs in records.items():
-        evals = [r["evals"]["test"] for r in runs if "binding_acc" in r["evals"].get("test", {})]
-        if not evals:
-            continue
-        keys = ["binding_acc", *(f"binding_acc_{kind}" for kind in BINDING_KINDS)]
-        cells = [_cell([e[k] for e in evals]) if all(k in e for e in evals) else "—" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(evals)} |")
-    return lines
+    keys = ["binding_acc", *(f"binding_acc_{kind}" for kind in BINDING_KINDS)]
+    return lines + _test_rows(records, "binding_acc", keys)
 
 
 def _hardware() -> str:
@@ -364,6 +375,14 @@ def render(
         *_binding_table(records),
     ]
     lines += ["", "## Video, test split (text↔video)", "", *_split_table(records, "test", "video")]
+    lines += [
+        "",
+        "## Video time checks, test split (time order: a caption scores its clip above the clip "
+        "played backwards; direction: a moving clip scores its caption above the caption with "
+        "the opposite motion; in %)",
+        "",
+        *_time_table(records),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -46,6 +46,8 @@ def test_quality_bench_writes_the_table_and_reuses_finished_runs(
     for name in rows:
         assert f"| {name} |" in text
     assert "t2v R@1" in text
+    assert "| row | t2v R@1 | time order | direction | seeds |" in text
+    assert "| video: temporal transformer |" in text.split("## Video time checks")[1]
     assert "i2i R@1" in text
     assert "reconstruction_mse" in text
     assert "scene match@1" in text
