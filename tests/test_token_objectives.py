@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.aux_inputs import AuxInputs, augment_view, make_aux_inputs
-from model.config import TrainConfig
+from model.config import TrainConfig, VideoConfig
 from model.data.synth import SynthConfig, generate_corpus
 from model.distributed import DistInfo
 from model.errors import ModelError
@@ -20,6 +20,7 @@ from model.objectives import AuxiliaryLosses, Features, OnlineModel, build_objec
 from model.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
 from tests.run_start import RunStarts
 from tests.test_token_video import captions
+from tests.test_training import train_losses
 from training.checkpoint import load_checkpoint
 from training.eval_splits import towers_state
 from training.evaluate import intra_modal_metrics
@@ -265,6 +266,34 @@ def test_masked_run_resumes_exactly(av_corpus: Path, tmp_path: Path, tokenizer_f
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_a_video_run_with_reversed_clips_resumes_exactly(av_corpus: Path, tmp_path: Path) -> None:
+    """Reversed clips are drawn from the global generator the checkpoint keeps: a resumed run
+    plays the same clips backwards as an uninterrupted one."""
+    video_data: dict[str, Any] = {
+        "modality": "video",
+        "train": str(av_corpus / "videos.csv"),
+        "group_key": "video_id",
+        "val_split": None,
+        "eval_splits": [],
+    }
+    options: dict[str, Any] = {
+        "data": video_data,
+        "batch_size": 8,
+        "max_steps": 8,
+        "objective": {"kind": "clip", "queue_size": 0, "time_order_weight": 1.0},
+    }
+    reversed_clips = {"video": VideoConfig(reverse_share=0.5)}
+    straight = base_run(av_corpus, tmp_path / "a", **options).model_copy(update=reversed_clips)
+    interrupted = base_run(av_corpus, tmp_path / "b", **options).model_copy(update=reversed_clips)
+    train(straight, progress=False)
+    train(interrupted, stop_after_steps=4, progress=False)
+    train(interrupted, progress=False)
+    expected, got = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
 def test_video_run_starts_from_image_towers_and_evaluates_t2v(

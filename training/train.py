@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -601,7 +601,7 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
     run.model.train()
     use_bf16 = config.precision == "bf16" and device.type == "cuda"
     micro = 0
-    for batch in run.loader:
+    for batch in _epoch_batches(run.loader, resumed_inside=offset > 0):
         images, tokens, groups, noisy = (t.to(device, non_blocking=True) for t in batch[:4])
         negatives = negative_tokens(batch[4], run.context_length) if len(batch) > 4 else None
         negatives = negatives.to(device) if negatives is not None else None
@@ -649,6 +649,19 @@ def _train_epoch(run: _Run, bar: tqdm, throughput: _Throughput, stop_at: int) ->
             run.save()
         if run.step >= stop_at or micro // config.accum_steps >= run.steps_per_epoch:
             return
+
+
+def _epoch_batches(loader: DataLoader, resumed_inside: bool) -> Iterator[Any]:
+    """The loader's batches. Starting its iterator draws worker seeds from torch's global
+    generator; a run resumed inside an epoch has restored that generator as it stood after the
+    epoch's own draw, so this start must leave it untouched, or the video frames (and reversed
+    clips), which come from the same generator, would differ from an uninterrupted run's."""
+    if not resumed_inside:
+        return iter(loader)
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    torch.set_rng_state(state)
+    return batches
 
 
 def _train(
